@@ -1,0 +1,368 @@
+"""Every message that crosses a process boundary, as frozen typed structs.
+
+Wire format: MessagePack maps (``msgspec``), one struct per kind, tagged with ``kind`` and
+carrying ``v`` (schema major version). Decoding is strict: wrong types, missing fields,
+out-of-range or non-finite numbers, oversized payloads and unknown major versions raise
+:class:`schemas.errors.SchemaError`. Unknown fields (optional additions of a newer minor
+version) are ignored.
+
+Topics and who speaks what is documented in ``docs/wire.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+
+from schemas.errors import SchemaError
+
+SCHEMA_VERSION: int = 1
+DEFAULT_MAX_BYTES: int = 1 << 20  # 1 MiB for control messages
+UPDATE_MAX_BYTES: int = 64 << 20  # 64 MiB for model updates and model slices
+
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")]
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+PosInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0.0)]
+Percent = Annotated[float, msgspec.Meta(ge=0.0, le=100.0)]
+Timestamp = Annotated[float, msgspec.Meta(gt=0.0)]
+Network = Literal["wifi", "cellular", "ethernet", "none"]
+
+
+def _finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise SchemaError("non_finite", f"{name} must be finite, got {value!r}")
+
+
+class Message(
+    msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", forbid_unknown_fields=False
+):
+    """Base of all wire messages: ``v`` is the schema major version."""
+
+    v: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.v != SCHEMA_VERSION:
+            raise SchemaError("version", f"unsupported schema version {self.v}")
+
+
+# --------------------------------------------------------------------------- device → server
+
+
+class Telemetry(Message, frozen=True, kw_only=True, tag="telemetry"):
+    """Periodic device report on ``fleet/{device_id}/telemetry`` (QoS 0)."""
+
+    device_id: Id
+    ts: Timestamp
+    battery: Percent
+    charging: bool
+    network: Network
+    metered: bool
+    bandwidth_kbps: NonNegFloat = 0.0
+    rtt_ms: NonNegFloat = 0.0
+    idle: bool = False
+    agent_version: str = "0"
+    seq: NonNegInt = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _finite("ts", self.ts)
+        _finite("bandwidth_kbps", self.bandwidth_kbps)
+        _finite("rtt_ms", self.rtt_ms)
+
+
+class DeviceStatus(Message, frozen=True, kw_only=True, tag="status"):
+    """Online/offline mark on ``fleet/{device_id}/status`` (retained; offline is the LWT)."""
+
+    device_id: Id
+    state: Literal["online", "offline"]
+    ts: Timestamp
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _finite("ts", self.ts)
+
+
+class TaskResponse(Message, frozen=True, kw_only=True, tag="task_response"):
+    """Device's answer to a task on ``fleet/{device_id}/task_status`` (QoS 1)."""
+
+    task_id: Id
+    device_id: Id
+    status: Literal["accepted", "declined", "aborted"]
+    reason: str = ""
+    ts: Timestamp
+
+
+class UpdateChunk(msgspec.Struct, frozen=True, kw_only=True):
+    """One shard's part of an update: codec frame for parameters [start, stop)."""
+
+    shard: NonNegInt
+    start: NonNegInt
+    stop: NonNegInt
+    base_version: NonNegInt
+    payload: bytes
+
+    def __post_init__(self) -> None:
+        if self.stop <= self.start:
+            raise SchemaError("range", f"chunk stop {self.stop} <= start {self.start}")
+
+
+class Update(Message, frozen=True, kw_only=True, tag="update"):
+    """A device's model update on ``fleet/{device_id}/update`` (QoS 1), resent until acked."""
+
+    update_id: Id
+    task_id: Id
+    job_id: Id
+    device_id: Id
+    upload_token: str
+    num_samples: PosInt
+    chunks: list[UpdateChunk]
+    train_loss: NonNegFloat = 0.0
+    train_seconds: NonNegFloat = 0.0
+    sent_ts: Timestamp
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _finite("train_loss", self.train_loss)
+        _finite("train_seconds", self.train_seconds)
+        if not self.chunks:
+            raise SchemaError("shape", "update has no chunks")
+        shards = [c.shard for c in self.chunks]
+        if len(set(shards)) != len(shards):
+            raise SchemaError("shape", "duplicate shard chunks")
+
+
+# --------------------------------------------------------------------------- server → device
+
+
+class TrainConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Local training hyper-parameters carried by a task."""
+
+    lr: Annotated[float, msgspec.Meta(gt=0.0, le=100.0)] = 0.1
+    local_epochs: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 32
+    prox_mu: Annotated[float, msgspec.Meta(ge=0.0, le=100.0)] = 0.0
+
+
+class CodecConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """How a device must encode its update (see ``schemas.codec``)."""
+
+    topk: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0  # 0 = dense
+    quant: Literal["none", "fp16", "int8"] = "int8"
+    zstd_level: Annotated[int, msgspec.Meta(ge=-7, le=22)] = 3
+    error_feedback: bool = True
+
+
+class Task(Message, frozen=True, kw_only=True, tag="task"):
+    """Work for one device: produced to Kafka ``fl.tasks``, pushed to ``fleet/{id}/task``."""
+
+    task_id: Id
+    job_id: Id
+    device_id: Id
+    model_name: Id
+    upload_token: str
+    issued_ts: Timestamp
+    deadline_ts: Timestamp
+    train: TrainConfig = TrainConfig()
+    codec: CodecConfig = CodecConfig()
+    allow_metered: bool = False
+    min_battery: Percent = 20.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.deadline_ts < self.issued_ts:
+            raise SchemaError("range", "deadline before issue time")
+
+
+class UploadAck(Message, frozen=True, kw_only=True, tag="ack"):
+    """Server's answer to an upload on ``fleet/{device_id}/ack`` (QoS 1)."""
+
+    update_id: Id
+    task_id: Id
+    status: Literal["accepted", "duplicate", "rejected"]
+    reason: str = ""
+
+
+class Pace(Message, frozen=True, kw_only=True, tag="pace"):
+    """Pace steering on ``fleet/{device_id}/pace``: not selected now, check back later."""
+
+    device_id: Id
+    retry_after_s: NonNegFloat
+    ts: Timestamp
+
+
+# --------------------------------------------------------------------------- server ↔ server
+
+
+class ModelSpecMsg(msgspec.Struct, frozen=True, kw_only=True):
+    """Model family and shape; the flat parameter layout is defined in ``schemas.modelspec``."""
+
+    family: Literal["softmax", "mlp"]
+    n_features: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)]
+    n_classes: Annotated[int, msgspec.Meta(ge=2, le=1 << 16)]
+    hidden: Annotated[int, msgspec.Meta(ge=0, le=1 << 16)] = 0
+
+
+class StrategyConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Server aggregation rule for a job (see ``aggregator.strategies``)."""
+
+    name: Literal["fedasync", "fedasync_delta", "fedbuff", "fedavg"] = "fedasync"
+    alpha: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.6
+    staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
+    staleness_a: NonNegFloat = 0.5
+    staleness_b: NonNegFloat = 4.0
+    max_staleness: NonNegInt = 64
+    buffer_size: PosInt = 10  # FedBuff K / FedAvg round size
+    server_lr: Annotated[float, msgspec.Meta(gt=0.0, le=100.0)] = 1.0
+    server_momentum: Annotated[float, msgspec.Meta(ge=0.0, lt=1.0)] = 0.0
+    clip_norm: NonNegFloat = 0.0  # 0 = no clipping
+
+
+class JobSpec(Message, frozen=True, kw_only=True, tag="job"):
+    """A training job, on the compacted topic ``fl.jobs`` keyed by ``job_id``."""
+
+    job_id: Id
+    model_name: Id
+    spec: ModelSpecMsg
+    shard_bounds: list[NonNegInt]  # S+1 increasing offsets into the flat vector
+    strategy: StrategyConfig = StrategyConfig()
+    train: TrainConfig = TrainConfig()
+    codec: CodecConfig = CodecConfig()
+    concurrency: PosInt = 50
+    target_accuracy: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.9
+    init_seed: NonNegInt = 0
+    publish_every: PosInt = 5  # shard publishes a version event every N applied updates
+    created_ts: Timestamp
+    status: Literal["running", "stopped", "done"] = "running"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        b = self.shard_bounds
+        if len(b) < 2 or b[0] != 0 or any(x >= y for x, y in zip(b, b[1:], strict=False)):
+            raise SchemaError("shape", f"shard_bounds must start at 0 and increase: {b}")
+
+
+class ShardUpdate(Message, frozen=True, kw_only=True, tag="shard_update"):
+    """One shard's part of an accepted update, on ``fl.updates`` partition ``shard``."""
+
+    update_id: Id
+    task_id: Id
+    job_id: Id
+    device_id: Id
+    shard: NonNegInt
+    start: NonNegInt
+    stop: NonNegInt
+    base_version: NonNegInt
+    num_samples: PosInt
+    payload: bytes
+    accepted_ts: Timestamp
+
+
+class ShardVersion(Message, frozen=True, kw_only=True, tag="shard_version"):
+    """A shard's new slice, on ``fl.models``; ``params`` is zstd(float32 little-endian)."""
+
+    job_id: Id
+    model_name: Id
+    shard: NonNegInt
+    start: NonNegInt
+    stop: NonNegInt
+    version: NonNegInt
+    params: bytes
+    updates_applied: NonNegInt
+    updates_rejected: NonNegInt = 0
+    mean_staleness: NonNegFloat = 0.0
+    ts: Timestamp
+
+
+class ModelManifest(Message, frozen=True, kw_only=True, tag="manifest"):
+    """A published global model version (served by the coordinator's REST API)."""
+
+    model_name: Id
+    job_id: Id
+    version: NonNegInt
+    shard_versions: list[NonNegInt]
+    shard_bounds: list[NonNegInt]
+    spec: ModelSpecMsg
+    digest: str  # sha256 hex of the float32 little-endian weights
+    signature: str = ""  # Ed25519 over the digest, hex
+    created_ts: Timestamp
+
+
+class ErrorMsg(Message, frozen=True, kw_only=True, tag="error"):
+    """A rejection sent back to a peer: machine-readable ``code`` plus text."""
+
+    code: str
+    reason: str = ""
+    ref: str = ""
+
+
+AnyMessage = (
+    Telemetry
+    | DeviceStatus
+    | TaskResponse
+    | Update
+    | Task
+    | UploadAck
+    | Pace
+    | JobSpec
+    | ShardUpdate
+    | ShardVersion
+    | ModelManifest
+    | ErrorMsg
+)
+
+M = TypeVar("M", bound=Message)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
+
+
+def encode(msg: Message) -> bytes:
+    """Serialise a message to MessagePack."""
+    return _encoder.encode(msg)
+
+
+def _reason_from(err: msgspec.ValidationError) -> tuple[str, str]:
+    text = str(err)
+    cause = err.__cause__ or err.__context__
+    if isinstance(cause, SchemaError):
+        return cause.reason, cause.detail
+    head = text.split(" - ", 1)[0]
+    for code in ("version", "non_finite", "range", "shape"):
+        if head.startswith(code + ":"):
+            return code, text
+    if any(op in head for op in (">=", "<=", "> ", "< ", "length", "match pattern")):
+        return "range", text
+    if "Invalid value" in head and "kind" in text:
+        return "kind", text
+    return "type", text
+
+
+def decode(data: bytes, kind: type[M], *, max_bytes: int = DEFAULT_MAX_BYTES) -> M:
+    """Strictly decode ``data`` as message type ``kind``; any failure is a SchemaError."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise SchemaError("malformed", f"expected bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise SchemaError("too_large", f"{len(data)} bytes > limit {max_bytes}")
+    dec = _decoders.get(kind)
+    if dec is None:
+        dec = _decoders[kind] = msgspec.msgpack.Decoder(kind)
+    try:
+        return dec.decode(data)  # type: ignore[no-any-return]
+    except msgspec.ValidationError as exc:
+        reason, detail = _reason_from(exc)
+        raise SchemaError(reason, detail) from None
+    except msgspec.DecodeError as exc:
+        raise SchemaError("malformed", str(exc)) from None
+    except SchemaError:
+        raise
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise SchemaError("malformed", f"{type(exc).__name__}: {exc}") from None
+
+
+def decode_any(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> AnyMessage:
+    """Decode any tagged message (dispatch on ``kind``)."""
+    return decode(data, AnyMessage, max_bytes=max_bytes)  # type: ignore[arg-type]

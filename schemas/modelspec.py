@@ -1,0 +1,104 @@
+"""Built-in model families and their flat float32 parameter layout.
+
+The flat vector is the unit of sharding and of every update. Layout (C order):
+
+* ``softmax``: ``W[n_features, n_classes]`` then ``b[n_classes]``.
+* ``mlp``: ``W1[n_features, hidden]``, ``b1[hidden]``, ``W2[hidden, n_classes]``,
+  ``b2[n_classes]`` with ReLU between the layers.
+
+``forward`` is the numpy reference forward pass; the ONNX export and the on-device
+trainers must agree with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from schemas.errors import SchemaError
+from schemas.messages import ModelSpecMsg
+
+F32 = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def layout(spec: ModelSpecMsg) -> list[Tensor]:
+    """Named tensors of the flat vector, in order."""
+    if spec.family == "softmax":
+        shapes = [("W", (spec.n_features, spec.n_classes)), ("b", (spec.n_classes,))]
+    elif spec.family == "mlp":
+        if spec.hidden < 1:
+            raise SchemaError("shape", "mlp needs hidden >= 1")
+        h = spec.hidden
+        shapes = [
+            ("W1", (spec.n_features, h)),
+            ("b1", (h,)),
+            ("W2", (h, spec.n_classes)),
+            ("b2", (spec.n_classes,)),
+        ]
+    else:  # pragma: no cover - guarded by the schema Literal
+        raise SchemaError("type", f"unknown family {spec.family}")
+    out: list[Tensor] = []
+    off = 0
+    for name, shape in shapes:
+        t = Tensor(name, shape, off)
+        out.append(t)
+        off += t.size
+    return out
+
+
+def num_params(spec: ModelSpecMsg) -> int:
+    last = layout(spec)[-1]
+    return last.offset + last.size
+
+
+def unflatten(spec: ModelSpecMsg, flat: F32) -> dict[str, F32]:
+    """Views (no copies) of the named tensors inside ``flat``."""
+    n = num_params(spec)
+    if flat.shape != (n,):
+        raise SchemaError("shape", f"expected {n} parameters, got shape {flat.shape}")
+    return {t.name: flat[t.offset : t.offset + t.size].reshape(t.shape) for t in layout(spec)}
+
+
+def init_params(spec: ModelSpecMsg, seed: int = 0) -> F32:
+    """Deterministic initial parameters: zeros for softmax, scaled normal for MLP weights."""
+    flat = np.zeros(num_params(spec), dtype=np.float32)
+    if spec.family == "mlp":
+        rng = np.random.default_rng(seed)
+        for t in layout(spec):
+            if t.name.startswith("W"):
+                fan_in = t.shape[0]
+                w = rng.normal(0.0, np.sqrt(2.0 / fan_in), size=t.size).astype(np.float32)
+                flat[t.offset : t.offset + t.size] = w
+    return flat
+
+
+def forward(spec: ModelSpecMsg, flat: F32, x: F32) -> F32:
+    """Logits for a batch ``x[n, n_features]``."""
+    p = unflatten(spec, flat)
+    if spec.family == "softmax":
+        return (x @ p["W"] + p["b"]).astype(np.float32)
+    h = np.maximum(x @ p["W1"] + p["b1"], 0.0)
+    return (h @ p["W2"] + p["b2"]).astype(np.float32)
+
+
+def even_bounds(n: int, shards: int) -> list[int]:
+    """Cut ``n`` parameters into ``shards`` contiguous slices of near-equal size."""
+    if shards < 1 or shards > n:
+        raise SchemaError("shape", f"cannot cut {n} parameters into {shards} shards")
+    return [(n * i) // shards for i in range(shards + 1)]
