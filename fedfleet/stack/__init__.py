@@ -1,0 +1,5 @@
+"""The local broker stack (Kafka, MQTT, Redis) for demos, tests and development."""
+
+from fedfleet.stack.launcher import LocalStack, StackInfo, StackSettings
+
+__all__ = ["LocalStack", "StackInfo", "StackSettings"]

