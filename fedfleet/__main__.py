@@ -1,0 +1,3 @@
+from fedfleet.cli import main
+
+raise SystemExit(main())

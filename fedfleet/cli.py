@@ -1,0 +1,56 @@
+"""The `fedfleet` command: stack, demo, coordinator, aggregator, agent, loadtest."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from fedfleet.errors import FedfleetError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fedfleet import demo, services, stack_cli
+
+    parser = argparse.ArgumentParser(
+        prog="fedfleet", description="Asynchronous federated learning for edge fleets"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    stack_cli.register(sub)
+    demo.register(sub)
+    services.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Subcommands owned by other packages parse their own flags.
+    if argv and argv[0] == "agent":
+        from edge_agent.cli import main as agent_main
+
+        return _guard(lambda: agent_main(argv[1:]))
+    if argv and argv[0] == "loadtest":
+        from loadtest.cli import main as loadtest_main
+
+        return _guard(lambda: loadtest_main(argv[1:]))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return _guard(lambda: int(args.func(args) or 0))
+
+
+def _guard(fn: object) -> int:
+    assert callable(fn)
+    try:
+        return int(fn())
+    except FedfleetError as exc:
+        print(f"fedfleet: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedfleet: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,147 @@
+"""Watching a job through the coordinator's REST API: model accuracy on held-out data,
+updates applied, staleness, devices by state; and a live progress view."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+import numpy as np
+
+from edge_agent.data import Dataset
+from fedfleet.errors import StackError
+from schemas.messages import ModelSpecMsg
+from schemas.modelspec import forward
+
+
+@dataclass
+class Snapshot:
+    version: int = -1
+    shard_versions: list[int] = field(default_factory=list)
+    accuracy: float = 0.0
+    updates_applied: int = 0
+    mean_staleness: float = 0.0
+    fleet: dict[str, Any] = field(default_factory=dict)
+    t: float = 0.0
+
+
+class ModelMonitor:
+    """Pulls the latest model like a device would, and scores it on a test set."""
+
+    def __init__(self, http: httpx.AsyncClient, model: str, job_id: str, test: Dataset) -> None:
+        self.http = http
+        self.model = model
+        self.job_id = job_id
+        self.test = test
+        self.snap = Snapshot()
+        self.history: list[Snapshot] = []
+
+    async def _json(self, path: str) -> Any:
+        r = await self.http.get(path)
+        if r.status_code != 200:
+            raise StackError(f"GET {path}: {r.status_code} {r.text[:200]}")
+        return r.json()
+
+    async def poll(self) -> Snapshot:
+        man = await self._json(f"/v1/models/{self.model}/latest")
+        job = await self._json(f"/v1/jobs/{self.job_id}")
+        fleet = await self._json("/v1/fleet")
+        snap = Snapshot(
+            version=self.snap.version,
+            shard_versions=self.snap.shard_versions,
+            accuracy=self.snap.accuracy,
+            t=time.monotonic(),
+        )
+        if man["version"] != self.snap.version:
+            r = await self.http.get(f"/v1/models/{self.model}/versions/{man['version']}/weights")
+            if r.status_code != 200:
+                raise StackError(f"weights of version {man['version']}: {r.status_code}")
+            if hashlib.sha256(r.content).hexdigest() != man["digest"]:
+                raise StackError(f"weights of version {man['version']} fail their digest")
+            flat = np.frombuffer(r.content, dtype="<f4").astype(np.float32)
+            spec = ModelSpecMsg(**man["spec"])
+            pred = forward(spec, flat, self.test.x).argmax(axis=1)
+            snap.accuracy = float((pred == self.test.y).mean())
+            snap.version = int(man["version"])
+            snap.shard_versions = list(man["shard_versions"])
+        snap.updates_applied = int(job.get("updates_applied", 0))
+        snap.mean_staleness = float(job.get("mean_staleness", 0.0))
+        snap.fleet = fleet
+        self.snap = snap
+        self.history.append(snap)
+        return snap
+
+    async def export_onnx(self, path: Path) -> float:
+        """Download the latest ONNX artifact, verify its digest, score it in onnxruntime."""
+        import onnxruntime as ort
+
+        r = await self.http.get(f"/v1/models/{self.model}/latest.onnx")
+        if r.status_code != 200:
+            raise StackError(f"latest.onnx: {r.status_code} {r.text[:200]}")
+        digest = r.headers.get("X-Fedfleet-Digest", "")
+        if digest and digest != f"sha256={hashlib.sha256(r.content).hexdigest()}":
+            raise StackError("latest.onnx failed its digest check")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(r.content)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        logits = sess.run(None, {name: self.test.x.astype(np.float32)})[0]
+        return float((np.asarray(logits).argmax(axis=1) == self.test.y).mean())
+
+
+class ProgressView:
+    """A rich progress bar toward the target accuracy, with fleet and training figures."""
+
+    def __init__(self, target: float, budget_s: float, *, quiet: bool = False) -> None:
+        self.target = target
+        self.budget_s = budget_s
+        self.quiet = quiet
+        self._progress: Any = None
+        self._task: Any = None
+        self._last_line = 0.0
+
+    def __enter__(self) -> ProgressView:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        console = Console(file=sys.stderr)
+        if not console.is_terminal or self.quiet:
+            return self
+        self._progress = Progress(
+            TextColumn("accuracy"), BarColumn(), TextColumn("{task.fields[acc]}"),
+            TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console,
+        )  # fmt: skip
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=self.target, acc="0.000", info="")
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def update(self, snap: Snapshot, fleet_stats: dict[str, Any]) -> None:
+        by_state = snap.fleet.get("by_state") or snap.fleet.get("counts") or {}
+        states = " ".join(f"{k}={v}" for k, v in sorted(by_state.items())) if by_state else ""
+        info = (
+            f"v{snap.version} updates={snap.updates_applied} "
+            f"staleness={snap.mean_staleness:.2f} training={snap.fleet.get('training_now', '?')}"
+            f" {states}"
+        )
+        if self._progress is not None:
+            self._progress.update(
+                self._task, completed=min(snap.accuracy, self.target),
+                acc=f"{snap.accuracy:.3f}", info=info,
+            )  # fmt: skip
+            return
+        now = time.monotonic()
+        if now - self._last_line >= 5.0:
+            self._last_line = now
+            print(f"[demo] accuracy {snap.accuracy:.3f} {info}", file=sys.stderr, flush=True)
