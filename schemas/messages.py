@@ -11,6 +11,7 @@ Topics and who speaks what is documented in ``docs/wire.md``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -36,6 +37,26 @@ def _finite(name: str, value: float) -> None:
         raise SchemaError("non_finite", f"{name} must be finite, got {value!r}")
 
 
+def _finite_fields(obj: msgspec.Struct, path: str = "$") -> None:
+    """Every float in ``obj`` (nested structs and lists included) must be finite.
+
+    msgspec's ``ge``/``le`` constraints let ``inf`` through open-ended ranges (``ts``,
+    ``retry_after_s``, ...), so every message runs this once after decoding.
+    """
+    for name in obj.__struct_fields__:
+        value = getattr(obj, name)
+        if isinstance(value, float):
+            _finite(f"{path}.{name}", value)
+        elif isinstance(value, msgspec.Struct):
+            _finite_fields(value, f"{path}.{name}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, float):
+                    _finite(f"{path}.{name}[{i}]", item)
+                elif isinstance(item, msgspec.Struct):
+                    _finite_fields(item, f"{path}.{name}[{i}]")
+
+
 class Message(
     msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", forbid_unknown_fields=False
 ):
@@ -46,6 +67,7 @@ class Message(
     def __post_init__(self) -> None:
         if self.v != SCHEMA_VERSION:
             raise SchemaError("version", f"unsupported schema version {self.v}")
+        _finite_fields(self)
 
 
 # --------------------------------------------------------------------------- device → server
@@ -241,7 +263,7 @@ class JobSpec(Message, frozen=True, kw_only=True, tag="job"):
     def __post_init__(self) -> None:
         super().__post_init__()
         b = self.shard_bounds
-        if len(b) < 2 or b[0] != 0 or any(x >= y for x, y in zip(b, b[1:], strict=False)):
+        if len(b) < 2 or b[0] != 0 or any(x >= y for x, y in itertools.pairwise(b)):
             raise SchemaError("shape", f"shard_bounds must start at 0 and increase: {b}")
 
 
@@ -334,7 +356,7 @@ def _reason_from(err: msgspec.ValidationError) -> tuple[str, str]:
     for code in ("version", "non_finite", "range", "shape"):
         if head.startswith(code + ":"):
             return code, text
-    if any(op in head for op in (">=", "<=", "> ", "< ", "length", "match pattern")):
+    if any(op in head for op in (">=", "<=", "> ", "< ", "length", "matching regex")):
         return "range", text
     if "Invalid value" in head and "kind" in text:
         return "kind", text

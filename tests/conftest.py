@@ -19,7 +19,8 @@ from fedfleet.stack import LocalStack, StackInfo, StackSettings
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[StackInfo]:
-    settings = StackSettings.from_env(kafka_heap_mb=int(os.environ.get("FEDFLEET_KAFKA_HEAP_MB", "512")))
+    heap = int(os.environ.get("FEDFLEET_KAFKA_HEAP_MB", "512"))
+    settings = StackSettings.from_env(kafka_heap_mb=heap)
     launcher = LocalStack(settings, log=lambda m: print(f"[stack] {m}"))
     info = launcher.start()
     print(f"[stack] {info.describe()}")
