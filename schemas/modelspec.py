@@ -93,8 +93,9 @@ def forward(spec: ModelSpecMsg, flat: F32, x: F32) -> F32:
     p = unflatten(spec, flat)
     if spec.family == "softmax":
         return (x @ p["W"] + p["b"]).astype(np.float32)
-    h = np.maximum(x @ p["W1"] + p["b1"], 0.0)
-    return (h @ p["W2"] + p["b2"]).astype(np.float32)
+    h: F32 = np.maximum(x @ p["W1"] + p["b1"], np.float32(0.0))
+    out: F32 = (h @ p["W2"] + p["b2"]).astype(np.float32)
+    return out
 
 
 def even_bounds(n: int, shards: int) -> list[int]:

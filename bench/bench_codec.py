@@ -1,0 +1,137 @@
+"""Benchmark of the update codec (schemas.codec): size on the wire and speed.
+
+For each size (1M and 10M parameters; ``--quick``: 100k and 1M) and each setting (top-k 1%
+and 0.1% with int8, dense int8) it reports bytes on the wire and the ratio against raw fp32,
+encode and decode throughput, and the time of decode + apply (``DecodedChunk.add_to``) as a
+ratio to numpy's raw sparse add ``target[idx] += vals`` of the same indices/values (dense:
+``target += vals``), measured in the same run. Times are medians over ``--repeats`` runs.
+
+    .venv/bin/python bench/bench_codec.py [--quick] [--repeats N] [--json]
+
+``--json`` prints one JSON line last. Numbers are written down in BENCHMARKS.md, never
+asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from schemas.codec import CodecConfig, decode, encode
+
+SETTINGS: dict[str, CodecConfig] = {
+    "topk1%+int8": CodecConfig(topk=0.01, quant="int8", zstd_level=3),
+    "topk0.1%+int8": CodecConfig(topk=0.001, quant="int8", zstd_level=3),
+    "dense+int8": CodecConfig(topk=0.0, quant="int8", zstd_level=3),
+}
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    fn()  # warm-up
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_one(n: int, name: str, cfg: CodecConfig, repeats: int, seed: int = 0) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    delta = (rng.standard_normal(n) * 1e-3).astype(np.float32)
+    frame = encode(delta, cfg)
+    chunk = decode(frame, n)
+    target = np.zeros(n, dtype=np.float32)
+    idx = None if chunk.indices is None else chunk.indices.copy()
+    vals = chunk.values.copy()
+
+    t_enc = _median_time(lambda: encode(delta, cfg), repeats)
+    t_dec = _median_time(lambda: decode(frame, n), repeats)
+
+    def decode_apply() -> None:
+        decode(frame, n).add_to(target)
+
+    def raw_add() -> None:
+        if idx is None:
+            np.add(target, vals, out=target)
+        else:
+            target[idx] += vals
+
+    # Interleave the two so that machine load hits both alike.
+    t_da: list[float] = []
+    t_raw: list[float] = []
+    decode_apply()
+    raw_add()
+    for _ in range(max(repeats, 3)):
+        for fn, out in ((decode_apply, t_da), (raw_add, t_raw)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    t_da_m, t_raw_m = statistics.median(t_da), statistics.median(t_raw)
+    return {
+        "params": n,
+        "setting": name,
+        "k": int(vals.shape[0]),
+        "bytes": len(frame),
+        "fp32_bytes": 4 * n,
+        "ratio_vs_fp32": round(4 * n / len(frame), 1),
+        "bits_per_kept_value": round(8 * len(frame) / vals.shape[0], 2),
+        "encode_s": t_enc,
+        "decode_s": t_dec,
+        "encode_mparams_s": round(n / t_enc / 1e6, 1),
+        "decode_mparams_s": round(n / t_dec / 1e6, 1),
+        "decode_apply_s": t_da_m,
+        "raw_numpy_add_s": t_raw_m,
+        "decode_apply_vs_raw_add": round(t_da_m / t_raw_m, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (100k, 1M)")
+    ap.add_argument("--json", action="store_true", help="print one JSON line last")
+    ap.add_argument("--repeats", type=int, default=0, help="timing repeats (default 7, quick 3)")
+    args = ap.parse_args(argv)
+    sizes = [100_000, 1_000_000] if args.quick else [1_000_000, 10_000_000]
+    repeats = args.repeats or (3 if args.quick else 7)
+    rows = []
+    head = (
+        f"{'params':>10} {'setting':<14} {'bytes':>10} {'x fp32':>8} {'enc Mp/s':>9} "
+        f"{'dec Mp/s':>9} {'dec+apply ms':>13} {'raw add ms':>11} {'ratio':>6}"
+    )
+    print(head)
+    for n in sizes:
+        for name, cfg in SETTINGS.items():
+            r = bench_one(n, name, cfg, repeats)
+            rows.append(r)
+            print(
+                f"{n:>10} {name:<14} {r['bytes']:>10} {r['ratio_vs_fp32']:>8} "
+                f"{r['encode_mparams_s']:>9} {r['decode_mparams_s']:>9} "
+                f"{r['decode_apply_s'] * 1e3:>13.3f} {r['raw_numpy_add_s'] * 1e3:>11.3f} "
+                f"{r['decode_apply_vs_raw_add']:>6}",
+                flush=True,
+            )
+    if args.json:
+        meta = {
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "machine": platform.machine(),
+            "repeats": repeats,
+        }
+        print(json.dumps({"bench": "codec", "meta": meta, "results": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
