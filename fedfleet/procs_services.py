@@ -72,7 +72,8 @@ class ServiceSet:
             "--kafka", self.info.kafka_bootstrap,
             "--topic-prefix", self.topic_prefix,
             "--checkpoint-dir", str(self.workdir / "checkpoints"),
-            "--instance-id", f"agg-{i}",
+            "--client-id", f"agg-{i}",
+            "--history-size", "128",
         ]  # fmt: skip
         p = ManagedProcess(
             f"aggregator-{i}", argv, log_path=self.workdir / f"aggregator-{i}.log", env=self._env()

@@ -1,0 +1,101 @@
+"""Typed settings of an aggregator worker, built from the environment or the CLI in one place."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Literal
+
+from aggregator.errors import ConfigError
+from aggregator.strategies import StrategyOptions
+from schemas.messages import UPDATE_MAX_BYTES
+
+ENV_PREFIX = "FEDFLEET_AGG_"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AggregatorSettings:
+    """Everything a shard worker needs; pass it explicitly to :class:`AggregatorWorker`."""
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    group_id: str = "fl-aggregators"
+    topic_prefix: str = "fl."  # topics {prefix}jobs, {prefix}updates, {prefix}models
+    client_id: str = "fedfleet-aggregator"
+    checkpoint_dir: str = "var/aggregator"
+    publish_every: int | None = None  # overrides JobSpec.publish_every when set
+    max_update_bytes: int = UPDATE_MAX_BYTES  # ShardUpdate record / codec frame bound
+    max_message_bytes: int = 32 << 20  # producer request size (ShardVersion of big slices)
+    history_size: int = 16  # published slices kept per job shard (exact FedAsync)
+    dedupe_window: int = 100_000  # applied update ids remembered per partition
+    checkpoint_every: int = 500  # records per partition between checkpoints
+    checkpoint_interval_s: float = 5.0  # ... or this long, whichever comes first
+    topic_wait_s: float = 30.0  # start() waits this long for the three topics to exist
+    poll_timeout_ms: int = 200
+    max_poll_records: int = 500
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+    robust: Literal["mean", "median", "trimmed_mean"] = "mean"  # FedBuff reducer
+    trim_ratio: float = 0.1
+    dp_noise_multiplier: float = 0.0
+    dp_seed: int = 0
+    models_zstd_level: int = -1  # ShardVersion params; float32 barely compresses, stay fast
+    metrics_port: int | None = None  # serve Prometheus metrics when set
+
+    def __post_init__(self) -> None:
+        if self.publish_every is not None and self.publish_every < 1:
+            raise ConfigError("publish_every must be >= 1")
+        for name in ("history_size", "dedupe_window", "checkpoint_every", "max_poll_records"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+
+    @property
+    def jobs_topic(self) -> str:
+        return f"{self.topic_prefix}jobs"
+
+    @property
+    def updates_topic(self) -> str:
+        return f"{self.topic_prefix}updates"
+
+    @property
+    def models_topic(self) -> str:
+        return f"{self.topic_prefix}models"
+
+    def strategy_options(self) -> StrategyOptions:
+        return StrategyOptions(
+            history_size=self.history_size,
+            robust=self.robust,
+            trim_ratio=self.trim_ratio,
+            dp_noise_multiplier=self.dp_noise_multiplier,
+            dp_seed=self.dp_seed,
+        )
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        prefix: str = ENV_PREFIX,
+        **overrides: object,
+    ) -> AggregatorSettings:
+        """Read ``FEDFLEET_AGG_<FIELD>`` variables (e.g. ``FEDFLEET_AGG_KAFKA_BOOTSTRAP``)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(prefix + f.name.upper())
+            if raw is None:
+                continue
+            kind = str(f.type)
+            try:
+                if "int" in kind and "None" in kind:
+                    values[f.name] = int(raw) if raw else None
+                elif kind == "int":
+                    values[f.name] = int(raw)
+                elif kind == "float":
+                    values[f.name] = float(raw)
+                else:
+                    values[f.name] = raw
+            except ValueError as exc:
+                raise ConfigError(f"{prefix}{f.name.upper()}={raw!r}: {exc}") from None
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]

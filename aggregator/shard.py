@@ -1,0 +1,372 @@
+"""Pure per-partition state machine: validate, dedupe, decode, apply, decide publication.
+
+No Kafka here. :class:`PartitionState` owns everything one ``fl.updates`` partition (shard
+index ``s``) holds across jobs; the worker feeds it raw records in offset order and acts on
+the returned :class:`Outcome` (metrics, publish). ``checkpoint()``/``restore()`` give the
+exact state to resume from, including the next offset and the applied-id window.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import zstandard
+
+from aggregator.checkpoint import JobShardCheckpoint, PartitionCheckpoint
+from aggregator.errors import CheckpointError, UpdateRejected
+from aggregator.strategies import StrategyOptions, StrategyState, Update, build_strategy
+from aggregator.strategies.base import F32, Strategy
+from schemas import codec
+from schemas.errors import SchemaError
+from schemas.messages import UPDATE_MAX_BYTES, JobSpec, ShardUpdate, ShardVersion, decode
+from schemas.modelspec import init_params
+
+Status = Literal["applied", "buffered", "rejected", "duplicate"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    offset: int
+    status: Status
+    reason: str = ""
+    job_id: str = ""
+    update_id: str = ""
+    staleness: int | None = None
+    new_version: int | None = None
+    publish: bool = False
+
+
+def decode_update(raw: bytes, *, max_bytes: int = UPDATE_MAX_BYTES) -> ShardUpdate:
+    """Strictly decode a ``ShardUpdate`` record; failures become :class:`UpdateRejected`."""
+    try:
+        return decode(raw, ShardUpdate, max_bytes=max_bytes)
+    except SchemaError as exc:
+        raise UpdateRejected(exc.reason, exc.detail) from None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PendingVersion:
+    """A version to announce; :meth:`build` compresses (thread-safe, releases the GIL)."""
+
+    job_id: str
+    model_name: str
+    shard: int
+    start: int
+    stop: int
+    version: int
+    raw: bytes  # float32 little-endian slice
+    updates_applied: int
+    updates_rejected: int
+    mean_staleness: float
+    level: int = -1
+
+    def build(self, ts: float | None = None) -> ShardVersion:
+        return ShardVersion(
+            job_id=self.job_id,
+            model_name=self.model_name,
+            shard=self.shard,
+            start=self.start,
+            stop=self.stop,
+            version=self.version,
+            params=zstandard.ZstdCompressor(level=self.level).compress(self.raw),
+            updates_applied=self.updates_applied,
+            updates_rejected=self.updates_rejected,
+            mean_staleness=self.mean_staleness,
+            ts=ts if ts is not None else time.time(),
+        )
+
+
+class JobShard:
+    """One job's slice on this shard: its strategy, counters and publication cadence."""
+
+    def __init__(
+        self, job: JobSpec, shard: int, *, publish_every: int, options: StrategyOptions
+    ) -> None:
+        self.job = job
+        self.shard = shard
+        self.start = job.shard_bounds[shard]
+        self.stop = job.shard_bounds[shard + 1]
+        self.publish_every = publish_every
+        init = init_params(job.spec, job.init_seed)[self.start : self.stop]
+        opts = StrategyOptions(
+            history_size=options.history_size,
+            keep_every=publish_every,
+            robust=options.robust,
+            trim_ratio=options.trim_ratio,
+            dp_noise_multiplier=options.dp_noise_multiplier,
+            dp_seed=options.dp_seed,
+        )
+        self.strategy: Strategy = build_strategy(job.strategy, init, options=opts)
+        self.applied = 0
+        self.rejected = 0
+        self.staleness_sum = 0.0
+        self.last_published = -1
+        self.saved_history: set[int] = set()  # history versions already stored as blobs
+
+    @property
+    def version(self) -> int:
+        return self.strategy.version
+
+    @property
+    def params(self) -> F32:
+        return self.strategy.params
+
+    def should_publish(self, version: int) -> bool:
+        return version % self.publish_every == 0 and version > self.last_published
+
+    def pending_version(self, *, level: int = -1) -> PendingVersion:
+        """A snapshot of the current slice, to be compressed into a ``ShardVersion``."""
+        mean = self.staleness_sum / self.applied if self.applied else 0.0
+        return PendingVersion(
+            job_id=self.job.job_id,
+            model_name=self.job.model_name,
+            shard=self.shard,
+            start=self.start,
+            stop=self.stop,
+            version=self.version,
+            raw=np.ascontiguousarray(self.params, dtype="<f4").tobytes(),
+            updates_applied=self.applied,
+            updates_rejected=self.rejected,
+            mean_staleness=mean,
+            level=level,
+        )
+
+    def shard_version(self, *, ts: float | None = None, level: int = -1) -> ShardVersion:
+        """The current slice as a ``ShardVersion`` (params = zstd of float32 LE)."""
+        return self.pending_version(level=level).build(ts=ts)
+
+    def blob_key(self, prefix: str, version: int) -> str:
+        return f"{prefix}.{self.job.job_id}.h{version}"
+
+    def checkpoint(self, prefix: str) -> tuple[JobShardCheckpoint, dict[str, bytes], list[str]]:
+        """The job's checkpoint plus history blobs to write and obsolete blobs to delete.
+
+        Published slices are immutable, so each is stored once as its own blob and the
+        checkpoint lists their versions: a checkpoint stays ~one slice, not history_size.
+        """
+        st = self.strategy.get_state()
+        hist = {int(k[5:]): v for k, v in st.arrays.items() if k.startswith("hist:")}
+        arrays = {
+            k: v.astype("<f4").tobytes() for k, v in st.arrays.items() if not k.startswith("hist:")
+        }
+        new = {
+            self.blob_key(prefix, v): a.astype("<f4").tobytes()
+            for v, a in hist.items()
+            if v not in self.saved_history
+        }
+        obsolete = [self.blob_key(prefix, v) for v in self.saved_history - hist.keys()]
+        self.saved_history = set(hist)
+        ckpt = JobShardCheckpoint(
+            job_id=self.job.job_id,
+            start=self.start,
+            stop=self.stop,
+            version=st.version,
+            params=st.params.astype("<f4").tobytes(),
+            arrays=arrays,
+            scalars=dict(st.scalars),
+            applied=self.applied,
+            rejected=self.rejected,
+            staleness_sum=self.staleness_sum,
+            last_published=self.last_published,
+            history=sorted(hist),
+        )
+        return ckpt, new, obsolete
+
+    def restore(self, ck: JobShardCheckpoint, history: dict[int, bytes]) -> None:
+        def arr(b: bytes) -> F32:
+            return np.frombuffer(b, dtype="<f4").astype(np.float32)
+
+        arrays = {k: arr(v) for k, v in ck.arrays.items()}
+        arrays.update({f"hist:{v}": arr(b) for v, b in history.items()})
+        self.strategy.set_state(StrategyState(ck.version, arr(ck.params), arrays, dict(ck.scalars)))
+        self.applied, self.rejected = ck.applied, ck.rejected
+        self.staleness_sum, self.last_published = ck.staleness_sum, ck.last_published
+        self.saved_history = set(history)
+
+
+BlobLoader = Callable[[str], bytes | None]
+
+
+JobLookup = Callable[[str], JobSpec | None]
+
+
+class PartitionState:
+    """All jobs' state for partition ``shard`` of ``topic`` plus offsets and dedupe window."""
+
+    def __init__(
+        self,
+        topic: str,
+        shard: int,
+        *,
+        options: StrategyOptions | None = None,
+        publish_every: int | None = None,
+        dedupe_window: int = 100_000,
+        max_update_bytes: int = UPDATE_MAX_BYTES,
+        models_zstd_level: int = -1,
+    ) -> None:
+        self.topic = topic
+        self.models_zstd_level = models_zstd_level
+        self.shard = shard
+        self.options = options or StrategyOptions()
+        self.publish_every_override = publish_every
+        self.dedupe_window = dedupe_window
+        self.max_update_bytes = max_update_bytes
+        self.next_offset = 0
+        self.jobs: dict[str, JobShard] = {}
+        self.rejected: dict[str, int] = {}
+        self._applied_ids: OrderedDict[str, None] = OrderedDict()
+        self._pending: dict[str, tuple[JobShardCheckpoint, dict[int, bytes]]] = {}
+        self.outbox: list[PendingVersion] = []  # versions to announce; the worker drains it
+        self.dirty = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.topic}-{self.shard}"
+
+    def job_shard(self, job: JobSpec) -> JobShard:
+        """The job's state on this shard, created (or restored) on first use.
+
+        A job created fresh queues its version 0 in :attr:`outbox`.
+        """
+        js = self.jobs.get(job.job_id)
+        if js is not None:
+            return js
+        every = self.publish_every_override or job.publish_every
+        js = JobShard(job, self.shard, publish_every=every, options=self.options)
+        pending = self._pending.pop(job.job_id, None)
+        if pending is not None:
+            js.restore(*pending)
+        elif js.should_publish(0):  # fresh job: announce version 0
+            js.last_published = 0
+            self.outbox.append(js.pending_version(level=self.models_zstd_level))
+        self.jobs[job.job_id] = js
+        self.dirty = True
+        return js
+
+    def activate(self, job: JobSpec) -> None:
+        """Create this shard's state for ``job`` if it is running and covers the shard."""
+        if job.status == "running" and self.shard + 1 < len(job.shard_bounds):
+            self.job_shard(job)
+
+    def seen(self, update_id: str) -> bool:
+        return update_id in self._applied_ids
+
+    def _remember(self, update_id: str) -> None:
+        self._applied_ids[update_id] = None
+        while len(self._applied_ids) > self.dedupe_window:
+            self._applied_ids.popitem(last=False)
+
+    def _reject(self, offset: int, reason: str, msg: ShardUpdate | None) -> Outcome:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        if msg is not None and msg.job_id in self.jobs:
+            self.jobs[msg.job_id].rejected += 1
+        return Outcome(
+            offset,
+            "rejected",
+            reason,
+            job_id=msg.job_id if msg else "",
+            update_id=msg.update_id if msg else "",
+        )
+
+    def handle(self, raw: bytes | ShardUpdate, offset: int, lookup: JobLookup) -> Outcome:
+        """Process the record at ``offset`` (records must come in offset order)."""
+        self.next_offset = offset + 1
+        self.dirty = True
+        msg: ShardUpdate | None = None
+        try:
+            msg = (
+                raw
+                if isinstance(raw, ShardUpdate)
+                else decode_update(raw, max_bytes=self.max_update_bytes)
+            )
+            return self._handle(msg, offset, lookup)
+        except UpdateRejected as exc:
+            return self._reject(offset, exc.reason, msg)
+
+    def _handle(self, msg: ShardUpdate, offset: int, lookup: JobLookup) -> Outcome:
+        if msg.shard != self.shard:
+            raise UpdateRejected("shard_mismatch", f"shard {msg.shard} on partition {self.shard}")
+        job = lookup(msg.job_id)
+        if job is None:
+            raise UpdateRejected("unknown_job", msg.job_id)
+        if job.status != "running":
+            raise UpdateRejected("job_stopped", f"job {job.job_id} is {job.status}")
+        b = job.shard_bounds
+        if self.shard + 1 >= len(b) or (msg.start, msg.stop) != (b[self.shard], b[self.shard + 1]):
+            raise UpdateRejected("shape", f"chunk [{msg.start},{msg.stop}) != shard bounds")
+        if self.seen(msg.update_id):
+            self.rejected["duplicate"] = self.rejected.get("duplicate", 0) + 1
+            return Outcome(offset, "duplicate", "duplicate", msg.job_id, msg.update_id)
+        try:
+            chunk = codec.decode(
+                msg.payload, msg.stop - msg.start, max_frame_bytes=self.max_update_bytes
+            )
+        except SchemaError as exc:
+            raise UpdateRejected(exc.reason, exc.detail) from None
+        js = self.job_shard(job)
+        res = js.strategy.apply(Update(chunk, msg.base_version, msg.num_samples, msg.update_id))
+        self._remember(msg.update_id)
+        js.applied += 1
+        js.staleness_sum += res.staleness
+        publish = False
+        if res.new_version is not None and js.should_publish(res.new_version):
+            publish = True
+            js.last_published = res.new_version
+            self.outbox.append(js.pending_version(level=self.models_zstd_level))
+        status: Status = "applied" if res.new_version is not None else "buffered"
+        return Outcome(
+            offset, status, "", msg.job_id, msg.update_id, res.staleness, res.new_version, publish
+        )
+
+    def checkpoint(self) -> tuple[PartitionCheckpoint, dict[str, bytes], list[str]]:
+        """``(checkpoint, blobs to write first, blobs to delete after)``.
+
+        If writing fails, call :meth:`forget_saved_blobs` so the next attempt rewrites them.
+        """
+        jobs: list[JobShardCheckpoint] = []
+        blobs: dict[str, bytes] = {}
+        obsolete: list[str] = []
+        for js in self.jobs.values():
+            jc, new, old = js.checkpoint(self.key)
+            jobs.append(jc)
+            blobs.update(new)
+            obsolete += old
+        jobs += [jc for jc, _ in self._pending.values()]
+        ckpt = PartitionCheckpoint(
+            topic=self.topic,
+            partition=self.shard,
+            next_offset=self.next_offset,
+            jobs=jobs,
+            applied_ids=list(self._applied_ids),
+            rejected=dict(self.rejected),
+        )
+        return ckpt, blobs, obsolete
+
+    def forget_saved_blobs(self) -> None:
+        for js in self.jobs.values():
+            js.saved_history = set()
+
+    def restore(self, ck: PartitionCheckpoint, load_blob: BlobLoader) -> None:
+        """Load a checkpoint (and its history blobs); job slices are rebuilt lazily when
+        their JobSpec is known."""
+        pending: dict[str, tuple[JobShardCheckpoint, dict[int, bytes]]] = {}
+        for jc in ck.jobs:
+            hist: dict[int, bytes] = {}
+            for v in jc.history:
+                key = f"{self.key}.{jc.job_id}.h{v}"
+                blob = load_blob(key)
+                if blob is None:
+                    raise CheckpointError(f"history blob {key} missing")
+                hist[v] = blob
+            pending[jc.job_id] = (jc, hist)
+        self.next_offset = ck.next_offset
+        self.jobs = {}
+        self._pending = pending
+        self._applied_ids = OrderedDict((u, None) for u in ck.applied_ids)
+        self.rejected = dict(ck.rejected)
+        self.dirty = False

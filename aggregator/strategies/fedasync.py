@@ -1,0 +1,101 @@
+"""FedAsync (Xie, Koyejo, Gupta 2019): exact mixing, and the cheaper delta form by name.
+
+Exact: ``x_t = (1 - a_t) x_{t-1} + a_t (x_tau + D)`` with ``a_t = alpha * s(t - tau)``,
+computed as ``(1 - a_t) x_{t-1} + a_t x_tau + a_t D`` so a sparse ``D`` is never densified.
+``t`` is the version being produced (``current + 1``), so a device that trained on the
+newest slice has ``t - tau = 1`` as in the paper. ``x_tau`` comes from a bounded
+:class:`VersionHistory`; a base version no longer (or never) kept is rejected ``too_stale``.
+
+Delta form (``fedasync_delta``): ``x_t = x_{t-1} + a_t D``; no history needed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from aggregator.errors import UpdateRejected
+from aggregator.strategies.base import (
+    Applied,
+    SliceStrategy,
+    StrategyState,
+    Update,
+    add_chunk,
+    check_shape,
+)
+from aggregator.strategies.history import VersionHistory
+from aggregator.strategies.staleness import StalenessFn, constant
+
+
+class FedAsync(SliceStrategy):
+    """Exact FedAsync mixing against the device's base slice ``x_tau``."""
+
+    name = "fedasync"
+
+    def __init__(
+        self,
+        params: npt.ArrayLike,
+        *,
+        alpha: float = 0.6,
+        staleness_fn: StalenessFn = constant,
+        version: int = 0,
+        history: VersionHistory | None = None,
+    ) -> None:
+        super().__init__(params, version=version)
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        self.alpha = alpha
+        self.staleness_fn = staleness_fn
+        self.history = history if history is not None else VersionHistory()
+        self.history.record(self._version, self._params)
+
+    def mixing_weight(self, staleness: int) -> float:
+        """``alpha_t = alpha * s(t - tau)`` where ``t - tau = staleness + 1``."""
+        return self.alpha * self.staleness_fn(staleness + 1)
+
+    def apply(self, update: Update) -> Applied:
+        check_shape(update.chunk, self._params.size)
+        d = self.staleness(update.base_version)
+        a = self.mixing_weight(d)
+        x = self._params
+        if update.base_version != self._version:
+            base = self.history.get(update.base_version)
+            if base is None:
+                raise UpdateRejected(
+                    "too_stale", f"base version {update.base_version} not in history"
+                )
+            x *= np.float32(1.0 - a)
+            x += np.float32(a) * base
+        # base == current: (1 - a) x + a x = x, so only the delta term remains.
+        add_chunk(x, update.chunk, a)
+        self._version += 1
+        self.history.record(self._version, x)
+        return Applied(d, a, self._version)
+
+    def _extra_state(self, state: StrategyState) -> None:
+        for v, arr in self.history.items():
+            state.arrays[f"hist:{v}"] = arr
+
+    def _load_extra(self, state: StrategyState) -> None:
+        items = [(int(k[5:]), a) for k, a in state.arrays.items() if k.startswith("hist:")]
+        self.history.replace(items)
+
+
+class FedAsyncDelta(FedAsync):
+    """Delta-form FedAsync ``x_t = x_{t-1} + alpha_t D`` (a different algorithm)."""
+
+    name = "fedasync_delta"
+
+    def apply(self, update: Update) -> Applied:
+        check_shape(update.chunk, self._params.size)
+        d = self.staleness(update.base_version)
+        a = self.mixing_weight(d)
+        add_chunk(self._params, update.chunk, a)
+        self._version += 1
+        return Applied(d, a, self._version)
+
+    def _extra_state(self, state: StrategyState) -> None:
+        return None
+
+    def _load_extra(self, state: StrategyState) -> None:
+        return None

@@ -1,0 +1,444 @@
+"""The Kafka shell around :class:`aggregator.shard.PartitionState`.
+
+``AggregatorWorker`` reads ``{prefix}jobs`` from the beginning (manual assignment), joins
+the consumer group on ``{prefix}updates`` (partition s = shard s), feeds records in offset
+order to the pure partition state, publishes ``ShardVersion`` events on ``{prefix}models``,
+writes a checkpoint per partition and only then commits offsets. On assignment it loads the
+partition's checkpoint and seeks to the offset stored in it (the beginning if none): the
+checkpoint, not the committed offset, is the source of truth, so every record's effect is
+applied exactly once. ``fl.models`` events are at-least-once with deterministic content
+(a replay after a crash re-announces the same version with the same slice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import warnings
+from types import TracebackType
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.structs import OffsetAndMetadata
+
+from aggregator import checkpoint as ck
+from aggregator.checkpoint import CheckpointStore, FileCheckpointStore
+from aggregator.errors import CheckpointError, ConfigError, UpdateRejected
+from aggregator.metrics import AggregatorMetrics
+from aggregator.settings import AggregatorSettings
+from aggregator.shard import JobShard, Outcome, PartitionState, decode_update
+from schemas.errors import SchemaError
+from schemas.messages import JobSpec, ShardUpdate, ShardVersion, decode, encode
+
+log = logging.getLogger("fedfleet.aggregator")
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: AggregatorWorker) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.worker._on_revoked(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self.worker._on_assigned(list(assigned))
+
+
+class AggregatorWorker:
+    """One aggregator process: owns the shards Kafka assigns it.
+
+    Use as ``async with AggregatorWorker(settings) as w: await w.run()``; ``start``/``stop``
+    are idempotent. ``await w.drain()`` processes until every owned partition is caught up
+    and idle (tests), ``w.request_stop()`` ends ``run`` gracefully.
+    """
+
+    def __init__(
+        self,
+        settings: AggregatorSettings,
+        *,
+        store: CheckpointStore | None = None,
+        metrics: AggregatorMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store: CheckpointStore = store or FileCheckpointStore(settings.checkpoint_dir)
+        self.metrics = metrics or AggregatorMetrics()
+        self.jobs: dict[str, JobSpec] = {}
+        self.partitions: dict[int, PartitionState] = {}
+        self._since_ckpt: dict[int, int] = {}
+        self._last_ckpt = time.monotonic()
+        self._lock = asyncio.Lock()
+        self._producer: AIOKafkaProducer | None = None
+        self._jobs_consumer: AIOKafkaConsumer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._jobs_tp = TopicPartition(settings.jobs_topic, 0)
+        self._started = False
+        self._closed = False
+        self._stop = asyncio.Event()
+        self._builds: list[asyncio.Future[ShardVersion]] = []
+        self.assignments = 0  # number of completed assignment callbacks
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> AggregatorWorker:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def __del__(self) -> None:
+        if self._started and not self._closed:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=1)
+
+    async def start(self) -> None:
+        """Connect, wait for the topics, read the jobs topic, join the group (idempotent).
+
+        Raises :class:`ConfigError` when the topics do not appear within
+        ``settings.topic_wait_s``; clients opened so far are closed again.
+        """
+        if self._started:
+            return
+        self._started = True
+        try:
+            await self._start()
+        except BaseException:
+            await self._close_clients()
+            self._closed = True
+            raise
+
+    async def _wait_for_topics(self) -> None:
+        assert self._jobs_consumer is not None
+        s = self.settings
+        wanted = {s.jobs_topic, s.updates_topic, s.models_topic}
+        deadline = time.monotonic() + s.topic_wait_s
+        while True:
+            missing = wanted - set(await self._jobs_consumer.topics())
+            if not missing:
+                return
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"Kafka topics missing: {sorted(missing)}")
+            await asyncio.sleep(0.5)
+
+    async def _start(self) -> None:
+        s = self.settings
+        if s.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            start_http_server(s.metrics_port, registry=self.metrics.registry)
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=s.kafka_bootstrap,
+            client_id=s.client_id,
+            acks="all",
+            enable_idempotence=True,
+            max_request_size=s.max_message_bytes,
+            linger_ms=5,
+        )
+        await self._producer.start()
+        self._jobs_consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap,
+            client_id=f"{s.client_id}-jobs",
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        await self._jobs_consumer.start()
+        await self._wait_for_topics()
+        self._jobs_consumer.assign([self._jobs_tp])
+        await self._jobs_consumer.seek_to_beginning(self._jobs_tp)
+        await self.catch_up_jobs()
+        fetch = s.max_update_bytes + (1 << 20)
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap,
+            client_id=s.client_id,
+            group_id=s.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=s.heartbeat_interval_ms,
+            max_partition_fetch_bytes=fetch,
+            fetch_max_bytes=max(fetch, 52428800),
+            max_poll_records=s.max_poll_records,
+            isolation_level="read_committed",
+        )
+        await self._consumer.start()
+        self._consumer.subscribe([s.updates_topic], listener=_Listener(self))
+
+    async def stop(self) -> None:
+        """Checkpoint and commit what is owned, then close clients (idempotent)."""
+        if not self._started or self._closed:
+            return
+        self._closed = True
+        try:
+            async with self._lock:
+                with contextlib.suppress(KafkaError):
+                    await self._publish_outboxes()
+                offsets = await self._checkpoint(force=True)
+            await self._commit(offsets)
+        finally:
+            await self._close_clients()
+
+    async def _close_clients(self) -> None:
+        for c in (self._consumer, self._jobs_consumer, self._producer):
+            if c is not None:
+                with contextlib.suppress(Exception):
+                    await c.stop()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # ------------------------------------------------------------------ inspection
+
+    def job_shard(self, job_id: str, shard: int) -> JobShard | None:
+        part = self.partitions.get(shard)
+        return None if part is None else part.jobs.get(job_id)
+
+    # ------------------------------------------------------------------ jobs
+
+    async def catch_up_jobs(self) -> None:
+        """Read ``{prefix}jobs`` up to its current end."""
+        c = self._jobs_consumer
+        assert c is not None
+        end = (await c.end_offsets([self._jobs_tp]))[self._jobs_tp]
+        while await c.position(self._jobs_tp) < end:
+            batch = await c.getmany(self._jobs_tp, timeout_ms=500)
+            for rec in batch.get(self._jobs_tp, []):
+                self._on_job_record(rec.value)
+
+    async def _poll_jobs(self) -> None:
+        assert self._jobs_consumer is not None
+        batch = await self._jobs_consumer.getmany(self._jobs_tp, timeout_ms=0)
+        for rec in batch.get(self._jobs_tp, []):
+            self._on_job_record(rec.value)
+
+    def _on_job_record(self, value: bytes | None) -> None:
+        if value is None:  # tombstone on the compacted topic
+            return
+        try:
+            job = decode(value, JobSpec)
+        except SchemaError as exc:
+            log.warning("bad JobSpec on %s: %s", self.settings.jobs_topic, exc)
+            self.metrics.rejected.labels(reason=f"job_{exc.reason}").inc()
+            return
+        self.jobs[job.job_id] = job
+        for part in self.partitions.values():
+            part.activate(job)
+
+    # ------------------------------------------------------------------ rebalance
+
+    async def _on_revoked(self, tps: list[TopicPartition]) -> None:
+        async with self._lock:
+            mine = [tp.partition for tp in tps if tp.partition in self.partitions]
+            with contextlib.suppress(KafkaError):
+                await self._publish_outboxes()
+            offsets = await self._checkpoint(force=True, only=mine)
+            await self._commit(offsets)  # before the partitions move on
+            for p in mine:
+                self.partitions.pop(p, None)
+                self._since_ckpt.pop(p, None)
+
+    async def _on_assigned(self, tps: list[TopicPartition]) -> None:
+        async with self._lock:
+            assert self._consumer is not None
+            s = self.settings
+            for tp in tps:
+                part = PartitionState(
+                    tp.topic,
+                    tp.partition,
+                    options=s.strategy_options(),
+                    publish_every=s.publish_every,
+                    dedupe_window=s.dedupe_window,
+                    max_update_bytes=s.max_update_bytes,
+                    models_zstd_level=s.models_zstd_level,
+                )
+                blob = await asyncio.to_thread(self.store.load, part.key)
+                if blob is not None:
+                    await asyncio.to_thread(part.restore, ck.loads(blob), self.store.load)
+                self.partitions[tp.partition] = part
+                self._since_ckpt[tp.partition] = 0
+                self._consumer.seek(tp, part.next_offset)
+                for job in self.jobs.values():
+                    part.activate(job)
+                log.info("assigned %s at offset %d", part.key, part.next_offset)
+            with contextlib.suppress(KafkaError):
+                await self._publish_outboxes()
+            self.assignments += 1
+
+    # ------------------------------------------------------------------ main loop
+
+    async def run(self, *, burst: bool = False, idle_s: float = 0.5) -> None:
+        """Consume until :meth:`request_stop` (or, with ``burst``, until caught up and idle)."""
+        await self.start()
+        assert self._consumer is not None
+        idle_since: float | None = None
+        while not self._stop.is_set():
+            await self._poll_jobs()
+            batch = await self._consumer.getmany(
+                timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.max_poll_records
+            )
+            if batch:
+                idle_since = None
+                await self._process(batch)
+            else:
+                async with self._lock:
+                    offsets = await self._checkpoint(force=burst)
+                await self._commit(offsets)
+            if not burst:
+                continue
+            if batch or not await self._caught_up():
+                idle_since = None
+                continue
+            now = time.monotonic()
+            idle_since = idle_since or now
+            if now - idle_since >= idle_s:
+                return
+
+    async def drain(self, idle_s: float = 0.5) -> None:
+        """Process until every owned partition is caught up and idle for ``idle_s``."""
+        await self.run(burst=True, idle_s=idle_s)
+
+    async def _caught_up(self) -> bool:
+        assert self._consumer is not None
+        if self.assignments == 0:
+            return False
+        tps = [TopicPartition(self.settings.updates_topic, p) for p in self.partitions]
+        if not tps:
+            return True
+        ends = await self._consumer.end_offsets(tps)
+        behind = False
+        for tp in tps:
+            part = self.partitions.get(tp.partition)
+            if part is None:
+                continue
+            lag = max(0, ends[tp] - part.next_offset)
+            self.metrics.lag.labels(partition=str(tp.partition)).set(lag)
+            behind = behind or lag > 0
+        return not behind
+
+    async def _process(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        async with self._lock:
+            offsets = await self._process_locked(batch)
+        await self._commit(offsets)
+
+    async def _process_locked(
+        self, batch: dict[TopicPartition, list[Any]]
+    ) -> dict[TopicPartition, OffsetAndMetadata]:
+        for tp, records in batch.items():
+            part = self.partitions.get(tp.partition)
+            if part is None:
+                continue
+            for rec in records:
+                if rec.offset < part.next_offset:
+                    continue
+                await self._handle(part, rec.value or b"", rec.offset)
+                if part.outbox:
+                    self._start_builds(part)
+            self._since_ckpt[tp.partition] = self._since_ckpt.get(tp.partition, 0) + len(records)
+            hw = self._consumer.highwater(tp) if self._consumer is not None else None
+            if hw is not None:
+                self.metrics.lag.labels(partition=str(tp.partition)).set(
+                    max(0, hw - part.next_offset)
+                )
+        await self._publish_outboxes()
+        return await self._checkpoint()
+
+    async def _handle(self, part: PartitionState, raw: bytes, offset: int) -> Outcome:
+        t0 = time.perf_counter()
+        item: bytes | ShardUpdate = raw
+        try:
+            item = decode_update(raw, max_bytes=self.settings.max_update_bytes)
+        except UpdateRejected:
+            pass  # handle() counts it
+        if isinstance(item, ShardUpdate) and item.job_id not in self.jobs:
+            await self.catch_up_jobs()
+        try:
+            out = part.handle(item, offset, self.jobs.get)
+        except Exception:  # never crash on one record; count and go on
+            log.exception("unexpected error on %s@%d", part.key, offset)
+            part.rejected["internal"] = part.rejected.get("internal", 0) + 1
+            out = Outcome(offset, "rejected", "internal")
+        m = self.metrics
+        m.apply_seconds.observe(time.perf_counter() - t0)
+        if out.status in ("applied", "buffered"):
+            js = part.jobs[out.job_id]
+            m.applied.labels(shard=str(part.shard), strategy=js.job.strategy.name).inc()
+            if out.staleness is not None:
+                m.staleness.observe(out.staleness)
+        else:
+            m.rejected.labels(reason=out.reason).inc()
+        return out
+
+    def _start_builds(self, part: PartitionState) -> None:
+        """Compress queued versions in worker threads while the loop keeps applying."""
+        loop = asyncio.get_running_loop()
+        while part.outbox:
+            pv = part.outbox.pop(0)
+            self._builds.append(loop.run_in_executor(None, pv.build))
+
+    async def _publish_outboxes(self) -> None:
+        """Announce every queued version, in order, and wait for Kafka's acks."""
+        for part in self.partitions.values():
+            self._start_builds(part)
+        builds, self._builds = self._builds, []
+        if self._producer is None:
+            return
+        futs = []
+        for b in builds:
+            sv = await b
+            key = f"{sv.job_id}:{sv.shard}".encode()
+            futs.append(await self._producer.send(self.settings.models_topic, encode(sv), key=key))
+        for f in futs:
+            await f
+            self.metrics.published.inc()
+
+    async def _checkpoint(
+        self, *, force: bool = False, only: list[int] | None = None
+    ) -> dict[TopicPartition, OffsetAndMetadata]:
+        """Write due checkpoints (all dirty ones when ``force``); return offsets to commit."""
+        s = self.settings
+        due_time = time.monotonic() - self._last_ckpt >= s.checkpoint_interval_s
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        for p, part in self.partitions.items():
+            if only is not None and p not in only:
+                continue
+            if not part.dirty:
+                continue
+            if not (force or due_time or self._since_ckpt.get(p, 0) >= s.checkpoint_every):
+                continue
+            t0 = time.perf_counter()
+            ckpt, blobs, obsolete = part.checkpoint()
+            try:
+                await asyncio.to_thread(self._write, part.key, ck.dumps(ckpt), blobs, obsolete)
+            except CheckpointError:
+                part.forget_saved_blobs()
+                log.exception("checkpoint of %s failed; offsets not committed", part.key)
+                continue
+            part.dirty = False
+            self._since_ckpt[p] = 0
+            self.metrics.checkpoints.inc()
+            self.metrics.checkpoint_seconds.observe(time.perf_counter() - t0)
+            offsets[TopicPartition(part.topic, p)] = OffsetAndMetadata(part.next_offset, "")
+        if due_time or force:
+            self._last_ckpt = time.monotonic()
+        return offsets
+
+    def _write(self, key: str, data: bytes, blobs: dict[str, bytes], obsolete: list[str]) -> None:
+        for k, b in blobs.items():
+            self.store.save(k, b)
+        self.store.save(key, data)
+        for k in obsolete:
+            self.store.delete(k)
+
+    async def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        """Commit offsets already covered by a written checkpoint (best effort)."""
+        if not offsets or self._consumer is None:
+            return
+        try:
+            await self._consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:  # the checkpoint is authoritative
+            log.info("offset commit skipped: %s", exc)

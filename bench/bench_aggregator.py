@@ -1,0 +1,341 @@
+"""Aggregator throughput: Kafka end to end vs the pure in-memory strategy, same updates.
+
+Part 1 (per shard, in-process worker): for each strategy, a stream of top-k int8 zstd
+updates of an ``--params``-parameter slice is produced to a fresh one-partition topic; one
+``AggregatorWorker`` consumes it. Reported: updates/s of the pure strategy on pre-decoded
+chunks, of the pure partition core on raw records (decode + validate + apply + version
+events), and of the worker from Kafka (first to last record, including publishing and
+checkpoints), with the ratio worker / pure strategy.
+
+Part 2 (scaling, separate processes): ``--scale-shards`` partitions, the same records,
+1/2/4 ``python -m aggregator`` processes; wall time from spawn until every partition's
+offset is committed, minus the same measurement for an empty stream (start-up, group join).
+
+    .venv/bin/python bench/bench_aggregator.py --json
+    FEDFLEET_BENCH_KAFKA=127.0.0.1:9092 .venv/bin/python bench/bench_aggregator.py --json
+
+Without FEDFLEET_BENCH_KAFKA a local stack is started with ``fedfleet.stack.LocalStack``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from aggregator.checkpoint import FileCheckpointStore  # noqa: E402
+from aggregator.settings import AggregatorSettings  # noqa: E402
+from aggregator.shard import PartitionState  # noqa: E402
+from aggregator.strategies import Update, build_strategy  # noqa: E402
+from aggregator.worker import AggregatorWorker  # noqa: E402
+from schemas import codec  # noqa: E402
+from schemas.messages import (  # noqa: E402
+    CodecConfig,
+    JobSpec,
+    ModelSpecMsg,
+    ShardUpdate,
+    StrategyConfig,
+    encode,
+)
+from schemas.modelspec import even_bounds, init_params, num_params  # noqa: E402
+
+BIG = 64 << 20
+
+
+def make_job(name: str, n_params: int, shards: int, publish_every: int) -> JobSpec:
+    n_classes = 10
+    spec = ModelSpecMsg(
+        family="softmax", n_features=max(1, n_params // n_classes - 1), n_classes=n_classes
+    )
+    cfg = StrategyConfig(name=name, alpha=0.6, buffer_size=10)  # type: ignore[arg-type]
+    return JobSpec(
+        job_id=f"bench-{name}-{uuid.uuid4().hex[:6]}",
+        model_name="bench",
+        spec=spec,
+        shard_bounds=even_bounds(num_params(spec), shards),
+        strategy=cfg,
+        publish_every=publish_every,
+        created_ts=time.time(),
+    )
+
+
+def make_updates(job: JobSpec, n: int, topk: float, seed: int = 0) -> list[ShardUpdate]:
+    """Per shard, ``n`` updates with realistic lags (base = a published version <= 4 back)."""
+    rng = np.random.default_rng(seed)
+    b = job.shard_bounds
+    cfg = CodecConfig(topk=topk, quant="int8")
+    out: list[ShardUpdate] = []
+    buffered = job.strategy.name == "fedbuff"
+    for s in range(len(b) - 1):
+        size = b[s + 1] - b[s]
+        frames = [
+            codec.encode(rng.normal(size=size).astype(np.float32) * 0.01, cfg) for _ in range(8)
+        ]
+        for i in range(n):
+            cur = i // job.strategy.buffer_size if buffered else i
+            lag = int(rng.integers(0, 5))
+            base = max(0, cur - lag) // job.publish_every * job.publish_every
+            out.append(
+                ShardUpdate(
+                    update_id=f"u{s}-{i}",
+                    task_id=f"t{i}",
+                    job_id=job.job_id,
+                    device_id="d",
+                    shard=s,
+                    start=b[s],
+                    stop=b[s + 1],
+                    base_version=base,
+                    num_samples=1,
+                    payload=frames[i % 8],
+                    accepted_ts=time.time(),
+                )
+            )
+    return out
+
+
+def pure_strategy_rate(job: JobSpec, ups: list[ShardUpdate]) -> float:
+    s0 = [u for u in ups if u.shard == 0]
+    chunks = [codec.decode(u.payload, u.stop - u.start) for u in s0]
+    init = init_params(job.spec, job.init_seed)[s0[0].start : s0[0].stop]
+    from aggregator.strategies import StrategyOptions
+
+    strat = build_strategy(
+        job.strategy, init, options=StrategyOptions(keep_every=job.publish_every)
+    )
+    t0 = time.perf_counter()
+    for u, c in zip(s0, chunks, strict=True):
+        strat.apply(Update(c, u.base_version, u.num_samples, u.update_id))
+    return len(s0) / (time.perf_counter() - t0)
+
+
+def core_rate(job: JobSpec, ups: list[ShardUpdate]) -> float:
+    raws = [encode(u) for u in ups if u.shard == 0]
+    st = PartitionState("bench", 0)
+    t0 = time.perf_counter()
+    for i, r in enumerate(raws):
+        st.handle(r, i, {job.job_id: job}.get)
+        for pv in st.outbox:
+            pv.build()
+        st.outbox.clear()
+    return len(raws) / (time.perf_counter() - t0)
+
+
+async def create_topics(bootstrap: str, prefix: str, parts: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        big = {"max.message.bytes": str(BIG)}
+        await admin.create_topics(
+            [
+                NewTopic(f"{prefix}jobs", 1, 1, topic_configs={"cleanup.policy": "compact"}),
+                NewTopic(f"{prefix}updates", parts, 1, topic_configs=big),
+                NewTopic(f"{prefix}models", 1, 1, topic_configs=big),
+            ]
+        )
+    finally:
+        await admin.close()
+
+
+async def produce(bootstrap: str, prefix: str, job: JobSpec, ups: list[ShardUpdate]) -> None:
+    p = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        max_request_size=BIG,
+        linger_ms=5,
+    )
+    await p.start()
+    try:
+        await p.send_and_wait(f"{prefix}jobs", encode(job), key=job.job_id.encode())
+        futs = [await p.send(f"{prefix}updates", encode(u), partition=u.shard) for u in ups]
+        for f in futs:
+            await f
+    finally:
+        await p.stop()
+
+
+async def kafka_rate(bootstrap: str, job: JobSpec, ups: list[ShardUpdate]) -> float:
+    prefix = f"b{uuid.uuid4().hex[:8]}."
+    await create_topics(bootstrap, prefix, 1)
+    await produce(bootstrap, prefix, job, ups)
+    settings = AggregatorSettings(
+        kafka_bootstrap=bootstrap, topic_prefix=prefix, group_id=f"{prefix}g", poll_timeout_ms=100
+    )
+    ckdir = tempfile.mkdtemp(prefix="bench-agg-")
+    worker = AggregatorWorker(settings, store=FileCheckpointStore(ckdir))
+    times: list[float] = []
+    orig = worker._handle
+
+    async def timed(part: Any, raw: bytes, offset: int) -> Any:
+        out = await orig(part, raw, offset)
+        times.append(time.perf_counter())
+        return out
+
+    worker._handle = timed  # type: ignore[method-assign]
+    async with worker:
+        t_first: list[float] = []
+        orig_assigned = worker._on_assigned
+
+        async def on_assigned(tps: Any) -> None:
+            await orig_assigned(tps)
+            t_first.append(time.perf_counter())
+
+        worker._on_assigned = on_assigned  # type: ignore[method-assign]
+        await worker.drain(idle_s=0.3)
+    shutil.rmtree(ckdir, ignore_errors=True)
+    return len(times) / (times[-1] - t_first[0])
+
+
+async def committed(bootstrap: str, group: str, topic: str, parts: int) -> list[int]:
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await c.start()
+    try:
+        return [(await c.committed(TopicPartition(topic, p))) or 0 for p in range(parts)]
+    finally:
+        await c.stop()
+
+
+async def wait_committed(bootstrap: str, group: str, topic: str, target: list[int]) -> None:
+    for _ in range(3000):
+        if await committed(bootstrap, group, topic, len(target)) == target:
+            return
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"{group} never committed {target}")
+
+
+async def scaling_run(bootstrap: str, job: JobSpec, ups: list[ShardUpdate], procs: int) -> float:
+    parts = len(job.shard_bounds) - 1
+    prefix = f"s{uuid.uuid4().hex[:8]}."
+    await create_topics(bootstrap, prefix, parts)
+    await produce(bootstrap, prefix, job, ups)
+    per_part = len(ups) // parts
+    with tempfile.TemporaryDirectory() as ckdir:
+        env = dict(
+            os.environ,
+            FEDFLEET_AGG_CHECKPOINT_INTERVAL_S="0.5",
+            FEDFLEET_AGG_SESSION_TIMEOUT_MS="6000",
+            FEDFLEET_AGG_HEARTBEAT_INTERVAL_MS="1000",
+        )
+        args = [
+            "-m",
+            "aggregator",
+            "--kafka-bootstrap",
+            bootstrap,
+            "--topic-prefix",
+            prefix,
+            "--group-id",
+            f"{prefix}g",
+            "--checkpoint-dir",
+            ckdir,
+            "--log-level",
+            "WARNING",
+        ]
+        t0 = time.perf_counter()
+        ps = [
+            await asyncio.create_subprocess_exec(sys.executable, *args, cwd=ROOT, env=env)
+            for _ in range(procs)
+        ]
+        try:
+            await wait_committed(bootstrap, f"{prefix}g", f"{prefix}updates", [per_part] * parts)
+            elapsed = time.perf_counter() - t0
+        finally:
+            for p in ps:
+                p.send_signal(signal.SIGTERM)
+            for p in ps:
+                await asyncio.wait_for(p.wait(), 60)
+    return elapsed
+
+
+async def main_async(a: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
+    res: dict[str, Any] = {
+        "params_per_shard": a.params,
+        "updates": a.updates,
+        "topk": a.topk,
+        "publish_every": a.publish_every,
+        "per_shard": {},
+        "scaling": {},
+    }
+    for name in a.strategies.split(","):
+        job = make_job(name, a.params, 1, a.publish_every)
+        ups = make_updates(job, a.updates, a.topk)
+        pure = pure_strategy_rate(job, ups)
+        core = core_rate(job, ups)
+        kafka = await kafka_rate(bootstrap, job, ups)
+        res["per_shard"][name] = {
+            "pure_strategy_ups": round(pure, 1),
+            "pure_core_ups": round(core, 1),
+            "kafka_worker_ups": round(kafka, 1),
+            "ratio_vs_strategy": round(kafka / pure, 3),
+            "ratio_vs_core": round(kafka / core, 3),
+        }
+        print(name, res["per_shard"][name], file=sys.stderr)
+    if a.scale_procs:
+        shards = a.scale_shards
+        job = make_job(a.scale_strategy, a.params * shards, shards, a.publish_every)
+        ups = make_updates(job, a.scale_updates, a.topk)
+        empty_job = make_job(a.scale_strategy, a.params * shards, shards, a.publish_every)
+        empty = make_updates(empty_job, 1, a.topk)
+        for procs in [int(x) for x in a.scale_procs.split(",")]:
+            base = await scaling_run(bootstrap, empty_job, empty, procs)
+            wall = await scaling_run(bootstrap, job, ups, procs)
+            work = max(wall - base, 1e-9)
+            res["scaling"][str(procs)] = {
+                "wall_s": round(wall, 2),
+                "startup_s": round(base, 2),
+                "total_ups": round(len(ups) / work, 1),
+            }
+            print(procs, res["scaling"][str(procs)], file=sys.stderr)
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--params", type=int, default=1_000_000, help="parameters per shard")
+    p.add_argument("--updates", type=int, default=300, help="updates per shard")
+    p.add_argument("--topk", type=float, default=0.01)
+    p.add_argument("--publish-every", type=int, default=5)
+    p.add_argument("--strategies", default="fedasync,fedasync_delta,fedbuff")
+    p.add_argument("--scale-procs", default="1,2,4")
+    p.add_argument("--scale-shards", type=int, default=4)
+    p.add_argument("--scale-updates", type=int, default=200, help="updates per shard")
+    p.add_argument("--scale-strategy", default="fedasync")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args()
+    bootstrap = os.environ.get("FEDFLEET_BENCH_KAFKA")
+    launcher = None
+    if not bootstrap:
+        from fedfleet.stack import LocalStack, StackSettings
+
+        launcher = LocalStack(StackSettings.from_env())
+        bootstrap = launcher.start().kafka_bootstrap
+    try:
+        res = asyncio.run(main_async(a, bootstrap))
+    finally:
+        if launcher is not None:
+            launcher.stop()
+    res["machine"] = {"cpus": os.cpu_count(), "loadavg": os.getloadavg()}
+    if a.json:
+        print(json.dumps(res, indent=2))
+    else:
+        for k, v in res.items():
+            print(k, v)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,373 @@
+"""Fleet state in Redis: telemetry batching, TTL liveness, device views and summaries.
+
+Keys (``p`` = the coordinator's key prefix)::
+
+    {p}dev:{id}    hash  human-readable detail (telemetry fields, state, timestamps)
+    {p}selt        hash  device -> packed telemetry for selection (one field per device)
+    {p}sels        hash  device -> packed task state: current_task|cooldown|contrib|today|day
+    {p}seen        zset  device -> last_seen, online devices only (offline status removes it)
+    {p}lastseen    zset  device -> last_seen, every device ever seen
+    {p}contrib     zset  device -> contributions + a fixed per-device fraction (tie-break)
+
+Selection never scans the whole fleet: ``candidates`` walks ``contrib`` from the
+least-contributed device upwards, a page at a time (HMGET on the two packed hashes,
+ZMSCORE on ``seen``), and stops as soon as it has enough eligible devices. A device is
+*online* while it is in ``seen`` with a score inside the telemetry TTL; *training* while
+it holds a task; otherwise *idle*.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from redis.asyncio import Redis
+
+from coordinator.policy import DeviceView, EligibilityPolicy
+from schemas.messages import DeviceStatus, Telemetry
+
+CHUNK = 10_000
+HISTORY = 20
+
+
+def _frac(device_id: str) -> float:
+    """A fixed pseudo-random fraction in [0, 0.5) that orders devices with equal counts."""
+    h = hashlib.blake2b(device_id.encode(), digest_size=4).digest()
+    return int.from_bytes(h) / 2**33
+
+
+def _b(v: bool) -> str:
+    return "1" if v else "0"
+
+
+def telemetry_fields(t: Telemetry, now: float) -> dict[str, str]:
+    return {
+        "battery": repr(float(t.battery)),
+        "charging": _b(t.charging),
+        "network": t.network,
+        "metered": _b(t.metered),
+        "bandwidth_kbps": repr(float(t.bandwidth_kbps)),
+        "rtt_ms": repr(float(t.rtt_ms)),
+        "idle": _b(t.idle),
+        "agent_version": t.agent_version,
+        "state": "online",
+        "last_seen": repr(now),
+        "ts": repr(float(t.ts)),
+    }
+
+
+def pack_telemetry(t: Telemetry) -> str:
+    """``battery|charging|network|metered|bandwidth|rtt|idle|agent_version`` (version last)."""
+    return (
+        f"{float(t.battery)!r}|{_b(t.charging)}|{t.network}|{_b(t.metered)}|"
+        f"{float(t.bandwidth_kbps)!r}|{float(t.rtt_ms)!r}|{_b(t.idle)}|{t.agent_version}"
+    )
+
+
+def pack_state(current_task: str, cooldown_until: float, contributions: int, today: int,
+               day: int) -> str:  # fmt: skip
+    return f"{current_task}|{cooldown_until!r}|{contributions}|{today}|{day}"
+
+
+def unpack_state(raw: str | None) -> tuple[str, float, int, int, int]:
+    if not raw:
+        return "", 0.0, 0, 0, 0
+    if raw == "|0.0|0|0|0":
+        return "", 0.0, 0, 0, 0
+    try:
+        task, cool, contrib, today, day = raw.split("|")
+        return task, float(cool), int(contrib), int(today), int(day)
+    except ValueError:
+        return "", 0.0, 0, 0, 0
+
+
+def make_view(device_id: str, tel: str | None, state: str | None, online_score: float | None,
+              last_seen: float | None, now: float, ttl: float) -> DeviceView | None:  # fmt: skip
+    """Build a DeviceView from the packed records; junk falls back to safe defaults."""
+    if tel is None and state is None and last_seen is None:
+        return None
+    task, cool, contrib, today, day = unpack_state(state)
+    online = online_score is not None and online_score >= now - ttl
+    seen = last_seen or 0.0
+    if tel:
+        try:
+            bat, chg, net, met, bw, rtt, idle, ver = tel.split("|", 7)
+            return DeviceView(
+                device_id, float(bat), chg == "1", net, met != "0", float(bw), float(rtt),
+                idle == "1", ver, online, seen, task, cool, contrib, today, day,
+            )  # fmt: skip
+        except ValueError:
+            pass
+    return DeviceView(device_id=device_id, online=online, last_seen=seen, current_task=task,
+                      cooldown_until=cool, contributions=contrib, tasks_today=today,
+                      day=day)  # fmt: skip
+
+
+def device_state(d: DeviceView) -> str:
+    if not d.online:
+        return "offline"
+    return "training" if d.current_task else "idle"
+
+
+class FleetStore:
+    """Redis adapter for device state. All methods are safe to call concurrently."""
+
+    def __init__(self, redis: Redis, prefix: str, ttl_s: float) -> None:
+        self.r: Any = redis  # decode_responses=True: str in, str out
+        self.p = prefix
+        self.ttl = ttl_s
+
+    def key(self, device_id: str) -> str:
+        return f"{self.p}dev:{device_id}"
+
+    async def write_telemetry(self, batch: Iterable[Telemetry], now: float | None = None) -> int:
+        """Write a batch (latest per device wins) in one pipeline; returns records written."""
+        now = time.time() if now is None else now
+        latest: dict[str, Telemetry] = {}
+        for t in batch:
+            latest[t.device_id] = t
+        if not latest:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for dev, t in latest.items():
+            pipe.hset(self.key(dev), mapping=telemetry_fields(t, now))
+        pipe.hset(f"{self.p}selt", mapping={dev: pack_telemetry(t) for dev, t in latest.items()})
+        stamp = dict.fromkeys(latest, now)
+        pipe.zadd(f"{self.p}seen", stamp)
+        pipe.zadd(f"{self.p}lastseen", stamp)
+        pipe.zadd(f"{self.p}contrib", {d: _frac(d) for d in latest}, nx=True)
+        await pipe.execute()
+        return len(latest)
+
+    async def write_status(self, s: DeviceStatus, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        pipe = self.r.pipeline(transaction=False)
+        if s.state == "offline":
+            pipe.hset(self.key(s.device_id), mapping={"state": "offline", "offline_ts": repr(now)})
+            pipe.zrem(f"{self.p}seen", s.device_id)
+        else:
+            pipe.hset(self.key(s.device_id), mapping={"state": "online", "last_seen": repr(now)})
+            pipe.zadd(f"{self.p}seen", {s.device_id: now})
+            pipe.zadd(f"{self.p}lastseen", {s.device_id: now})
+        await pipe.execute()
+
+    async def live_ids(self, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        ids = await self.r.zrangebyscore(f"{self.p}seen", now - self.ttl, "+inf")
+        return list(ids)
+
+    async def views(self, ids: list[str], now: float | None = None) -> list[DeviceView]:
+        now = time.time() if now is None else now
+        out: list[DeviceView] = []
+        for i in range(0, len(ids), CHUNK):
+            part = ids[i : i + CHUNK]
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hmget(f"{self.p}selt", part)
+            pipe.hmget(f"{self.p}sels", part)
+            pipe.zmscore(f"{self.p}seen", part)
+            pipe.zmscore(f"{self.p}lastseen", part)
+            tel, st, on, seen = await pipe.execute()
+            for j, dev in enumerate(part):
+                v = make_view(dev, tel[j], st[j], on[j], seen[j], now, self.ttl)
+                if v is not None:
+                    out.append(v)
+        return out
+
+    async def candidates(
+        self,
+        want: int,
+        accept: Callable[[DeviceView], bool],
+        now: float | None = None,
+        page: int = 2000,
+        max_scan: int = 0,
+    ) -> tuple[list[DeviceView], int]:
+        """Up to ``want`` online devices passing ``accept``, least-contributed first.
+
+        Returns (devices, scanned). ``max_scan`` (0 = no limit) bounds the devices read.
+        """
+        now = time.time() if now is None else now
+        out: list[DeviceView] = []
+        scanned = 0
+        start = 0
+        while len(out) < want and (not max_scan or scanned < max_scan):
+            ids = await self.r.zrange(f"{self.p}contrib", start, start + page - 1)
+            if not ids:
+                break
+            start += page
+            scanned += len(ids)
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hmget(f"{self.p}selt", ids)
+            pipe.hmget(f"{self.p}sels", ids)
+            pipe.zmscore(f"{self.p}seen", ids)
+            tel, st, on = await pipe.execute()
+            for j, dev in enumerate(ids):
+                if on[j] is None or on[j] < now - self.ttl:
+                    continue
+                v = make_view(dev, tel[j], st[j], on[j], on[j], now, self.ttl)
+                if v is not None and accept(v):
+                    out.append(v)
+                    if len(out) >= want:
+                        break
+        return out, scanned
+
+    async def live_views(self, now: float | None = None) -> list[DeviceView]:
+        """Every online device, read with three argument-free commands (fast for big fleets)."""
+        now = time.time() if now is None else now
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zrangebyscore(f"{self.p}seen", now - self.ttl, "+inf", withscores=True)
+        pipe.hgetall(f"{self.p}selt")
+        pipe.hgetall(f"{self.p}sels")
+        live, tel, st = await pipe.execute()
+        out: list[DeviceView] = []
+        for dev, score in live:
+            v = make_view(dev, tel.get(dev), st.get(dev), score, score, now, self.ttl)
+            if v is not None:
+                out.append(v)
+        return out
+
+    async def all_views(self, now: float | None = None) -> list[DeviceView]:
+        """Every known device (online or not), with argument-free commands only."""
+        now = time.time() if now is None else now
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zrange(f"{self.p}lastseen", 0, -1, withscores=True)
+        pipe.zrangebyscore(f"{self.p}seen", now - self.ttl, "+inf", withscores=True)
+        pipe.hgetall(f"{self.p}selt")
+        pipe.hgetall(f"{self.p}sels")
+        every, live, tel, st = await pipe.execute()
+        online = dict(live)
+        out: list[DeviceView] = []
+        for dev, seen in every:
+            v = make_view(dev, tel.get(dev), st.get(dev), online.get(dev), seen, now, self.ttl)
+            if v is not None:
+                out.append(v)
+        return out
+
+    async def get(self, device_id: str) -> dict[str, Any] | None:
+        views = await self.views([device_id])
+        if not views:
+            return None
+        h = await self.r.hgetall(self.key(device_id))
+        out = device_json(views[0], h)
+        out["history"] = await self.history(device_id)
+        return out
+
+    async def all_ids(self) -> list[str]:
+        return sorted(await self.r.zrange(f"{self.p}lastseen", 0, -1))
+
+    async def count(self) -> int:
+        return int(await self.r.zcard(f"{self.p}lastseen"))
+
+    async def _state(self, device_id: str) -> tuple[str, float, int, int, int]:
+        return unpack_state(await self.r.hget(f"{self.p}sels", device_id))
+
+    async def assign_task(self, device_id: str, task_id: str, now: float) -> None:
+        _, cool, contrib, today, day = await self._state(device_id)
+        d = int(now // 86400)
+        today = today + 1 if day == d else 1
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(f"{self.p}sels", device_id, pack_state(task_id, cool, contrib, today, d))
+        pipe.hset(self.key(device_id), mapping={"last_task_ts": repr(now)})
+        await pipe.execute()
+
+    async def release_task(
+        self,
+        device_id: str,
+        task_id: str,
+        *,
+        contributed: bool,
+        cooldown_until: float = 0.0,
+        outcome: str = "",
+    ) -> None:
+        """Clear the device's current task (only if it is still ``task_id``).
+
+        ``outcome`` (uploaded / expired / declined / ...) is appended to the device's
+        participation history (the last ``HISTORY`` entries are kept).
+        """
+        cur, cool, contrib, today, day = await self._state(device_id)
+        if cur == task_id:
+            cur = ""
+        if contributed:
+            contrib += 1
+        if cooldown_until:
+            cool = max(cool, cooldown_until)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(f"{self.p}sels", device_id, pack_state(cur, cool, contrib, today, day))
+        if contributed:
+            pipe.hset(self.key(device_id), "last_contribution_ts", repr(time.time()))
+            pipe.zadd(f"{self.p}contrib", {device_id: contrib + _frac(device_id)})
+        if outcome:
+            hist = f"{self.p}hist:{device_id}"
+            pipe.lpush(hist, f"{time.time():.3f}|{task_id}|{outcome}")
+            pipe.ltrim(hist, 0, HISTORY - 1)
+        await pipe.execute()
+
+    async def history(self, device_id: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for item in await self.r.lrange(f"{self.p}hist:{device_id}", 0, HISTORY - 1):
+            parts = item.split("|")
+            if len(parts) == 3:
+                try:
+                    out.append({"ts": float(parts[0]), "task_id": parts[1], "outcome": parts[2]})
+                except ValueError:
+                    continue
+        return out
+
+
+def device_json(v: DeviceView, h: dict[str, str] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "device_id": v.device_id,
+        "state": device_state(v),
+        "battery": v.battery,
+        "charging": v.charging,
+        "network": v.network,
+        "metered": v.metered,
+        "bandwidth_kbps": v.bandwidth_kbps,
+        "rtt_ms": v.rtt_ms,
+        "idle": v.idle,
+        "agent_version": v.agent_version,
+        "last_seen": v.last_seen,
+        "current_task": v.current_task or None,
+        "contributions": v.contributions,
+        "tasks_today": v.tasks_today,
+        "cooldown_until": v.cooldown_until or None,
+    }
+    if h is not None:
+        for extra in ("last_task_ts", "last_contribution_ts", "offline_ts", "ts"):
+            if extra in h:
+                try:
+                    out[extra] = float(h[extra])
+                except ValueError:
+                    pass
+    return out
+
+
+def fleet_summary(
+    views: list[DeviceView], total: int, policy: EligibilityPolicy, now: float
+) -> dict[str, Any]:
+    """Pure summary for ``GET /v1/fleet`` over the devices currently considered online."""
+    counts = {"offline": 0, "idle": 0, "training": 0}
+    hist = [0] * 10
+    nets: dict[str, int] = {}
+    eligible = 0
+    contributed = 0
+    for v in views:
+        counts[device_state(v)] += 1
+        if v.online:
+            hist[min(int(v.battery // 10), 9)] += 1
+            nets[v.network] = nets.get(v.network, 0) + 1
+            eligible += policy.eligible(v, now)
+        contributed += v.contributions > 0
+    online = counts["idle"] + counts["training"]
+    counts["offline"] = max(total - online, counts["offline"])
+    return {
+        "total": total,
+        "counts": counts,
+        "online": online,
+        "eligible_now": eligible,
+        "training_now": counts["training"],
+        "battery_histogram": {f"{10 * i}-{10 * i + 10}": n for i, n in enumerate(hist)},
+        "network_mix": nets,
+        "participation_rate": (contributed / online) if online else 0.0,
+    }

@@ -1,0 +1,169 @@
+"""Jobs: the REST request body -> ``JobSpec`` (pure), and the Redis job store.
+
+Request body of ``POST /v1/jobs`` (JSON)::
+
+    {"model_name": "mnist", "spec": {"family": "mlp", "n_features": 64, "n_classes": 10,
+     "hidden": 32}, "shards": 4, "strategy": {...StrategyConfig}, "train": {...TrainConfig},
+     "codec": {...CodecConfig}, "concurrency": 50, "target_accuracy": 0.9, "init_seed": 0,
+     "publish_every": 5, "eligibility": {...EligibilityPolicy},
+     "selection": {"mode": "async"|"sync", "over_selection": 1.3, "round_deadline_s": 120},
+     "job_id": optional}
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+
+from coordinator.errors import JobError, NotFound
+from coordinator.policy import EligibilityPolicy, SelectionConfig
+from schemas.errors import SchemaError
+from schemas.messages import (
+    CodecConfig,
+    JobSpec,
+    ModelSpecMsg,
+    StrategyConfig,
+    TrainConfig,
+)
+from schemas.modelspec import even_bounds, num_params
+
+_ALLOWED = {
+    "job_id", "model_name", "spec", "shards", "strategy", "train", "codec", "concurrency",
+    "target_accuracy", "init_seed", "publish_every", "eligibility", "selection",
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    spec: JobSpec
+    eligibility: EligibilityPolicy
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+
+
+def _conv(value: Any, typ: type[Any], name: str) -> Any:
+    try:
+        return msgspec.convert(value, typ, strict=True)
+    except (msgspec.ValidationError, SchemaError) as exc:
+        raise JobError("validation", f"{name}: {exc}") from None
+
+
+def build_job(body: Any, *, now: float | None = None, max_shards: int = 1 << 16) -> Job:
+    """Validate a job request and build its ``JobSpec``; any problem is a ``JobError``."""
+    if not isinstance(body, dict):
+        raise JobError("validation", "body must be a JSON object")
+    unknown = set(body) - _ALLOWED
+    if unknown:
+        raise JobError("validation", f"unknown fields {sorted(unknown)}")
+    for req in ("model_name", "spec"):
+        if req not in body:
+            raise JobError("validation", f"missing field {req!r}")
+    spec = _conv(body["spec"], ModelSpecMsg, "spec")
+    try:
+        n = num_params(spec)
+        shards = body.get("shards", 1)
+        if not isinstance(shards, int) or isinstance(shards, bool):
+            raise JobError("validation", "shards must be an integer")
+        if shards > max_shards:
+            raise JobError("validation", f"shards {shards} > max_shards {max_shards}")
+        bounds = even_bounds(n, shards)
+    except SchemaError as exc:
+        raise JobError("validation", f"spec/shards: {exc}") from None
+    job_id = body.get("job_id") or f"job-{secrets.token_hex(6)}"
+    raw = {
+        "job_id": job_id,
+        "model_name": body["model_name"],
+        "spec": spec,
+        "shard_bounds": bounds,
+        "strategy": _conv(body.get("strategy", {}), StrategyConfig, "strategy"),
+        "train": _conv(body.get("train", {}), TrainConfig, "train"),
+        "codec": _conv(body.get("codec", {}), CodecConfig, "codec"),
+        "created_ts": time.time() if now is None else now,
+    }
+    for k in ("concurrency", "target_accuracy", "init_seed", "publish_every"):
+        if k in body:
+            raw[k] = body[k]
+    job_spec = _conv(raw, JobSpec, "job")
+    elig = EligibilityPolicy.from_dict(_obj(body.get("eligibility"), "eligibility"))
+    sel = SelectionConfig.from_dict(_obj(body.get("selection"), "selection"))
+    return Job(job_spec, elig, sel)
+
+
+def _obj(v: Any, name: str) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise JobError("validation", f"{name} must be an object")
+    return v
+
+
+def job_json(job: Job, stats: dict[str, int], current_version: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = msgspec.to_builtins(job.spec)
+    out.pop("kind", None)
+    out["eligibility"] = job.eligibility.to_dict()
+    out["selection"] = job.selection.to_dict()
+    out["alpha"] = job.spec.strategy.alpha
+    out["staleness"] = job.spec.strategy.staleness
+    out["stats"] = stats
+    out["updates_accepted"] = stats.get("updates_accepted", 0)
+    out["updates_applied"] = stats.get("updates_applied", 0)
+    out["mean_staleness"] = stats.get("mean_staleness_milli", 0) / 1000.0
+    out["current_version"] = current_version
+    return out
+
+
+class JobStore:
+    """``{p}job:{id}`` hash (spec JSON, eligibility JSON, status), ``{p}jobs`` zset."""
+
+    def __init__(self, redis: Redis, prefix: str) -> None:
+        self.r: Any = redis  # decode_responses=True: str in, str out
+        self.p = prefix
+
+    async def put(self, job: Job) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(
+            f"{self.p}job:{job.spec.job_id}",
+            mapping={
+                "spec": msgspec.json.encode(job.spec).decode(),
+                "eligibility": msgspec.json.encode(job.eligibility.to_dict()).decode(),
+                "selection": msgspec.json.encode(job.selection.to_dict()).decode(),
+                "status": job.spec.status,
+            },
+        )
+        pipe.zadd(f"{self.p}jobs", {job.spec.job_id: job.spec.created_ts})
+        await pipe.execute()
+
+    async def exists(self, job_id: str) -> bool:
+        return bool(await self.r.exists(f"{self.p}job:{job_id}"))
+
+    async def get(self, job_id: str) -> Job:
+        h = await self.r.hgetall(f"{self.p}job:{job_id}")
+        if not h:
+            raise NotFound("job", job_id)
+        spec = msgspec.json.decode(h["spec"], type=JobSpec)
+        if h.get("status") and h["status"] != spec.status:
+            spec = msgspec.structs.replace(spec, status=h["status"])
+        elig = EligibilityPolicy.from_dict(msgspec.json.decode(h["eligibility"]))
+        sel = SelectionConfig.from_dict(msgspec.json.decode(h.get("selection") or "{}"))
+        return Job(spec, elig, sel)
+
+    async def ids(self) -> list[str]:
+        return list(await self.r.zrange(f"{self.p}jobs", 0, -1))
+
+    async def running(self) -> list[Job]:
+        out = []
+        for jid in await self.ids():
+            try:
+                job = await self.get(jid)
+            except NotFound:
+                continue
+            if job.spec.status == "running":
+                out.append(job)
+        return out
+
+    async def set_status(self, job_id: str, status: str) -> None:
+        await self.r.hset(f"{self.p}job:{job_id}", "status", status)

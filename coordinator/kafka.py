@@ -1,0 +1,61 @@
+"""Thin aiokafka helpers: idempotent producer, consumers, topic creation."""
+
+from __future__ import annotations
+
+import logging
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from coordinator.settings import CoordinatorSettings
+
+log = logging.getLogger(__name__)
+
+
+def make_producer(s: CoordinatorSettings) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=s.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        client_id=f"{s.client_id}-producer",
+        max_request_size=80 << 20,
+        linger_ms=2,
+    )
+
+
+def make_consumer(s: CoordinatorSettings, topic: str, group: str) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=s.kafka_bootstrap,
+        group_id=group,
+        client_id=f"{s.client_id}-{group}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        fetch_max_bytes=80 << 20,
+        max_partition_fetch_bytes=80 << 20,
+    )
+
+
+async def ensure_topics(s: CoordinatorSettings) -> None:
+    """Create the four topics if missing (existing topics are left as they are)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, client_id=s.client_id)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(s.jobs_topic, 1, 1, topic_configs={"cleanup.policy": "compact"}),
+            NewTopic(s.tasks_topic, s.task_partitions, 1),
+            NewTopic(
+                s.updates_topic, s.max_shards, 1, topic_configs={"max.message.bytes": str(80 << 20)}
+            ),
+            NewTopic(s.models_topic, 1, 1, topic_configs={"max.message.bytes": str(80 << 20)}),
+        ]
+        todo = [t for t in wanted if t.name not in existing]
+        if todo:
+            try:
+                await admin.create_topics(todo)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()

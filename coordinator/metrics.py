@@ -1,0 +1,77 @@
+"""Prometheus metrics of the coordinator (one registry per process, shared by instances)."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+
+class CoordinatorMetrics:
+    """All counters in one object so tests can read them and services share them."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
+        self.messages = Counter(
+            "fedfleet_coord_mqtt_messages_total",
+            "MQTT messages received",
+            ["kind"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "fedfleet_coord_rejected_total",
+            "Inputs rejected, by source and reason",
+            ["source", "reason"],
+            registry=registry,
+        )
+        self.telemetry_written = Counter(
+            "fedfleet_coord_telemetry_written_total",
+            "Telemetry records written to Redis",
+            registry=registry,
+        )
+        self.tasks_issued = Counter(
+            "fedfleet_coord_tasks_issued_total", "Tasks issued", registry=registry
+        )
+        self.tasks_expired = Counter(
+            "fedfleet_coord_tasks_expired_total", "Task leases expired", registry=registry
+        )
+        self.tasks_dispatched = Counter(
+            "fedfleet_coord_tasks_dispatched_total", "Tasks pushed over MQTT", registry=registry
+        )
+        self.uploads = Counter(
+            "fedfleet_coord_uploads_total", "Upload outcomes", ["status"], registry=registry
+        )
+        self.pace_sent = Counter(
+            "fedfleet_coord_pace_sent_total", "Pace messages sent", registry=registry
+        )
+        self.versions = Counter(
+            "fedfleet_coord_model_versions_total",
+            "Global model versions assembled",
+            registry=registry,
+        )
+        self.selection_seconds = Histogram(
+            "fedfleet_coord_selection_seconds", "Selection pass latency", registry=registry
+        )
+        self.training_now = Gauge(
+            "fedfleet_coord_training_now", "Active task leases", registry=registry
+        )
+        self.errors = Counter(
+            "fedfleet_coord_loop_errors_total",
+            "Unexpected errors caught in loops",
+            ["loop"],
+            registry=registry,
+        )
+
+
+_default: CoordinatorMetrics | None = None
+
+
+def default_metrics() -> CoordinatorMetrics:
+    global _default
+    if _default is None:
+        _default = CoordinatorMetrics()
+    return _default
+
+
+def counter_value(counter: Counter, **labels: str) -> float:
+    """Current value of a (labelled) counter, for tests and reports."""
+    c = counter.labels(**labels) if labels else counter
+    return float(c._value.get())

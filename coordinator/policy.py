@@ -1,0 +1,224 @@
+"""Pure eligibility and selection policy (no I/O).
+
+``DeviceView`` is what the fleet store knows about a device at selection time.
+``EligibilityPolicy`` decides whether a device may train now; ``select`` picks which
+eligible devices get the free slots, preferring the least-contributed and spreading picks
+across network types. ``pace_delay`` spreads the check-back time of devices not picked.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from coordinator.errors import JobError
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    device_id: str
+    battery: float = 0.0
+    charging: bool = False
+    network: str = "none"
+    metered: bool = True
+    bandwidth_kbps: float = 0.0
+    rtt_ms: float = 0.0
+    idle: bool = False
+    agent_version: str = "0"
+    online: bool = False
+    last_seen: float = 0.0
+    current_task: str = ""
+    cooldown_until: float = 0.0
+    contributions: int = 0
+    tasks_today: int = 0
+    day: int = 0  # day number (unix days) of tasks_today
+
+
+@functools.lru_cache(maxsize=1024)
+def parse_version(v: str) -> tuple[int, ...]:
+    """'1.10.2' -> (1, 10, 2); non-numeric parts count as 0."""
+    out: list[int] = []
+    for part in v.split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EligibilityPolicy:
+    """Per-job rules; ``reasons`` returns why a device is not eligible (empty = eligible)."""
+
+    min_battery: float = 20.0
+    allow_metered: bool = False
+    min_bandwidth_kbps: float = 0.0
+    require_idle: bool = False
+    min_agent_version: str = "0"
+    cooldown_s: float = 0.0
+    daily_cap: int = 0  # 0 = unlimited
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_battery <= 100.0:
+            raise JobError("eligibility", "min_battery must be in [0, 100]")
+        if self.min_bandwidth_kbps < 0 or self.cooldown_s < 0 or self.daily_cap < 0:
+            raise JobError("eligibility", "bandwidth, cooldown and daily_cap must be >= 0")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EligibilityPolicy:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise JobError("eligibility", f"unknown eligibility fields {sorted(unknown)}")
+        try:
+            return cls(**dict(data))
+        except TypeError as exc:
+            raise JobError("eligibility", str(exc)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def reasons(self, d: DeviceView, now: float) -> list[str]:
+        out: list[str] = []
+        if not d.online:
+            out.append("offline")
+        if d.current_task:
+            out.append("training")
+        if d.battery < self.min_battery and not d.charging:
+            out.append("battery")
+        if d.network == "none":
+            out.append("no_network")
+        if d.metered and not self.allow_metered:
+            out.append("metered")
+        if d.bandwidth_kbps < self.min_bandwidth_kbps:
+            out.append("bandwidth")
+        if self.require_idle and not d.idle:
+            out.append("not_idle")
+        if parse_version(d.agent_version) < parse_version(self.min_agent_version):
+            out.append("agent_version")
+        if d.cooldown_until > now:
+            out.append("cooldown")
+        if self.daily_cap and d.day == int(now // 86400) and d.tasks_today >= self.daily_cap:
+            out.append("daily_cap")
+        return out
+
+    def eligible(self, d: DeviceView, now: float) -> bool:
+        """Same rules as ``reasons`` without building the list (hot path of selection)."""
+        return (
+            d.online
+            and not d.current_task
+            and (d.charging or d.battery >= self.min_battery)
+            and d.network != "none"
+            and (self.allow_metered or not d.metered)
+            and d.bandwidth_kbps >= self.min_bandwidth_kbps
+            and (d.idle or not self.require_idle)
+            and d.cooldown_until <= now
+            and not (self.daily_cap and d.day == int(now // 86400)
+                     and d.tasks_today >= self.daily_cap)
+            and (self.min_agent_version == "0"
+                 or parse_version(d.agent_version) >= parse_version(self.min_agent_version))
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SelectionConfig:
+    """How a job fills its slots.
+
+    ``async``: keep ``concurrency`` devices training, refill as updates arrive (default).
+    ``sync``: the baseline — rounds; each invites ``over_select(concurrency,
+    over_selection)`` devices and closes when ``concurrency`` updates were accepted or
+    after ``round_deadline_s``; leftover tasks of a closed round are expired.
+    """
+
+    mode: Literal["async", "sync"] = "async"
+    over_selection: float = 1.3
+    round_deadline_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("async", "sync"):
+            raise JobError("selection", "mode must be 'async' or 'sync'")
+        if not self.over_selection >= 1.0 or not self.round_deadline_s > 0:
+            raise JobError("selection", "over_selection >= 1 and round_deadline_s > 0")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SelectionConfig:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise JobError("selection", f"unknown selection fields {sorted(unknown)}")
+        try:
+            return cls(**dict(data))
+        except TypeError as exc:
+            raise JobError("selection", str(exc)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def round_closed(accepted_in_round: int, target: int, deadline_ts: float, now: float) -> bool:
+    """A synchronous round ends when enough updates arrived or at its deadline."""
+    return accepted_in_round >= target or now >= deadline_ts
+
+
+def _tiebreak(device_id: str, salt: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{salt}:{device_id}".encode(), digest_size=8).digest())
+
+
+def select(
+    candidates: Iterable[DeviceView],
+    slots: int,
+    *,
+    policy: EligibilityPolicy,
+    now: float,
+    salt: str = "",
+    exclude: Sequence[str] = (),
+) -> list[DeviceView]:
+    """Pick up to ``slots`` eligible devices.
+
+    Order: fewest contributions first (ties broken by a salted hash so repeated passes do
+    not always favour the same ids); picks round-robin across network types so one
+    network class cannot take every slot while others have eligible devices.
+    """
+    if slots <= 0:
+        return []
+    skip = set(exclude)
+    by_net: dict[str, list[DeviceView]] = defaultdict(list)
+    for d in candidates:
+        if d.device_id not in skip and policy.eligible(d, now):
+            by_net[d.network].append(d)
+    for lst in by_net.values():
+        lst.sort(key=lambda d: (d.contributions, _tiebreak(d.device_id, salt)))
+    picked: list[DeviceView] = []
+    nets = sorted(by_net, key=lambda n: (by_net[n][0].contributions, n))
+    cursors = dict.fromkeys(nets, 0)
+    while len(picked) < slots and nets:
+        for net in list(nets):
+            i = cursors[net]
+            if i >= len(by_net[net]):
+                nets.remove(net)
+                continue
+            picked.append(by_net[net][i])
+            cursors[net] = i + 1
+            if len(picked) >= slots:
+                break
+    return picked
+
+
+def over_select(target: int, factor: float) -> int:
+    """Synchronous-round baseline: how many devices to invite for ``target`` results."""
+    if factor < 1.0:
+        raise JobError("selection", "over-selection factor must be >= 1")
+    return max(target, int(-(-target * factor // 1)))
+
+
+def pace_delay(device_id: str, base_s: float, waiting: int, slots_per_s: float, salt: str) -> float:
+    """Check-back delay for a device not picked: spread ``waiting`` devices over time.
+
+    The expected wait grows with the queue (``waiting / slots_per_s``), floored at
+    ``base_s``, and each device gets a deterministic jitter in [0.5, 1.5) of it so
+    they do not all return at once.
+    """
+    horizon = max(base_s, waiting / max(slots_per_s, 1e-9))
+    jitter = 0.5 + (_tiebreak(device_id, salt) % 10_000) / 10_000.0
+    return round(horizon * jitter, 3)

@@ -1,0 +1,263 @@
+"""Model registry: assemble shard slices into signed, content-addressed global versions.
+
+Disk layout under ``model_store_dir``::
+
+    blobs/{sha256}.f32              float32 little-endian weights (content-addressed)
+    onnx/{weights_sha256}.onnx      ONNX artifact, built lazily and cached per digest
+    models/{name}/v{version:010d}.json   ModelManifest (JSON)
+    models/{name}/pin               pinned version (rollback); absent = newest is latest
+
+``assemble`` is the pure step (newest slice per shard wins); ``ModelRegistry`` is the
+file-system shell around it. Several coordinator processes may serve the same directory;
+only the one owning ``fl.models`` writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import zstandard
+
+from coordinator.errors import NotFound, RegistryError
+from coordinator.onnx_export import export
+from coordinator.signing import Signer, onnx_message, weights_message
+from schemas.messages import JobSpec, ModelManifest, ShardVersion
+from schemas.modelspec import F32, init_params, num_params
+
+BLOB_CACHE_ENTRIES = 4
+BLOB_CACHE_MAX_BYTES = 64 << 20
+
+
+@dataclass(slots=True)
+class JobSlices:
+    """The newest slice of every shard of one job, as one flat vector."""
+
+    flat: F32
+    shard_versions: list[int]
+
+
+def decode_params(sv: ShardVersion, max_bytes: int) -> F32:
+    n = sv.stop - sv.start
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(sv.params, max_output_size=max_bytes)
+    except zstandard.ZstdError as exc:
+        raise RegistryError("codec", f"bad zstd params: {exc}") from None
+    if len(raw) != 4 * n:
+        raise RegistryError("shape", f"expected {4 * n} bytes of params, got {len(raw)}")
+    arr = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    if not np.all(np.isfinite(arr)):
+        raise RegistryError("non_finite", "params contain NaN/Inf")
+    return arr
+
+
+def assemble(state: JobSlices, bounds: list[int], sv: ShardVersion, params: F32) -> bool:
+    """Fold a shard's new slice into ``state``; False if it is not newer (ignored)."""
+    s = sv.shard
+    if s >= len(bounds) - 1:
+        raise RegistryError("shape", f"shard {s} out of range ({len(bounds) - 1} shards)")
+    if (sv.start, sv.stop) != (bounds[s], bounds[s + 1]):
+        raise RegistryError(
+            "shape", f"shard {s} bounds [{sv.start},{sv.stop}) != [{bounds[s]},{bounds[s + 1]})"
+        )
+    if params.shape != (sv.stop - sv.start,):
+        raise RegistryError("shape", "slice length does not match bounds")
+    if sv.version <= state.shard_versions[s]:
+        return False
+    state.flat[sv.start : sv.stop] = params
+    state.shard_versions[s] = sv.version
+    return True
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class ModelRegistry:
+    def __init__(self, store_dir: Path, signer: Signer, *, retention: int = 20) -> None:
+        self.dir = Path(store_dir)
+        self.signer = signer
+        self.retention = max(1, retention)
+        self._jobs: dict[str, JobSlices] = {}
+        self._manifests: dict[tuple[str, int], ModelManifest] = {}
+        self._lock = threading.Lock()
+        self._blobs: dict[str, bytes] = {}
+        (self.dir / "blobs").mkdir(parents=True, exist_ok=True)
+        (self.dir / "onnx").mkdir(parents=True, exist_ok=True)
+        (self.dir / "models").mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ reading
+    def _mdir(self, name: str) -> Path:
+        return self.dir / "models" / name
+
+    def versions(self, name: str) -> list[int]:
+        d = self._mdir(name)
+        if not d.is_dir():
+            return []
+        out = []
+        for e in os.scandir(d):
+            if e.name.startswith("v") and e.name.endswith(".json"):
+                try:
+                    out.append(int(e.name[1:-5]))
+                except ValueError:
+                    continue
+        return sorted(out)
+
+    def models(self) -> list[str]:
+        return sorted(e.name for e in os.scandir(self.dir / "models") if e.is_dir())
+
+    def manifest(self, name: str, version: int) -> ModelManifest:
+        m = self._manifests.get((name, version))
+        if m is not None:
+            return m
+        path = self._mdir(name) / f"v{version:010d}.json"
+        try:
+            m = msgspec.json.decode(path.read_bytes(), type=ModelManifest)
+        except FileNotFoundError:
+            raise NotFound("version", f"{name} v{version}") from None
+        self._manifests[(name, version)] = m
+        return m
+
+    def pinned(self, name: str) -> int | None:
+        try:
+            return int((self._mdir(name) / "pin").read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def latest(self, name: str) -> ModelManifest:
+        pin = self.pinned(name)
+        if pin is not None:
+            return self.manifest(name, pin)
+        vs = self.versions(name)
+        if not vs:
+            raise NotFound("model", name)
+        return self.manifest(name, vs[-1])
+
+    def newest_version(self, name: str) -> int | None:
+        vs = self.versions(name)
+        return vs[-1] if vs else None
+
+    def weights(self, m: ModelManifest) -> bytes:
+        """Weights bytes (the few most recent blobs are kept in memory)."""
+        hit = self._blobs.get(m.digest)
+        if hit is not None:
+            return hit
+        try:
+            data = (self.dir / "blobs" / f"{m.digest}.f32").read_bytes()
+        except FileNotFoundError:
+            raise NotFound("weights", m.digest) from None
+        if len(data) <= BLOB_CACHE_MAX_BYTES:
+            self._blobs[m.digest] = data
+            while len(self._blobs) > BLOB_CACHE_ENTRIES:
+                self._blobs.pop(next(iter(self._blobs)))
+        return data
+
+    def onnx(self, m: ModelManifest) -> tuple[bytes, str, str]:
+        """ONNX bytes of a version, its sha256 and signature (built once per digest)."""
+        path = self.dir / "onnx" / f"{m.digest}.onnx"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            flat = np.frombuffer(self.weights(m), dtype="<f4").astype(np.float32)
+            data = export(m.spec, flat, name=m.model_name)
+            _atomic_write(path, data)
+        digest = hashlib.sha256(data).hexdigest()
+        sig = self.signer.sign(onnx_message(m.model_name, m.version, digest))
+        return data, digest, sig
+
+    # ------------------------------------------------------------------ writing
+    def _publish(self, job: JobSpec, state: JobSlices) -> ModelManifest:
+        name = job.model_name
+        raw = state.flat.astype("<f4").tobytes()
+        digest = hashlib.sha256(raw).hexdigest()
+        blob = self.dir / "blobs" / f"{digest}.f32"
+        if not blob.exists():
+            _atomic_write(blob, raw)
+        newest = self.newest_version(name)
+        version = 0 if newest is None else newest + 1
+        m = ModelManifest(
+            model_name=name,
+            job_id=job.job_id,
+            version=version,
+            shard_versions=list(state.shard_versions),
+            shard_bounds=list(job.shard_bounds),
+            spec=job.spec,
+            digest=digest,
+            signature=self.signer.sign(weights_message(name, version, digest)),
+            created_ts=time.time(),
+        )
+        _atomic_write(self._mdir(name) / f"v{version:010d}.json", msgspec.json.encode(m))
+        self._manifests[(name, version)] = m
+        self._retain(name)
+        return m
+
+    def create_initial(self, job: JobSpec) -> ModelManifest:
+        """Version for a new job: ``init_params`` with every shard at version 0."""
+        with self._lock:
+            state = JobSlices(
+                init_params(job.spec, job.init_seed), [0] * (len(job.shard_bounds) - 1)
+            )
+            self._jobs[job.job_id] = state
+            return self._publish(job, state)
+
+    def _state(self, job: JobSpec) -> JobSlices:
+        st = self._jobs.get(job.job_id)
+        if st is not None:
+            return st
+        for v in reversed(self.versions(job.model_name)):
+            m = self.manifest(job.model_name, v)
+            if m.job_id == job.job_id:
+                flat = np.frombuffer(self.weights(m), dtype="<f4").astype(np.float32)
+                st = JobSlices(flat.copy(), list(m.shard_versions))
+                break
+        else:
+            st = JobSlices(init_params(job.spec, job.init_seed), [0] * (len(job.shard_bounds) - 1))
+        self._jobs[job.job_id] = st
+        return st
+
+    def apply(self, job: JobSpec, sv: ShardVersion) -> ModelManifest | None:
+        """Fold one ``ShardVersion`` event in; returns the new manifest or None if stale."""
+        if sv.job_id != job.job_id:
+            raise RegistryError("job", f"event for {sv.job_id}, job is {job.job_id}")
+        n = num_params(job.spec)
+        params = decode_params(sv, 4 * n + 64)
+        with self._lock:
+            st = self._state(job)
+            if not assemble(st, job.shard_bounds, sv, params):
+                return None
+            return self._publish(job, st)
+
+    def rollback(self, name: str, version: int) -> ModelManifest:
+        m = self.manifest(name, version)  # NotFound if pruned/unknown
+        _atomic_write(self._mdir(name) / "pin", str(version).encode())
+        return m
+
+    def unpin(self, name: str) -> None:
+        (self._mdir(name) / "pin").unlink(missing_ok=True)
+
+    def _retain(self, name: str) -> None:
+        vs = self.versions(name)
+        pin = self.pinned(name)
+        drop = [v for v in vs[: -self.retention] if v != pin]
+        if not drop:
+            return
+        for v in drop:
+            (self._mdir(name) / f"v{v:010d}.json").unlink(missing_ok=True)
+            self._manifests.pop((name, v), None)
+        live = {self.manifest(name, v).digest for v in self.versions(name)}
+        for other in self.models():
+            if other != name:
+                live |= {self.manifest(other, v).digest for v in self.versions(other)}
+        for e in os.scandir(self.dir / "blobs"):
+            if e.name.endswith(".f32") and e.name[:-4] not in live:
+                os.unlink(e.path)
+                (self.dir / "onnx" / f"{e.name[:-4]}.onnx").unlink(missing_ok=True)

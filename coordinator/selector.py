@@ -1,0 +1,306 @@
+"""Selection loop: expire leases, keep ``concurrency`` devices training per job, pace the rest.
+
+Each pass (every ``selection_tick_s``, or sooner when an upload frees a slot):
+
+1. leases past their deadline -> task ``expired``; the device is released with a cooldown
+   of one lease so the slot is re-issued to *another* eligible device;
+2. free slots = ``concurrency`` - active leases; ``policy.select`` picks devices;
+3. each pick gets a task (one-use token, lease in Redis) produced to ``fl.tasks``;
+4. eligible devices left waiting get a ``Pace`` (at most once per their delay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from coordinator.fleet import FleetStore
+from coordinator.jobs import Job, JobStore
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.policy import (
+    DeviceView,
+    EligibilityPolicy,
+    over_select,
+    pace_delay,
+    round_closed,
+    select,
+)
+from coordinator.settings import CoordinatorSettings
+from coordinator.tasks import TaskStore, new_token
+from schemas.messages import Pace, Task, encode
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, bytes, int], Awaitable[None]]
+
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class Selector:
+    def __init__(
+        self,
+        *,
+        settings: CoordinatorSettings,
+        fleet: FleetStore,
+        tasks: TaskStore,
+        jobs: JobStore,
+        producer: Any,
+        publish: Publish | None,
+        metrics: CoordinatorMetrics,
+    ) -> None:
+        self.s = settings
+        self.fleet = fleet
+        self.tasks = tasks
+        self.jobs = jobs
+        self.producer = producer
+        self.publish = publish
+        self.metrics = metrics
+        self._wake = asyncio.Event()
+        self._next_pace: dict[str, float] = {}
+        self._reissue: dict[str, list[str]] = {}
+        self._unlock: Any = tasks.r.register_script(_UNLOCK)
+
+    def wake(self, _job_id: str = "") -> None:
+        self._wake.set()
+
+    async def expire(self, job: Job, now: float) -> list[str]:
+        """Expire overdue leases of ``job``; returns the devices that let them lapse."""
+        lapsed: list[str] = []
+        for task_id in await self.tasks.expired(job.spec.job_id, now):
+            rec = await self.tasks.get(task_id)
+            if rec is None:  # hash gone (TTL): drop the stale lease
+                await self.tasks.r.zrem(self.tasks.leases_key(job.spec.job_id), task_id)
+                continue
+            ok, prev = await self.tasks.transition(
+                rec, "expired", ("offered", "accepted"), expired_ts=repr(now)
+            )
+            if not ok:
+                # Not active any more (or an upload claimed but never confirmed: the device
+                # re-sends it from its outbox and it is produced again then). Free the slot.
+                await self.tasks.r.zrem(self.tasks.leases_key(job.spec.job_id), task_id)
+                if prev == "uploading":
+                    await self.fleet.release_task(
+                        rec.device_id, task_id, contributed=False, outcome="upload_incomplete"
+                    )
+                continue
+            self.metrics.tasks_expired.inc()
+            await self.tasks.bump(job.spec.job_id, "tasks_expired")
+            await self.fleet.release_task(
+                rec.device_id,
+                task_id,
+                contributed=False,
+                cooldown_until=now + self.s.lease_s,
+                outcome="expired",
+            )
+            self._reissue.setdefault(job.spec.job_id, []).append(task_id)
+            lapsed.append(rec.device_id)
+        return lapsed
+
+    async def issue(
+        self, job: Job, device: DeviceView, now: float, deadline_ts: float | None = None
+    ) -> Task:
+        spec = job.spec
+        token = new_token()
+        reissue = self._reissue.get(spec.job_id) or []
+        task = Task(
+            task_id=f"t-{secrets.token_hex(8)}",
+            job_id=spec.job_id,
+            device_id=device.device_id,
+            model_name=spec.model_name,
+            upload_token=token,
+            issued_ts=now,
+            deadline_ts=deadline_ts if deadline_ts is not None else now + self.s.lease_s,
+            train=spec.train,
+            codec=spec.codec,
+            allow_metered=job.eligibility.allow_metered,
+            min_battery=job.eligibility.min_battery,
+        )
+        await self.tasks.create(
+            task_id=task.task_id, job_id=spec.job_id, device_id=device.device_id, token=token,
+            issued_ts=now, deadline_ts=task.deadline_ts,
+            reissue_of=reissue.pop(0) if reissue else "",
+        )  # fmt: skip
+        await self.fleet.assign_task(device.device_id, task.task_id, now)
+        try:
+            await self.producer.send_and_wait(
+                self.s.tasks_topic, value=encode(task), key=device.device_id.encode()
+            )
+        except Exception:
+            # Never leave a lease for a task nobody will receive: roll it back.
+            rec = await self.tasks.get(task.task_id)
+            if rec is not None:
+                await self.tasks.transition(rec, "aborted", ("offered",), reason="produce_failed")
+            await self.fleet.release_task(device.device_id, task.task_id, contributed=False)
+            raise
+        self.metrics.tasks_issued.inc()
+        return task
+
+    async def _issue_all(
+        self,
+        job: Job,
+        picks: list[DeviceView],
+        now: float,
+        taken: set[str],
+        deadline_ts: float | None = None,
+    ) -> list[Task]:
+        out: list[Task] = []
+        for d in picks:
+            try:
+                out.append(await self.issue(job, d, now, deadline_ts))
+            except Exception:
+                self.metrics.errors.labels(loop="issue").inc()
+                log.warning(
+                    "could not produce a task to %s; retrying next pass",
+                    self.s.tasks_topic,
+                    exc_info=True,
+                )
+                break
+            taken.add(d.device_id)
+        return out
+
+    async def select_once(self, now: float | None = None) -> dict[str, list[Task]]:
+        """One selection pass over all running jobs; returns the tasks issued per job."""
+        now = time.time() if now is None else now
+        t0 = time.perf_counter()
+        jobs = await self.jobs.running()
+        issued: dict[str, list[Task]] = {}
+        taken: set[str] = set()
+        waiting: dict[str, None] = {}
+        active_total = 0
+        pacing = self.s.pace_enabled and self.publish is not None
+        for job in jobs:
+            if job.selection.mode == "sync":
+                out = await self.sync_round(job, now, taken)
+                issued[job.spec.job_id] = out
+                active_total += await self.tasks.active_count(job.spec.job_id)
+                continue
+            taken.update(await self.expire(job, now))
+            active = await self.tasks.active_count(job.spec.job_id)
+            free = max(0, job.spec.concurrency - active)
+            # Over-read so picks can be spread across network types, and so a page of
+            # waiting devices can be paced.
+            want = free * self.s.candidate_factor + (self.s.pace_per_pass if pacing else 0)
+            policy = job.eligibility
+            cands: list[DeviceView] = []
+            if want:
+                cands, _ = await self.fleet.candidates(want, _acceptor(policy, taken, now), now)
+            picks = select(cands, free, policy=policy, now=now,
+                           salt=f"{job.spec.job_id}:{int(now)}")  # fmt: skip
+            out = await self._issue_all(job, picks, now, taken)
+            issued[job.spec.job_id] = out
+            active_total += active + len(out)
+            if pacing:
+                waiting.update((d.device_id, None) for d in cands if d.device_id not in taken)
+        self.metrics.training_now.set(active_total)
+        self.metrics.selection_seconds.observe(time.perf_counter() - t0)
+        if pacing and waiting:
+            await self._pace([d for d in waiting if d not in taken], now, jobs)
+        return issued
+
+    async def sync_round(self, job: Job, now: float, taken: set[str]) -> list[Task]:
+        """Synchronous baseline: run the job in rounds with over-selection and a deadline."""
+        jid = job.spec.job_id
+        key = f"{self.tasks.p}round:{jid}"
+        r = self.tasks.r
+        cur = await r.hgetall(key)
+        accepted = (await self.tasks.stats(jid)).get("updates_accepted", 0)
+        if cur:
+            in_round = accepted - int(cur.get("accepted0", 0))
+            if not round_closed(in_round, job.spec.concurrency, float(cur["deadline"]), now):
+                return []
+            for task_id in await r.zrange(self.tasks.leases_key(jid), 0, -1):
+                rec = await self.tasks.get(task_id)
+                if rec is None:
+                    await r.zrem(self.tasks.leases_key(jid), task_id)
+                    continue
+                ok, _ = await self.tasks.transition(
+                    rec,
+                    "expired",
+                    ("offered", "accepted"),
+                    expired_ts=repr(now),
+                    reason="round_closed",
+                )
+                if ok:
+                    await self.tasks.bump(jid, "tasks_round_closed")
+                    await self.fleet.release_task(
+                        rec.device_id, task_id, contributed=False, outcome="round_closed"
+                    )
+        invite = over_select(job.spec.concurrency, job.selection.over_selection)
+        cands, _ = await self.fleet.candidates(
+            invite * self.s.candidate_factor, _acceptor(job.eligibility, taken, now), now
+        )
+        picks = select(cands, invite, policy=job.eligibility, now=now, salt=f"{jid}:{int(now)}")
+        if not picks:
+            return []
+        deadline = now + job.selection.round_deadline_s
+        out = await self._issue_all(job, picks, now, taken, deadline)
+        if not out:
+            return []
+        await r.hset(key, mapping={
+            "round": int(cur.get("round", 0)) + 1, "started": repr(now),
+            "deadline": repr(deadline), "accepted0": accepted, "invited": len(out),
+        })  # fmt: skip
+        return out
+
+    async def _pace(self, waiting: list[str], now: float, jobs: list[Job]) -> None:
+        slots_per_s = max(1.0, sum(j.spec.concurrency for j in jobs) / max(self.s.lease_s, 1.0))
+        assert self.publish is not None
+        budget = self.s.pace_max_per_tick
+        for dev in waiting:
+            if self._next_pace.get(dev, 0.0) > now:
+                continue
+            if budget <= 0:
+                break
+            budget -= 1
+            delay = pace_delay(dev, self.s.pace_retry_s, len(waiting), slots_per_s, str(int(now)))
+            self._next_pace[dev] = now + delay
+            await self.publish(
+                f"fleet/{dev}/pace", encode(Pace(device_id=dev, retry_after_s=delay, ts=now)), 0
+            )
+            self.metrics.pace_sent.inc()
+        if len(self._next_pace) > 4 * max(len(waiting), 1000):
+            self._next_pace = {k: v for k, v in self._next_pace.items() if v > now}
+
+    async def locked_pass(self) -> dict[str, list[Task]] | None:
+        """``select_once`` under a Redis lock, so only one coordinator selects at a time.
+
+        Returns None when another process holds the lock (its pass covers every job).
+        """
+        key = f"{self.tasks.p}selector-lock"
+        token = secrets.token_hex(8)
+        ttl_ms = int(max(5.0, 10 * self.s.selection_tick_s) * 1000)
+        if not await self.tasks.r.set(key, token, nx=True, px=ttl_ms):
+            return None
+        try:
+            return await self.select_once()
+        finally:
+            await self._unlock(keys=[key], args=[token])
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.locked_pass()
+            except Exception:
+                self.metrics.errors.labels(loop="selector").inc()
+                log.exception("selection pass failed")
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.s.selection_tick_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+
+def _acceptor(
+    policy: EligibilityPolicy, taken: set[str], now: float
+) -> Callable[[DeviceView], bool]:
+    def accept(d: DeviceView) -> bool:
+        return d.device_id not in taken and policy.eligible(d, now)
+
+    return accept

@@ -1,0 +1,128 @@
+"""Typed settings for the coordinator, built from the environment in one place.
+
+Every field can be set with ``FEDFLEET_<FIELD>`` (upper case), e.g.
+``FEDFLEET_KAFKA_BOOTSTRAP=127.0.0.1:9092``. Build with :meth:`CoordinatorSettings.from_env`
+or construct directly (keyword-only) in tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CoordinatorSettings:
+    """Everything the coordinator needs; no module reads the environment itself."""
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    http_host: str = "127.0.0.1"
+    http_port: int = 0  # 0 = pick a free port; see Coordinator.rest_url
+    topic_prefix: str = "fl."
+    redis_prefix: str = ""  # "" = "ff:" + topic_prefix (isolates deployments by topic prefix)
+    mqtt_share_group: str = ""  # "" = "coord" (default prefix) or "coord-<topic_prefix>"
+    client_id: str = field(default_factory=lambda: f"coord-{secrets.token_hex(4)}")
+    model_store_dir: Path = Path("var/models")
+    signing_key_path: Path = Path("var/keys/model-signing.ed25519")
+    admin_token: str = "change-me"
+    # selection / leases
+    selection_tick_s: float = 1.0
+    lease_s: float = 120.0
+    telemetry_ttl_s: float = 60.0
+    pace_retry_s: float = 30.0
+    pace_enabled: bool = True
+    pace_max_per_tick: int = 2000  # bound the Pace burst of one selection pass
+    pace_per_pass: int = 200  # waiting devices read per job and pass for pacing
+    candidate_factor: int = 4  # eligible devices read per free slot (network stratification)
+    # partitions the coordinator creates when the topics are missing
+    task_partitions: int = 1
+    max_shards: int = 8
+    # telemetry batching
+    telemetry_batch: int = 500
+    telemetry_flush_s: float = 0.05
+    upload_concurrency: int = 64  # uploads handled at once (each waits for Kafka acks)
+    # registry
+    retention: int = 20
+    # behaviour switches (tests turn loops off to drive them by hand)
+    run_selector: bool = True
+    run_dispatcher: bool = True
+    run_registry: bool = True
+    run_mqtt: bool = True
+    create_topics: bool = True
+
+    # ----------------------------------------------------------------- topics
+    @property
+    def jobs_topic(self) -> str:
+        return f"{self.topic_prefix}jobs"
+
+    @property
+    def tasks_topic(self) -> str:
+        return f"{self.topic_prefix}tasks"
+
+    @property
+    def updates_topic(self) -> str:
+        return f"{self.topic_prefix}updates"
+
+    @property
+    def models_topic(self) -> str:
+        return f"{self.topic_prefix}models"
+
+    @property
+    def key_prefix(self) -> str:
+        """Prefix of every Redis key this coordinator writes."""
+        return self.redis_prefix or f"ff:{self.topic_prefix}"
+
+    @property
+    def share_group(self) -> str:
+        """MQTT shared-subscription group (``$share/<group>/...``)."""
+        if self.mqtt_share_group:
+            return self.mqtt_share_group
+        if self.topic_prefix == "fl.":
+            return "coord"
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in self.topic_prefix)
+        return f"coord-{safe.strip('-')}"
+
+    # ----------------------------------------------------------------- building
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, **overrides: Any
+    ) -> CoordinatorSettings:
+        """Read ``FEDFLEET_*`` variables (typed by the field defaults), then apply overrides."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        defaults = cls()
+        for f in fields(cls):
+            raw = env.get(f"FEDFLEET_{f.name.upper()}")
+            if raw is None:
+                continue
+            values[f.name] = _coerce(raw, getattr(defaults, f.name), f.name)
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> CoordinatorSettings:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(raw: str, default: Any, name: str) -> Any:
+    if isinstance(default, bool):
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"FEDFLEET_{name.upper()}: not a boolean: {raw!r}")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    if isinstance(default, Path):
+        return Path(raw)
+    return raw

@@ -1,0 +1,182 @@
+"""``fedfleet agent``: run an edge agent, or ``fedfleet agent predict`` on-device inference.
+
+    fedfleet agent --device-id D --mqtt HOST:PORT --api URL --data FILE.npz [options]
+    fedfleet agent predict --api URL --model NAME --input FILE.(npz|csv) [--logits]
+
+Flags override ``FEDFLEET_AGENT_*`` environment variables, which override ``--config``
+(TOML with an ``[agent]`` table, or JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.errors import AgentError
+from edge_agent.settings import AgentSettings
+
+log = logging.getLogger("edge_agent")
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host:
+        return text, 1883
+    try:
+        return host, int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad host:port {text!r}") from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML/JSON config file ([agent] table)")
+    p.add_argument("--device-id", dest="device_id")
+    p.add_argument("--api", dest="api_url", help="coordinator REST base URL")
+    p.add_argument("--model", dest="model_name")
+    p.add_argument("--public-key", dest="public_key_hex", help="pinned Ed25519 key (hex)")
+    p.add_argument("--state-dir", dest="state_dir", help="outbox, residual and model cache")
+    p.add_argument("--log-level", default="INFO")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedfleet agent", description=__doc__.split("\n")[0])
+    _common(p)
+    p.add_argument("--mqtt", type=_hostport, help="MQTT broker host:port")
+    p.add_argument("--mqtt-username", dest="mqtt_username")
+    p.add_argument("--mqtt-password", dest="mqtt_password")
+    p.add_argument("--data", dest="data_path", help="local training data (.npz or .csv)")
+    p.add_argument("--label-col", dest="label_col")
+    p.add_argument("--features", dest="feature_cols", help="comma-separated feature columns")
+    p.add_argument("--telemetry-interval", dest="telemetry_interval_s", type=float)
+    p.add_argument("--metered", action="store_const", const=True, default=None)
+    p.add_argument("--no-inference", dest="inference", action="store_const", const=False)
+    p.add_argument("--probe", choices=["linux", "simulated"], default="linux")
+    p.add_argument("--seed", type=int)
+    return p
+
+
+def build_predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedfleet agent predict")
+    _common(p)
+    p.add_argument("--input", required=True, help=".npz (key x) or .csv (features)")
+    p.add_argument("--label-col", dest="label_col", default="label")
+    p.add_argument("--logits", action="store_true", help="print logits, not classes")
+    return p
+
+
+_NOT_SETTINGS = {"log_level", "probe", "mqtt", "input", "logits"}
+
+
+def _settings(ns: argparse.Namespace, **extra: Any) -> AgentSettings:
+    values = {k: v for k, v in vars(ns).items() if k not in _NOT_SETTINGS}
+    mqtt = getattr(ns, "mqtt", None)
+    if mqtt is not None:
+        values["mqtt_host"], values["mqtt_port"] = mqtt
+    values.update(extra)
+    return AgentSettings.load(values)
+
+
+async def _run(settings: AgentSettings, probe_kind: str) -> int:
+    from edge_agent.agent import EdgeAgent
+    from edge_agent.data import load_dataset
+    from edge_agent.probe import DeviceProbe, LinuxProbe, SimulatedProbe
+
+    if settings.data_path is None:
+        raise AgentError("data", "--data is required")
+    data = load_dataset(
+        settings.data_path, label_col=settings.label_col, feature_cols=settings.feature_cols
+    )
+    probe: DeviceProbe = (
+        SimulatedProbe(seed=settings.seed)
+        if probe_kind == "simulated"
+        else LinuxProbe(metered=settings.metered)
+    )
+    agent = EdgeAgent(settings, probe, data)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(agent.stop()))
+    log.info(
+        "agent %s: %d samples, mqtt %s:%d, api %s",
+        settings.device_id,
+        len(data),
+        settings.mqtt_host,
+        settings.mqtt_port,
+        settings.api_url,
+    )
+    async with agent:
+        await agent.run()
+    log.info("agent stopped: %s", json.dumps(agent.stats.as_dict()))
+    return 0
+
+
+async def _predict(settings: AgentSettings, input_path: str, label_col: str, logits: bool) -> int:
+    import httpx
+
+    from edge_agent.data import load_dataset
+    from edge_agent.inference import OnnxModel
+    from edge_agent.models import ModelClient
+    from schemas.modelspec import forward
+
+    if not settings.model_name:
+        raise AgentError("model", "--model is required")
+    p = Path(input_path)
+    if p.suffix == ".npz":
+        with np.load(p, allow_pickle=False) as z:
+            x = np.asarray(z["x"], dtype=np.float32)
+    else:
+        x = load_dataset(p, label_col=label_col).x
+    cache = settings.state_dir / "models" if settings.state_dir is not None else None
+    async with httpx.AsyncClient(timeout=settings.http_timeout_s) as http:
+        mc = ModelClient(
+            http, settings.api_url, cache_dir=cache, public_key_hex=settings.public_key_hex
+        )
+        model = await mc.pull(settings.model_name)
+        try:
+            art = await mc.onnx(settings.model_name, model.manifest.version)
+            out = OnnxModel.load(art.data).run(x)
+            how = f"onnx v{art.version}"
+        except AgentError as exc:
+            log.warning("ONNX unavailable (%s); using the verified weights", exc)
+            out = forward(model.manifest.spec, model.params, x)
+            how = f"weights v{model.manifest.version}"
+    log.info("predicted %d rows with %s", len(x), how)
+    for row in out:
+        print(json.dumps(row.tolist()) if logits else int(np.argmax(row)))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    predict = bool(args) and args[0] == "predict"
+    if args and args[0] in ("predict", "run"):
+        args = args[1:]
+    ns = (build_predict_parser() if predict else build_parser()).parse_args(args)
+    logging.basicConfig(
+        level=getattr(logging, str(ns.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if predict:
+            settings = _settings(ns, device_id=ns.device_id or "predict", inference=True)
+            return asyncio.run(_predict(settings, ns.input, ns.label_col, ns.logits))
+        return asyncio.run(_run(_settings(ns), ns.probe))
+    except AgentError as exc:
+        print(f"fedfleet agent: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""Local datasets: CSV / ``.npz`` loaders, Dirichlet non-IID partitioning, and digits.
+
+A ``Dataset`` is float32 features ``x[n, d]`` and int64 labels ``y[n]``.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.errors import DataError
+
+F32 = npt.NDArray[np.float32]
+Labels = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, slots=True)
+class Dataset:
+    x: F32
+    y: Labels
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 2 or self.y.ndim != 1 or self.x.shape[0] != self.y.shape[0]:
+            raise DataError("shape", f"x {self.x.shape} and y {self.y.shape} do not match")
+        if not np.all(np.isfinite(self.x)):
+            raise DataError("non_finite", "features contain NaN or Inf")
+        if self.y.size and self.y.min() < 0:
+            raise DataError("labels", "labels must be >= 0")
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def subset(self, idx: npt.NDArray[np.integer]) -> Dataset:
+        return Dataset(self.x[idx], self.y[idx])
+
+
+def _labels(raw: npt.ArrayLike) -> Labels:
+    arr = np.asarray(raw)
+    try:
+        as_float = arr.astype(np.float64)
+    except (TypeError, ValueError):
+        raise DataError("labels", "labels must be integers") from None
+    if not np.all(np.isfinite(as_float)) or np.any(as_float != np.round(as_float)):
+        raise DataError("labels", "labels must be integers")
+    return as_float.astype(np.int64)
+
+
+def load_npz(path: str | Path, *, x_key: str = "x", y_key: str = "y") -> Dataset:
+    """Load ``x`` (n x d) and ``y`` (n) arrays from an ``.npz`` file."""
+    try:
+        with np.load(Path(path), allow_pickle=False) as z:
+            if x_key not in z or y_key not in z:
+                raise DataError("keys", f"{path} needs arrays {x_key!r} and {y_key!r}")
+            x = np.asarray(z[x_key], dtype=np.float32)
+            y = _labels(z[y_key])
+    except DataError:
+        raise
+    except (OSError, ValueError, TypeError) as exc:
+        raise DataError("read", f"cannot read {path}: {exc}") from None
+    if x.ndim == 1:
+        x = x.reshape(-1, 1)
+    return Dataset(x, y)
+
+
+def load_csv(
+    path: str | Path,
+    *,
+    label_col: str = "label",
+    feature_cols: tuple[str, ...] | list[str] = (),
+) -> Dataset:
+    """Load a CSV with a header row; features default to every column but ``label_col``."""
+    try:
+        with Path(path).open(newline="") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header is None:
+                raise DataError("empty", f"{path} is empty")
+            header = [h.strip() for h in header]
+            if label_col not in header:
+                raise DataError("columns", f"label column {label_col!r} not in {header}")
+            feats = list(feature_cols) or [h for h in header if h != label_col]
+            missing = [c for c in feats if c not in header]
+            if missing:
+                raise DataError("columns", f"feature columns {missing} not in {header}")
+            fi = [header.index(c) for c in feats]
+            li = header.index(label_col)
+            rows_x: list[list[float]] = []
+            rows_y: list[str] = []
+            for lineno, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                try:
+                    rows_x.append([float(row[i]) for i in fi])
+                    rows_y.append(row[li])
+                except (IndexError, ValueError):
+                    raise DataError("row", f"{path}:{lineno}: bad row") from None
+    except DataError:
+        raise
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError("read", f"cannot read {path}: {exc}") from None
+    x = np.asarray(rows_x, dtype=np.float32).reshape(len(rows_x), len(fi))
+    return Dataset(x, _labels(rows_y))
+
+
+def load_dataset(
+    path: str | Path,
+    *,
+    label_col: str = "label",
+    feature_cols: tuple[str, ...] | list[str] = (),
+) -> Dataset:
+    """Dispatch on the suffix: ``.npz`` (keys x/y, or ``label_col`` for y) or ``.csv``."""
+    p = Path(path)
+    if p.suffix == ".npz":
+        return load_npz(p, y_key="y" if label_col == "label" else label_col)
+    if p.suffix in (".csv", ".txt"):
+        return load_csv(p, label_col=label_col, feature_cols=feature_cols)
+    raise DataError("format", f"unsupported data file {p.name} (use .npz or .csv)")
+
+
+def partition_dirichlet(
+    y: npt.ArrayLike, n_clients: int, alpha: float, seed: int = 0, *, min_size: int = 1
+) -> list[npt.NDArray[np.int64]]:
+    """Split row indices into ``n_clients`` non-IID shards (per-class Dirichlet(alpha)).
+
+    Every row is assigned exactly once. Small ``alpha`` → few classes per client. Clients are
+    guaranteed at least ``min_size`` rows when there are enough rows (retries, then steals
+    from the largest shard).
+    """
+    labels = np.asarray(y)
+    if n_clients < 1 or alpha <= 0:
+        raise ValueError("n_clients must be >= 1 and alpha > 0")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    for _attempt in range(20):
+        parts: list[list[int]] = [[] for _ in range(n_clients)]
+        for c in classes:
+            idx = np.flatnonzero(labels == c)
+            rng.shuffle(idx)
+            props = rng.dirichlet(np.full(n_clients, alpha))
+            cuts = (np.cumsum(props) * len(idx)).astype(int)[:-1]
+            for k, chunk in enumerate(np.split(idx, cuts)):
+                parts[k].extend(chunk.tolist())
+        if min(len(p) for p in parts) >= min_size or len(labels) < n_clients * min_size:
+            break
+    # Guarantee min_size by moving rows from the largest shards.
+    if len(labels) >= n_clients * min_size:
+        for p in parts:
+            while len(p) < min_size:
+                donor = max(parts, key=len)
+                p.append(donor.pop())
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def load_digits_split(test_size: float = 0.25, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """sklearn ``load_digits`` (8x8, 10 classes) scaled to [0, 1], fixed stratified split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = (np.asarray(d.data, dtype=np.float32) / 16.0).astype(np.float32)
+    y = np.asarray(d.target, dtype=np.int64)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=test_size, random_state=seed, stratify=y)
+    return Dataset(xtr, ytr), Dataset(xte, yte)

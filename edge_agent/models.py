@@ -1,0 +1,272 @@
+"""Model pull over the coordinator's REST API, with ETag cache and signature check.
+
+Contract (``docs/wire.md``): ``GET /v1/models/{name}/latest`` → manifest JSON;
+``/versions/{v}/weights`` → float32 LE bytes with ``ETag``, ``X-Fedfleet-Digest: sha256=…``
+and ``X-Fedfleet-Signature``; ``latest.onnx`` likewise (signature over
+``{name}:{version}:onnx:{digest}``); ``/v1/keys/model-signing`` → the Ed25519 public key.
+
+Nothing is used before its sha256 digest and Ed25519 signature verify; a failure is a
+``ModelVerifyError`` (refuse) or ``ModelFetchError`` (retry later).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import msgspec
+import numpy as np
+import numpy.typing as npt
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge_agent.errors import ModelFetchError, ModelVerifyError
+from schemas.errors import SchemaError
+from schemas.messages import ModelManifest
+from schemas.modelspec import num_params
+
+log = logging.getLogger(__name__)
+F32 = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedModel:
+    """A manifest and its verified (read-only) flat parameters."""
+
+    manifest: ModelManifest
+    params: F32
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedOnnx:
+    name: str
+    version: int
+    digest: str
+    data: bytes
+
+
+def weights_message(name: str, version: int, digest: str) -> bytes:
+    return f"{name}:{version}:{digest}".encode("ascii")
+
+
+def onnx_message(name: str, version: int, digest: str) -> bytes:
+    return f"{name}:{version}:onnx:{digest}".encode("ascii")
+
+
+def load_public_key(hex_key: str) -> Ed25519PublicKey:
+    try:
+        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(hex_key))
+    except ValueError as exc:
+        raise ModelVerifyError("public_key", f"bad Ed25519 public key: {exc}") from None
+
+
+def verify_signature(key: Ed25519PublicKey, signature_hex: str, message: bytes) -> None:
+    if not signature_hex:
+        raise ModelVerifyError("unsigned", "model has no signature")
+    try:
+        key.verify(bytes.fromhex(signature_hex), message)
+    except (InvalidSignature, ValueError):
+        raise ModelVerifyError("signature", "Ed25519 signature does not verify") from None
+
+
+def _header_digest(resp: httpx.Response) -> str:
+    raw = resp.headers.get("X-Fedfleet-Digest", "")
+    return raw.split("=", 1)[1].strip().lower() if raw.startswith("sha256=") else ""
+
+
+def decode_manifest(data: bytes) -> ModelManifest:
+    try:
+        return msgspec.json.decode(data, type=ModelManifest)
+    except msgspec.ValidationError as exc:
+        cause = exc.__cause__
+        reason = cause.reason if isinstance(cause, SchemaError) else "type"
+        raise SchemaError(reason, str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise SchemaError("malformed", str(exc)) from None
+
+
+def verify_weights(manifest: ModelManifest, data: bytes, key: Ed25519PublicKey, sig: str) -> F32:
+    """Check size, digest and signature of raw weights; return them as a read-only array."""
+    n = num_params(manifest.spec)
+    if len(data) != 4 * n:
+        raise ModelVerifyError("size", f"{len(data)} bytes, model needs {4 * n}")
+    if manifest.shard_bounds[-1] != n or len(manifest.shard_versions) != (
+        len(manifest.shard_bounds) - 1
+    ):
+        raise ModelVerifyError("shape", "manifest shard layout does not match the model")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != manifest.digest.lower():
+        raise ModelVerifyError("digest", f"sha256 {digest} != manifest {manifest.digest}")
+    verify_signature(key, sig, weights_message(manifest.model_name, manifest.version, digest))
+    params = np.frombuffer(data, dtype="<f4").astype(np.float32)
+    if not np.all(np.isfinite(params)):
+        raise ModelVerifyError("non_finite", "model contains NaN/Inf")
+    params.setflags(write=False)
+    return params
+
+
+class ModelClient:
+    """Pulls and verifies models; caches weights by digest (on disk or in memory)."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        api_url: str,
+        *,
+        cache_dir: Path | None = None,
+        public_key_hex: str = "",
+        max_bytes: int = 256 << 20,
+    ) -> None:
+        self._http = http
+        self._api = api_url.rstrip("/")
+        self._dir = cache_dir
+        self._key = load_public_key(public_key_hex) if public_key_hex else None
+        self._max = max_bytes
+        self._mem: dict[str, bytes] = {}  # digest -> bytes (memory mode; last 2 kept)
+        self._onnx: VerifiedOnnx | None = None
+        self.cache_hits = 0
+        self.downloads = 0
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+
+    async def _get(self, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+        try:
+            resp = await self._http.get(self._api + path, headers=headers)
+        except httpx.HTTPError as exc:
+            raise ModelFetchError("network", f"GET {path}: {exc!r}") from None
+        if resp.status_code == 304:
+            return resp
+        if resp.status_code >= 500 or resp.status_code == 429:
+            raise ModelFetchError("server", f"GET {path}: HTTP {resp.status_code}")
+        if resp.status_code != 200:
+            err = ModelFetchError("http", f"GET {path}: HTTP {resp.status_code}")
+            err.retriable = resp.status_code in (404, 408)  # not published yet / timeout
+            raise err
+        if len(resp.content) > self._max:
+            raise ModelVerifyError("too_large", f"GET {path}: {len(resp.content)} bytes")
+        return resp
+
+    async def public_key(self) -> Ed25519PublicKey:
+        """The pinned key, or the coordinator's key fetched once (trust on first use)."""
+        if self._key is None:
+            resp = await self._get("/v1/keys/model-signing")
+            try:
+                body = resp.json()
+                if body.get("alg") != "ed25519":
+                    raise ModelVerifyError("public_key", f"unsupported alg {body.get('alg')}")
+                self._key = load_public_key(str(body["public_key"]))
+            except (ValueError, KeyError, AttributeError, TypeError):
+                raise ModelVerifyError("public_key", "malformed key response") from None
+            log.warning("using model-signing key fetched from %s (not pinned)", self._api)
+        return self._key
+
+    async def latest_manifest(self, name: str) -> ModelManifest:
+        resp = await self._get(f"/v1/models/{name}/latest")
+        try:
+            manifest = decode_manifest(resp.content)
+        except SchemaError as exc:
+            raise ModelVerifyError("manifest", str(exc)) from None
+        if manifest.model_name != name:
+            raise ModelVerifyError("manifest", f"asked for {name}, got {manifest.model_name}")
+        return manifest
+
+    # ----------------------------------------------------------------- weights cache
+
+    def _cached(self, digest: str) -> bytes | None:
+        if self._dir is None:
+            return self._mem.get(digest)
+        try:
+            return (self._dir / f"{digest}.bin").read_bytes()
+        except OSError:
+            return None
+
+    def _store(self, digest: str, data: bytes) -> None:
+        if self._dir is None:
+            self._mem = {k: v for k, v in list(self._mem.items())[-1:]}
+            self._mem[digest] = data
+            return
+        for old in self._dir.glob("*.bin"):
+            if old.stem != digest:
+                old.unlink(missing_ok=True)  # keep only the newest model on the device
+        _atomic_write(self._dir / f"{digest}.bin", data)
+
+    def _drop(self, digest: str) -> None:
+        self._mem.pop(digest, None)
+        if self._dir is not None:
+            (self._dir / f"{digest}.bin").unlink(missing_ok=True)
+
+    async def weights(self, manifest: ModelManifest) -> F32:
+        key = await self.public_key()
+        digest = manifest.digest.lower()
+        path = f"/v1/models/{manifest.model_name}/versions/{manifest.version}/weights"
+        cached = self._cached(digest)
+        headers = {"If-None-Match": f'"{digest}"'} if cached is not None else None
+        resp = await self._get(path, headers)
+        sig = resp.headers.get("X-Fedfleet-Signature", "") or manifest.signature
+        if resp.status_code == 304 and cached is not None:
+            try:
+                params = verify_weights(manifest, cached, key, sig)
+                self.cache_hits += 1
+                return params
+            except ModelVerifyError:
+                self._drop(digest)  # cache corrupted on disk: download afresh
+                resp = await self._get(path)
+                sig = resp.headers.get("X-Fedfleet-Signature", "") or manifest.signature
+        elif resp.status_code == 304:
+            resp = await self._get(path)
+        hdr = _header_digest(resp)
+        if hdr and hdr != digest:
+            raise ModelVerifyError("digest", f"header digest {hdr} != manifest {digest}")
+        params = verify_weights(manifest, resp.content, key, sig)
+        self.downloads += 1
+        self._store(digest, resp.content)
+        return params
+
+    async def pull(self, name: str) -> VerifiedModel:
+        manifest = await self.latest_manifest(name)
+        return VerifiedModel(manifest, await self.weights(manifest))
+
+    # ----------------------------------------------------------------- ONNX
+
+    async def onnx(self, name: str, version_hint: int) -> VerifiedOnnx:
+        """Latest verified ONNX artifact; the cached one when the server answers 304.
+
+        The signed version comes from ``X-Fedfleet-Version`` when the server sends it, else
+        ``version_hint`` (the manifest version just pulled).
+        """
+        key = await self.public_key()
+        cur = self._onnx if self._onnx is not None and self._onnx.name == name else None
+        headers = {"If-None-Match": f'"{cur.digest}"'} if cur is not None else None
+        resp = await self._get(f"/v1/models/{name}/latest.onnx", headers)
+        if resp.status_code == 304 and cur is not None:
+            return cur
+        if resp.status_code == 304:
+            resp = await self._get(f"/v1/models/{name}/latest.onnx")
+        digest = hashlib.sha256(resp.content).hexdigest()
+        hdr = _header_digest(resp)
+        if hdr != digest:
+            raise ModelVerifyError("digest", f"onnx sha256 {digest} != header {hdr or '-'}")
+        try:
+            version = int(resp.headers.get("X-Fedfleet-Version", version_hint))
+        except ValueError:
+            raise ModelVerifyError("version", "bad X-Fedfleet-Version header") from None
+        sig = resp.headers.get("X-Fedfleet-Signature", "")
+        verify_signature(key, sig, onnx_message(name, version, digest))
+        art = VerifiedOnnx(name, version, digest, resp.content)
+        self._onnx = art
+        if self._dir is not None:
+            _atomic_write(self._dir / f"{name}.onnx", resp.content)
+        return art
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

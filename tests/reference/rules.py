@@ -1,0 +1,193 @@
+"""Reference FedAsync (exact and delta), FedBuff (mean/median/trimmed mean) and FedAvg.
+
+Conventions (same published rules the aggregator documents in docs/aggregator.md):
+* staleness ``d`` = server versions since the device's base version ``tau``;
+* FedAsync: ``t`` is the version being produced, ``alpha_t = alpha * s(t - tau)``;
+* exact FedAsync can only use base slices that were published (``v % keep_every == 0``)
+  and are among the newest ``history_size`` published ones;
+* update ids already accepted are ignored (exactly-once effect).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class RefUpdate:
+    update_id: str
+    base_version: int
+    delta: list[float]
+    num_samples: int = 1
+
+
+@dataclass
+class RefResult:
+    x: np.ndarray
+    version: int
+    applied: list[str] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+def s_constant(d: int, a: float, b: float) -> float:
+    return 1.0
+
+
+def s_polynomial(d: int, a: float, b: float) -> float:
+    return 1.0 / math.pow(d + 1, a)
+
+
+def s_hinge(d: int, a: float, b: float) -> float:
+    if d <= b:
+        return 1.0
+    return 1.0 / (a * (d - b) + 1.0)
+
+
+STALENESS = {"constant": s_constant, "polynomial": s_polynomial, "hinge": s_hinge}
+
+
+def _finite(values: list[float]) -> bool:
+    for v in values:
+        if math.isnan(v) or math.isinf(v):
+            return False
+    return True
+
+
+def _clip(delta: list[float], c: float) -> list[float]:
+    if c <= 0:
+        return list(delta)
+    norm = math.sqrt(sum(v * v for v in delta))
+    if norm <= c:
+        return list(delta)
+    return [v * c / norm for v in delta]
+
+
+def fedasync(
+    x0: list[float],
+    stream: list[RefUpdate],
+    *,
+    alpha: float,
+    staleness: str = "polynomial",
+    a: float = 0.5,
+    b: float = 4.0,
+    keep_every: int = 1,
+    history_size: int = 16,
+    max_staleness: int = 64,
+    clip_norm: float = 0.0,
+    delta_form: bool = False,
+) -> RefResult:
+    s = STALENESS[staleness]
+    n = len(x0)
+    versions: list[list[float]] = [list(map(float, x0))]  # versions[t] = x_t
+    seen: set[str] = set()
+    res = RefResult(np.array(x0, dtype=np.float64), 0)
+    for u in stream:
+        if u.update_id in seen:
+            continue
+        t_prev = len(versions) - 1
+        if not _finite(u.delta):
+            res.rejected[u.update_id] = "non_finite"
+            continue
+        if u.base_version > t_prev:
+            res.rejected[u.update_id] = "future_version"
+            continue
+        d = t_prev - u.base_version
+        if d > max_staleness:
+            res.rejected[u.update_id] = "too_stale"
+            continue
+        delta = _clip(u.delta, clip_norm)
+        t = t_prev + 1
+        a_t = alpha * s(t - u.base_version, a, b)
+        prev = versions[t_prev]
+        new = [0.0] * n
+        if delta_form:
+            for i in range(n):
+                new[i] = prev[i] + a_t * delta[i]
+        else:
+            published = [v for v in range(t_prev + 1) if v % keep_every == 0][-history_size:]
+            if u.base_version != t_prev and u.base_version not in published:
+                res.rejected[u.update_id] = "too_stale"
+                continue
+            base = versions[u.base_version]
+            for i in range(n):
+                x_new = base[i] + delta[i]
+                new[i] = (1.0 - a_t) * prev[i] + a_t * x_new
+        versions.append(new)
+        seen.add(u.update_id)
+        res.applied.append(u.update_id)
+    res.x = np.array(versions[-1], dtype=np.float64)
+    res.version = len(versions) - 1
+    return res
+
+
+def fedbuff(
+    x0: list[float],
+    stream: list[RefUpdate],
+    *,
+    k: int,
+    server_lr: float = 1.0,
+    momentum: float = 0.0,
+    max_staleness: int = 64,
+    clip_norm: float = 0.0,
+    reducer: str = "mean",
+    trim: float = 0.1,
+    fedavg: bool = False,
+) -> RefResult:
+    """FedBuff: sum_i (1+s_i)^-0.5 D_i / K (or robust reduce); FedAvg: sum n_i D_i / sum n_i."""
+    n = len(x0)
+    x = [float(v) for v in x0]
+    version = 0
+    buf: list[list[float]] = []
+    weights: list[float] = []
+    m = [0.0] * n
+    seen: set[str] = set()
+    res = RefResult(np.array(x0, dtype=np.float64), 0)
+    for u in stream:
+        if u.update_id in seen:
+            continue
+        if not _finite(u.delta):
+            res.rejected[u.update_id] = "non_finite"
+            continue
+        if u.base_version > version:
+            res.rejected[u.update_id] = "future_version"
+            continue
+        st = version - u.base_version
+        if st > max_staleness:
+            res.rejected[u.update_id] = "too_stale"
+            continue
+        if fedavg and st != 0:
+            res.rejected[u.update_id] = "wrong_round"
+            continue
+        delta = _clip(u.delta, clip_norm)
+        w = float(u.num_samples) if fedavg else 1.0 / math.sqrt(1.0 + st)
+        buf.append([w * v for v in delta])
+        weights.append(w)
+        seen.add(u.update_id)
+        res.applied.append(u.update_id)
+        if len(buf) < k:
+            continue
+        agg = [0.0] * n
+        for i in range(n):
+            col = sorted(row[i] for row in buf)
+            if fedavg:
+                agg[i] = sum(col) / sum(weights)
+            elif reducer == "mean":
+                agg[i] = sum(col) / len(buf)
+            elif reducer == "median":
+                mid = len(col) // 2
+                agg[i] = col[mid] if len(col) % 2 else (col[mid - 1] + col[mid]) / 2.0
+            else:
+                cut = int(trim * len(col))
+                kept = col[cut : len(col) - cut]
+                agg[i] = sum(kept) / len(kept)
+        for i in range(n):
+            m[i] = momentum * m[i] + agg[i]
+            x[i] = x[i] + server_lr * m[i]
+        version += 1
+        buf, weights = [], []
+    res.x = np.array(x, dtype=np.float64)
+    res.version = version
+    return res

@@ -1,0 +1,130 @@
+"""Helpers for the coordinator tests: a private redis-server and in-memory adapters.
+
+(No tests here; the module name only keeps it inside the coordinator's test files.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from coordinator.api import AppState
+from coordinator.fleet import FleetStore
+from coordinator.jobs import JobStore
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.registry import ModelRegistry
+from coordinator.settings import CoordinatorSettings
+from coordinator.signing import Signer
+from coordinator.tasks import TaskStore
+from schemas.messages import JobSpec
+
+_METRICS: CoordinatorMetrics | None = None
+
+
+def metrics() -> CoordinatorMetrics:
+    from coordinator.metrics import default_metrics
+
+    global _METRICS
+    if _METRICS is None:
+        _METRICS = default_metrics()
+    return _METRICS
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A private redis-server (no persistence) for tests that need only Redis."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server not installed")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(200):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.1):
+                    break
+            except OSError:
+                time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+class FakeProducer:
+    """In-memory stand-in for AIOKafkaProducer: records what would be produced."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.sent: list[tuple[str, bytes, bytes | None, int | None]] = []
+        self.fail = fail
+
+    async def send(
+        self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None
+    ) -> asyncio.Future[None]:
+        if self.fail:
+            raise RuntimeError("broker down")
+        self.sent.append((topic, value, key, partition))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+    async def send_and_wait(
+        self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None
+    ) -> None:
+        await (await self.send(topic, value, key, partition))
+
+
+class Published:
+    def __init__(self) -> None:
+        self.items: list[tuple[str, bytes, int]] = []
+
+    async def __call__(self, topic: str, payload: bytes, qos: int) -> None:
+        self.items.append((topic, payload, qos))
+
+    def on(self, suffix: str) -> list[bytes]:
+        return [p for t, p, _ in self.items if t.endswith(suffix)]
+
+
+async def make_state(redis_url: str, tmp: Path, prefix: str) -> tuple[AppState, list[JobSpec]]:
+    settings = CoordinatorSettings(
+        redis_url=redis_url, redis_prefix=prefix, admin_token="secret",
+        model_store_dir=tmp / "models", signing_key_path=tmp / "key", max_shards=4,
+        telemetry_ttl_s=60.0, lease_s=30.0,
+    )  # fmt: skip
+    r: Any = Redis.from_url(redis_url, decode_responses=True)
+    signer = Signer.load_or_create(settings.signing_key_path)
+    published: list[JobSpec] = []
+
+    async def publish_job(spec: JobSpec) -> None:
+        published.append(spec)
+
+    state = AppState(
+        settings=settings,
+        fleet=FleetStore(r, prefix, settings.telemetry_ttl_s),
+        jobs=JobStore(r, prefix),
+        tasks=TaskStore(r, prefix),
+        registry=ModelRegistry(settings.model_store_dir, signer, retention=5),
+        signer=signer,
+        metrics=metrics(),
+        publish_job=publish_job,
+    )
+    return state, published
