@@ -369,5 +369,5 @@ def fleet_summary(
         "training_now": counts["training"],
         "battery_histogram": {f"{10 * i}-{10 * i + 10}": n for i, n in enumerate(hist)},
         "network_mix": nets,
-        "participation_rate": (contributed / online) if online else 0.0,
+        "participation_rate": (contributed / total) if total else 0.0,
     }

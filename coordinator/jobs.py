@@ -111,6 +111,7 @@ def job_json(job: Job, stats: dict[str, int], current_version: int | None) -> di
     out["stats"] = stats
     out["updates_accepted"] = stats.get("updates_accepted", 0)
     out["updates_applied"] = stats.get("updates_applied", 0)
+    out["updates_rejected"] = stats.get("updates_rejected", 0)
     out["mean_staleness"] = stats.get("mean_staleness_milli", 0) / 1000.0
     out["current_version"] = current_version
     return out

@@ -336,15 +336,18 @@ class Coordinator:
             mapping={
                 f"{sv.shard}:applied": sv.updates_applied,
                 f"{sv.shard}:staleness": sv.mean_staleness,
+                f"{sv.shard}:rejected": sv.updates_rejected,
             },
         )
         h = await self.redis.hgetall(key)
         applied = [int(v) for k, v in h.items() if k.endswith(":applied")]
+        rejected = [int(v) for k, v in h.items() if k.endswith(":rejected")]
         stale = [float(v) for k, v in h.items() if k.endswith(":staleness")]
         await self.redis.hset(
             f"{self.settings.key_prefix}jobstats:{sv.job_id}",
             mapping={
                 "updates_applied": max(applied, default=0),
+                "updates_rejected": max(rejected, default=0),
                 "mean_staleness_milli": int(1000 * sum(stale) / max(len(stale), 1)),
             },
         )

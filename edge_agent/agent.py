@@ -9,7 +9,6 @@ the outbox survive reconnects. See ``docs/edge_agent.md``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -26,18 +25,18 @@ import numpy.typing as npt
 
 from edge_agent.data import Dataset
 from edge_agent.errors import AgentError, NoModelError
-from edge_agent.execution import Aborted, Encoded, backoff_delay, train_and_encode
+from edge_agent.execution import Aborted, Encoded, train_and_encode
 from edge_agent.gate import gate_reason
 from edge_agent.inference import OnnxModel
 from edge_agent.models import ModelClient, VerifiedModel
 from edge_agent.outbox import FileOutbox, MemoryOutbox, Outbox
 from edge_agent.probe import DeviceProbe, ProbeReading
+from edge_agent.session import DeviceSession, cancel_all
 from edge_agent.settings import AgentSettings
 from edge_agent.stats import AgentStats
 from edge_agent.trainers import NumpyTrainer, Trainer
 from schemas.errors import SchemaError
 from schemas.messages import (
-    DeviceStatus,
     Pace,
     Task,
     TaskResponse,
@@ -83,13 +82,19 @@ class EdgeAgent:
         self.outbox = outbox
         self._rng = rng or random.Random(zlib.crc32(settings.device_id.encode()) ^ settings.seed)
         self._models: ModelClient | None = None
-        self._client: aiomqtt.Client | None = None
+        self._mqtt = DeviceSession(
+            settings,
+            self._rng,
+            on_connect=self._on_connect,
+            on_message=self._on_message,
+            loops=[self._telemetry_loop, self._resend_loop],
+            on_error=self._on_session_error,
+        )
         self._session: asyncio.Task[None] | None = None
         self._work: asyncio.Task[None] | None = None
         self._current: Task | None = None
         self._bg: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
-        self._connected = asyncio.Event()
         self._started = False
         self._closed = False
         self._resumed = False
@@ -120,7 +125,9 @@ class EdgeAgent:
             public_key_hex=s.public_key_hex,
             max_bytes=s.max_model_bytes,
         )
-        self._session = asyncio.create_task(self._session_loop(), name=f"agent:{s.device_id}")
+        self._session = asyncio.create_task(
+            self._mqtt.run(self._stopping), name=f"agent:{s.device_id}"
+        )
 
     async def stop(self) -> None:
         """Abort training, publish ``offline``, disconnect, close owned clients (idempotent)."""
@@ -129,15 +136,14 @@ class EdgeAgent:
         self._closed = True
         work, task = self._work, self._current
         if work is not None and not work.done():
-            work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
+            await cancel_all([work])
             if task is not None:
                 self.outbox.remove_task(task.task_id)
                 await self._respond(task, "aborted", "shutdown")
         self._stopping.set()
         if self._session is not None:
             await asyncio.gather(self._session, return_exceptions=True)
-        await _cancel_all(list(self._bg))
+        await cancel_all(list(self._bg))
         if self._owns_http and self._http is not None:
             await self._http.aclose()
 
@@ -160,11 +166,11 @@ class EdgeAgent:
         await self.stop()
 
     async def wait_connected(self, timeout: float | None = None) -> None:
-        await asyncio.wait_for(self._connected.wait(), timeout)
+        await asyncio.wait_for(self._mqtt.connected.wait(), timeout)
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        return self._mqtt.connected.is_set()
 
     @property
     def busy(self) -> bool:
@@ -172,119 +178,26 @@ class EdgeAgent:
 
     # ----------------------------------------------------------------- MQTT session
 
-    def _make_client(self) -> aiomqtt.Client:
-        s = self.settings
-        offline = DeviceStatus(
-            device_id=s.device_id, state="offline", ts=time.time(), reason="lost"
-        )
-        return aiomqtt.Client(
-            s.mqtt_host,
-            s.mqtt_port,
-            username=s.mqtt_username or None,
-            password=s.mqtt_password or None,
-            identifier=f"fedfleet-agent-{s.device_id}",
-            will=aiomqtt.Will(s.topic("status"), encode(offline), qos=1, retain=True),
-            clean_session=False,  # QoS 1 tasks/acks queued while we are away
-            keepalive=s.mqtt_keepalive_s,
-            timeout=10.0,
-        )
-
-    async def _session_loop(self) -> None:
-        s = self.settings
-        attempt = 0
-        while not self._stopping.is_set():
-            try:
-                async with self._make_client() as client:
-                    attempt = 0
-                    await self._on_connect(client)
-                    await self._serve(client)
-            except aiomqtt.MqttError as exc:
-                self.stats.disconnects += 1
-                self._count_error("mqtt")
-                log.info("%s: MQTT session lost: %s", s.device_id, exc)
-            except Exception:  # never let the session die on a bug in a handler
-                self._count_error("internal")
-                log.exception("%s: session error", s.device_id)
-            finally:
-                self._client = None
-                self._connected.clear()
-            if self._stopping.is_set():
-                break
-            delay = backoff_delay(attempt, s.reconnect_min_s, s.reconnect_max_s, self._rng)
-            attempt = min(attempt + 1, 30)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
-
     async def _on_connect(self, client: aiomqtt.Client) -> None:
-        s = self.settings
-        await client.subscribe([(s.topic("task"), 1), (s.topic("ack"), 1), (s.topic("pace"), 0)])
-        online = DeviceStatus(device_id=s.device_id, state="online", ts=time.time())
-        await client.publish(s.topic("status"), encode(online), qos=1, retain=True)
-        self._client = client
         self.stats.connects += 1
-        self._connected.set()
         self._emit("connected", None)
         if not self._resumed:
             self._resumed = True
             await self._resume_tasks()
 
-    async def _serve(self, client: aiomqtt.Client) -> None:
-        loops = [
-            asyncio.create_task(self._read(client)),
-            asyncio.create_task(self._telemetry_loop(client)),
-            asyncio.create_task(self._resend_loop(client)),
-        ]
-        stop = asyncio.create_task(self._stopping.wait())
-        try:
-            done, _ = await asyncio.wait([*loops, stop], return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                if t is not stop and t.exception() is not None:
-                    raise t.exception()  # type: ignore[misc]
-            if stop in done:  # clean shutdown: the will is not sent, say offline ourselves
-                off = DeviceStatus(
-                    device_id=self.settings.device_id,
-                    state="offline",
-                    ts=time.time(),
-                    reason="shutdown",
-                )
-                with contextlib.suppress(aiomqtt.MqttError):
-                    await client.publish(
-                        self.settings.topic("status"), encode(off), qos=1, retain=True
-                    )
-        finally:
-            self._client = None
-            await _cancel_all([*loops, stop])
-
-    async def _read(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            payload = message.payload
-            if not isinstance(payload, bytes | bytearray):
-                self._count_error("malformed")
-                continue
-            leaf = message.topic.value.rsplit("/", 1)[-1]
-            try:
-                if leaf == "task":
-                    await self._on_task(bytes(payload))
-                elif leaf == "ack":
-                    self._on_ack(bytes(payload))
-                elif leaf == "pace":
-                    self._on_pace(bytes(payload))
-            except Exception:
-                self._count_error("internal")
-                log.exception("%s: handler for %s failed", self.settings.device_id, leaf)
+    async def _on_message(self, leaf: str, payload: bytes) -> None:
+        if leaf == "task":
+            await self._on_task(payload)
+        elif leaf == "ack":
+            self._on_ack(payload)
+        elif leaf == "pace":
+            self._on_pace(payload)
 
     async def _publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> bool:
-        client = self._client
-        if client is None:
-            return False
-        try:
-            await client.publish(topic, payload, qos=qos, retain=retain)
-        except aiomqtt.MqttError as exc:
-            self._count_error("publish")
-            log.info("%s: publish to %s failed: %s", self.settings.device_id, topic, exc)
-            return False
-        self.stats.bytes_sent += len(payload)
-        return True
+        if await self._mqtt.publish(topic, payload, qos, retain):
+            self.stats.bytes_sent += len(payload)
+            return True
+        return False
 
     # ----------------------------------------------------------------- telemetry
 
@@ -307,7 +220,7 @@ class EdgeAgent:
 
     async def _telemetry_loop(self, client: aiomqtt.Client) -> None:
         interval = self.settings.telemetry_interval_s
-        while self._client is client:
+        while self._mqtt.client is client:
             if await self._publish(self.settings.topic("telemetry"), encode(self.telemetry()), 0):
                 self.stats.telemetry_sent += 1
             wait = interval * self._rng.uniform(0.9, 1.1)
@@ -386,7 +299,7 @@ class EdgeAgent:
             if task.task_id in self.outbox:
                 self.outbox.remove_task(task_id)  # update already built
                 continue
-            reason = "busy" if self.busy else self._decline_reason(task)
+            reason = self._decline_reason(task)
             if reason is not None:
                 self.outbox.remove_task(task_id)
                 self.stats.tasks_aborted += 1
@@ -461,7 +374,7 @@ class EdgeAgent:
     async def _resend_loop(self, client: aiomqtt.Client) -> None:
         period = self.settings.resend_interval_s
         first = True
-        while self._client is client:
+        while self._mqtt.client is client:
             now = time.monotonic()
             for update_id, data in self.outbox.pending():
                 if first or now - self._last_sent.get(update_id, -1e18) >= period:
@@ -556,6 +469,11 @@ class EdgeAgent:
 
     # ----------------------------------------------------------------- misc
 
+    def _on_session_error(self, reason: str) -> None:
+        if reason == "mqtt":
+            self.stats.disconnects += 1
+        self._count_error(reason)
+
     def _count_error(self, reason: str) -> None:
         self.stats.errors[reason] = self.stats.errors.get(reason, 0) + 1
 
@@ -565,16 +483,3 @@ class EdgeAgent:
                 self.on_event(event, data)
             except Exception:
                 log.exception("on_event hook failed")
-
-
-async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
-    """Cancel and await tasks, re-cancelling: on Python 3.11 ``asyncio.wait_for`` (used by
-    aiomqtt) can swallow a cancellation that races with its inner future completing."""
-    pending = {t for t in tasks if not t.done()}
-    while pending:
-        for t in pending:
-            t.cancel()
-        _, pending = await asyncio.wait(pending, timeout=1.0)
-    for t in tasks:
-        if not t.cancelled():
-            t.exception()  # retrieve, so asyncio does not log "never retrieved"

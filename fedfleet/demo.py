@@ -35,7 +35,7 @@ class DemoSettings:
     aggregators: int = 2
     target_accuracy: float = 0.90
     time_budget_s: float = 240.0
-    concurrency: int = 40
+    concurrency: int = 20
     alpha: float = 0.6
     staleness_a: float = 0.5
     lr: float = 0.5
@@ -46,6 +46,7 @@ class DemoSettings:
     dirichlet_alpha: float = 0.5
     time_scale: float = 60.0
     seed: int = 0
+    stable_versions: int = 3  # consecutive new versions at/above target before stopping
     out_dir: Path = field(default_factory=lambda: Path("runs") / "demo")
     as_json: bool = False
 
@@ -136,10 +137,8 @@ async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
         print(f"[demo] coordinator REST: {services.rest_url}  (try {services.rest_url}/v1/fleet"
               f" and {services.rest_url}/docs)", file=err)  # fmt: skip
         async with httpx.AsyncClient(base_url=services.rest_url, timeout=30.0) as http:
-            r = await http.post(
-                "/v1/jobs", json=job_body(s),
-                headers={"Authorization": f"Bearer {services.admin_token}"},
-            )  # fmt: skip
+            admin = {"Authorization": f"Bearer {services.admin_token}"}
+            r = await http.post("/v1/jobs", json=job_body(s), headers=admin)
             if r.status_code >= 300:
                 raise StackError(f"demo: creating the job failed: {r.status_code} {r.text}")
             job = r.json()
@@ -156,21 +155,30 @@ async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
             await stack.enter_async_context(fleet)
             monitor = ModelMonitor(http, "digits", job_id, test)
             view = ProgressView(s.target_accuracy, s.time_budget_s, quiet=s.as_json)
+            streak = 0
             with view:
                 while True:
                     services.check_alive()
+                    prev = monitor.snap.version
                     snap = await monitor.poll()
                     view.update(snap, fleet.stats())
-                    elapsed = time.monotonic() - t0
-                    if snap.accuracy >= s.target_accuracy or elapsed >= s.time_budget_s:
+                    if snap.version != prev:
+                        streak = streak + 1 if snap.accuracy >= s.target_accuracy else 0
+                    if streak >= s.stable_versions:
                         break
-                    await asyncio.sleep(1.0)
+                    if time.monotonic() - t0 >= s.time_budget_s:
+                        break
+                    await asyncio.sleep(0.5)
+            # Stop selecting, let accepted work land, then freeze the model we report.
+            await http.post(f"/v1/jobs/{job_id}/stop", headers=admin)
+            fleet_view = (await http.get("/v1/fleet")).json()
+            await monitor.drain(quiet_s=3.0, timeout_s=30.0)
             fleet_stats = fleet.stats()
             await fleet.stop()
+            snap = await monitor.drain(quiet_s=2.0, timeout_s=15.0)
             onnx_path = s.out_dir / "digits.onnx"
-            onnx_acc = await monitor.export_onnx(onnx_path)
-            snap = await monitor.poll()
-            fleet_view = (await http.get("/v1/fleet")).json()
+            onnx_version, onnx_acc = await monitor.export_onnx(onnx_path)
+            job_view = (await http.get(f"/v1/jobs/{job_id}")).json()
     wall = time.monotonic() - t0
     summary = {
         "accuracy": round(snap.accuracy, 4),
@@ -178,6 +186,9 @@ async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
         "target_accuracy": s.target_accuracy,
         "target_reached": snap.accuracy >= s.target_accuracy,
         "updates_applied": snap.updates_applied,
+        "updates_accepted": int(job_view.get("updates_accepted", 0)),
+        "updates_rejected": int(job_view.get("updates_rejected", 0)),
+        "onnx_model_version": onnx_version,
         "devices": s.devices,
         "devices_participated": fleet_stats.get("devices_participated", 0),
         "mean_staleness": round(snap.mean_staleness, 3),

@@ -3,6 +3,7 @@ updates applied, staleness, devices by state; and a live progress view."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import sys
 import time
@@ -77,7 +78,20 @@ class ModelMonitor:
         self.history.append(snap)
         return snap
 
-    async def export_onnx(self, path: Path) -> float:
+    async def drain(self, *, quiet_s: float, timeout_s: float) -> Snapshot:
+        """Poll until no new model version appears for ``quiet_s`` (or ``timeout_s``)."""
+        start = last_change = time.monotonic()
+        version = self.snap.version
+        while True:
+            snap = await self.poll()
+            now = time.monotonic()
+            if snap.version != version:
+                version, last_change = snap.version, now
+            if now - last_change >= quiet_s or now - start >= timeout_s:
+                return snap
+            await asyncio.sleep(0.25)
+
+    async def export_onnx(self, path: Path) -> tuple[int, float]:
         """Download the latest ONNX artifact, verify its digest, score it in onnxruntime."""
         import onnxruntime as ort
 
@@ -92,7 +106,8 @@ class ModelMonitor:
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
         logits = sess.run(None, {name: self.test.x.astype(np.float32)})[0]
-        return float((np.asarray(logits).argmax(axis=1) == self.test.y).mean())
+        acc = float((np.asarray(logits).argmax(axis=1) == self.test.y).mean())
+        return int(r.headers.get("X-Fedfleet-Version", -1)), acc
 
 
 class ProgressView:

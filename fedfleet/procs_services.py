@@ -59,6 +59,7 @@ class ServiceSet:
             "--admin-token", self.admin_token,
             "--model-store-dir", str(self.workdir / "models"),
             "--signing-key-path", str(self.workdir / "keys" / "model-signing.ed25519"),
+            "--retention", "500",
             *self.coordinator_args,
         ]  # fmt: skip
         self.coordinator = ManagedProcess(

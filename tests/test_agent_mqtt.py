@@ -354,3 +354,32 @@ async def test_reconnects_after_broker_restart(digits, tmp_path) -> None:  # typ
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_task_accepted_before_a_crash_is_resumed(broker, coord, digits, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from edge_agent.outbox import FileOutbox
+
+    srv, dev = _server(), _uid()
+    now = time.time()
+    accepted = Task(
+        task_id="c1",
+        job_id="job-1",
+        device_id=dev,
+        model_name="digits",
+        upload_token="t",
+        issued_ts=now,
+        deadline_ts=now + 60,
+        codec=CodecConfig(quant="none"),
+    )
+    expired = accepted.__replace__(task_id="c2", issued_ts=now - 100, deadline_ts=now - 50)
+    FileOutbox(tmp_path).put_task("c1", encode(accepted))  # as left by a crash mid-training
+    FileOutbox(tmp_path).put_task("c2", encode(expired))
+    async with make_agent(broker, srv, digits[0], dev, state_dir=tmp_path) as agent:
+        await until(lambda: bool(coord.got("update")) and len(coord.responses()) == 1)
+        assert decode(coord.got("update")[0], Update, max_bytes=1 << 26).update_id == "c1"
+        assert [(r.task_id, r.status, r.reason) for r in coord.responses()] == [
+            ("c2", "aborted", "resume:expired")
+        ]
+        assert agent.stats.tasks_resumed == 1 and agent.outbox.pending_tasks() == []
+        await coord.task(dev, "c1")  # a late redelivery of the same task: not trained again
+        await until(lambda: agent.stats.tasks_duplicate == 1)

@@ -154,6 +154,10 @@ def test_file_outbox_survives_restart(tmp_path: Path) -> None:
     assert not list((tmp_path / "outbox").glob("*.tmp"))
     again.save_residual("job:1", None)
     assert again.load_residual("job:1") is None
+    again.put_task("task:9", b"t")
+    assert FileOutbox(tmp_path).pending_tasks() == [("task:9", b"t")]
+    again.remove_task("task:9")
+    assert FileOutbox(tmp_path).pending_tasks() == []
 
 
 def test_memory_outbox_same_contract() -> None:

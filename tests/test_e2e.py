@@ -45,5 +45,6 @@ async def test_small_fleet_trains_end_to_end(stack: StackInfo, tmp_path: Path) -
     sess = ort.InferenceSession(summary["onnx_path"], providers=["CPUExecutionProvider"])
     logits = sess.run(None, {sess.get_inputs()[0].name: test.x})[0]
     acc = float((np.asarray(logits).argmax(axis=1) == test.y).mean())
-    assert acc == pytest.approx(summary["onnx_accuracy"])
+    assert acc == pytest.approx(summary["onnx_accuracy"], abs=1e-4)
+    assert summary["onnx_model_version"] == summary["model_version"]
     assert acc >= 0.80

@@ -1,0 +1,111 @@
+"""One fleet process: ``python -m loadtest.worker`` runs a slice of the simulated fleet.
+
+Protocol (JSON lines): the first stdin line is the config ``{"spec": {FleetSpec fields},
+"mqtt_host", "mqtt_port", "api_url", "public_key_hex", "report_s"}``; later stdin lines
+are commands ``{"cmd": "abort_network", "share": 1.0}``, ``{"cmd": "churn", "share",
+"window_s", "offline_s"}``, ``{"cmd": "stop"}``. Every ``report_s`` the worker prints one
+report line ``{"t", "connected", "busy", "rss_mb", "stats": {...}}`` to stdout; the last
+line before exit has ``"final": true`` and the acked update ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+import sys
+import time
+from typing import Any
+
+from edge_agent.data import load_digits_split
+from loadtest.fleet import FleetSpec, SimulatedFleet
+
+
+def rss_mb(pid: int | str = "self") -> float:
+    """Resident set size of a process in MB (Linux ``/proc``)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _report(fleet: SimulatedFleet, final: bool = False) -> None:
+    out: dict[str, Any] = {
+        "t": time.time(), "connected": fleet.connected(), "busy": fleet.busy(),
+        "rss_mb": round(rss_mb(), 1), "stats": fleet.stats(),
+        "affected": len(fleet.affected), "churn": fleet.churn_events,
+    }  # fmt: skip
+    if final:
+        out["final"] = True
+        out["acked_ids"] = sorted(fleet.acked)
+    sys.stdout.write(json.dumps(out) + "\n")
+    sys.stdout.flush()
+
+
+async def _commands(fleet: SimulatedFleet, done: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    while not done.is_set():
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line:
+            done.set()
+            return
+        cmd = json.loads(line)
+        name = cmd.get("cmd")
+        if name == "stop":
+            done.set()
+        elif name == "abort_network":
+            fleet.abort_network(float(cmd.get("share", 1.0)))
+        elif name == "churn":
+            asyncio.create_task(
+                fleet.churn(float(cmd["share"]), float(cmd["window_s"]), float(cmd["offline_s"]))
+            )
+
+
+async def amain() -> None:
+    cfg = json.loads(sys.stdin.readline())
+    spec = FleetSpec(**cfg["spec"])
+    train, _ = load_digits_split(seed=spec.seed)
+    fleet = SimulatedFleet(
+        spec, train, mqtt_host=cfg["mqtt_host"], mqtt_port=int(cfg["mqtt_port"]),
+        api_url=cfg["api_url"], public_key_hex=cfg.get("public_key_hex", ""),
+    )  # fmt: skip
+    report_s = float(cfg.get("report_s", 1.0))
+    done = asyncio.Event()
+    cmd_task = asyncio.create_task(_commands(fleet, done))
+    async with fleet:
+        while not done.is_set():
+            _report(fleet)
+            try:
+                await asyncio.wait_for(done.wait(), report_s)
+            except TimeoutError:
+                pass
+        stats_before_stop = fleet
+        _ = stats_before_stop
+    _report(fleet, final=True)
+    cmd_task.cancel()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    _raise_nofile()
+    try:
+        import uvloop
+
+        uvloop.run(amain())
+    except ImportError:  # pragma: no cover
+        asyncio.run(amain())
+
+
+if __name__ == "__main__":
+    main()
