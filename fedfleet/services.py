@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfleet.errors import ConfigError, FedfleetError
-from fedfleet.stack.launcher import _kafka_bootstrap, parse_host_port
+from fedfleet.stack.launcher import _kafka_bootstrap, parse_host_port, preflight
 
 
 def _flag_type(tp: Any) -> Callable[[str], Any] | None:
@@ -69,7 +69,6 @@ def server_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from aggregator.settings import AggregatorSettings
-
     from coordinator.settings import CoordinatorSettings
 
     c = sub.add_parser("coordinator", help="run the fleet coordinator (MQTT, Kafka, REST)")
@@ -118,10 +117,14 @@ def _run_until_signal(body: Callable[[asyncio.Event], Awaitable[None]]) -> int:
 
 def run_coordinator(args: argparse.Namespace) -> int:
     from coordinator.service import Coordinator
-
     from coordinator.settings import CoordinatorSettings
 
     settings = _build(CoordinatorSettings, args)
+    preflight(
+        kafka=settings.kafka_bootstrap,
+        mqtt=(settings.mqtt_host, settings.mqtt_port),
+        redis=settings.redis_url,
+    )
 
     async def body(stop: asyncio.Event) -> None:
         async with Coordinator(settings) as coord:
@@ -136,6 +139,7 @@ def run_aggregator(args: argparse.Namespace) -> int:
     from aggregator.worker import AggregatorWorker
 
     settings = _build(AggregatorSettings, args)
+    preflight(kafka=settings.kafka_bootstrap)
 
     async def body(stop: asyncio.Event) -> None:
         async with AggregatorWorker(settings) as worker:

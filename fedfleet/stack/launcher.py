@@ -276,6 +276,18 @@ def _redis_check(url: str) -> None:
     asyncio.run(redis_ping(url if "://" in url else f"redis://{url}"))
 
 
+def preflight(
+    *, kafka: str | None = None, mqtt: tuple[str, int] | None = None, redis: str | None = None
+) -> None:
+    """One-line ``ServerUnavailable`` errors for servers a service is about to use."""
+    if kafka:
+        _check_external("Kafka", kafka, _kafka_check)
+    if mqtt:
+        _check_external("MQTT", f"mqtt://{mqtt[0]}:{mqtt[1]}", _mqtt_check)
+    if redis:
+        _check_external("Redis", redis, _redis_check)
+
+
 def _check_external(what: str, url: str, check: Callable[[str], None]) -> None:
     try:
         check(url)
@@ -284,5 +296,5 @@ def _check_external(what: str, url: str, check: Callable[[str], None]) -> None:
     except Exception as exc:
         raise ServerUnavailable(
             f"{what}: cannot reach {url} ({type(exc).__name__}: {exc or 'no answer'}); "
-            f"check the address or drop the option to start a local {what} server"
+            f"check that it runs there, or pass its address (see --help)"
         ) from None

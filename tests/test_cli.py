@@ -1,0 +1,63 @@
+"""The `fedfleet` command: one-line errors for unreachable servers; detached stack lifecycle."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedfleet.stack import StackInfo
+from fedfleet.stack.procs import free_port, pid_alive
+
+
+def fedfleet(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedfleet", *args],
+        capture_output=True, text=True, timeout=timeout, env=env, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("service", ["coordinator", "aggregator"])
+def test_unreachable_kafka_is_a_one_line_error(service: str) -> None:
+    port = free_port()
+    res = fedfleet(service, "--kafka", f"127.0.0.1:{port}")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("fedfleet: error: Kafka:") and f"127.0.0.1:{port}" in lines[0]
+
+
+def test_bad_flag_value_is_rejected() -> None:
+    res = fedfleet("demo", "--devices", "many")
+    assert res.returncode == 2 and "invalid int value" in res.stderr
+
+
+@pytest.mark.integration
+def test_detached_stack_up_status_down(tmp_path: Path) -> None:
+    env = dict(os.environ, FEDFLEET_CACHE=str(tmp_path / "cache"))
+    # Reuse the jars already fetched for this session instead of a second download.
+    from fedfleet.stack.kafka import cache_root, kafka_version
+
+    src = cache_root() / f"kafka-{kafka_version()}"
+    if src.exists():
+        (tmp_path / "cache").mkdir()
+        (tmp_path / "cache" / src.name).symlink_to(src)
+    up = fedfleet("stack", "up", "--detach", "--json", env=env, timeout=180)
+    assert up.returncode == 0, up.stderr + up.stdout
+    info = StackInfo.from_json(up.stdout.strip().splitlines()[-1])
+    try:
+        assert info.pids and all(pid_alive(p) for p in info.pids)
+        status = fedfleet("stack", "status", env=env)
+        assert status.returncode == 0, status.stdout
+    finally:
+        down = fedfleet("stack", "down", env=env, timeout=60)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert json.loads(down.stdout.strip().splitlines()[-1])["left"] == []
+    assert not any(pid_alive(p) for p in info.pids)
+    assert fedfleet("stack", "status", env=env).returncode == 1
