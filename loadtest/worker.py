@@ -11,9 +11,12 @@ line before exit has ``"final": true`` and the acked update ids.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import json
 import logging
 import resource
+import signal
 import sys
 import time
 from typing import Any
@@ -90,14 +93,19 @@ async def amain() -> None:
                 await asyncio.wait_for(done.wait(), report_s)
             except TimeoutError:
                 pass
-        stats_before_stop = fleet
-        _ = stats_before_stop
     _report(fleet, final=True)
     cmd_task.cancel()
 
 
+def _die_with_parent() -> None:
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    _die_with_parent()
     _raise_nofile()
     try:
         import uvloop
