@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -91,12 +92,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_loop(coro: Any) -> Any:
+    """Run ``coro``; SIGTERM cancels it so every server and service is stopped on the way out."""
+
+    async def main() -> Any:
+        task = asyncio.ensure_future(coro)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            raise KeyboardInterrupt from None
+
     try:
         import uvloop
-
-        return uvloop.run(coro)
     except ImportError:  # pragma: no cover
-        return asyncio.run(coro)
+        return asyncio.run(main())
+    return uvloop.run(main())
 
 
 def job_body(s: DemoSettings) -> dict[str, Any]:

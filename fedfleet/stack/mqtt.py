@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import sys
 import time
@@ -79,6 +80,9 @@ class Mosquitto:
                     "log_type warning",
                     "log_type notice",
                     "connection_messages false",
+                    # Stay root when started as root: dropping privileges would clear
+                    # PR_SET_PDEATHSIG and let the broker outlive a killed parent.
+                    *(["user root"] if os.geteuid() == 0 else []),
                     "",
                 ]
             )
