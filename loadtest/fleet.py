@@ -106,14 +106,14 @@ class SimulatedFleet:
             seed=s.seed * 100_003 + g,
             start_hour=rng.uniform(0.0, 24.0),  # devices live in different time zones
             charging=rng.random() < s.charging_share,
-            network=network,  # type: ignore[arg-type]
+            network=network,
             compute_speed=rng.lognormvariate(0.0, s.speed_sigma),
             time_scale=s.time_scale,
             base_samples_per_s=s.base_samples_per_s,
             dropout_share=s.dropout_share,
         )
         if not s.diurnal:
-            probe._start_hour = 12.0  # noqa: SLF001 - daytime rates, no night boost
+            probe._start_hour = 12.0
         settings = AgentSettings(
             device_id=f"{s.id_prefix}-{g:06d}",
             mqtt_host=self.mqtt_host,
@@ -212,7 +212,7 @@ class SimulatedFleet:
     def abort_socket(agent: EdgeAgent) -> bool:
         """Cut the agent's TCP connection without an MQTT DISCONNECT (the broker then sends
         its last will), as a phone losing its radio would."""
-        client = agent._mqtt.client  # noqa: SLF001 - simulator reaches into the session
+        client = agent._mqtt.client
         paho = getattr(client, "_client", None) if client is not None else None
         sock = getattr(paho, "_sock", None) if paho is not None else None
         if sock is None:
@@ -271,7 +271,7 @@ class SimulatedFleet:
     async def churn(self, share: float, window_s: float, offline_s: float) -> None:
         """Over ``window_s``, drop ``share`` of the devices, busy ones first (mid-task);
         half vanish (come back fresh after ``offline_s``), half flap."""
-        target = int(round(share * len(self.agents)))
+        target = round(share * len(self.agents))
         if target <= 0:
             return
         ticks = max(1, int(window_s / 0.5))

@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from edge_agent.data import load_digits_split
+from loadtest import mqtt_patch
 from loadtest.fleet import FleetSpec, SimulatedFleet
 
 
@@ -43,8 +44,33 @@ def _raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+class LoopLag:
+    """Event-loop lag of this process (how late a 0.1 s sleep wakes up): when it grows,
+    the simulator, not the servers, is the bottleneck."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(0.1)
+            self.samples.append(loop.time() - t - 0.1)
+            if len(self.samples) > 600:
+                del self.samples[:300]
+
+    def p99(self) -> float:
+        xs = sorted(self.samples[-100:])
+        return round(xs[int(0.99 * (len(xs) - 1))], 4) if xs else 0.0
+
+
+LAG = LoopLag()
+_BG: set[asyncio.Task[None]] = set()
+
+
 def _report(fleet: SimulatedFleet, final: bool = False) -> None:
-    out: dict[str, Any] = {
+    out: dict[str, Any] = {"loop_lag_p99_s": LAG.p99(),
         "t": time.time(), "connected": fleet.connected(), "busy": fleet.busy(),
         "rss_mb": round(rss_mb(), 1), "stats": fleet.stats(),
         "affected": len(fleet.affected), "churn": fleet.churn_events,
@@ -70,9 +96,9 @@ async def _commands(fleet: SimulatedFleet, done: asyncio.Event) -> None:
         elif name == "abort_network":
             fleet.abort_network(float(cmd.get("share", 1.0)))
         elif name == "churn":
-            asyncio.create_task(
+            _BG.add(asyncio.create_task(
                 fleet.churn(float(cmd["share"]), float(cmd["window_s"]), float(cmd["offline_s"]))
-            )
+            ))
 
 
 async def amain() -> None:
@@ -86,6 +112,7 @@ async def amain() -> None:
     report_s = float(cfg.get("report_s", 1.0))
     done = asyncio.Event()
     cmd_task = asyncio.create_task(_commands(fleet, done))
+    lag_task = asyncio.create_task(LAG.run())
     async with fleet:
         while not done.is_set():
             _report(fleet)
@@ -95,6 +122,7 @@ async def amain() -> None:
                 pass
     _report(fleet, final=True)
     cmd_task.cancel()
+    lag_task.cancel()
 
 
 def _die_with_parent() -> None:
@@ -106,6 +134,7 @@ def _die_with_parent() -> None:
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     _die_with_parent()
+    mqtt_patch.apply()
     _raise_nofile()
     try:
         import uvloop
