@@ -13,8 +13,15 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from fedfleet.stack import LocalStack, StackInfo, StackSettings
+
+# Shared, loaded CI machines: correctness only, never per-example time limits.
+settings.register_profile(
+    "fedfleet", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fedfleet"))
 
 
 @pytest.fixture(scope="session")
