@@ -23,6 +23,7 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent.crash import crash_point
 from edge_agent.data import Dataset
 from edge_agent.errors import AgentError, NoModelError
 from edge_agent.execution import Aborted, Encoded, train_and_encode
@@ -34,7 +35,7 @@ from edge_agent.probe import DeviceProbe, ProbeReading
 from edge_agent.session import DeviceSession, cancel_all
 from edge_agent.settings import AgentSettings
 from edge_agent.stats import AgentStats
-from edge_agent.trainers import NumpyTrainer, Trainer
+from edge_agent.trainers import Trainer, make_trainer
 from schemas.errors import SchemaError
 from schemas.messages import (
     Pace,
@@ -70,7 +71,7 @@ class EdgeAgent:
         self.settings = settings
         self.probe = probe
         self.dataset = dataset
-        self.trainer: Trainer = trainer or NumpyTrainer()
+        self.trainer: Trainer = trainer or make_trainer(settings.trainer)
         self.stats = AgentStats()
         self._http = http
         self._owns_http = http is None
@@ -340,8 +341,10 @@ class EdgeAgent:
             return
         update, data = enc.update, encode(enc.update)
         self.outbox.put(update.update_id, data)  # first: an accepted update is never lost
+        crash_point(self.settings, "after_outbox")
         self.outbox.save_residual(task.job_id, enc.residual)
         self.outbox.remove_task(task.task_id)
+        crash_point(self.settings, "before_publish")
         self.stats.tasks_completed += 1
         self._current = None
         self._emit("completed", update.update_id)

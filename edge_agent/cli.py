@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-inference", dest="inference", action="store_const", const=False)
     p.add_argument("--probe", choices=["linux", "simulated"], default="linux")
     p.add_argument("--seed", type=int)
+    p.add_argument("--trainer", choices=["numpy", "torch"], help="torch: fedfleet[torch] extra")
     return p
 
 
@@ -99,7 +100,11 @@ async def _run(settings: AgentSettings, probe_kind: str) -> int:
     probe: DeviceProbe = (
         SimulatedProbe(seed=settings.seed)
         if probe_kind == "simulated"
-        else LinuxProbe(metered=settings.metered)
+        else LinuxProbe(
+            metered=settings.metered,
+            idle_max_load=settings.idle_max_load,
+            idle_input_s=settings.idle_input_s,
+        )
     )
     agent = EdgeAgent(settings, probe, data)
     loop = asyncio.get_running_loop()

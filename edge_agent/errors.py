@@ -8,6 +8,7 @@ Error tree::
         NoModelError                       ``predict`` before any verified model is loaded
         DataError(ValueError)              a local data file cannot be loaded
         SettingsError(ValueError)          bad flag / env / config value
+        TrainerUnavailable                 an optional trainer's extra is not installed
 
 Wire-level problems (malformed tasks, acks, ...) are ``schemas.errors.SchemaError``; the agent
 counts them by ``reason`` and never crashes on them.
@@ -47,3 +48,7 @@ class DataError(AgentError, ValueError):
 
 class SettingsError(AgentError, ValueError):
     """A setting has a bad value."""
+
+
+class TrainerUnavailable(AgentError):
+    """The requested trainer needs an optional dependency that is not installed."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent.crash import crash_point
 from edge_agent.data import Dataset
 from edge_agent.gate import abort_reason
 from edge_agent.models import VerifiedModel
@@ -91,6 +92,7 @@ async def train_and_encode(
         except ValueError as exc:
             raise Aborted(f"data:{exc}"[:120]) from None
         while not _step(run, settings.batches_per_step):
+            crash_point(settings, "during_training")
             await asyncio.sleep(0)
             check(task, start, probe)
         check(task, start, probe)

@@ -9,6 +9,7 @@ real second).
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -58,10 +59,17 @@ class DeviceProbe(Protocol):
 
 
 class LinuxProbe:
-    """Reads ``/sys/class/power_supply`` and the default route's interface type.
+    """Reads ``/sys/class/power_supply``, the default route's interface type and idleness.
 
     ``metered`` cannot be discovered reliably on Linux and comes from configuration.
     Missing files (desktops, containers) read as "mains powered, 100 %".
+
+    ``idle`` is True when the 1-minute load average (``/proc/loadavg``) per usable CPU is at
+    most ``idle_max_load`` and, if ``idle_input_s > 0``, no user typed on a terminal for
+    ``idle_input_s`` seconds: the newest access time of ``/dev/tty[0-9]*`` and
+    ``/dev/pts/[0-9]*``, which the kernel bumps on terminal input (what ``w`` reports as
+    IDLE). A signal that cannot be read (no ``/proc/loadavg``, no terminal devices) does not
+    make the device busy.
     """
 
     def __init__(
@@ -70,13 +78,23 @@ class LinuxProbe:
         metered: bool = False,
         sysfs: Path = Path("/sys"),
         proc: Path = Path("/proc"),
+        dev: Path = Path("/dev"),
         speed: float = 1.0,
+        idle_max_load: float = 0.5,
+        idle_input_s: float = 300.0,
+        cpus: int | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._metered = metered
         self._ps = sysfs / "class" / "power_supply"
         self._net = sysfs / "class" / "net"
         self._proc = proc
+        self._dev = dev
         self._speed = speed
+        self.idle_max_load = idle_max_load
+        self.idle_input_s = idle_input_s
+        self._cpus = max(1, cpus or _usable_cpus())
+        self._clock = clock
 
     @property
     def compute_speed(self) -> float:
@@ -95,8 +113,42 @@ class LinuxProbe:
             charging=charging,
             network=self._network(),
             metered=self._metered,
-            idle=True,
+            idle=self.idle(),
         )
+
+    def idle(self) -> bool:
+        """Low load and (when visible) no recent terminal input; see the class docstring."""
+        load = self.load_per_cpu()
+        if load is not None and load > self.idle_max_load:
+            return False
+        if self.idle_input_s > 0:
+            quiet = self.input_idle_s()
+            if quiet is not None and quiet < self.idle_input_s:
+                return False
+        return True
+
+    def load_per_cpu(self) -> float | None:
+        """1-minute load average divided by the usable CPUs; None if unreadable."""
+        try:
+            return float(self._read(self._proc / "loadavg").split()[0]) / self._cpus
+        except (IndexError, ValueError):
+            return None
+
+    def input_idle_s(self) -> float | None:
+        """Seconds since the last terminal input; None when no terminal device is visible."""
+        newest: float | None = None
+        for pattern in ("tty[0-9]*", "pts/[0-9]*"):
+            try:
+                paths = list(self._dev.glob(pattern))
+            except OSError:
+                continue
+            for path in paths:
+                try:
+                    atime = path.stat().st_atime
+                except OSError:
+                    continue
+                newest = atime if newest is None else max(newest, atime)
+        return None if newest is None else max(0.0, self._clock() - newest)
 
     @staticmethod
     def _read(path: Path) -> str:
@@ -147,6 +199,16 @@ class LinuxProbe:
         if iface.startswith(("wwan", "rmnet", "ppp", "usb")):
             return "cellular"
         return "ethernet"
+
+
+def _usable_cpus() -> int:
+    affinity = getattr(os, "sched_getaffinity", None)
+    if affinity is not None:
+        try:
+            return len(affinity(0))
+        except OSError:
+            pass
+    return os.cpu_count() or 1
 
 
 # --------------------------------------------------------------------------- simulated

@@ -19,6 +19,8 @@ from edge_agent.errors import SettingsError
 
 ENV_PREFIX = "FEDFLEET_AGENT_"
 AGENT_VERSION = "0.1.0"
+# Test-only crash points (``FEDFLEET_AGENT_CRASH_AT``), see ``edge_agent.crash``.
+CRASH_POINTS = ("during_training", "after_outbox", "before_publish")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -52,6 +54,10 @@ class AgentSettings:
     feature_cols: tuple[str, ...] = ()
     data_path: Path | None = None
     seed: int = 0
+    trainer: Literal["numpy", "torch"] = "numpy"  # torch needs the ``fedfleet[torch]`` extra
+    idle_max_load: float = 0.5  # LinuxProbe: idle iff 1-min load average per CPU <= this
+    idle_input_s: float = 300.0  # LinuxProbe: and no user input for this long (0: ignore)
+    crash_at: str = ""  # test only: SIGKILL the process at this point (CRASH_POINTS)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -67,6 +73,12 @@ class AgentSettings:
             raise SettingsError("outbox", f"bad outbox kind {self.outbox!r}")
         if self.outbox == "file" and self.state_dir is None:
             raise SettingsError("outbox", "file outbox needs state_dir")
+        if self.trainer not in ("numpy", "torch"):
+            raise SettingsError("trainer", f"bad trainer {self.trainer!r}")
+        if self.idle_max_load < 0 or self.idle_input_s < 0:
+            raise SettingsError("idle", "idle thresholds must be >= 0")
+        if self.crash_at and self.crash_at not in CRASH_POINTS:
+            raise SettingsError("crash_at", f"unknown crash point {self.crash_at!r}")
 
     @property
     def durable(self) -> bool:
@@ -126,6 +138,8 @@ _FLOAT = {
     "resend_interval_s",
     "http_timeout_s",
     "gate_check_s",
+    "idle_max_load",
+    "idle_input_s",
 }
 _BOOL = {"inference", "metered", "simulate_compute"}
 _PATH = {"state_dir", "data_path"}

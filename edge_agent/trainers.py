@@ -197,22 +197,31 @@ class NumpyRun:
             if i == 0 and self._done_batches:
                 self._order = self._rng.permutation(self._x.shape[0])
             idx = self._order[i * self._bs : (i + 1) * self._bs]
-            loss, grad = loss_and_grad(
-                self._spec,
-                self._w,
-                self._x[idx],
-                self._y[idx],
-                base=self._base,
-                prox_mu=self._cfg.prox_mu,
-            )
+            loss = self._sgd_step(idx, lr)
             if not np.isfinite(loss):  # a non-finite gradient makes the next loss non-finite
                 raise FloatingPointError("training diverged (non-finite loss)")
-            grad *= lr
-            self._w -= grad
             self._loss_sum += loss
             self._samples += len(idx)
             self._done_batches += 1
         return self.done
+
+    def _sgd_step(self, idx: npt.NDArray[np.intp], lr: np.float32) -> float:
+        """One SGD step on rows ``idx`` (updates ``self._w`` in place); returns the loss.
+
+        Subclasses (``edge_agent.torch_trainer``) replace only this: batching, shuffling
+        and seeding stay identical, so trainers agree on the same data and seed.
+        """
+        loss, grad = loss_and_grad(
+            self._spec,
+            self._w,
+            self._x[idx],
+            self._y[idx],
+            base=self._base,
+            prox_mu=self._cfg.prox_mu,
+        )
+        grad *= lr
+        self._w -= grad
+        return loss
 
 
 class NumpyTrainer:
@@ -229,6 +238,17 @@ class NumpyTrainer:
         seed: int = 0,
     ) -> NumpyRun:
         return NumpyRun(spec, base, x, y, cfg, seed)
+
+
+def make_trainer(kind: str = "numpy") -> Trainer:
+    """The built-in trainer named by ``AgentSettings.trainer`` (``torch`` imported lazily)."""
+    if kind == "numpy":
+        return NumpyTrainer()
+    if kind == "torch":
+        from edge_agent.torch_trainer import TorchTrainer
+
+        return TorchTrainer()
+    raise ValueError(f"unknown trainer {kind!r}")
 
 
 def train(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
 from edge_agent.data import load_digits_split
-from edge_agent.trainers import NumpyTrainer, accuracy, loss_and_grad, train
+from edge_agent.errors import TrainerUnavailable
+from edge_agent.trainers import NumpyTrainer, accuracy, loss_and_grad, make_trainer, train
 from schemas.messages import ModelSpecMsg, TrainConfig
 from schemas.modelspec import forward, init_params, num_params
 
@@ -96,3 +99,13 @@ def test_bad_shapes_raise_value_error() -> None:
     x, y = _data(d=4)
     with pytest.raises(ValueError):
         NumpyTrainer().start(spec, init_params(spec), x.astype(np.float32), y, TrainConfig())
+
+
+def test_torch_trainer_without_torch_is_a_typed_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if the extra were not installed
+    with pytest.raises(TrainerUnavailable) as err:
+        make_trainer("torch")
+    assert err.value.reason == "torch_missing"
+    assert isinstance(make_trainer("numpy"), NumpyTrainer)
+    with pytest.raises(ValueError):
+        make_trainer("jax")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -130,12 +133,100 @@ def test_linux_probe_reads_sysfs(tmp_path: Path) -> None:
     (sysfs / "class/net/wlan0/wireless").mkdir(parents=True)
     (proc / "net").mkdir(parents=True)
     (proc / "net/route").write_text("Iface\tDestination\tGateway\nwlan0\t00000000\t0101A8C0\n")
-    r = LinuxProbe(sysfs=sysfs, proc=proc, metered=True).read()
+    r = LinuxProbe(sysfs=sysfs, proc=proc, dev=tmp_path, metered=True).read()
     assert (r.battery, r.charging, r.network, r.metered) == (42.0, False, "wifi", True)
     (ac / "online").write_text("1\n")
     assert LinuxProbe(sysfs=sysfs, proc=proc).read().charging
     empty = LinuxProbe(sysfs=tmp_path / "none", proc=tmp_path / "none").read()
     assert (empty.battery, empty.charging, empty.network) == (100.0, True, "none")
+
+
+def _fake_proc_dev(tmp_path: Path, load1: str) -> tuple[Path, Path]:
+    proc, dev = tmp_path / "proc", tmp_path / "dev"
+    proc.mkdir(exist_ok=True)
+    (dev / "pts").mkdir(parents=True, exist_ok=True)
+    (proc / "loadavg").write_text(f"{load1} 0.50 0.40 1/123 4567\n")
+    return proc, dev
+
+
+@pytest.mark.parametrize(
+    "load1,cpus,idle",
+    [("0.20", 1, True), ("0.60", 1, False), ("0.60", 2, True), ("1.01", 2, False)],
+)
+def test_linux_probe_idle_follows_load_per_cpu(
+    tmp_path: Path, load1: str, cpus: int, idle: bool
+) -> None:
+    proc, dev = _fake_proc_dev(tmp_path, load1)
+    probe = LinuxProbe(sysfs=tmp_path / "sys", proc=proc, dev=dev, cpus=cpus, idle_max_load=0.5)
+    assert probe.load_per_cpu() == pytest.approx(float(load1) / cpus)
+    assert probe.input_idle_s() is None  # no terminal devices: input is not a signal
+    assert probe.read().idle is idle
+
+
+def test_linux_probe_recent_terminal_input_is_not_idle(tmp_path: Path) -> None:
+    proc, dev = _fake_proc_dev(tmp_path, "0.00")
+    for name in ("tty1", "pts/0", "pts/ptmx"):
+        (dev / name).write_text("")
+    now = 1_000_000.0
+    os.utime(dev / "tty1", (now - 3600, now - 3600))
+    os.utime(dev / "pts/0", (now - 30, now - 30))  # someone typed 30 s ago
+    os.utime(dev / "pts/ptmx", (now, now))  # the multiplexer is not a terminal: ignored
+    clock = Clock()
+    clock.t = now
+
+    def probe(input_s: float) -> LinuxProbe:
+        return LinuxProbe(proc=proc, dev=dev, cpus=1, idle_input_s=input_s, clock=clock)
+
+    assert probe(300).input_idle_s() == pytest.approx(30)
+    assert not probe(300).read().idle
+    assert probe(10).read().idle
+    assert probe(0).read().idle  # 0 disables the input signal
+    clock.t = now + 600
+    assert probe(300).read().idle
+
+
+def test_linux_probe_without_loadavg_reads_idle(tmp_path: Path) -> None:
+    probe = LinuxProbe(sysfs=tmp_path, proc=tmp_path, dev=tmp_path, cpus=4)
+    assert probe.load_per_cpu() is None and probe.read().idle
+
+
+def test_idle_thresholds_and_crash_point_come_from_settings() -> None:
+    env = {"FEDFLEET_AGENT_IDLE_MAX_LOAD": "0.8", "FEDFLEET_AGENT_CRASH_AT": "after_outbox"}
+    s = AgentSettings.load({"device_id": "d", "idle_input_s": "0"}, env=env)
+    assert (s.idle_max_load, s.idle_input_s, s.crash_at) == (0.8, 0.0, "after_outbox")
+    with pytest.raises(SettingsError):
+        AgentSettings.load({"device_id": "d", "crash_at": "nowhere"}, env={})
+    with pytest.raises(SettingsError):
+        AgentSettings.load({"device_id": "d", "idle_max_load": "-1"}, env={})
+
+
+def test_trainer_is_chosen_by_flag_and_validated() -> None:
+    from edge_agent.cli import _settings, build_parser
+
+    ns = build_parser().parse_args(["--device-id", "d", "--trainer", "torch"])
+    assert _settings(ns).trainer == "torch"
+    assert AgentSettings(device_id="d").trainer == "numpy"
+    with pytest.raises(SettingsError):
+        AgentSettings.load({"device_id": "d", "trainer": "jax"}, env={})
+
+
+def test_crash_point_kills_the_process_only_at_its_point() -> None:
+    code = (
+        "from edge_agent.crash import crash_point\n"
+        "from edge_agent.settings import AgentSettings\n"
+        "s = AgentSettings(device_id='d', crash_at='after_outbox')\n"
+        "crash_point(AgentSettings(device_id='d'), 'after_outbox')\n"
+        "crash_point(s, 'before_publish')\n"
+        "print('alive', flush=True)\n"
+        "crash_point(s, 'after_outbox')\n"
+        "print('not reached')\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert p.stdout.splitlines() == ["alive", "fedfleet-agent: crash point after_outbox"]
+    assert p.returncode == -9
 
 
 # ----------------------------------------------------------------------------- outbox
