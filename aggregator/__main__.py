@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--topic-prefix")
     p.add_argument("--checkpoint-dir")
     p.add_argument("--publish-every", type=int)
+    p.add_argument("--min-publish-interval-s", type=float)
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--metrics-port", type=int)
     p.add_argument("--log-level", default="INFO")

@@ -36,6 +36,10 @@ class JobShardCheckpoint(msgspec.Struct, frozen=True, kw_only=True):
     staleness_sum: float = 0.0
     last_published: int = -1
     history: list[int] = []  # versions stored as separate immutable blobs
+    # announcement cadence (shard.Cadence); None in checkpoints written before it existed
+    cadence_version: int | None = None  # version of the last regular announcement
+    cadence_ts: float = 0.0  # stream clock at that announcement
+    clock: float = 0.0  # stream clock: max accepted_ts applied so far
 
 
 class PartitionCheckpoint(msgspec.Struct, frozen=True, kw_only=True):

@@ -24,9 +24,13 @@ class AggregatorSettings:
     client_id: str = "fedfleet-aggregator"
     checkpoint_dir: str = "var/aggregator"
     publish_every: int | None = None  # overrides JobSpec.publish_every when set
+    # announce only if >= publish_every versions AND >= this much stream time (records'
+    # accepted_ts) since the last announcement; a quiet, caught-up shard announces its
+    # newest version after this long. 0 = plain publish_every cadence, no idle announcement.
+    min_publish_interval_s: float = 0.2
     max_update_bytes: int = UPDATE_MAX_BYTES  # ShardUpdate record / codec frame bound
     max_message_bytes: int = 32 << 20  # producer request size (ShardVersion of big slices)
-    history_size: int = 16  # published slices kept per job shard (exact FedAsync)
+    history_size: int = 16  # announced slices kept per job shard (exact FedAsync)
     dedupe_window: int = 100_000  # applied update ids remembered per partition
     checkpoint_every: int = 500  # records per partition between checkpoints
     checkpoint_interval_s: float = 5.0  # ... or this long, whichever comes first
@@ -35,6 +39,8 @@ class AggregatorSettings:
     max_poll_records: int = 500
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
+    # defaults for jobs whose StrategyConfig leaves robust / trim_ratio / dp_noise_multiplier
+    # unset (None); a job's own value always wins
     robust: Literal["mean", "median", "trimmed_mean"] = "mean"  # FedBuff reducer
     trim_ratio: float = 0.1
     dp_noise_multiplier: float = 0.0
@@ -45,6 +51,8 @@ class AggregatorSettings:
     def __post_init__(self) -> None:
         if self.publish_every is not None and self.publish_every < 1:
             raise ConfigError("publish_every must be >= 1")
+        if not self.min_publish_interval_s >= 0.0:
+            raise ConfigError("min_publish_interval_s must be >= 0")
         for name in ("history_size", "dedupe_window", "checkpoint_every", "max_poll_records"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")

@@ -4,10 +4,20 @@ No Kafka here. :class:`PartitionState` owns everything one ``fl.updates`` partit
 index ``s``) holds across jobs; the worker feeds it raw records in offset order and acts on
 the returned :class:`Outcome` (metrics, publish). ``checkpoint()``/``restore()`` give the
 exact state to resume from, including the next offset and the applied-id window.
+
+Announcement cadence (:class:`Cadence`): a new version is announced when at least
+``publish_every`` versions and at least ``min_interval_s`` of *stream time* passed since the
+last regular announcement. Stream time is the running maximum of the applied records'
+``accepted_ts``, so the decision is a pure function of the checkpoint and the records: a
+replay after a crash re-derives exactly the same announcements. The idle announcement of
+the latest version (:meth:`PartitionState.announce_latest`, driven by the worker's wall
+clock) is not re-derivable, so it goes to :attr:`PartitionState.held` and may only be
+produced after a checkpoint that records it.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -20,11 +30,13 @@ import zstandard
 from aggregator.checkpoint import JobShardCheckpoint, PartitionCheckpoint
 from aggregator.errors import CheckpointError, UpdateRejected
 from aggregator.strategies import StrategyOptions, StrategyState, Update, build_strategy
-from aggregator.strategies.base import F32, Strategy
+from aggregator.strategies.base import F32, ChunkLike, Strategy
 from schemas import codec
 from schemas.errors import SchemaError
 from schemas.messages import UPDATE_MAX_BYTES, JobSpec, ShardUpdate, ShardVersion, decode
 from schemas.modelspec import init_params
+
+log = logging.getLogger("fedfleet.aggregator")
 
 Status = Literal["applied", "buffered", "rejected", "duplicate"]
 
@@ -47,6 +59,34 @@ def decode_update(raw: bytes, *, max_bytes: int = UPDATE_MAX_BYTES) -> ShardUpda
         return decode(raw, ShardUpdate, max_bytes=max_bytes)
     except SchemaError as exc:
         raise UpdateRejected(exc.reason, exc.detail) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A record decoded ahead of :meth:`PartitionState.handle` (the worker reads the job id
+    first, to catch up on ``fl.jobs``; decoding could also run in another thread).
+
+    ``error`` is the record's decode failure; ``chunk_error`` the payload's, reported at the
+    codec step, after the shard/job/bounds/dedupe checks, exactly as in-line decoding does.
+    """
+
+    msg: ShardUpdate | None
+    chunk: ChunkLike | None = None
+    error: UpdateRejected | None = None
+    chunk_error: UpdateRejected | None = None
+
+
+def predecode(raw: bytes, *, max_bytes: int = UPDATE_MAX_BYTES) -> Decoded:
+    """Decode a ``ShardUpdate`` record and its delta; never raises (pure, thread-safe)."""
+    try:
+        msg = decode_update(raw, max_bytes=max_bytes)
+    except UpdateRejected as exc:
+        return Decoded(None, error=exc)
+    try:
+        chunk = codec.decode(msg.payload, msg.stop - msg.start, max_frame_bytes=max_bytes)
+    except SchemaError as exc:
+        return Decoded(msg, chunk_error=UpdateRejected(exc.reason, exc.detail))
+    return Decoded(msg, chunk)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,31 +121,75 @@ class PendingVersion:
         )
 
 
+@dataclass(slots=True, kw_only=True)
+class Cadence:
+    """When a job shard announces: ``publish_every`` versions AND ``min_interval_s`` of
+    stream time since the last regular announcement (``0`` s = versions only).
+
+    ``clock`` is the running max of applied records' ``accepted_ts``; ``last_version`` /
+    ``last_ts`` are the version and clock of the last *regular* announcement. Idle
+    announcements do not move them, so the regular schedule depends on the records alone.
+    """
+
+    publish_every: int
+    min_interval_s: float = 0.0
+    clock: float = 0.0
+    last_version: int = 0
+    last_ts: float = 0.0
+
+    def tick(self, ts: float) -> None:
+        self.clock = max(self.clock, ts)
+
+    def due(self, version: int) -> bool:
+        return version - self.last_version >= self.publish_every and (
+            self.min_interval_s <= 0.0 or self.clock - self.last_ts >= self.min_interval_s
+        )
+
+    def announced(self, version: int) -> None:
+        self.last_version, self.last_ts = version, self.clock
+
+
 class JobShard:
     """One job's slice on this shard: its strategy, counters and publication cadence."""
 
     def __init__(
-        self, job: JobSpec, shard: int, *, publish_every: int, options: StrategyOptions
+        self,
+        job: JobSpec,
+        shard: int,
+        *,
+        publish_every: int,
+        options: StrategyOptions,
+        min_publish_interval_s: float = 0.0,
     ) -> None:
         self.job = job
         self.shard = shard
         self.start = job.shard_bounds[shard]
         self.stop = job.shard_bounds[shard + 1]
         self.publish_every = publish_every
+        self.cadence = Cadence(publish_every=publish_every, min_interval_s=min_publish_interval_s)
         init = init_params(job.spec, job.init_seed)[self.start : self.stop]
         opts = StrategyOptions(
             history_size=options.history_size,
-            keep_every=publish_every,
+            keep_every=0,  # history = exactly the announced versions (mark_published)
             robust=options.robust,
             trim_ratio=options.trim_ratio,
             dp_noise_multiplier=options.dp_noise_multiplier,
             dp_seed=options.dp_seed,
         )
         self.strategy: Strategy = build_strategy(job.strategy, init, options=opts)
+        need = job.strategy.max_staleness // publish_every + 2
+        if job.strategy.name == "fedasync" and options.history_size < need:
+            log.warning(
+                "job %s: history_size %d < max_staleness // publish_every + 2 = %d: "
+                "devices on older announced versions will be rejected too_stale",
+                job.job_id,
+                options.history_size,
+                need,
+            )
         self.applied = 0
         self.rejected = 0
         self.staleness_sum = 0.0
-        self.last_published = -1
+        self.last_published = -1  # newest announced version (regular or idle)
         self.saved_history: set[int] = set()  # history versions already stored as blobs
 
     @property
@@ -117,7 +201,19 @@ class JobShard:
         return self.strategy.params
 
     def should_publish(self, version: int) -> bool:
-        return version % self.publish_every == 0 and version > self.last_published
+        """Regular cadence: is ``version`` (just produced) due for announcement?"""
+        return version > self.last_published and self.cadence.due(version)
+
+    @property
+    def unannounced(self) -> bool:
+        return self.version > self.last_published
+
+    def mark_published(self, *, regular: bool) -> None:
+        """Announce the current version: keep it as a possible base, move the cadence."""
+        self.last_published = self.version
+        if regular:
+            self.cadence.announced(self.version)
+        self.strategy.mark_published()
 
     def pending_version(self, *, level: int = -1) -> PendingVersion:
         """A snapshot of the current slice, to be compressed into a ``ShardVersion``."""
@@ -174,6 +270,9 @@ class JobShard:
             staleness_sum=self.staleness_sum,
             last_published=self.last_published,
             history=sorted(hist),
+            cadence_version=self.cadence.last_version,
+            cadence_ts=self.cadence.last_ts,
+            clock=self.cadence.clock,
         )
         return ckpt, new, obsolete
 
@@ -186,6 +285,9 @@ class JobShard:
         self.strategy.set_state(StrategyState(ck.version, arr(ck.params), arrays, dict(ck.scalars)))
         self.applied, self.rejected = ck.applied, ck.rejected
         self.staleness_sum, self.last_published = ck.staleness_sum, ck.last_published
+        c = self.cadence
+        c.last_version = ck.last_published if ck.cadence_version is None else ck.cadence_version
+        c.last_ts, c.clock = ck.cadence_ts, ck.clock
         self.saved_history = set(history)
 
 
@@ -208,8 +310,10 @@ class PartitionState:
         dedupe_window: int = 100_000,
         max_update_bytes: int = UPDATE_MAX_BYTES,
         models_zstd_level: int = -1,
+        min_publish_interval_s: float = 0.0,
     ) -> None:
         self.topic = topic
+        self.min_publish_interval_s = min_publish_interval_s
         self.models_zstd_level = models_zstd_level
         self.shard = shard
         self.options = options or StrategyOptions()
@@ -222,6 +326,8 @@ class PartitionState:
         self._applied_ids: OrderedDict[str, None] = OrderedDict()
         self._pending: dict[str, tuple[JobShardCheckpoint, dict[int, bytes]]] = {}
         self.outbox: list[PendingVersion] = []  # versions to announce; the worker drains it
+        # idle announcements: produced only once a checkpoint recording them is written
+        self.held: list[PendingVersion] = []
         self.dirty = False
 
     @property
@@ -237,12 +343,18 @@ class PartitionState:
         if js is not None:
             return js
         every = self.publish_every_override or job.publish_every
-        js = JobShard(job, self.shard, publish_every=every, options=self.options)
+        js = JobShard(
+            job,
+            self.shard,
+            publish_every=every,
+            options=self.options,
+            min_publish_interval_s=self.min_publish_interval_s,
+        )
         pending = self._pending.pop(job.job_id, None)
         if pending is not None:
             js.restore(*pending)
-        elif js.should_publish(0):  # fresh job: announce version 0
-            js.last_published = 0
+        else:  # fresh job: announce version 0 (a deterministic slice, always a base)
+            js.mark_published(regular=True)
             self.outbox.append(js.pending_version(level=self.models_zstd_level))
         self.jobs[job.job_id] = js
         self.dirty = True
@@ -273,22 +385,35 @@ class PartitionState:
             update_id=msg.update_id if msg else "",
         )
 
-    def handle(self, raw: bytes | ShardUpdate, offset: int, lookup: JobLookup) -> Outcome:
-        """Process the record at ``offset`` (records must come in offset order)."""
+    def handle(
+        self, raw: bytes | ShardUpdate | Decoded, offset: int, lookup: JobLookup
+    ) -> Outcome:
+        """Process the record at ``offset`` (records must come in offset order).
+
+        ``raw`` may be the record's bytes, its decoded message, or a :func:`predecode`
+        result (same outcome, decoding already done).
+        """
         self.next_offset = offset + 1
         self.dirty = True
         msg: ShardUpdate | None = None
+        pre: Decoded | None = None
         try:
-            msg = (
-                raw
-                if isinstance(raw, ShardUpdate)
-                else decode_update(raw, max_bytes=self.max_update_bytes)
-            )
-            return self._handle(msg, offset, lookup)
+            if isinstance(raw, Decoded):
+                pre, msg = raw, raw.msg
+                if raw.error is not None:
+                    raise raw.error
+                assert msg is not None
+            elif isinstance(raw, ShardUpdate):
+                msg = raw
+            else:
+                msg = decode_update(raw, max_bytes=self.max_update_bytes)
+            return self._handle(msg, offset, lookup, pre)
         except UpdateRejected as exc:
             return self._reject(offset, exc.reason, msg)
 
-    def _handle(self, msg: ShardUpdate, offset: int, lookup: JobLookup) -> Outcome:
+    def _handle(
+        self, msg: ShardUpdate, offset: int, lookup: JobLookup, pre: Decoded | None = None
+    ) -> Outcome:
         if msg.shard != self.shard:
             raise UpdateRejected("shard_mismatch", f"shard {msg.shard} on partition {self.shard}")
         job = lookup(msg.job_id)
@@ -302,26 +427,61 @@ class PartitionState:
         if self.seen(msg.update_id):
             self.rejected["duplicate"] = self.rejected.get("duplicate", 0) + 1
             return Outcome(offset, "duplicate", "duplicate", msg.job_id, msg.update_id)
-        try:
-            chunk = codec.decode(
-                msg.payload, msg.stop - msg.start, max_frame_bytes=self.max_update_bytes
-            )
-        except SchemaError as exc:
-            raise UpdateRejected(exc.reason, exc.detail) from None
+        chunk: ChunkLike
+        if pre is not None and pre.chunk_error is not None:
+            raise pre.chunk_error
+        if pre is not None and pre.chunk is not None:
+            chunk = pre.chunk
+        else:
+            try:
+                chunk = codec.decode(
+                    msg.payload, msg.stop - msg.start, max_frame_bytes=self.max_update_bytes
+                )
+            except SchemaError as exc:
+                raise UpdateRejected(exc.reason, exc.detail) from None
         js = self.job_shard(job)
         res = js.strategy.apply(Update(chunk, msg.base_version, msg.num_samples, msg.update_id))
         self._remember(msg.update_id)
         js.applied += 1
         js.staleness_sum += res.staleness
+        js.cadence.tick(msg.accepted_ts)
         publish = False
         if res.new_version is not None and js.should_publish(res.new_version):
             publish = True
-            js.last_published = res.new_version
+            js.mark_published(regular=True)
             self.outbox.append(js.pending_version(level=self.models_zstd_level))
         status: Status = "applied" if res.new_version is not None else "buffered"
         return Outcome(
             offset, status, "", msg.job_id, msg.update_id, res.staleness, res.new_version, publish
         )
+
+    @property
+    def unannounced(self) -> bool:
+        """Some job's newest version has not been announced (nor queued for it)."""
+        return any(js.unannounced for js in self.jobs.values())
+
+    def announce_latest(self) -> int:
+        """Announce every job's newest version now (idle flush); returns how many.
+
+        The versions go to :attr:`held`, not :attr:`outbox`: the decision depends on the
+        wall clock, not on the records, so a replay would not re-derive it. The worker
+        writes a checkpoint (which records them as announced and keeps their slices as
+        bases) and only then calls :meth:`release_held`.
+        """
+        n = 0
+        for js in self.jobs.values():
+            if js.unannounced:
+                js.mark_published(regular=False)
+                self.held.append(js.pending_version(level=self.models_zstd_level))
+                n += 1
+        if n:
+            self.dirty = True
+        return n
+
+    def release_held(self) -> None:
+        """A checkpoint covering the held announcements is durable: let them go out."""
+        self.outbox.extend(self.held)
+        self.held.clear()
 
     def checkpoint(self) -> tuple[PartitionCheckpoint, dict[str, bytes], list[str]]:
         """``(checkpoint, blobs to write first, blobs to delete after)``.

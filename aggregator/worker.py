@@ -8,6 +8,12 @@ partition's checkpoint and seeks to the offset stored in it (the beginning if no
 checkpoint, not the committed offset, is the source of truth, so every record's effect is
 applied exactly once. ``fl.models`` events are at-least-once with deterministic content
 (a replay after a crash re-announces the same version with the same slice).
+
+Regular announcements follow the record stream (``PartitionState`` decides them from the
+records' timestamps) and are produced before the batch's checkpoint: a replay re-derives
+them. When a caught-up partition has been quiet for ``min_publish_interval_s`` (and on
+``drain``/``stop``), the newest version is announced anyway; that decision depends on the
+wall clock, so it is checkpointed first and produced after.
 """
 
 from __future__ import annotations
@@ -30,9 +36,9 @@ from aggregator.checkpoint import CheckpointStore, FileCheckpointStore
 from aggregator.errors import CheckpointError, ConfigError, UpdateRejected
 from aggregator.metrics import AggregatorMetrics
 from aggregator.settings import AggregatorSettings
-from aggregator.shard import JobShard, Outcome, PartitionState, decode_update
+from aggregator.shard import Decoded, JobShard, Outcome, PartitionState, predecode
 from schemas.errors import SchemaError
-from schemas.messages import JobSpec, ShardUpdate, ShardVersion, decode, encode
+from schemas.messages import JobSpec, ShardVersion, decode, encode
 
 log = logging.getLogger("fedfleet.aggregator")
 
@@ -69,6 +75,7 @@ class AggregatorWorker:
         self.jobs: dict[str, JobSpec] = {}
         self.partitions: dict[int, PartitionState] = {}
         self._since_ckpt: dict[int, int] = {}
+        self._last_record: dict[int, float] = {}  # partition -> monotonic time of last record
         self._last_ckpt = time.monotonic()
         self._lock = asyncio.Lock()
         self._producer: AIOKafkaProducer | None = None
@@ -178,7 +185,10 @@ class AggregatorWorker:
             async with self._lock:
                 with contextlib.suppress(KafkaError):
                     await self._publish_outboxes()
+                    await self._mark_latest(force=True)
                 offsets = await self._checkpoint(force=True)
+                with contextlib.suppress(KafkaError):
+                    await self._publish_outboxes()  # idle announcements, now checkpointed
             await self._commit(offsets)
         finally:
             await self._close_clients()
@@ -237,10 +247,13 @@ class AggregatorWorker:
             with contextlib.suppress(KafkaError):
                 await self._publish_outboxes()
             offsets = await self._checkpoint(force=True, only=mine)
+            with contextlib.suppress(KafkaError):
+                await self._publish_outboxes()  # held announcements a checkpoint released
             await self._commit(offsets)  # before the partitions move on
             for p in mine:
                 self.partitions.pop(p, None)
                 self._since_ckpt.pop(p, None)
+                self._last_record.pop(p, None)
 
     async def _on_assigned(self, tps: list[TopicPartition]) -> None:
         async with self._lock:
@@ -255,6 +268,7 @@ class AggregatorWorker:
                     dedupe_window=s.dedupe_window,
                     max_update_bytes=s.max_update_bytes,
                     models_zstd_level=s.models_zstd_level,
+                    min_publish_interval_s=s.min_publish_interval_s,
                 )
                 blob = await asyncio.to_thread(self.store.load, part.key)
                 if blob is not None:
@@ -288,6 +302,7 @@ class AggregatorWorker:
                 async with self._lock:
                     offsets = await self._checkpoint(force=burst)
                 await self._commit(offsets)
+            await self.announce_idle()
             if not burst:
                 continue
             if batch or not await self._caught_up():
@@ -296,11 +311,49 @@ class AggregatorWorker:
             now = time.monotonic()
             idle_since = idle_since or now
             if now - idle_since >= idle_s:
+                await self.announce_idle(force=True)  # drain ends with the latest announced
                 return
 
     async def drain(self, idle_s: float = 0.5) -> None:
         """Process until every owned partition is caught up and idle for ``idle_s``."""
         await self.run(burst=True, idle_s=idle_s)
+
+    async def announce_idle(self, *, force: bool = False) -> None:
+        """Announce the newest version of caught-up partitions quiet for
+        ``min_publish_interval_s`` (``force``: quiet or not); checkpoint, produce, commit.
+
+        Disabled when ``min_publish_interval_s`` is 0 (the plain ``publish_every`` cadence).
+        """
+        async with self._lock:
+            marked = await self._mark_latest(force=force)
+            if not marked:
+                return
+            offsets = await self._checkpoint(force=True, only=marked)
+            await self._publish_outboxes()
+        await self._commit(offsets)
+
+    async def _mark_latest(self, *, force: bool) -> list[int]:
+        """Queue idle announcements (held until checkpointed); the partitions concerned."""
+        interval = self.settings.min_publish_interval_s
+        if interval <= 0.0 or self._consumer is None:
+            return []
+        now = time.monotonic()
+        due = [
+            p
+            for p, part in self.partitions.items()
+            if part.unannounced and (force or now - self._last_record.get(p, 0.0) >= interval)
+        ]
+        if not due:
+            return []
+        # only at the end of the log: a replay never re-decides what the original decided
+        tps = [TopicPartition(self.settings.updates_topic, p) for p in due]
+        ends = await self._consumer.end_offsets(tps)
+        return [
+            tp.partition
+            for tp in tps
+            if self.partitions[tp.partition].next_offset >= ends[tp]
+            and self.partitions[tp.partition].announce_latest()
+        ]
 
     async def _caught_up(self) -> bool:
         assert self._consumer is not None
@@ -339,6 +392,7 @@ class AggregatorWorker:
                 if part.outbox:
                     self._start_builds(part)
             self._since_ckpt[tp.partition] = self._since_ckpt.get(tp.partition, 0) + len(records)
+            self._last_record[tp.partition] = time.monotonic()
             hw = self._consumer.highwater(tp) if self._consumer is not None else None
             if hw is not None:
                 self.metrics.lag.labels(partition=str(tp.partition)).set(
@@ -347,14 +401,15 @@ class AggregatorWorker:
         await self._publish_outboxes()
         return await self._checkpoint()
 
-    async def _handle(self, part: PartitionState, raw: bytes, offset: int) -> Outcome:
+    async def _handle(self, part: PartitionState, item: bytes | Decoded, offset: int) -> Outcome:
         t0 = time.perf_counter()
-        item: bytes | ShardUpdate = raw
-        try:
-            item = decode_update(raw, max_bytes=self.settings.max_update_bytes)
-        except UpdateRejected:
-            pass  # handle() counts it
-        if isinstance(item, ShardUpdate) and item.job_id not in self.jobs:
+        if not isinstance(item, Decoded):
+            try:
+                item = predecode(item, max_bytes=self.settings.max_update_bytes)
+            except Exception as exc:  # never crash on one record; handle() counts it
+                log.exception("unexpected decode error on %s@%d", part.key, offset)
+                item = Decoded(None, error=UpdateRejected("internal", str(exc)))
+        if item.msg is not None and item.msg.job_id not in self.jobs:
             await self.catch_up_jobs()
         try:
             out = part.handle(item, offset, self.jobs.get)
@@ -419,6 +474,7 @@ class AggregatorWorker:
                 log.exception("checkpoint of %s failed; offsets not committed", part.key)
                 continue
             part.dirty = False
+            part.release_held()  # idle announcements are durable now
             self._since_ckpt[p] = 0
             self.metrics.checkpoints.inc()
             self.metrics.checkpoint_seconds.observe(time.perf_counter() - t0)
@@ -442,3 +498,4 @@ class AggregatorWorker:
             await self._consumer.commit(offsets)
         except (CommitFailedError, KafkaError) as exc:  # the checkpoint is authoritative
             log.info("offset commit skipped: %s", exc)
+

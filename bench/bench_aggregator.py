@@ -1,11 +1,15 @@
 """Aggregator throughput: Kafka end to end vs the pure in-memory strategy, same updates.
 
-Part 1 (per shard, in-process worker): for each strategy, a stream of top-k int8 zstd
-updates of an ``--params``-parameter slice is produced to a fresh one-partition topic; one
-``AggregatorWorker`` consumes it. Reported: updates/s of the pure strategy on pre-decoded
-chunks, of the pure partition core on raw records (decode + validate + apply + version
-events), and of the worker from Kafka (first to last record, including publishing and
-checkpoints), with the ratio worker / pure strategy.
+Part 1 (per shard, in-process worker): for each announcement interval and strategy, a
+stream of top-k int8 zstd updates of an ``--params``-parameter slice is produced to a fresh
+one-partition topic; one ``AggregatorWorker`` consumes it. Records are stamped
+``accepted_ts`` as if they arrived at ``--arrival-rate`` updates/s (the stream clock the
+time-bounded cadence reads); base versions are announced versions <= 4 behind. Reported:
+updates/s of the pure strategy on pre-decoded chunks (keeping the same announced versions
+as bases), of the pure partition core on raw records (decode + validate + apply + version
+events, serially), and of the worker from Kafka (first to last record, including
+publishing and checkpoints), with the ratio worker / pure strategy, plus the number of
+versions announced.
 
 Part 2 (scaling, separate processes): ``--scale-shards`` partitions, the same records,
 1/2/4 ``python -m aggregator`` processes; wall time from spawn until every partition's
@@ -13,6 +17,7 @@ offset is committed, minus the same measurement for an empty stream (start-up, g
 
     .venv/bin/python bench/bench_aggregator.py --json
     FEDFLEET_BENCH_KAFKA=127.0.0.1:9092 .venv/bin/python bench/bench_aggregator.py --json
+    ... --intervals 0,0.2 --arrival-rate 1000 --updates 1000   # old vs new cadence
 
 Without FEDFLEET_BENCH_KAFKA a local stack is started with ``fedfleet.stack.LocalStack``.
 """
@@ -41,8 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 from aggregator.checkpoint import FileCheckpointStore  # noqa: E402
 from aggregator.settings import AggregatorSettings  # noqa: E402
-from aggregator.shard import PartitionState  # noqa: E402
-from aggregator.strategies import Update, build_strategy  # noqa: E402
+from aggregator.shard import Cadence, PartitionState  # noqa: E402
+from aggregator.strategies import StrategyOptions, Update, build_strategy  # noqa: E402
 from aggregator.worker import AggregatorWorker  # noqa: E402
 from schemas import codec  # noqa: E402
 from schemas.messages import (  # noqa: E402
@@ -63,7 +68,14 @@ def make_job(name: str, n_params: int, shards: int, publish_every: int) -> JobSp
     spec = ModelSpecMsg(
         family="softmax", n_features=max(1, n_params // n_classes - 1), n_classes=n_classes
     )
-    cfg = StrategyConfig(name=name, alpha=0.6, buffer_size=10)  # type: ignore[arg-type]
+    # staleness in versions grows with the announcement interval (a base is up to
+    # arrival_rate x interval versions old), so the bound is lifted for the benchmark
+    cfg = StrategyConfig(
+        name=name,  # type: ignore[arg-type]
+        alpha=0.6,
+        buffer_size=10,
+        max_staleness=1_000_000,
+    )
     return JobSpec(
         job_id=f"bench-{name}-{uuid.uuid4().hex[:6]}",
         model_name="bench",
@@ -75,22 +87,34 @@ def make_job(name: str, n_params: int, shards: int, publish_every: int) -> JobSp
     )
 
 
-def make_updates(job: JobSpec, n: int, topk: float, seed: int = 0) -> list[ShardUpdate]:
-    """Per shard, ``n`` updates with realistic lags (base = a published version <= 4 back)."""
+def make_updates(
+    job: JobSpec, n: int, topk: float, *, rate: float, interval: float, seed: int = 0
+) -> list[ShardUpdate]:
+    """Per shard, ``n`` updates arriving at ``rate``/s with realistic lags (base = an
+    announced version <= 4 back under the cadence the worker will apply)."""
     rng = np.random.default_rng(seed)
     b = job.shard_bounds
     cfg = CodecConfig(topk=topk, quant="int8")
     out: list[ShardUpdate] = []
     buffered = job.strategy.name == "fedbuff"
+    t0 = time.time()
     for s in range(len(b) - 1):
         size = b[s + 1] - b[s]
         frames = [
             codec.encode(rng.normal(size=size).astype(np.float32) * 0.01, cfg) for _ in range(8)
         ]
+        cad = Cadence(publish_every=job.publish_every, min_interval_s=interval)
+        announced = [0]
         for i in range(n):
+            ts = t0 + i / rate
             cur = i // job.strategy.buffer_size if buffered else i
             lag = int(rng.integers(0, 5))
-            base = max(0, cur - lag) // job.publish_every * job.publish_every
+            base = max(v for v in announced if v <= max(0, cur - lag))
+            cad.tick(ts)
+            new = (i + 1) // job.strategy.buffer_size if buffered else i + 1
+            if (not buffered or (i + 1) % job.strategy.buffer_size == 0) and cad.due(new):
+                cad.announced(new)
+                announced.append(new)
             out.append(
                 ShardUpdate(
                     update_id=f"u{s}-{i}",
@@ -103,37 +127,46 @@ def make_updates(job: JobSpec, n: int, topk: float, seed: int = 0) -> list[Shard
                     base_version=base,
                     num_samples=1,
                     payload=frames[i % 8],
-                    accepted_ts=time.time(),
+                    accepted_ts=ts,
                 )
             )
     return out
 
 
-def pure_strategy_rate(job: JobSpec, ups: list[ShardUpdate]) -> float:
+def pure_strategy_rate(job: JobSpec, ups: list[ShardUpdate], interval: float) -> float:
+    """Apply only; exact FedAsync keeps the versions the cadence announces as bases."""
     s0 = [u for u in ups if u.shard == 0]
     chunks = [codec.decode(u.payload, u.stop - u.start) for u in s0]
     init = init_params(job.spec, job.init_seed)[s0[0].start : s0[0].stop]
-    from aggregator.strategies import StrategyOptions
-
-    strat = build_strategy(
-        job.strategy, init, options=StrategyOptions(keep_every=job.publish_every)
-    )
+    strat = build_strategy(job.strategy, init, options=StrategyOptions(keep_every=0))
+    cad = Cadence(publish_every=job.publish_every, min_interval_s=interval)
     t0 = time.perf_counter()
     for u, c in zip(s0, chunks, strict=True):
-        strat.apply(Update(c, u.base_version, u.num_samples, u.update_id))
+        res = strat.apply(Update(c, u.base_version, u.num_samples, u.update_id))
+        cad.tick(u.accepted_ts)
+        if res.new_version is not None and cad.due(res.new_version):
+            cad.announced(res.new_version)
+            strat.mark_published()
     return len(s0) / (time.perf_counter() - t0)
 
 
-def core_rate(job: JobSpec, ups: list[ShardUpdate]) -> float:
+def core_rate(job: JobSpec, ups: list[ShardUpdate], interval: float) -> tuple[float, int]:
     raws = [encode(u) for u in ups if u.shard == 0]
-    st = PartitionState("bench", 0)
+    st = PartitionState("bench", 0, min_publish_interval_s=interval)
+    built = 0
     t0 = time.perf_counter()
     for i, r in enumerate(raws):
         st.handle(r, i, {job.job_id: job}.get)
         for pv in st.outbox:
             pv.build()
+        built += len(st.outbox)
         st.outbox.clear()
-    return len(raws) / (time.perf_counter() - t0)
+    if interval > 0 and st.announce_latest():  # the idle announcement at the end
+        st.release_held()
+        for pv in st.outbox:
+            pv.build()
+        built += len(st.outbox)
+    return len(raws) / (time.perf_counter() - t0), built
 
 
 async def create_topics(bootstrap: str, prefix: str, parts: int) -> None:
@@ -170,12 +203,18 @@ async def produce(bootstrap: str, prefix: str, job: JobSpec, ups: list[ShardUpda
         await p.stop()
 
 
-async def kafka_rate(bootstrap: str, job: JobSpec, ups: list[ShardUpdate]) -> float:
+async def kafka_rate(
+    bootstrap: str, job: JobSpec, ups: list[ShardUpdate], interval: float
+) -> tuple[float, int, float]:
     prefix = f"b{uuid.uuid4().hex[:8]}."
     await create_topics(bootstrap, prefix, 1)
     await produce(bootstrap, prefix, job, ups)
     settings = AggregatorSettings(
-        kafka_bootstrap=bootstrap, topic_prefix=prefix, group_id=f"{prefix}g", poll_timeout_ms=100
+        kafka_bootstrap=bootstrap,
+        topic_prefix=prefix,
+        group_id=f"{prefix}g",
+        poll_timeout_ms=100,
+        min_publish_interval_s=interval,
     )
     ckdir = tempfile.mkdtemp(prefix="bench-agg-")
     worker = AggregatorWorker(settings, store=FileCheckpointStore(ckdir))
@@ -199,7 +238,9 @@ async def kafka_rate(bootstrap: str, job: JobSpec, ups: list[ShardUpdate]) -> fl
         worker._on_assigned = on_assigned  # type: ignore[method-assign]
         await worker.drain(idle_s=0.3)
     shutil.rmtree(ckdir, ignore_errors=True)
-    return len(times) / (times[-1] - t_first[0])
+    published = int(worker.metrics.value("fedfleet_aggregator_versions_published_total"))
+    ckpt_s = worker.metrics.value("fedfleet_aggregator_checkpoint_seconds_sum")
+    return len(times) / (times[-1] - t_first[0]), published, ckpt_s
 
 
 async def committed(bootstrap: str, group: str, topic: str, parts: int) -> list[int]:
@@ -219,7 +260,9 @@ async def wait_committed(bootstrap: str, group: str, topic: str, target: list[in
     raise TimeoutError(f"{group} never committed {target}")
 
 
-async def scaling_run(bootstrap: str, job: JobSpec, ups: list[ShardUpdate], procs: int) -> float:
+async def scaling_run(
+    bootstrap: str, job: JobSpec, ups: list[ShardUpdate], procs: int, interval: float
+) -> float:
     parts = len(job.shard_bounds) - 1
     prefix = f"s{uuid.uuid4().hex[:8]}."
     await create_topics(bootstrap, prefix, parts)
@@ -231,6 +274,7 @@ async def scaling_run(bootstrap: str, job: JobSpec, ups: list[ShardUpdate], proc
             FEDFLEET_AGG_CHECKPOINT_INTERVAL_S="0.5",
             FEDFLEET_AGG_SESSION_TIMEOUT_MS="6000",
             FEDFLEET_AGG_HEARTBEAT_INTERVAL_MS="1000",
+            FEDFLEET_AGG_MIN_PUBLISH_INTERVAL_S=str(interval),
         )
         args = [
             "-m",
@@ -268,32 +312,42 @@ async def main_async(a: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
         "updates": a.updates,
         "topk": a.topk,
         "publish_every": a.publish_every,
+        "arrival_rate": a.arrival_rate,
         "per_shard": {},
         "scaling": {},
     }
-    for name in a.strategies.split(","):
-        job = make_job(name, a.params, 1, a.publish_every)
-        ups = make_updates(job, a.updates, a.topk)
-        pure = pure_strategy_rate(job, ups)
-        core = core_rate(job, ups)
-        kafka = await kafka_rate(bootstrap, job, ups)
-        res["per_shard"][name] = {
-            "pure_strategy_ups": round(pure, 1),
-            "pure_core_ups": round(core, 1),
-            "kafka_worker_ups": round(kafka, 1),
-            "ratio_vs_strategy": round(kafka / pure, 3),
-            "ratio_vs_core": round(kafka / core, 3),
-        }
-        print(name, res["per_shard"][name], file=sys.stderr)
+    intervals = [float(x) for x in a.intervals.split(",")]
+    for interval in intervals:
+        per: dict[str, Any] = {}
+        res["per_shard"][f"min_publish_interval_s={interval:g}"] = per
+        for name in a.strategies.split(","):
+            job = make_job(name, a.params, 1, a.publish_every)
+            ups = make_updates(job, a.updates, a.topk, rate=a.arrival_rate, interval=interval)
+            pure = pure_strategy_rate(job, ups, interval)
+            core, core_pub = core_rate(job, ups, interval)
+            kafka, published, ckpt_s = await kafka_rate(bootstrap, job, ups, interval)
+            per[name] = {
+                "pure_strategy_ups": round(pure, 1),
+                "pure_core_ups": round(core, 1),
+                "kafka_worker_ups": round(kafka, 1),
+                "ratio_vs_strategy": round(kafka / pure, 3),
+                "ratio_vs_core": round(kafka / core, 3),
+                "versions_announced": published,
+                "core_versions_announced": core_pub,
+                "worker_checkpoint_s": round(ckpt_s, 3),  # incl. the final ones after drain
+            }
+            print(interval, name, per[name], file=sys.stderr)
     if a.scale_procs:
         shards = a.scale_shards
+        interval = intervals[-1]
+        res["scaling_min_publish_interval_s"] = interval
         job = make_job(a.scale_strategy, a.params * shards, shards, a.publish_every)
-        ups = make_updates(job, a.scale_updates, a.topk)
+        ups = make_updates(job, a.scale_updates, a.topk, rate=a.arrival_rate, interval=interval)
         empty_job = make_job(a.scale_strategy, a.params * shards, shards, a.publish_every)
-        empty = make_updates(empty_job, 1, a.topk)
+        empty = make_updates(empty_job, 1, a.topk, rate=a.arrival_rate, interval=interval)
         for procs in [int(x) for x in a.scale_procs.split(",")]:
-            base = await scaling_run(bootstrap, empty_job, empty, procs)
-            wall = await scaling_run(bootstrap, job, ups, procs)
+            base = await scaling_run(bootstrap, empty_job, empty, procs, interval)
+            wall = await scaling_run(bootstrap, job, ups, procs, interval)
             work = max(wall - base, 1e-9)
             res["scaling"][str(procs)] = {
                 "wall_s": round(wall, 2),
@@ -307,9 +361,15 @@ async def main_async(a: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--params", type=int, default=1_000_000, help="parameters per shard")
-    p.add_argument("--updates", type=int, default=300, help="updates per shard")
+    p.add_argument("--updates", type=int, default=1000, help="updates per shard")
     p.add_argument("--topk", type=float, default=0.01)
     p.add_argument("--publish-every", type=int, default=5)
+    p.add_argument(
+        "--intervals", default="0,0.2", help="min_publish_interval_s values (0 = old cadence)"
+    )
+    p.add_argument(
+        "--arrival-rate", type=float, default=1000.0, help="updates/s per shard (accepted_ts)"
+    )
     p.add_argument("--strategies", default="fedasync,fedasync_delta,fedbuff")
     p.add_argument("--scale-procs", default="1,2,4")
     p.add_argument("--scale-shards", type=int, default=4)

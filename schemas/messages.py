@@ -241,6 +241,17 @@ class StrategyConfig(msgspec.Struct, frozen=True, kw_only=True):
     server_lr: Annotated[float, msgspec.Meta(gt=0.0, le=100.0)] = 1.0
     server_momentum: Annotated[float, msgspec.Meta(ge=0.0, lt=1.0)] = 0.0
     clip_norm: NonNegFloat = 0.0  # 0 = no clipping
+    # Optional per-job add-ons (minor addition; ``None`` = the aggregator deployment's
+    # default, ``AggregatorSettings.robust`` / ``trim_ratio`` / ``dp_noise_multiplier``).
+    robust: Literal["mean", "median", "trimmed_mean"] | None = None  # FedBuff reducer
+    trim_ratio: Annotated[float, msgspec.Meta(ge=0.0, lt=0.5)] | None = None  # per side
+    dp_noise_multiplier: NonNegFloat | None = None  # > 0: Gaussian DP, clips at clip_norm
+
+    def __post_init__(self) -> None:
+        if self.robust not in (None, "mean") and self.name != "fedbuff":
+            raise SchemaError("range", f"robust={self.robust!r} needs name='fedbuff'")
+        if self.dp_noise_multiplier and self.clip_norm <= 0.0:
+            raise SchemaError("range", "dp_noise_multiplier > 0 needs clip_norm > 0")
 
 
 class JobSpec(Message, frozen=True, kw_only=True, tag="job"):

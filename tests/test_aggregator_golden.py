@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -40,9 +42,13 @@ def run_core(
     *,
     history_size: int = 16,
     robust: Robust = "mean",
+    min_interval: float = 0.0,
 ) -> tuple[PartitionState, list[Outcome]]:
     st = PartitionState(
-        "fl.updates", shard, options=StrategyOptions(history_size=history_size, robust=robust)
+        "fl.updates",
+        shard,
+        options=StrategyOptions(history_size=history_size, robust=robust),
+        min_publish_interval_s=min_interval,
     )
     outcomes = [st.handle(u, i, {job.job_id: job}.get) for i, u in enumerate(updates)]
     return st, outcomes
@@ -81,16 +87,59 @@ def test_fedasync_golden(cfg: StrategyConfig, publish_every: int) -> None:
         assert dups and set(dups) <= set(ref.applied)
 
 
+@pytest.mark.parametrize("interval", [0.2, 0.5])
+@pytest.mark.parametrize("publish_every", [1, 3])
+def test_fedasync_time_cadence_golden(interval: float, publish_every: int) -> None:
+    """Announcements need publish_every versions AND min_interval of stream time; exact
+    FedAsync keeps exactly the announced versions as bases (same as the reference)."""
+    cfg = StrategyConfig(name="fedasync", alpha=0.6, max_staleness=12)
+    job = make_job(cfg, publish_every=publish_every)
+    kw = {"ts_step": 0.07, "min_interval": interval}
+    stream = random_stream(job, 80, seed=9, max_lag=8, dup_every=7, history_size=3, **kw)
+    ups = shard_updates(job, stream, 0, ts_step=0.07)
+    st, outcomes = run_core(job, ups, 0, history_size=3, min_interval=interval)
+    announced: list[int] = []
+    ref = rules.fedasync(
+        init_slice(job, 0),
+        ref_stream(ups),
+        alpha=cfg.alpha,
+        keep_every=publish_every,
+        history_size=3,
+        max_staleness=cfg.max_staleness,
+        min_interval=interval,
+        announced=announced,
+    )
+    assert [pv.version for pv in st.outbox] == announced
+    steps = [b - a for a, b in itertools.pairwise(announced)]
+    assert min(steps) >= publish_every and len(announced) > 4
+    assert [o.update_id for o in outcomes if o.status == "applied"] == ref.applied
+    assert {o.update_id: o.reason for o in outcomes if o.status == "rejected"} == ref.rejected
+    np.testing.assert_allclose(st.jobs[job.job_id].params, ref.x, atol=1e-6, rtol=0)
+    assert len(ref.applied) > 40
+    # staler bases than the history covers are rejected too_stale, as in the reference
+    assert "too_stale" in ref.rejected.values()
+
+
 @pytest.mark.parametrize("robust", ["mean", "median", "trimmed_mean"])
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
-def test_fedbuff_golden(robust: Robust, momentum: float) -> None:
+@pytest.mark.parametrize("source", ["deployment", "job"])
+def test_fedbuff_golden(robust: Robust, momentum: float, source: str) -> None:
+    """The robust reducer from the deployment default or from the job's StrategyConfig."""
+    per_job = source == "job"
     cfg = StrategyConfig(
-        name="fedbuff", buffer_size=4, server_lr=0.8, server_momentum=momentum, max_staleness=3
+        name="fedbuff",
+        buffer_size=4,
+        server_lr=0.8,
+        server_momentum=momentum,
+        max_staleness=3,
+        robust=robust if per_job else None,
+        trim_ratio=0.25 if per_job else None,
     )
     job = make_job(cfg)
     stream = random_stream(job, 50, seed=3, max_lag=5, dup_every=5)
     ups = shard_updates(job, stream, 1)
-    st, outcomes = run_core(job, ups, 1, robust=robust)
+    # per job: the deployment default says something else, the job's value wins
+    st, outcomes = run_core(job, ups, 1, robust="median" if per_job else robust)
     ref = rules.fedbuff(
         init_slice(job, 1),
         ref_stream(ups),
@@ -99,7 +148,7 @@ def test_fedbuff_golden(robust: Robust, momentum: float) -> None:
         momentum=momentum,
         max_staleness=3,
         reducer=robust,
-        trim=0.1,
+        trim=0.25 if per_job else 0.1,
     )
     accepted = [o.update_id for o in outcomes if o.status in ("applied", "buffered")]
     assert accepted == ref.applied

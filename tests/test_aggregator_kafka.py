@@ -134,7 +134,14 @@ def kafka_bootstrap(request: pytest.FixtureRequest) -> Iterator[str]:
         yield request.getfixturevalue("stack").kafka_bootstrap
 
 
-def ref_for(job: JobSpec, ups: list[ShardUpdate], shard: int) -> rules.RefResult:
+def ref_for(
+    job: JobSpec,
+    ups: list[ShardUpdate],
+    shard: int,
+    *,
+    min_interval: float = 0.0,
+    announced: list[int] | None = None,
+) -> rules.RefResult:
     c = job.strategy
     return rules.fedasync(
         init_slice(job, shard),
@@ -146,6 +153,8 @@ def ref_for(job: JobSpec, ups: list[ShardUpdate], shard: int) -> rules.RefResult
         keep_every=job.publish_every,
         history_size=16,
         max_staleness=c.max_staleness,
+        min_interval=min_interval,
+        announced=announced,
     )
 
 
@@ -162,7 +171,8 @@ async def test_golden_stream_equals_reference_and_restart_is_idempotent(
         jobs=[job],
         updates=[u for pair in zip(per_shard[0], per_shard[1], strict=True) for u in pair],
     )
-    settings = settings_for(kafka_bootstrap, unique_prefix, str(tmp_path))
+    # min_publish_interval_s=0: the plain publish_every cadence (every even version)
+    settings = settings_for(kafka_bootstrap, unique_prefix, str(tmp_path), min_publish_interval_s=0)
     async with AggregatorWorker(settings) as w:
         await w.drain()
         refs = {s: ref_for(job, per_shard[s], s) for s in (0, 1)}
@@ -196,6 +206,45 @@ async def test_golden_stream_equals_reference_and_restart_is_idempotent(
             )
             == 0
         )
+
+
+async def test_time_bounded_cadence_and_drain_announce_the_final_version(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    """publish_every AND min_publish_interval_s of stream time gate the announcements; the
+    drain announces the newest version (checkpointed first); a restart re-announces nothing."""
+    job = make_job(StrategyConfig(name="fedasync", alpha=0.6), publish_every=2)
+    kw = {"ts_step": 0.07, "min_interval": 0.3}
+    stream = random_stream(job, 40, seed=12, max_lag=6, dup_every=6, **kw)
+    per_shard = {s: shard_updates(job, stream, s, ts_step=0.07) for s in (0, 1)}
+    await create_topics(kafka_bootstrap, unique_prefix, 2)
+    await produce(kafka_bootstrap, unique_prefix, jobs=[job], updates=per_shard[0] + per_shard[1])
+    settings = settings_for(
+        kafka_bootstrap, unique_prefix, str(tmp_path), min_publish_interval_s=0.3
+    )
+    announced: dict[int, list[int]] = {0: [], 1: []}
+    refs = {
+        s: ref_for(job, per_shard[s], s, min_interval=0.3, announced=announced[s]) for s in (0, 1)
+    }
+    async with AggregatorWorker(settings) as w:
+        await w.drain()
+        for s in (0, 1):
+            js = w.job_shard(job.job_id, s)
+            assert js is not None and js.version == refs[s].version
+            assert js.last_published == js.version  # drain announced the newest version
+            np.testing.assert_allclose(js.params, refs[s].x, atol=1e-6, rtol=0)
+    models = await read_models(kafka_bootstrap, unique_prefix)
+    for s in (0, 1):
+        got = [m.version for m in models if m.shard == s]
+        final = refs[s].version
+        expect = announced[s] + ([final] if final != announced[s][-1] else [])
+        assert got == expect and len(announced[s]) > 3
+        last = max((m for m in models if m.shard == s), key=lambda m: m.version)
+        np.testing.assert_allclose(slice_of(last), refs[s].x, atol=1e-6, rtol=0)
+    async with AggregatorWorker(settings) as w2:
+        await w2.drain()
+        assert w2.metrics.value("fedfleet_aggregator_versions_published_total") == 0
+    assert len(await read_models(kafka_bootstrap, unique_prefix)) == len(models)
 
 
 async def test_replaying_the_same_uploads_applies_them_once(
@@ -345,18 +394,30 @@ async def test_kill9_one_of_two_processes_then_restart_is_exactly_once(
         hidden=16,
         publish_every=1,
     )
-    stream = random_stream(job, 160, seed=21, max_lag=4, dup_every=9)
-    per_shard = {s: shard_updates(job, stream, s) for s in range(shards)}
+    # time-bounded cadence: >= 1 version and >= 2 s of stream time (3 records) between
+    # regular announcements; a quiet partition announces its newest version after 2 s
+    kw = {"ts_step": 0.7, "min_interval": 2.0}
+    stream = random_stream(job, 160, seed=21, max_lag=4, dup_every=9, **kw)
+    per_shard = {s: shard_updates(job, stream, s, ts_step=0.7) for s in range(shards)}
     n = len(per_shard[0])
     half = n // 2
     step = max(1, (n - half) // 4)
-    refs = {s: ref_for(job, per_shard[s], s) for s in range(shards)}
-    ref_half = {s: ref_for(job, per_shard[s][:half], s).version for s in range(shards)}
-    ref_step = {s: ref_for(job, per_shard[s][: half + step], s).version for s in range(shards)}
+
+    def ref(s: int, upto: int = n, announced: list[int] | None = None) -> rules.RefResult:
+        return ref_for(job, per_shard[s][:upto], s, min_interval=2.0, announced=announced)
+
+    refs = {s: ref(s) for s in range(shards)}
+    ref_half = {s: ref(s, half).version for s in range(shards)}
+    regular_step: dict[int, int] = {}
+    for s in range(shards):
+        ann: list[int] = []
+        ref(s, half + step, ann)
+        regular_step[s] = ann[-1]  # announced by the stream itself, no idle announcement
     settings = settings_for(kafka_bootstrap, unique_prefix, str(tmp_path))
     # checkpoints only every 25 records (no timer): a kill loses uncheckpointed work
     env = dict(
         os.environ,
+        FEDFLEET_AGG_MIN_PUBLISH_INTERVAL_S="2.0",
         FEDFLEET_AGG_SESSION_TIMEOUT_MS="6000",
         FEDFLEET_AGG_HEARTBEAT_INTERVAL_MS="1000",
         FEDFLEET_AGG_CHECKPOINT_INTERVAL_S="600",
@@ -394,8 +455,9 @@ async def test_kill9_one_of_two_processes_then_restart_is_exactly_once(
         await _wait_versions(kafka_bootstrap, unique_prefix, ref_half)
         await _wait_members(kafka_bootstrap, settings.group_id, 2)  # A owns 2 of 4 shards
         await produce(kafka_bootstrap, unique_prefix, updates=interleave(half, half + step))
-        await _wait_versions(kafka_bootstrap, unique_prefix, ref_step)
-        a.send_signal(signal.SIGKILL)  # mid-stream, with applied but uncheckpointed records
+        await _wait_versions(kafka_bootstrap, unique_prefix, regular_step)
+        # mid-stream, with applied but uncheckpointed records (before the 2 s idle flush)
+        a.send_signal(signal.SIGKILL)
         a.wait()
         for lo in range(half + step, n, step):
             await produce(kafka_bootstrap, unique_prefix, updates=interleave(lo, min(n, lo + step)))

@@ -83,6 +83,15 @@ def test_settings_from_env() -> None:
     )
     assert (s.kafka_bootstrap, s.publish_every, s.checkpoint_interval_s) == ("h:1", 3, 0.5)
     assert (s.jobs_topic, s.updates_topic, s.models_topic) == ("x.jobs", "x.updates", "x.models")
+    assert s.min_publish_interval_s == 0.2  # default
+    t = AggregatorSettings.from_env({"FEDFLEET_AGG_MIN_PUBLISH_INTERVAL_S": "0"})
+    assert t.min_publish_interval_s == 0.0
+    import pytest
+
+    from aggregator.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        AggregatorSettings(min_publish_interval_s=-1.0)
 
 
 class CheckpointStoreContract:
@@ -118,3 +127,138 @@ class TestFileStore(CheckpointStoreContract):
 class TestMemoryStore(CheckpointStoreContract):
     def make(self, tmp_path: Path) -> ck.CheckpointStore:
         return ck.MemoryCheckpointStore()
+
+
+# ------------------------------------------------ time-bounded cadence and crashes
+
+
+def _save(store: ck.CheckpointStore, st: PartitionState) -> None:
+    ckpt, blobs, obsolete = st.checkpoint()
+    for k, v in blobs.items():
+        store.save(k, v)
+    store.save(st.key, ck.dumps(ckpt))
+    for k in obsolete:
+        store.delete(k)
+
+
+def _load(store: ck.CheckpointStore, key: str, **kw: object) -> PartitionState:
+    st = PartitionState("t", 0, **kw)  # type: ignore[arg-type]
+    blob = store.load(key)
+    assert blob is not None
+    st.restore(ck.loads(blob), store.load)
+    return st
+
+
+def test_replay_after_a_crash_rederives_the_same_announcements() -> None:
+    """Regular announcements depend on the records only: a new owner replaying from the
+    last checkpoint announces the very versions (and slices) the crashed one did."""
+    job = make_job(StrategyConfig(name="fedasync", max_staleness=10), shards=1, publish_every=2)
+    kw = {"ts_step": 0.06, "min_interval": 0.2}
+    ups = shard_updates(job, random_stream(job, 60, seed=4, max_lag=6, **kw), 0, ts_step=0.06)
+    lookup = {job.job_id: job}.get
+    a = PartitionState("t", 0, min_publish_interval_s=0.2)
+    store = ck.MemoryCheckpointStore()
+    for i, u in enumerate(ups[:25]):
+        a.handle(u, i, lookup)
+    _save(store, a)
+    a.outbox.clear()
+    for i, u in enumerate(ups[25:], start=25):  # announced, never checkpointed: then kill -9
+        a.handle(u, i, lookup)
+    b = _load(store, a.key, min_publish_interval_s=0.2)
+    for i, u in enumerate(ups[25:], start=25):
+        b.handle(u, i, lookup)
+    assert [pv.version for pv in b.outbox] == [pv.version for pv in a.outbox]
+    assert len(a.outbox) >= 3
+    assert [pv.raw for pv in b.outbox] == [pv.raw for pv in a.outbox]
+    ja, jb = a.jobs[job.job_id], b.jobs[job.job_id]
+    assert ja.strategy.unwrap().history.versions() == jb.strategy.unwrap().history.versions()  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(ja.params, jb.params)
+    assert a.rejected == b.rejected
+
+
+def test_idle_announcement_is_held_until_a_checkpoint_records_it() -> None:
+    job = make_job(StrategyConfig(name="fedasync", max_staleness=20), shards=1, publish_every=1)
+    kw = {"ts_step": 0.01, "min_interval": 10.0}  # stream time never reaches the interval
+    ups = shard_updates(job, random_stream(job, 12, seed=5, max_lag=0, **kw), 0, ts_step=0.01)
+    lookup = {job.job_id: job}.get
+    a = PartitionState("t", 0, min_publish_interval_s=10.0)
+    for i, u in enumerate(ups[:8]):
+        a.handle(u, i, lookup)
+    js = a.jobs[job.job_id]
+    # version 0 at creation (no stream time yet), so the first version is due at once
+    assert [pv.version for pv in a.outbox] == [0, 1] and js.version == 8 and a.unannounced
+    a.outbox.clear()
+    assert a.announce_latest() == 1 and a.announce_latest() == 0
+    assert a.outbox == [] and [pv.version for pv in a.held] == [8]  # not producible yet
+    store = ck.MemoryCheckpointStore()
+    _save(store, a)
+    a.release_held()  # the worker does this once the checkpoint is written
+    assert [pv.version for pv in a.outbox] == [8] and not a.unannounced
+    # the checkpoint knows version 8 was announced and keeps it as a base
+    b = _load(store, a.key, min_publish_interval_s=10.0)
+    delta = np.full(job.shard_bounds[1], 0.1, np.float32)
+    late = shard_updates(job, [("late", 8, delta, 1)], 0, ts_step=0.01)
+    for st in (a, b):
+        for i, u in enumerate(ups[8:], start=8):
+            st.handle(u, i, lookup)
+        assert st.handle(late[0], 12, lookup).status == "applied"  # base 8, staleness 4
+        assert st.jobs[job.job_id].last_published == 8
+    np.testing.assert_array_equal(a.jobs[job.job_id].params, b.jobs[job.job_id].params)
+    # the idle announcement does not shift the regular (record-driven) schedule
+    c = PartitionState("t", 0, min_publish_interval_s=10.0)
+    for i, u in enumerate(ups):
+        c.handle(u, i, lookup)
+    assert c.jobs[job.job_id].cadence == a.jobs[job.job_id].cadence
+
+
+def test_interval_zero_is_the_plain_publish_every_cadence() -> None:
+    job = make_job(StrategyConfig(name="fedbuff", buffer_size=2), shards=1, publish_every=3)
+    ups = shard_updates(job, random_stream(job, 30, seed=6, max_lag=0), 0)
+    st = PartitionState("t", 0, min_publish_interval_s=0.0)
+    for i, u in enumerate(ups):
+        st.handle(u, i, {job.job_id: job}.get)
+    assert [pv.version for pv in st.outbox] == [0, 3, 6, 9, 12, 15]
+
+
+def test_old_checkpoint_without_cadence_fields_resumes_on_publish_every() -> None:
+    job = make_job(StrategyConfig(name="fedasync_delta"), shards=1, publish_every=2)
+    ups = shard_updates(job, random_stream(job, 9, seed=7, max_lag=0), 0)
+    lookup = {job.job_id: job}.get
+    a = PartitionState("t", 0)
+    for i, u in enumerate(ups[:5]):
+        a.handle(u, i, lookup)
+    ckpt, _, _ = a.checkpoint()
+    import msgspec
+
+    raw = msgspec.msgpack.decode(ck.dumps(ckpt))
+    for j in raw["jobs"]:
+        for k in ("cadence_version", "cadence_ts", "clock"):
+            del j[k]
+    b = PartitionState("t", 0)
+    b.restore(ck.loads(msgspec.msgpack.encode(raw)), lambda _: None)
+    for i, u in enumerate(ups[5:], start=5):
+        b.handle(u, i, lookup)
+    assert [pv.version for pv in b.outbox] == [6, 8]
+
+
+def test_predecoded_records_give_the_same_outcomes_as_raw_ones() -> None:
+    from aggregator.shard import predecode
+    from schemas.messages import encode
+
+    job = make_job(StrategyConfig(name="fedasync", max_staleness=3), shards=2)
+    ups = shard_updates(job, random_stream(job, 12, seed=8, max_lag=5, dup_every=4), 0)
+    fields = {f: getattr(ups[0], f) for f in ups[0].__struct_fields__}
+    bad = [
+        ShardUpdate(**{**fields, "update_id": "b1", "payload": b"FFUC" + b"\0" * 30}),
+        ShardUpdate(**{**fields, "update_id": "b2", "shard": 1}),
+        ShardUpdate(**{**fields, "update_id": "b3", "job_id": "nope", "payload": b"x"}),
+    ]
+    raws = [encode(u) for u in [*ups, *bad]] + [b"junk"]
+    lookup = {job.job_id: job}.get
+    a, b = PartitionState("t", 0), PartitionState("t", 0)
+    outs_a = [a.handle(r, i, lookup) for i, r in enumerate(raws)]
+    outs_b = [b.handle(predecode(r), i, lookup) for i, r in enumerate(raws)]
+    assert outs_a == outs_b
+    assert {o.reason for o in outs_a} >= {"codec", "shard_mismatch", "unknown_job", "duplicate"}
+    np.testing.assert_array_equal(a.jobs[job.job_id].params, b.jobs[job.job_id].params)
+    assert a.rejected == b.rejected

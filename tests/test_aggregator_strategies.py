@@ -186,3 +186,92 @@ def test_factory_dp_needs_clip() -> None:
     with pytest.raises(ConfigError):
         opts = StrategyOptions(dp_noise_multiplier=1)
         build_strategy(StrategyConfig(), np.zeros(2), options=opts)
+
+
+# ------------------------------------------------ history of announced versions
+
+
+def test_history_keeps_only_marked_versions_when_keep_every_is_zero() -> None:
+    h = VersionHistory(keep_every=0, capacity=3)
+    h.record(4, np.zeros(1, np.float32))  # automatic policy off
+    assert h.versions() == []
+    for v in (0, 3, 7):
+        h.keep(v, np.full(1, v, np.float32))
+    h.keep(9, np.ones(1, np.float32))
+    assert h.versions() == [3, 7, 9]  # capacity: oldest evicted
+
+
+def test_history_drops_versions_past_max_age() -> None:
+    h = VersionHistory(keep_every=0, capacity=10, max_age=4)
+    for v in (0, 2, 5, 6):
+        h.keep(v, np.zeros(1, np.float32))
+    assert h.versions() == [2, 5, 6]  # 0 < 6 - 4: no admissible update can use it
+
+
+def test_fedasync_bases_are_the_announced_versions() -> None:
+    s = FedAsync(np.zeros(1), alpha=0.5, history=VersionHistory(keep_every=0))
+    for _ in range(3):
+        s.apply(Update(dense(1), s.version))
+    s.mark_published()  # version 3 announced
+    s.apply(Update(dense(1), 3))
+    s.apply(Update(dense(1), 3))  # base 3 kept
+    with pytest.raises(UpdateRejected) as e:
+        s.apply(Update(dense(1), 2))  # never announced
+    assert e.value.reason == "too_stale"
+    assert s.history.versions() == [0, 3]
+
+
+# ------------------------------------------------ per-job robust rule and DP (StrategyConfig)
+
+
+def _core(s: object) -> object:
+    while isinstance(s, (RejectNonFinite, MaxStaleness, ClipL2, GaussianDP)):
+        s = s.inner
+    return s
+
+
+def test_job_robust_rule_overrides_the_deployment_default() -> None:
+    x = np.zeros(3)
+    deploy = StrategyOptions(robust="median", trim_ratio=0.2)
+    job_tm = StrategyConfig(name="fedbuff", robust="trimmed_mean", trim_ratio=0.3)
+    core = _core(build_strategy(job_tm, x, options=deploy))
+    assert isinstance(core, FedBuffTrimmedMean) and core.trim == 0.3
+    core = _core(build_strategy(StrategyConfig(name="fedbuff", robust="mean"), x, options=deploy))
+    assert type(core) is FedBuff  # an explicit "mean" beats the deployment's median
+    core = _core(build_strategy(StrategyConfig(name="fedbuff"), x, options=deploy))
+    assert isinstance(core, FedBuffMedian)  # unset: the deployment default
+    # unset trim ratio falls back to the deployment's
+    tm = StrategyConfig(name="fedbuff", robust="trimmed_mean")
+    core = _core(build_strategy(tm, x, options=deploy))
+    assert isinstance(core, FedBuffTrimmedMean) and core.trim == 0.2
+    # the deployment's robust default concerns FedBuff jobs only
+    assert type(_core(build_strategy(StrategyConfig(name="fedasync"), x, options=deploy))) is (
+        FedAsync
+    )
+
+
+def test_job_dp_overrides_the_deployment_default() -> None:
+    x = np.zeros(4)
+    job_dp = StrategyConfig(name="fedasync_delta", clip_norm=1.0, dp_noise_multiplier=0.7)
+    s = build_strategy(job_dp, x, options=StrategyOptions(dp_seed=3))
+    dp = s.inner.inner  # RejectNonFinite(MaxStaleness(GaussianDP(core)))
+    assert isinstance(dp, GaussianDP) and dp.noise_multiplier == 0.7 and dp.seed == 3
+    deploy = StrategyOptions(dp_noise_multiplier=2.0)
+    unset = StrategyConfig(name="fedasync_delta", clip_norm=1.0)
+    dp = build_strategy(unset, x, options=deploy).inner.inner
+    assert isinstance(dp, GaussianDP) and dp.noise_multiplier == 2.0
+    opted_out = StrategyConfig(name="fedasync_delta", clip_norm=1.0, dp_noise_multiplier=0.0)
+    assert isinstance(build_strategy(opted_out, x, options=deploy).inner.inner, ClipL2)
+    # same job, same seed, same update id: the same noisy model (replay-safe)
+    a, b = build_strategy(job_dp, x), build_strategy(job_dp, x)
+    for s in (a, b):
+        s.apply(Update(dense(3, 0, 0, 4), 0, update_id="u1"))
+    np.testing.assert_array_equal(a.params, b.params)
+    assert np.count_nonzero(a.params) == 4  # noise on every coordinate
+
+
+def test_effective_values_are_resolved_in_one_place() -> None:
+    from aggregator.strategies.factory import effective
+
+    eff = effective(StrategyConfig(name="fedbuff", trim_ratio=0.25), StrategyOptions())
+    assert (eff.robust, eff.trim_ratio, eff.dp_noise_multiplier) == ("mean", 0.25, 0.0)

@@ -314,3 +314,70 @@ def test_status_literals_are_enforced() -> None:
 def test_schema_error_normalises_unknown_reasons() -> None:
     err = SchemaError("no-such-reason", "x")
     assert err.reason == "malformed" and isinstance(err, ValueError)
+
+
+# ------------------------------------------------ StrategyConfig: per-job robust rule and DP
+
+
+def _job(strategy: m.StrategyConfig) -> m.JobSpec:
+    return m.JobSpec(
+        job_id="j1",
+        model_name="m",
+        spec=SPEC,
+        shard_bounds=[0, 10],
+        strategy=strategy,
+        created_ts=TS,
+    )
+
+
+def test_strategy_robust_and_dp_fields_round_trip() -> None:
+    cfg = m.StrategyConfig(
+        name="fedbuff",
+        robust="trimmed_mean",
+        trim_ratio=0.2,
+        dp_noise_multiplier=1.1,
+        clip_norm=1.0,
+    )
+    job = _job(cfg)
+    assert m.decode(m.encode(job), m.JobSpec).strategy == cfg
+    unset = m.StrategyConfig()
+    assert (unset.robust, unset.trim_ratio, unset.dp_noise_multiplier) == (None, None, None)
+
+
+def test_strategy_without_new_fields_decodes_to_unset() -> None:
+    """Bytes from a 1.0 writer (no robust/DP fields) decode with every new field unset."""
+    data = _raw(_job(m.StrategyConfig(name="fedbuff")))
+    for k in ("robust", "trim_ratio", "dp_noise_multiplier"):
+        del data["strategy"][k]
+    job = m.decode(msgspec.msgpack.encode(data), m.JobSpec)
+    assert job.strategy == m.StrategyConfig(name="fedbuff")
+
+
+def test_old_reader_ignores_the_new_strategy_fields() -> None:
+    class OldStrategyConfig(msgspec.Struct, frozen=True, kw_only=True):
+        name: str = "fedasync"
+        buffer_size: int = 10
+        clip_norm: float = 0.0
+
+    cfg = m.StrategyConfig(name="fedbuff", robust="median", dp_noise_multiplier=0.5, clip_norm=1)
+    old = msgspec.msgpack.decode(msgspec.msgpack.encode(cfg), type=OldStrategyConfig)
+    assert (old.name, old.buffer_size, old.clip_norm) == ("fedbuff", 10, 1.0)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"name": "fedasync", "robust": "median"},  # robust reducers need a FedBuff buffer
+        {"name": "fedbuff", "robust": "mode"},
+        {"name": "fedbuff", "trim_ratio": 0.5},
+        {"name": "fedbuff", "trim_ratio": -0.1},
+        {"dp_noise_multiplier": -1.0, "clip_norm": 1.0},
+        {"dp_noise_multiplier": 1.0},  # DP needs a clip norm
+    ],
+)
+def test_bad_strategy_robust_or_dp_is_rejected(fields: dict[str, Any]) -> None:
+    data = _raw(_job(m.StrategyConfig()))
+    data["strategy"].update(fields)
+    with pytest.raises(SchemaError) as err:
+        m.decode(msgspec.msgpack.encode(data), m.JobSpec)
+    assert err.value.reason in ("range", "type")

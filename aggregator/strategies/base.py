@@ -158,6 +158,11 @@ class Strategy(ABC):
         """Apply a partial buffer now (buffered rules); ``None`` when nothing changed."""
         return None
 
+    def mark_published(self) -> None:
+        """The current version is being announced: devices may now train on it, so rules
+        that need their base slice (exact FedAsync) keep it. No-op by default."""
+        return None
+
     @abstractmethod
     def get_state(self) -> StrategyState:
         """A copy of the complete state."""
@@ -196,6 +201,9 @@ class Wrapper(Strategy):
 
     def flush(self) -> Applied | None:
         return self.inner.flush()
+
+    def mark_published(self) -> None:
+        self.inner.mark_published()
 
     def get_state(self) -> StrategyState:
         return self.inner.get_state()

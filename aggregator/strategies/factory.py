@@ -1,4 +1,9 @@
-"""Build a (wrapped) strategy from a job's ``schemas.messages.StrategyConfig``."""
+"""Build a (wrapped) strategy from a job's ``schemas.messages.StrategyConfig``.
+
+Robust reducer, trim ratio and DP noise are per job (``StrategyConfig.robust`` /
+``trim_ratio`` / ``dp_noise_multiplier``); where a job leaves one unset (``None``), the
+deployment default in :class:`StrategyOptions` (from ``AggregatorSettings``) applies.
+"""
 
 from __future__ import annotations
 
@@ -22,14 +27,45 @@ Robust = Literal["mean", "median", "trimmed_mean"]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StrategyOptions:
-    """Knobs not (yet) carried by ``StrategyConfig``; set per aggregator deployment."""
+    """Per-deployment knobs; ``robust``/``trim_ratio``/``dp_noise_multiplier`` are only the
+    defaults for jobs whose ``StrategyConfig`` leaves them unset."""
 
-    history_size: int = 16  # exact FedAsync: published slices kept for x_tau
-    keep_every: int = 1  # exact FedAsync: keep versions divisible by this (publish cadence)
-    robust: Robust = "mean"  # FedBuff reducer
-    trim_ratio: float = 0.1  # trimmed mean: fraction dropped per side
-    dp_noise_multiplier: float = 0.0  # > 0 enables Gaussian DP (needs clip_norm > 0)
+    history_size: int = 16  # exact FedAsync: announced slices kept for x_tau
+    # exact FedAsync: keep versions divisible by this automatically; 0 = keep only the
+    # versions marked with Strategy.mark_published() (what the shards do)
+    keep_every: int = 1
+    robust: Robust = "mean"  # FedBuff reducer (default for jobs that leave it unset)
+    trim_ratio: float = 0.1  # trimmed mean: fraction dropped per side (default)
+    dp_noise_multiplier: float = 0.0  # > 0 enables Gaussian DP (default; needs clip_norm > 0)
     dp_seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Effective:
+    """The add-on values a job actually gets: its own, else the deployment default."""
+
+    robust: Robust
+    trim_ratio: float
+    dp_noise_multiplier: float
+
+
+def effective(cfg: StrategyConfig, options: StrategyOptions | None = None) -> Effective:
+    """Resolve the job's optional robust/DP fields against the deployment defaults.
+
+    The deployment's ``robust`` default only concerns FedBuff jobs (other rules have no
+    buffer to reduce); a non-mean ``robust`` on another rule is refused by the schema.
+    """
+    opt = options or StrategyOptions()
+    robust: Robust = cfg.robust if cfg.robust is not None else opt.robust
+    return Effective(
+        robust=robust if cfg.name == "fedbuff" else "mean",
+        trim_ratio=cfg.trim_ratio if cfg.trim_ratio is not None else opt.trim_ratio,
+        dp_noise_multiplier=(
+            cfg.dp_noise_multiplier
+            if cfg.dp_noise_multiplier is not None
+            else opt.dp_noise_multiplier
+        ),
+    )
 
 
 def build_strategy(
@@ -42,11 +78,14 @@ def build_strategy(
     """Core rule named by ``cfg.name`` wrapped as
     ``RejectNonFinite(MaxStaleness(ClipL2 | GaussianDP (core)))``."""
     opt = options or StrategyOptions()
+    eff = effective(cfg, opt)
     core: Strategy
     if cfg.name in ("fedasync", "fedasync_delta"):
         fn = make_staleness(cfg.staleness, cfg.staleness_a, cfg.staleness_b)
         cls = FedAsync if cfg.name == "fedasync" else FedAsyncDelta
-        hist = VersionHistory(keep_every=opt.keep_every, capacity=opt.history_size)
+        hist = VersionHistory(
+            keep_every=opt.keep_every, capacity=opt.history_size, max_age=cfg.max_staleness
+        )
         core = cls(params, alpha=cfg.alpha, staleness_fn=fn, version=version, history=hist)
     elif cfg.name == "fedbuff":
         kw: dict[str, Any] = {
@@ -55,10 +94,10 @@ def build_strategy(
             "server_momentum": cfg.server_momentum,
             "version": version,
         }
-        if opt.robust == "median":
+        if eff.robust == "median":
             core = FedBuffMedian(params, **kw)
-        elif opt.robust == "trimmed_mean":
-            core = FedBuffTrimmedMean(params, trim=opt.trim_ratio, **kw)
+        elif eff.robust == "trimmed_mean":
+            core = FedBuffTrimmedMean(params, trim=eff.trim_ratio, **kw)
         else:
             core = FedBuff(params, **kw)
     elif cfg.name == "fedavg":
@@ -72,13 +111,13 @@ def build_strategy(
     else:  # pragma: no cover - guarded by the schema Literal
         raise ConfigError(f"unknown strategy {cfg.name!r}")
     s: Strategy = core
-    if opt.dp_noise_multiplier > 0.0:
+    if eff.dp_noise_multiplier > 0.0:
         if cfg.clip_norm <= 0.0:
             raise ConfigError("differential privacy needs clip_norm > 0")
         s = GaussianDP(
             s,
             clip_norm=cfg.clip_norm,
-            noise_multiplier=opt.dp_noise_multiplier,
+            noise_multiplier=eff.dp_noise_multiplier,
             seed=opt.dp_seed,
         )
     elif cfg.clip_norm > 0.0:

@@ -4,7 +4,8 @@ Exact: ``x_t = (1 - a_t) x_{t-1} + a_t (x_tau + D)`` with ``a_t = alpha * s(t - 
 computed as ``(1 - a_t) x_{t-1} + a_t x_tau + a_t D`` so a sparse ``D`` is never densified.
 ``t`` is the version being produced (``current + 1``), so a device that trained on the
 newest slice has ``t - tau = 1`` as in the paper. ``x_tau`` comes from a bounded
-:class:`VersionHistory`; a base version no longer (or never) kept is rejected ``too_stale``.
+:class:`VersionHistory` of the *announced* versions (the shard calls
+:meth:`FedAsync.mark_published`); a base no longer (or never) kept is rejected ``too_stale``.
 
 Delta form (``fedasync_delta``): ``x_t = x_{t-1} + a_t D``; no history needed.
 """
@@ -47,7 +48,7 @@ class FedAsync(SliceStrategy):
         self.alpha = alpha
         self.staleness_fn = staleness_fn
         self.history = history if history is not None else VersionHistory()
-        self.history.record(self._version, self._params)
+        self.history.keep(self._version, self._params)  # the initial slice is always a base
 
     def mixing_weight(self, staleness: int) -> float:
         """``alpha_t = alpha * s(t - tau)`` where ``t - tau = staleness + 1``."""
@@ -72,6 +73,9 @@ class FedAsync(SliceStrategy):
         self.history.record(self._version, x)
         return Applied(d, a, self._version)
 
+    def mark_published(self) -> None:
+        self.history.keep(self._version, self._params)
+
     def _extra_state(self, state: StrategyState) -> None:
         for v, arr in self.history.items():
             state.arrays[f"hist:{v}"] = arr
@@ -93,6 +97,9 @@ class FedAsyncDelta(FedAsync):
         add_chunk(self._params, update.chunk, a)
         self._version += 1
         return Applied(d, a, self._version)
+
+    def mark_published(self) -> None:
+        return None  # no x_tau needed
 
     def _extra_state(self, state: StrategyState) -> None:
         return None

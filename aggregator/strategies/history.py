@@ -1,4 +1,4 @@
-"""Bounded history of a shard's published slices (exact FedAsync needs x_tau)."""
+"""Bounded history of a shard's announced slices (exact FedAsync needs x_tau)."""
 
 from __future__ import annotations
 
@@ -10,21 +10,37 @@ from aggregator.strategies.base import F32
 
 
 class VersionHistory:
-    """Keeps copies of versions ``v`` with ``v % keep_every == 0``, at most ``capacity``."""
+    """Copies of the slices devices may hold as their base ``x_tau``.
 
-    def __init__(self, *, keep_every: int = 1, capacity: int = 16) -> None:
-        if keep_every < 1 or capacity < 1:
-            raise ValueError("keep_every and capacity must be >= 1")
+    :meth:`keep` stores a version unconditionally (the shard calls it for every version it
+    announces); :meth:`record` stores it only when ``keep_every > 0`` and
+    ``v % keep_every == 0`` (standalone use). At most ``capacity`` slices are kept (oldest
+    evicted first), and with ``max_age`` set, slices more than ``max_age`` versions behind
+    the newest kept one are dropped early: no admissible update can use them.
+    """
+
+    def __init__(self, *, keep_every: int = 1, capacity: int = 16, max_age: int | None = None):
+        if keep_every < 0 or capacity < 1:
+            raise ValueError("keep_every must be >= 0 and capacity >= 1")
         self.keep_every = keep_every
         self.capacity = capacity
+        self.max_age = max_age
         self._slices: OrderedDict[int, F32] = OrderedDict()
 
     def record(self, version: int, params: F32) -> None:
-        """Remember ``params`` as ``version`` if the policy keeps it; evict the oldest."""
-        if version % self.keep_every != 0:
+        """Remember ``params`` as ``version`` if the automatic policy keeps it."""
+        if self.keep_every and version % self.keep_every == 0:
+            self.keep(version, params)
+
+    def keep(self, version: int, params: F32) -> None:
+        """Remember ``params`` as ``version``; evict what is too old or over capacity."""
+        if version in self._slices:
             return
         self._slices[version] = params.copy()
         self._slices.move_to_end(version)
+        if self.max_age is not None:
+            for v in [v for v in self._slices if v < version - self.max_age]:
+                del self._slices[v]
         while len(self._slices) > self.capacity:
             self._slices.popitem(last=False)
 

@@ -3,8 +3,11 @@
 Conventions (same published rules the aggregator documents in docs/aggregator.md):
 * staleness ``d`` = server versions since the device's base version ``tau``;
 * FedAsync: ``t`` is the version being produced, ``alpha_t = alpha * s(t - tau)``;
-* exact FedAsync can only use base slices that were published (``v % keep_every == 0``)
-  and are among the newest ``history_size`` published ones;
+* exact FedAsync can only use base slices that were announced and are among the newest
+  ``history_size`` announced ones. Announcement cadence (:func:`announces`): version ``t``
+  is announced when ``t - last >= keep_every`` and ``clock - last_ts >= min_interval``,
+  where ``clock`` = max ``ts`` of the applied updates (``min_interval = 0``: every
+  ``keep_every``-th version);
 * update ids already accepted are ignored (exactly-once effect).
 """
 
@@ -22,6 +25,7 @@ class RefUpdate:
     base_version: int
     delta: list[float]
     num_samples: int = 1
+    ts: float = 0.0  # accepted_ts (stream clock for the announcement cadence)
 
 
 @dataclass
@@ -65,6 +69,24 @@ def _clip(delta: list[float], c: float) -> list[float]:
     return [v * c / norm for v in delta]
 
 
+class RefCadence:
+    """The announcement rule, written out independently of ``aggregator.shard.Cadence``."""
+
+    def __init__(self, every: int, min_interval: float = 0.0) -> None:
+        self.every, self.min_interval = every, min_interval
+        self.clock, self.last, self.last_ts = 0.0, 0, 0.0
+        self.announced = [0]
+
+    def applied(self, ts: float, new_version: int | None) -> None:
+        self.clock = max(self.clock, ts)
+        if new_version is None or new_version - self.last < self.every:
+            return
+        if self.min_interval > 0 and self.clock - self.last_ts < self.min_interval:
+            return
+        self.last, self.last_ts = new_version, self.clock
+        self.announced.append(new_version)
+
+
 def fedasync(
     x0: list[float],
     stream: list[RefUpdate],
@@ -78,8 +100,12 @@ def fedasync(
     max_staleness: int = 64,
     clip_norm: float = 0.0,
     delta_form: bool = False,
+    min_interval: float = 0.0,
+    announced: list[int] | None = None,
 ) -> RefResult:
+    """``announced``, when given, receives the regularly announced versions in order."""
     s = STALENESS[staleness]
+    cad = RefCadence(keep_every, min_interval)
     n = len(x0)
     versions: list[list[float]] = [list(map(float, x0))]  # versions[t] = x_t
     seen: set[str] = set()
@@ -107,7 +133,7 @@ def fedasync(
             for i in range(n):
                 new[i] = prev[i] + a_t * delta[i]
         else:
-            published = [v for v in range(t_prev + 1) if v % keep_every == 0][-history_size:]
+            published = cad.announced[-history_size:]
             if u.base_version != t_prev and u.base_version not in published:
                 res.rejected[u.update_id] = "too_stale"
                 continue
@@ -118,6 +144,9 @@ def fedasync(
         versions.append(new)
         seen.add(u.update_id)
         res.applied.append(u.update_id)
+        cad.applied(u.ts, t)
+    if announced is not None:
+        announced.extend(cad.announced)
     res.x = np.array(versions[-1], dtype=np.float64)
     res.version = len(versions) - 1
     return res

@@ -17,9 +17,15 @@ from schemas.messages import (
     StrategyConfig,
 )
 from schemas.modelspec import even_bounds, init_params, num_params
-from tests.reference.rules import RefUpdate
+from tests.reference.rules import RefCadence, RefUpdate
 
 LOSSLESS = CodecConfig(topk=0.1, quant="none")
+T0 = 1_700_000_000.0  # stream clock origin for streams with a fixed record spacing
+
+
+def stamp(i: int, ts_step: float | None) -> float:
+    """``accepted_ts`` of record ``i``: ``T0 + i * ts_step``, or now when no step is given."""
+    return time.time() if ts_step is None else T0 + i * ts_step
 
 
 def make_job(
@@ -54,11 +60,15 @@ def random_stream(
     dup_every: int = 0,
     history_size: int = 16,
     fresh_only: bool = False,
+    ts_step: float | None = None,
+    min_interval: float = 0.0,
 ) -> list[tuple[str, int, np.ndarray, int]]:
-    """``(update_id, base_version, full delta, num_samples)`` with published base versions.
+    """``(update_id, base_version, full delta, num_samples)`` with announced base versions.
 
-    Tracks the version the shard will be at so base versions stay realistic; lags past
-    the history window or the staleness bound produce the occasional rejection.
+    Tracks the version the shard will be at, and which versions it announces (records are
+    stamped ``stamp(i, ts_step)`` by :func:`shard_updates`), so base versions stay
+    realistic; lags past the history window or the staleness bound produce the occasional
+    rejection.
     """
     rng = np.random.default_rng(seed)
     total = num_params(job.spec)
@@ -66,11 +76,12 @@ def random_stream(
     cfg = job.strategy
     buffered = cfg.name in ("fedbuff", "fedavg")
     cur, in_buf = 0, 0
+    cad = RefCadence(every, min_interval if ts_step is not None else 0.0)
     out: list[tuple[str, int, np.ndarray, int]] = []
     for i in range(n):
         lag = 0 if fresh_only else int(rng.integers(0, max_lag + 1))
-        base = cur if lag == 0 else max(0, cur - lag) // every * every
-        kept = [v for v in range(cur + 1) if v % every == 0][-history_size:]
+        base = cur if lag == 0 else max(v for v in cad.announced if v <= max(0, cur - lag))
+        kept = cad.announced[-history_size:]
         ok = cur - base <= cfg.max_staleness
         if cfg.name == "fedasync":
             ok = ok and (base == cur or base in kept)
@@ -78,8 +89,11 @@ def random_stream(
         out.append((f"u{i}", base, delta, int(rng.integers(1, 50))))
         if ok:
             in_buf += 1
+            new: int | None = None
             if not buffered or in_buf == cfg.buffer_size:
                 cur, in_buf = cur + 1, 0
+                new = cur
+            cad.applied(stamp(len(out) - 1, ts_step) if ts_step is not None else 0.0, new)
         if dup_every and i % dup_every == 0:
             out.append(out[-1])
     return out
@@ -90,6 +104,8 @@ def shard_updates(
     stream: list[tuple[str, int, np.ndarray, int]],
     shard: int,
     cfg: CodecConfig = LOSSLESS,
+    *,
+    ts_step: float | None = None,
 ) -> list[ShardUpdate]:
     lo, hi = job.shard_bounds[shard], job.shard_bounds[shard + 1]
     return [
@@ -104,9 +120,9 @@ def shard_updates(
             base_version=base,
             num_samples=ns,
             payload=codec.encode(np.ascontiguousarray(delta[lo:hi]), cfg),
-            accepted_ts=time.time(),
+            accepted_ts=stamp(i, ts_step),
         )
-        for uid, base, delta, ns in stream
+        for i, (uid, base, delta, ns) in enumerate(stream)
     ]
 
 
@@ -118,6 +134,7 @@ def ref_stream(updates: list[ShardUpdate]) -> list[RefUpdate]:
             u.base_version,
             codec.decode(u.payload, u.stop - u.start).to_dense().astype(float).tolist(),
             u.num_samples,
+            u.accepted_ts,
         )
         for u in updates
     ]
