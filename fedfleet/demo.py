@@ -190,6 +190,7 @@ async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
             onnx_path = s.out_dir / "digits.onnx"
             onnx_version, onnx_acc = await monitor.export_onnx(onnx_path)
             job_view = (await http.get(f"/v1/jobs/{job_id}")).json()
+            rejections = await services.aggregator_rejections()
     wall = time.monotonic() - t0
     summary = {
         "accuracy": round(snap.accuracy, 4),
@@ -199,6 +200,7 @@ async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
         "updates_applied": snap.updates_applied,
         "updates_accepted": int(job_view.get("updates_accepted", 0)),
         "updates_rejected": int(job_view.get("updates_rejected", 0)),
+        "rejected_by_reason": rejections,
         "onnx_model_version": onnx_version,
         "devices": s.devices,
         "devices_participated": fleet_stats.get("devices_participated", 0),

@@ -38,6 +38,7 @@ class ServiceSet:
         self.http_port = free_port()
         self.coordinator: ManagedProcess | None = None
         self.aggregators: list[ManagedProcess] = []
+        self.aggregator_metrics_ports: list[int] = []
 
     @property
     def rest_url(self) -> str:
@@ -68,6 +69,8 @@ class ServiceSet:
         self.coordinator.start()
 
     def start_aggregator(self, i: int) -> ManagedProcess:
+        port = free_port()
+        self.aggregator_metrics_ports.append(port)
         argv = [
             sys.executable, "-m", "fedfleet", "aggregator",
             "--kafka", self.info.kafka_bootstrap,
@@ -75,6 +78,7 @@ class ServiceSet:
             "--checkpoint-dir", str(self.workdir / "checkpoints"),
             "--client-id", f"agg-{i}",
             "--history-size", "128",
+            "--metrics-port", str(port),
         ]  # fmt: skip
         p = ManagedProcess(
             f"aggregator-{i}", argv, log_path=self.workdir / f"aggregator-{i}.log", env=self._env()
@@ -107,6 +111,22 @@ class ServiceSet:
                     pass
                 await asyncio.sleep(0.3)
         raise StackError(f"coordinator not ready at {self.rest_url} after {timeout:.0f}s")
+
+    async def aggregator_rejections(self) -> dict[str, float]:
+        """Updates rejected by the aggregators, by reason (summed over their /metrics)."""
+        out: dict[str, float] = {}
+        async with httpx.AsyncClient(timeout=3.0) as http:
+            for port in self.aggregator_metrics_ports:
+                try:
+                    text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+                except httpx.HTTPError:
+                    continue
+                for line in text.splitlines():
+                    if line.startswith("fedfleet_aggregator_updates_rejected_total{"):
+                        labels, value = line.rsplit(" ", 1)
+                        reason = labels.split('reason="', 1)[1].split('"', 1)[0]
+                        out[reason] = out.get(reason, 0.0) + float(value)
+        return out
 
     def check_alive(self) -> None:
         for p in [self.coordinator, *self.aggregators]:

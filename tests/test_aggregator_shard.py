@@ -262,3 +262,17 @@ def test_predecoded_records_give_the_same_outcomes_as_raw_ones() -> None:
     assert {o.reason for o in outs_a} >= {"codec", "shard_mismatch", "unknown_job", "duplicate"}
     np.testing.assert_array_equal(a.jobs[job.job_id].params, b.jobs[job.job_id].params)
     assert a.rejected == b.rejected
+
+
+def test_stopped_job_still_applies_updates_the_coordinator_accepted() -> None:
+    """Stopping a job stops new tasks; an acknowledged upload is still applied once."""
+    import msgspec
+
+    job = make_job(StrategyConfig(name="fedasync"), publish_every=1)
+    stopped = msgspec.structs.replace(job, status="stopped")
+    ups = shard_updates(job, random_stream(job, 3, max_lag=0), 0)
+    st = PartitionState("t", 0)
+    assert st.handle(ups[0], 0, {job.job_id: job}.get).status == "applied"
+    outs = [st.handle(u, i, {job.job_id: stopped}.get) for i, u in enumerate(ups[1:], 1)]
+    assert [o.status for o in outs] == ["applied", "applied"]
+    assert st.handle(ups[2], 3, {job.job_id: stopped}.get).reason == "duplicate"
