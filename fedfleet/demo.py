@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import signal
 import sys
 import tempfile
@@ -110,6 +111,14 @@ def _run_loop(coro: Any) -> Any:
     return uvloop.run(main())
 
 
+def _keep_logs(workdir: Path, dest: Path) -> None:
+    """Copy the services' logs next to the results, then remove their scratch directory."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for log in workdir.glob("*.log"):
+        shutil.copy2(log, dest / log.name)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 def job_body(s: DemoSettings) -> dict[str, Any]:
     return {
         "model_name": "digits",
@@ -143,6 +152,7 @@ async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
             print(f"[stack] {name}: {desc}", file=err)
         workdir = Path(tempfile.mkdtemp(prefix="fedfleet-demo-"))
         services = ServiceSet(info, workdir, aggregators=s.aggregators)
+        stack.callback(_keep_logs, workdir, s.out_dir / "logs")
         stack.callback(services.stop)
         await services.start()
         print(f"[demo] coordinator REST: {services.rest_url}  (try {services.rest_url}/v1/fleet"

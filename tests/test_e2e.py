@@ -36,6 +36,9 @@ async def test_small_fleet_trains_end_to_end(stack: StackInfo, tmp_path: Path) -
     # The model improved well past chance (0.1) and past the threshold.
     assert summary["accuracy"] >= 0.80, summary
     assert summary["updates_applied"] > 0
+    # Exactly once: after the drain every acknowledged upload was applied, none rejected.
+    assert summary["updates_applied"] == summary["updates_accepted"], summary
+    assert summary["rejected_by_reason"] == {}, summary
     assert summary["devices_participated"] > 1
     assert summary["model_version"] > 0
     assert summary["stack"]["kafka"].startswith("external")
