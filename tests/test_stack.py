@@ -57,3 +57,54 @@ def test_require_real_refuses_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
         launcher.start()
     assert "mosquitto" in str(err.value)
     assert launcher.servers == []
+
+
+@pytest.mark.integration
+def test_three_node_kafka_survives_a_broker_kill() -> None:
+    """`--kafka-nodes 3`: replicated topics keep accepting acks=all writes with a node down."""
+    import signal
+
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    settings = StackSettings(
+        kafka_nodes=3, kafka_heap_mb=384, mqtt_url=None, redis_url=None, require_real=False
+    )
+    launcher = LocalStack(settings)
+    info = launcher.start()
+    try:
+        assert asyncio.run(kafka_brokers(info.kafka_bootstrap)) == 3
+        kafka = launcher.servers[0]
+
+        async def scenario() -> list[bytes]:
+            admin = AIOKafkaAdminClient(bootstrap_servers=info.kafka_bootstrap)
+            await admin.start()
+            try:
+                await admin.create_topics([NewTopic("t3", 1, 3)])
+            finally:
+                await admin.close()
+            prod = AIOKafkaProducer(
+                bootstrap_servers=info.kafka_bootstrap, acks="all", enable_idempotence=True
+            )
+            await prod.start()
+            try:
+                await prod.send_and_wait("t3", b"before")
+                os.kill(kafka.pids()[2], signal.SIGKILL)
+                await prod.send_and_wait("t3", b"after")
+            finally:
+                await prod.stop()
+            cons = AIOKafkaConsumer(bootstrap_servers=info.kafka_bootstrap)
+            await cons.start()
+            try:
+                tp = TopicPartition("t3", 0)
+                cons.assign([tp])
+                await cons.seek_to_beginning(tp)
+                batch = await cons.getmany(tp, timeout_ms=10_000)
+                return [m.value for m in batch.get(tp, []) if m.value is not None]
+            finally:
+                await cons.stop()
+
+        assert asyncio.run(scenario()) == [b"before", b"after"]
+    finally:
+        launcher.stop()
+    assert not any(pid_alive(p) for p in info.pids)
