@@ -97,7 +97,7 @@ class SimulatedFleet:
         parts = partition_dirichlet(self.train.y, total, s.dirichlet_alpha, seed=s.seed)
         return parts[s.first : s.first + s.devices]
 
-    def _make(self, i: int, idx: np.ndarray[Any, Any]) -> EdgeAgent:
+    def _make(self, i: int, data: Dataset) -> EdgeAgent:
         s = self.spec
         g = s.first + i
         rng = random.Random(s.seed * 1_000_003 + g)
@@ -111,6 +111,7 @@ class SimulatedFleet:
             time_scale=s.time_scale,
             base_samples_per_s=s.base_samples_per_s,
             dropout_share=s.dropout_share,
+            diurnal=s.diurnal,
         )
         if not s.diurnal:
             probe._start_hour = 12.0
@@ -127,7 +128,7 @@ class SimulatedFleet:
             reconnect_max_s=s.reconnect_max_s,
             resend_interval_s=10.0,
         )
-        agent = SimAgent(settings, probe, self.train.subset(idx), http=self._http)
+        agent = SimAgent(settings, probe, data, http=self._http)
         agent.time_scale = s.time_scale if s.transfer else 0.0
         agent.on_event = self._hook
         if i < len(self.probes):
@@ -142,7 +143,7 @@ class SimulatedFleet:
 
     def _build(self) -> None:
         for i, idx in enumerate(self._parts()):
-            self.agents.append(self._make(i, idx))
+            self.agents.append(self._make(i, self.train.subset(idx)))
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -201,6 +202,7 @@ class SimulatedFleet:
                     total[k] = total.get(k, 0) + v
             if st.get("updates_acked", 0) > 0:
                 participated += 1
+            total["update_bytes"] = total.get("update_bytes", 0) + getattr(a, "update_bytes", 0)
         out: dict[str, Any] = dict(total)
         out["devices_participated"] = participated
         out["acked_unique"] = len(self.acked)
@@ -241,10 +243,7 @@ class SimulatedFleet:
         if t is not None:
             t.cancel()
         self._retired.append(agent)
-        idx = np.arange(len(agent.dataset))
-        fresh = self._make(i, idx)
-        fresh.dataset = agent.dataset
-        self.agents[i] = fresh
+        self.agents[i] = self._make(i, agent.dataset)
         self._tasks[i] = None
         if back_after_s > 0:
             self._launch(i, back_after_s)

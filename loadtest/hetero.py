@@ -39,8 +39,9 @@ class DiurnalProbe(SimulatedProbe):
     real time, so a simulated day takes ``86400 / time_scale`` real seconds.
     """
 
-    def __init__(self, *, start_hour: float = 20.0, **kwargs: Any) -> None:
+    def __init__(self, *, start_hour: float = 20.0, diurnal: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.diurnal = diurnal
         self._t0 = self._clock()
         self._start_hour = start_hour
         self._base_plug = self.plug_rate_per_h
@@ -51,7 +52,7 @@ class DiurnalProbe(SimulatedProbe):
         return (self._start_hour + elapsed_h) % 24.0
 
     def _advance(self) -> None:
-        f = diurnal_plug_factor(self.sim_hour())
+        f = diurnal_plug_factor(self.sim_hour()) if self.diurnal else 1.0
         self.plug_rate_per_h = self._base_plug * f
         self.unplug_rate_per_h = self._base_unplug * (6.0 / (1.0 + f))
         super()._advance()
@@ -73,6 +74,13 @@ class SimAgent(EdgeAgent):
     """
 
     time_scale: float = 1.0
+    update_bytes: int = 0  # payload bytes of update publishes (incl. re-sends)
+
+    async def _publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> bool:
+        ok = await super()._publish(topic, payload, qos, retain)
+        if ok and topic.endswith("/update"):
+            self.update_bytes += len(payload)
+        return ok
 
     def _kbps(self) -> float:
         return float(self.probe.read().bandwidth_kbps)

@@ -96,9 +96,13 @@ async def _commands(fleet: SimulatedFleet, done: asyncio.Event) -> None:
         elif name == "abort_network":
             fleet.abort_network(float(cmd.get("share", 1.0)))
         elif name == "churn":
-            _BG.add(asyncio.create_task(
-                fleet.churn(float(cmd["share"]), float(cmd["window_s"]), float(cmd["offline_s"]))
-            ))
+            _BG.add(
+                asyncio.create_task(
+                    fleet.churn(
+                        float(cmd["share"]), float(cmd["window_s"]), float(cmd["offline_s"])
+                    )
+                )
+            )
 
 
 async def amain() -> None:

@@ -1,0 +1,153 @@
+"""``fedfleet loadtest scale|train|churn``: fleet simulations on real servers.
+
+Each subcommand starts the stack (or uses ``--kafka/--mqtt/--redis``), the coordinator and
+the aggregators, runs its scenario with bounded sizes and time, shows a progress bar on
+stderr and writes a report directory (``--out``). ``--json`` prints the summary as the
+last stdout line. Exit code 0 when the scenario's correctness checks pass (targets on
+speed are reported, never asserted), 1 otherwise, 2 on a setup error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedfleet.errors import FedfleetError
+from fedfleet.stack import StackSettings
+from loadtest import report
+from loadtest.runner import environment
+
+
+def _server_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kafka", metavar="HOST:PORT", help="use this Kafka instead of starting one")
+    p.add_argument("--mqtt", metavar="URL", help="use this MQTT broker (mqtt://host:port)")
+    p.add_argument("--redis", metavar="URL", help="use this Redis (redis://host:port/db)")
+    p.add_argument("--out", type=Path, default=None, help="report directory")
+    p.add_argument("--json", action="store_true", help="last stdout line is the JSON summary")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from loadtest.churn import ChurnSettings
+    from loadtest.scale import ScaleSettings
+    from loadtest.train import TrainSettings
+
+    p = argparse.ArgumentParser(prog="fedfleet loadtest", description=__doc__)
+    sub = p.add_subparsers(dest="scenario", required=True)
+
+    sc = sub.add_parser("scale", help="connect storm, telemetry lag, reconnect storm")
+    d = ScaleSettings()
+    sc.add_argument("--devices", type=int, default=d.devices)
+    sc.add_argument("--processes", type=int, default=d.processes, help="fleet processes")
+    sc.add_argument("--rate", type=float, default=d.rate, help="telemetry msgs/s, whole fleet")
+    sc.add_argument("--duration", type=float, default=d.duration_s, help="steady phase (s)")
+    sc.add_argument("--connect-rate", type=float, default=d.connect_per_s)
+    sc.add_argument("--storm-timeout", type=float, default=d.storm_timeout_s)
+    _server_flags(sc)
+
+    tr = sub.add_parser("train", help="FedAsync vs FedBuff vs sync FedAvg, time to accuracy")
+    t = TrainSettings()
+    tr.add_argument("--devices", type=int, default=t.devices)
+    tr.add_argument("--strategies", default=",".join(t.strategies))
+    tr.add_argument("--target-accuracy", type=float, default=t.target_accuracy)
+    tr.add_argument("--time-budget", type=float, default=t.budget_s, help="seconds per strategy")
+    tr.add_argument("--concurrency", type=int, default=t.concurrency)
+    tr.add_argument("--time-scale", type=float, default=t.time_scale)
+    tr.add_argument(
+        "--task-seconds",
+        type=float,
+        default=t.task_s,
+        help="median device's compute time per task (real s)",
+    )
+    tr.add_argument("--speed-sigma", type=float, default=t.speed_sigma)
+    tr.add_argument("--over-selection", type=float, default=t.over_selection)
+    tr.add_argument("--round-deadline", type=float, default=t.round_deadline_s)
+    tr.add_argument("--processes", type=int, default=t.processes)
+    _server_flags(tr)
+
+    ch = sub.add_parser("churn", help="devices vanish mid-task or flap; nothing stranded/lost")
+    c = ChurnSettings()
+    ch.add_argument("--devices", type=int, default=c.devices)
+    ch.add_argument("--share", type=float, default=c.share, help="share of devices dropped")
+    ch.add_argument("--duration", type=float, default=c.duration_s, help="churn window (s)")
+    ch.add_argument("--lease", type=float, default=c.lease_s, help="task lease (s)")
+    ch.add_argument("--concurrency", type=int, default=c.concurrency)
+    ch.add_argument("--processes", type=int, default=c.processes)
+    _server_flags(ch)
+    return p
+
+
+def _stack(args: argparse.Namespace) -> StackSettings:
+    return StackSettings.from_env(kafka_url=args.kafka, mqtt_url=args.mqtt, redis_url=args.redis)
+
+
+async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], list[Path]]:
+    out_dir: Path = args.out or Path("runs") / "loadtest" / args.scenario
+    out_dir.mkdir(parents=True, exist_ok=True)
+    quiet = bool(args.json) and not sys.stderr.isatty()
+    log = lambda m: print(f"[stack] {m}", file=sys.stderr)  # noqa: E731
+    if args.scenario == "scale":
+        from loadtest.scale import ScaleSettings, run_scale, scale_report
+
+        ss = ScaleSettings(devices=args.devices, processes=args.processes, rate=args.rate,
+                           duration_s=args.duration, connect_per_s=args.connect_rate,
+                           storm_timeout_s=args.storm_timeout, seed=args.seed)  # fmt: skip
+        async with environment(_stack(args), aggregators=0, log=log) as env:
+            res = await run_scale(env, ss, quiet=quiet)
+        return scale_report(res, out_dir)
+    if args.scenario == "train":
+        from loadtest.train import TrainSettings, run_train, train_report
+
+        ts = TrainSettings(
+            devices=args.devices, strategies=tuple(args.strategies.split(",")),
+            target_accuracy=args.target_accuracy, budget_s=args.time_budget,
+            concurrency=args.concurrency, time_scale=args.time_scale,
+            task_s=args.task_seconds, speed_sigma=args.speed_sigma,
+            over_selection=args.over_selection, round_deadline_s=args.round_deadline,
+            processes=args.processes, seed=args.seed,
+        )  # fmt: skip
+        async with environment(_stack(args), aggregators=2, log=log) as env:
+            res = await run_train(env, ts, quiet=quiet)
+        return train_report(res, out_dir)
+    from loadtest.churn import ChurnSettings, churn_report, run_churn
+
+    cs = ChurnSettings(devices=args.devices, share=args.share, duration_s=args.duration,
+                       lease_s=args.lease, concurrency=args.concurrency,
+                       processes=args.processes, seed=args.seed)  # fmt: skip
+    async with environment(
+        _stack(args), aggregators=2, log=log,
+        coordinator_args=("--lease-s", str(cs.lease_s), "--selection-tick-s", "0.5"),
+    ) as env:  # fmt: skip
+        res = await run_churn(env, cs, quiet=quiet)
+    return churn_report(res, out_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    t0 = time.monotonic()
+    try:
+        try:
+            import uvloop
+
+            summary, headline, _ = uvloop.run(_run(args))
+        except ImportError:  # pragma: no cover
+            summary, headline, _ = asyncio.run(_run(args))
+    except FedfleetError as exc:
+        print(f"fedfleet loadtest: error: {exc}", file=sys.stderr)
+        return 2
+    summary["wall_s"] = round(time.monotonic() - t0, 1)
+    for line in headline:
+        print(line, file=sys.stderr)
+    if args.json:
+        print(json.dumps(report._clean(summary)))
+    return 0 if summary.get("ok", True) else 1

@@ -1,0 +1,245 @@
+"""``train``: one fleet, one dataset, FedAsync vs FedBuff vs synchronous FedAvg.
+
+The strategies run one after the other on the same connected fleet (same devices, same
+non-IID split, same speeds), each as its own job with its own model name, until the
+target accuracy holds for ``stable_versions`` new versions or the per-strategy budget
+runs out. Device compute time dominates the pipeline (``time_scale`` and
+``base_samples_per_s`` make a median device take seconds, the lognormal tail tens of
+seconds), so synchronous rounds wait on stragglers as they do in real fleets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from edge_agent.data import load_digits_split
+from fedfleet.monitor import ModelMonitor
+from loadtest.fleet import FleetSpec
+from loadtest.pool import FleetPool
+from loadtest.runner import Env, Progress, Timeline
+from loadtest.services import AggMetrics, scrape, wait_quiet
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    devices: int = 300
+    strategies: tuple[str, ...] = ("fedasync", "fedbuff", "fedavg")
+    target_accuracy: float = 0.85
+    budget_s: float = 150.0  # per strategy
+    concurrency: int = 30
+    time_scale: float = 1.0
+    task_s: float = 2.0  # median device's compute time per task (real seconds)
+    speed_sigma: float = 1.0
+    over_selection: float = 1.3
+    round_deadline_s: float = 60.0
+    fedbuff_k: int = 10
+    lr: float = 0.5
+    local_epochs: int = 5
+    batch_size: int = 8
+    processes: int = 1
+    stable_versions: int = 3
+    seed: int = 0
+
+
+def job_body(s: TrainSettings, strategy: str, run_id: str) -> dict[str, Any]:
+    strat: dict[str, Any] = {"name": strategy}
+    selection: dict[str, Any] = {"mode": "async"}
+    if strategy in ("fedasync", "fedasync_delta"):
+        strat.update(alpha=0.6, staleness="polynomial", staleness_a=0.5, max_staleness=200)
+    elif strategy == "fedbuff":
+        strat.update(buffer_size=s.fedbuff_k, server_lr=1.0, max_staleness=200)
+    elif strategy == "fedavg":
+        strat.update(buffer_size=s.concurrency, server_lr=1.0)
+        selection = {"mode": "sync", "over_selection": s.over_selection,
+                     "round_deadline_s": s.round_deadline_s}  # fmt: skip
+    return {
+        "model_name": f"digits-{strategy}-{run_id}",
+        "job_id": f"{strategy}-{run_id}",
+        "spec": {"family": "softmax", "n_features": 64, "n_classes": 10},
+        "shards": 2,
+        "strategy": strat,
+        "train": {"lr": s.lr, "local_epochs": s.local_epochs, "batch_size": s.batch_size},
+        "codec": {"topk": 0.0, "quant": "int8"},
+        "concurrency": s.concurrency,
+        "target_accuracy": s.target_accuracy,
+        "init_seed": s.seed,
+        "publish_every": 1,
+        "eligibility": {"min_battery": 10, "allow_metered": True},
+        "selection": selection,
+    }
+
+
+async def _one(
+    env: Env, s: TrainSettings, strategy: str, pool: FleetPool, test: Any,
+    timeline: Timeline, bar: Progress, done_before: float,
+) -> dict[str, Any]:  # fmt: skip
+    body = job_body(s, strategy, env.run_id)
+    ports = env.services.metrics_ports
+    m0 = await scrape(env.http, ports)
+    st0 = pool.snapshot()["stats"]
+    job = await env.api.create_job(body)
+    job_id = job["job_id"]
+    monitor = ModelMonitor(env.http, body["model_name"], job_id, test)
+    t0 = time.monotonic()
+    curve: list[tuple[float, float]] = []
+    first: float | None = None  # first version at/above target
+    ttt: float | None = None  # target held for ``stable_versions`` versions in a row
+    streak = 0
+    while True:
+        env.services.check_alive()
+        prev = monitor.snap.version
+        snap = await monitor.poll()
+        el = time.monotonic() - t0
+        m = await scrape(env.http, ports)
+        counts = snap.fleet.get("counts", {})
+        timeline.add(strategy=strategy, accuracy=snap.accuracy, version=snap.version,
+                     applied=m.applied - m0.applied, offline=counts.get("offline", 0),
+                     idle=counts.get("idle", 0), training=counts.get("training", 0),
+                     connected=pool.snapshot()["connected"])  # fmt: skip
+        if snap.version != prev:
+            curve.append((round(el, 2), round(snap.accuracy, 4)))
+            if snap.accuracy >= s.target_accuracy:
+                streak += 1
+                first = round(el, 2) if first is None else first
+                if streak >= s.stable_versions and ttt is None:
+                    ttt = round(el, 2)
+            else:
+                streak = 0
+        bar.update(done_before + el, f"{strategy}: acc={snap.accuracy:.3f} v{snap.version} "
+                   f"applied={m.applied - m0.applied:.0f}", strategy)  # fmt: skip
+        if streak >= s.stable_versions or el >= s.budget_s:
+            break
+        await asyncio.sleep(0.5)
+    wall = time.monotonic() - t0
+    await env.api.stop_job(job_id)
+    m1 = await wait_quiet(env.http, ports, quiet_s=3.0, timeout_s=30.0)
+    view = await env.api.get(f"/v1/jobs/{job_id}")
+    d: AggMetrics = m1.minus(m0)
+    # Let devices still training for this job finish or give up before the next job.
+    t_idle = time.monotonic()
+    while pool.snapshot()["busy"] > 0 and time.monotonic() - t_idle < 30.0:  # noqa: ASYNC110
+        await asyncio.sleep(0.5)
+    stats = view.get("stats", {})
+    rounds: dict[str, Any] = {}
+    if strategy == "fedavg":
+        redis = Redis.from_url(env.info.redis_url, decode_responses=True)
+        try:
+            h = await redis.hgetall(f"{env.services.redis_prefix}round:{job_id}")
+        finally:
+            await redis.aclose()
+        n = int(h.get("round", 0))
+        useful = max(monitor.snap.shard_versions or [0])
+        rounds = {"rounds_started": n, "rounds_that_moved_the_model": useful,
+                  "rounds_wasted": max(0, n - useful)}  # fmt: skip
+    return {
+        "sync_rounds": rounds,
+        "strategy": strategy,
+        "job_id": job_id,
+        "time_to_target_s": ttt,
+        "first_at_target_s": first,
+        "target_reached": ttt is not None,
+        "final_accuracy": round(monitor.snap.accuracy, 4),
+        "wall_s": round(wall, 1),
+        "model_version": monitor.snap.version,
+        "updates_accepted": int(view.get("updates_accepted", 0)),
+        "updates_applied_shard_max": int(view.get("updates_applied", 0)),
+        "aggregator_chunks_applied": int(d.applied),
+        "aggregator_rejected": {k: int(v) for k, v in d.rejected.items() if v},
+        "mean_staleness": round(float(view.get("mean_staleness", 0.0)), 3),
+        "staleness_hist": d.staleness_hist(),
+        "update_bytes": int(
+            pool.snapshot()["stats"].get("update_bytes", 0) - st0.get("update_bytes", 0)
+        ),
+        "mqtt_bytes_all": int(
+            pool.snapshot()["stats"].get("bytes_sent", 0) - st0.get("bytes_sent", 0)
+        ),
+        "tasks": {k: v for k, v in stats.items() if k.startswith("tasks_")},
+        "late_updates": int(stats.get("late_updates", 0)),
+        "curve": curve,
+    }
+
+
+async def run_train(env: Env, s: TrainSettings, *, quiet: bool) -> dict[str, Any]:
+    train, test = load_digits_split(seed=s.seed)
+    key = await env.api.public_key()
+    # A speed-1 device with the mean partition takes ``task_s`` of real time per task.
+    mean_samples = len(train) / s.devices * s.local_epochs
+    bsps = mean_samples / (s.task_s * s.time_scale)
+    spec = FleetSpec(
+        devices=s.devices, seed=s.seed, time_scale=s.time_scale,
+        base_samples_per_s=bsps, speed_sigma=s.speed_sigma,
+        telemetry_interval_s=2.0, id_prefix=f"tr{env.run_id}", connect_per_s=500.0,
+    )  # fmt: skip
+    pool = FleetPool(spec, processes=s.processes, mqtt_host=env.info.mqtt_host,
+                     mqtt_port=env.info.mqtt_port, api_url=env.services.rest_url,
+                     public_key_hex=key, log_dir=env.workdir)  # fmt: skip
+    timeline = Timeline()
+    results: list[dict[str, Any]] = []
+    async with pool:
+        t_conn = time.monotonic()
+        while pool.snapshot()["connected"] < s.devices and time.monotonic() - t_conn < 60:  # noqa: ASYNC110
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(2.0 * spec.telemetry_interval_s)  # telemetry reaches the coordinator
+        with Progress("train", s.budget_s * len(s.strategies), quiet=quiet) as bar:
+            for i, strat in enumerate(s.strategies):
+                results.append(await _one(env, s, strat, pool, test, timeline, bar,
+                                          i * s.budget_s))  # fmt: skip
+    by = {r["strategy"]: r for r in results}
+    sync = by.get("fedavg", {}).get("time_to_target_s")
+    best_async = min((r["time_to_target_s"] for r in results if r["strategy"] != "fedavg"
+                      and r["time_to_target_s"] is not None), default=None)  # fmt: skip
+    speedup: float | None = None
+    if best_async and sync:
+        speedup = round(sync / best_async, 2)
+    elif best_async and "fedavg" in by:  # sync never reached the target: a lower bound
+        speedup = round(by["fedavg"]["wall_s"] / best_async, 2)
+    return {
+        "scenario": "train",
+        "settings": {k: v for k, v in s.__dict__.items()},
+        "strategies": results,
+        "speedup_async_vs_sync": speedup,
+        "speedup_is_lower_bound": bool(best_async and not sync and "fedavg" in by),
+        "target": {"speedup": 3.0, "met": speedup is not None and speedup >= 3.0},
+        "fleet_stats": pool.snapshot()["stats"],
+        "timeline": timeline.rows,
+    }
+
+
+def train_report(
+    res: dict[str, Any], out_dir: Path
+) -> tuple[dict[str, Any], list[str], list[Path]]:
+    from loadtest import report
+
+    rows = res["timeline"]
+    curves = {r["strategy"]: r["curve"] for r in res["strategies"]}
+    target = float(res["settings"]["target_accuracy"])
+    plots = [
+        report.plot_accuracy(curves, target, out_dir / "accuracy_vs_time.png"),
+        report.plot_hist({r["strategy"]: r["staleness_hist"] for r in res["strategies"]},
+                         out_dir / "staleness_hist.png", "Staleness of applied updates",
+                         "staleness (versions)"),
+        report.plot_rate(rows, "applied", out_dir / "updates_per_s.png",
+                         "Updates applied per second (all shards' chunks)", "chunks/s",
+                         group="strategy"),
+        report.plot_states(rows, out_dir / "devices_by_state.png", "Devices by state (train)"),
+    ]  # fmt: skip
+    ok = all(r["updates_accepted"] > 0 for r in res["strategies"])
+    summary = {"ok": ok, **res}
+    headline = [f"train: {res['settings']['devices']} devices, target accuracy {target}"]
+    for r in res["strategies"]:
+        headline.append(
+            f"  {r['strategy']}: time to target {r['time_to_target_s']} s, final acc "
+            f"{r['final_accuracy']}, accepted {r['updates_accepted']}, rejected "
+            f"{r['aggregator_rejected']}, mean staleness {r['mean_staleness']}, bytes "
+            f"{r['update_bytes']}"
+        )
+    lb = " (lower bound: sync never reached the target)" if res["speedup_is_lower_bound"] else ""
+    headline.append(f"  speedup async vs sync: {res['speedup_async_vs_sync']}{lb}")
+    report.write(out_dir, summary, headline, plots)
+    return summary, headline, plots

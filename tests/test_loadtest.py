@@ -1,0 +1,131 @@
+"""Load-test scenarios, small versions, on the session stack (as external servers).
+
+Correctness only: the scenario completes, churn strands no task and loses no update, the
+report files exist. Wall-clock figures and speed-up ratios are written down in
+BENCHMARKS.md, never asserted here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedfleet.stack import StackInfo
+from loadtest import report
+from loadtest.churn import task_summary
+from loadtest.cli import main
+from loadtest.fleet import FleetSpec
+from loadtest.hetero import diurnal_plug_factor, transfer_delay
+from loadtest.pool import FleetPool
+from loadtest.services import AggMetrics
+
+
+def _servers(stack: StackInfo) -> list[str]:
+    return ["--kafka", stack.kafka_bootstrap, "--mqtt", stack.mqtt_url, "--redis", stack.redis_url]
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
+    rc = main(argv)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out, "no stdout"
+    return rc, json.loads(out[-1])
+
+
+def _files(out: Path, *names: str) -> None:
+    for n in ("summary.json", "summary.md", *names):
+        assert (out / n).is_file() and (out / n).stat().st_size > 0, n
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def test_slices_cover_the_fleet_once() -> None:
+    pool = FleetPool(FleetSpec(devices=10, connect_per_s=300.0), processes=3, mqtt_host="h",
+                     mqtt_port=1, api_url="u", log_dir=Path("/tmp"))  # fmt: skip
+    sl = pool.slices()
+    assert [s.devices for s in sl] == [4, 3, 3]
+    assert [s.first for s in sl] == [0, 4, 7]
+    assert all(s.total == 10 and s.connect_per_s == 100.0 for s in sl)
+
+
+def test_heterogeneity_models() -> None:
+    assert transfer_delay(1_000_000, 8000.0, 1.0) == pytest.approx(1.0)
+    assert transfer_delay(1_000_000, 8000.0, 10.0) == pytest.approx(0.1)
+    assert transfer_delay(0, 8000.0, 1.0) == 0.0
+    assert diurnal_plug_factor(23.0) > diurnal_plug_factor(11.0)
+
+
+def test_task_summary_counts_stranded() -> None:
+    recs = [
+        {"state": "uploaded", "deadline_ts": "10"},
+        {"state": "expired", "deadline_ts": "10"},
+        {"state": "offered", "deadline_ts": "100", "reissue_of": "x"},
+        {"state": "accepted", "deadline_ts": "10"},
+    ]
+    s = task_summary(recs, now=50.0)
+    assert s["active"] == 2 and s["stranded_overdue"] == 1 and s["reissued"] == 1
+
+
+def test_staleness_histogram_from_cumulative_buckets() -> None:
+    m = AggMetrics(staleness_buckets={0.0: 2.0, 1.0: 5.0, float("inf"): 6.0})
+    assert m.staleness_hist() == [("0", 2), ("1", 3), ("+Inf", 1)]
+
+
+def test_report_writes_files(tmp_path: Path) -> None:
+    rows = [{"t": 0.0, "offline": 1, "idle": 2, "training": 0, "applied": 0},
+            {"t": 1.0, "offline": 0, "idle": 2, "training": 1, "applied": 4}]  # fmt: skip
+    plots = [report.plot_states(rows, tmp_path / "s.png", "t"),
+             report.plot_rate(rows, "applied", tmp_path / "r.png", "t", "u/s")]  # fmt: skip
+    report.write(tmp_path, {"scenario": "x", "nan": float("nan")}, ["hello"], plots)
+    assert json.loads((tmp_path / "summary.json").read_text())["nan"] is None
+    assert "hello" in (tmp_path / "summary.md").read_text()
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+@pytest.mark.integration
+def test_scale_small(stack: StackInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "scale"
+    rc, summary = _run(["scale", "--devices", "200", "--processes", "2", "--rate", "100",
+                        "--duration", "5", "--storm-timeout", "60", "--out", str(out),
+                        "--json", *_servers(stack)], capsys)  # fmt: skip
+    assert rc == 0, summary
+    assert summary["connect_storm"]["all_connected_s"] is not None
+    assert summary["reconnect_storm"]["all_reconnected_s"] is not None
+    assert summary["steady"]["lag_redis"]["samples"] > 0
+    _files(out, "devices_by_state.png", "telemetry_per_s.png", "lag_hist.png")
+
+
+@pytest.mark.integration
+def test_train_small(stack: StackInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "train"
+    rc, summary = _run(["train", "--devices", "60", "--concurrency", "10", "--time-budget", "20",
+                        "--task-seconds", "0.5", "--target-accuracy", "0.5", "--out", str(out),
+                        "--json", *_servers(stack)], capsys)  # fmt: skip
+    assert rc == 0, summary
+    names = [r["strategy"] for r in summary["strategies"]]
+    assert names == ["fedasync", "fedbuff", "fedavg"]
+    for r in summary["strategies"]:
+        assert r["updates_accepted"] > 0, r
+    _files(out, "accuracy_vs_time.png", "staleness_hist.png", "updates_per_s.png",
+           "devices_by_state.png")  # fmt: skip
+
+
+@pytest.mark.integration
+def test_churn_small(stack: StackInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "churn"
+    rc, summary = _run(["churn", "--devices", "100", "--concurrency", "15", "--duration", "12",
+                        "--lease", "8", "--out", str(out), "--json", *_servers(stack)],
+                       capsys)  # fmt: skip
+    assert summary["dropped_devices"] >= 27, summary
+    assert summary["stranded_tasks"] == 0, summary["tasks"]
+    assert summary["lost_updates"] == 0, summary
+    assert summary["double_applied"] == 0, summary
+    assert summary["device_acked_not_uploaded"] == [], summary
+    assert summary["updates_accepted"] > 0
+    assert rc == 0, summary
+    _files(out, "devices_by_state.png", "updates_per_s.png")
