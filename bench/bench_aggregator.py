@@ -226,7 +226,7 @@ async def kafka_rate(
         times.append(time.perf_counter())
         return out
 
-    worker._handle = timed  # type: ignore[method-assign]
+    worker._handle = timed  # type: ignore[method-assign,assignment]
     async with worker:
         t_first: list[float] = []
         orig_assigned = worker._on_assigned

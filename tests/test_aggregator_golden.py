@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 import pytest
@@ -94,7 +95,7 @@ def test_fedasync_time_cadence_golden(interval: float, publish_every: int) -> No
     FedAsync keeps exactly the announced versions as bases (same as the reference)."""
     cfg = StrategyConfig(name="fedasync", alpha=0.6, max_staleness=12)
     job = make_job(cfg, publish_every=publish_every)
-    kw = {"ts_step": 0.07, "min_interval": interval}
+    kw: dict[str, Any] = {"ts_step": 0.07, "min_interval": interval}
     stream = random_stream(job, 80, seed=9, max_lag=8, dup_every=7, history_size=3, **kw)
     ups = shard_updates(job, stream, 0, ts_step=0.07)
     st, outcomes = run_core(job, ups, 0, history_size=3, min_interval=interval)

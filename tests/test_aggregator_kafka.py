@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -214,7 +215,7 @@ async def test_time_bounded_cadence_and_drain_announce_the_final_version(
     """publish_every AND min_publish_interval_s of stream time gate the announcements; the
     drain announces the newest version (checkpointed first); a restart re-announces nothing."""
     job = make_job(StrategyConfig(name="fedasync", alpha=0.6), publish_every=2)
-    kw = {"ts_step": 0.07, "min_interval": 0.3}
+    kw: dict[str, Any] = {"ts_step": 0.07, "min_interval": 0.3}
     stream = random_stream(job, 40, seed=12, max_lag=6, dup_every=6, **kw)
     per_shard = {s: shard_updates(job, stream, s, ts_step=0.07) for s in (0, 1)}
     await create_topics(kafka_bootstrap, unique_prefix, 2)
@@ -396,7 +397,7 @@ async def test_kill9_one_of_two_processes_then_restart_is_exactly_once(
     )
     # time-bounded cadence: >= 1 version and >= 2 s of stream time (3 records) between
     # regular announcements; a quiet partition announces its newest version after 2 s
-    kw = {"ts_step": 0.7, "min_interval": 2.0}
+    kw: dict[str, Any] = {"ts_step": 0.7, "min_interval": 2.0}
     stream = random_stream(job, 160, seed=21, max_lag=4, dup_every=9, **kw)
     per_shard = {s: shard_updates(job, stream, s, ts_step=0.7) for s in range(shards)}
     n = len(per_shard[0])
@@ -483,15 +484,15 @@ async def test_kill9_one_of_two_processes_then_restart_is_exactly_once(
     models = await read_models(kafka_bootstrap, unique_prefix)
     replayed = 0
     for s in range(shards):
-        ref = refs[s]
+        want = refs[s]
         blob = store.load(f"{settings.updates_topic}-{s}")
         assert blob is not None
         cp = ck.loads(blob)
         assert cp.next_offset == n
         (jc,) = cp.jobs
-        assert jc.version == ref.version == len(ref.applied)
-        assert jc.applied == len(ref.applied)
-        np.testing.assert_allclose(np.frombuffer(jc.params, dtype="<f4"), ref.x, atol=1e-6, rtol=0)
+        assert jc.version == want.version == len(want.applied)
+        assert jc.applied == len(want.applied)
+        np.testing.assert_allclose(np.frombuffer(jc.params, dtype="<f4"), want.x, atol=1e-6, rtol=0)
         # versions re-announced after the crash carry identical slices
         seen: dict[int, np.ndarray] = {}
         for m in (m for m in models if m.shard == s):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -153,7 +154,7 @@ def test_replay_after_a_crash_rederives_the_same_announcements() -> None:
     """Regular announcements depend on the records only: a new owner replaying from the
     last checkpoint announces the very versions (and slices) the crashed one did."""
     job = make_job(StrategyConfig(name="fedasync", max_staleness=10), shards=1, publish_every=2)
-    kw = {"ts_step": 0.06, "min_interval": 0.2}
+    kw: dict[str, Any] = {"ts_step": 0.06, "min_interval": 0.2}
     ups = shard_updates(job, random_stream(job, 60, seed=4, max_lag=6, **kw), 0, ts_step=0.06)
     lookup = {job.job_id: job}.get
     a = PartitionState("t", 0, min_publish_interval_s=0.2)
@@ -178,7 +179,8 @@ def test_replay_after_a_crash_rederives_the_same_announcements() -> None:
 
 def test_idle_announcement_is_held_until_a_checkpoint_records_it() -> None:
     job = make_job(StrategyConfig(name="fedasync", max_staleness=20), shards=1, publish_every=1)
-    kw = {"ts_step": 0.01, "min_interval": 10.0}  # stream time never reaches the interval
+    # stream time never reaches the interval
+    kw: dict[str, Any] = {"ts_step": 0.01, "min_interval": 10.0}
     ups = shard_updates(job, random_stream(job, 12, seed=5, max_lag=0, **kw), 0, ts_step=0.01)
     lookup = {job.job_id: job}.get
     a = PartitionState("t", 0, min_publish_interval_s=10.0)

@@ -250,18 +250,23 @@ def test_job_robust_rule_overrides_the_deployment_default() -> None:
     )
 
 
+def _inner2(s: object) -> object:
+    """The strategy two wrappers down (``RejectNonFinite(MaxStaleness(x)) -> x``)."""
+    return s.inner.inner  # type: ignore[attr-defined]
+
+
 def test_job_dp_overrides_the_deployment_default() -> None:
     x = np.zeros(4)
     job_dp = StrategyConfig(name="fedasync_delta", clip_norm=1.0, dp_noise_multiplier=0.7)
     s = build_strategy(job_dp, x, options=StrategyOptions(dp_seed=3))
-    dp = s.inner.inner  # RejectNonFinite(MaxStaleness(GaussianDP(core)))
+    dp = _inner2(s)  # RejectNonFinite(MaxStaleness(GaussianDP(core)))
     assert isinstance(dp, GaussianDP) and dp.noise_multiplier == 0.7 and dp.seed == 3
     deploy = StrategyOptions(dp_noise_multiplier=2.0)
     unset = StrategyConfig(name="fedasync_delta", clip_norm=1.0)
-    dp = build_strategy(unset, x, options=deploy).inner.inner
+    dp = _inner2(build_strategy(unset, x, options=deploy))
     assert isinstance(dp, GaussianDP) and dp.noise_multiplier == 2.0
     opted_out = StrategyConfig(name="fedasync_delta", clip_norm=1.0, dp_noise_multiplier=0.0)
-    assert isinstance(build_strategy(opted_out, x, options=deploy).inner.inner, ClipL2)
+    assert isinstance(_inner2(build_strategy(opted_out, x, options=deploy)), ClipL2)
     # same job, same seed, same update id: the same noisy model (replay-safe)
     a, b = build_strategy(job_dp, x), build_strategy(job_dp, x)
     for s in (a, b):
