@@ -127,20 +127,25 @@ class SelectionConfig:
     """How a job fills its slots.
 
     ``async``: keep ``concurrency`` devices training, refill as updates arrive (default).
-    ``sync``: the baseline — rounds; each invites ``over_select(concurrency,
-    over_selection)`` devices and closes when ``concurrency`` updates were accepted or
-    after ``round_deadline_s``; leftover tasks of a closed round are expired.
+    ``sync``: the baseline — rounds of ``K = sync_round_size(...)`` updates; each invites
+    ``over_select(K, over_selection)`` devices and closes when ``K`` updates were accepted
+    or after ``round_deadline_s``; leftover tasks of a closed round are expired. The next
+    round opens only once the published model moved past the closed round's base (see
+    ``next_round``), or ``round_grace_s`` after the closed round's deadline.
     """
 
     mode: Literal["async", "sync"] = "async"
     over_selection: float = 1.3
     round_deadline_s: float = 120.0
+    round_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.mode not in ("async", "sync"):
             raise JobError("selection", "mode must be 'async' or 'sync'")
         if not self.over_selection >= 1.0 or not self.round_deadline_s > 0:
             raise JobError("selection", "over_selection >= 1 and round_deadline_s > 0")
+        if not self.round_grace_s >= 0:
+            raise JobError("selection", "round_grace_s must be >= 0")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SelectionConfig:
@@ -159,6 +164,94 @@ class SelectionConfig:
 def round_closed(accepted_in_round: int, target: int, deadline_ts: float, now: float) -> bool:
     """A synchronous round ends when enough updates arrived or at its deadline."""
     return accepted_in_round >= target or now >= deadline_ts
+
+
+def sync_round_size(concurrency: int, strategy: str, buffer_size: int) -> int:
+    """Updates per synchronous round (``K``), the same number on both sides.
+
+    Under FedAvg the aggregator closes a round (advances the shard version) after exactly
+    ``strategy.buffer_size`` admitted updates and rejects anything trained on an older
+    version (``wrong_round``), so the coordinator's round size must be that ``K``: fewer
+    and the shards never advance (every round waits out the grace period), more and the
+    surplus lands on the next version and is rejected. Other strategies accept any base,
+    so their rounds are ``concurrency`` updates.
+    """
+    return buffer_size if strategy == "fedavg" else concurrency
+
+
+def encode_versions(versions: Sequence[int] | None) -> str:
+    """Shard versions for the round hash: ``"3,3"``; ``""`` = unknown."""
+    return "" if not versions else ",".join(str(int(v)) for v in versions)
+
+
+def decode_versions(raw: str | None) -> list[int] | None:
+    """Inverse of ``encode_versions``; None for missing or malformed values."""
+    if not raw:
+        return None
+    try:
+        return [int(v) for v in raw.split(",")]
+    except ValueError:
+        return None
+
+
+NextRound = Literal["wait", "advanced", "short", "untracked", "grace"]
+
+
+def next_round(
+    *,
+    closed: bool,
+    pending: int,
+    round_size: int,
+    base_versions: Sequence[int] | None,
+    latest_versions: Sequence[int] | None,
+    deadline_ts: float,
+    grace_s: float,
+    now: float,
+) -> NextRound:
+    """May the next synchronous round open? ``"wait"`` = no; any other value = yes, because:
+
+    * ``advanced``: every shard of the job's newest published model is past the version
+      it had when the closed round opened (the aggregators applied the round and the
+      registry published it, so invited devices pull the new model);
+    * ``short``: the round closed at its deadline with fewer than ``round_size`` (``K``)
+      updates outstanding (``pending`` = accepted in this round + carried from earlier
+      short rounds): the aggregators will not advance on their own, the current version is
+      still the round's, so the next round trains on it and completes the buffer;
+    * ``untracked``: the round recorded no base versions (no registry view, or a round
+      opened before this rule) — the old behaviour, open at once;
+    * ``grace``: ``grace_s`` past the round's deadline the model still has not moved
+      (updates lost or rejected); open anyway so the job cannot stall.
+    """
+    if not closed:
+        return "wait"
+    if not base_versions:
+        return "untracked"
+    if (
+        latest_versions is not None
+        and len(latest_versions) == len(base_versions)
+        and all(new > old for new, old in zip(latest_versions, base_versions, strict=True))
+    ):
+        return "advanced"
+    if pending < round_size and now >= deadline_ts:
+        return "short"
+    if now >= deadline_ts + grace_s:
+        return "grace"
+    return "wait"
+
+
+def round_carry(decision: NextRound, pending: int) -> int:
+    """Updates still buffered on the aggregators when the next round opens.
+
+    Only a ``short`` round leaves a known partial buffer; after ``advanced`` it was
+    applied, and after ``grace``/``untracked`` the aggregators' state is unknown (0, so a
+    wrong guess costs at most one more grace period, never a stall).
+    """
+    return max(0, pending) if decision == "short" else 0
+
+
+def round_target(round_size: int, carry: int) -> int:
+    """Accepted updates that close the next round: what is missing from ``K``."""
+    return max(1, round_size - max(0, carry))
 
 
 def _tiebreak(device_id: str, salt: str) -> int:

@@ -7,6 +7,12 @@ Each pass (every ``selection_tick_s``, or sooner when an upload frees a slot):
 2. free slots = ``concurrency`` - active leases; ``policy.select`` picks devices;
 3. each pick gets a task (one-use token, lease in Redis) produced to ``fl.tasks``;
 4. eligible devices left waiting get a ``Pace`` (at most once per their delay).
+
+Jobs with ``selection.mode == "sync"`` run in rounds instead (``sync_round``): a round
+closes on count or deadline, and the next one opens only when ``policy.next_round``
+allows it — once the job's newest published model moved past the shard versions recorded
+when the closed round opened (``latest_versions``), so invited devices never pull the
+old model (their updates would be FedAvg ``wrong_round`` rejects).
 """
 
 from __future__ import annotations
@@ -24,10 +30,17 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.policy import (
     DeviceView,
     EligibilityPolicy,
+    NextRound,
+    decode_versions,
+    encode_versions,
+    next_round,
     over_select,
     pace_delay,
+    round_carry,
     round_closed,
+    round_target,
     select,
+    sync_round_size,
 )
 from coordinator.settings import CoordinatorSettings
 from coordinator.tasks import TaskStore, new_token
@@ -36,6 +49,8 @@ from schemas.messages import Pace, Task, encode
 log = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes, int], Awaitable[None]]
+# Shard versions of the newest published model of a job (None: unknown / none yet).
+LatestVersions = Callable[[Job], Awaitable[list[int] | None]]
 
 _UNLOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -54,6 +69,7 @@ class Selector:
         producer: Any,
         publish: Publish | None,
         metrics: CoordinatorMetrics,
+        latest_versions: LatestVersions | None = None,
     ) -> None:
         self.s = settings
         self.fleet = fleet
@@ -62,6 +78,8 @@ class Selector:
         self.producer = producer
         self.publish = publish
         self.metrics = metrics
+        self.latest_versions = latest_versions
+        self._k_warned: set[str] = set()
         self._wake = asyncio.Event()
         self._next_pace: dict[str, float] = {}
         self._reissue: dict[str, list[str]] = {}
@@ -204,49 +222,117 @@ class Selector:
             await self._pace([d for d in waiting if d not in taken], now, jobs)
         return issued
 
+    async def _versions(self, job: Job) -> list[int] | None:
+        if self.latest_versions is None:
+            return None
+        try:
+            return await self.latest_versions(job)
+        except Exception:
+            self.metrics.errors.labels(loop="round_versions").inc()
+            log.warning("no model versions for %s", job.spec.job_id, exc_info=True)
+            return None
+
+    def _round_size(self, job: Job) -> int:
+        spec = job.spec
+        k = sync_round_size(spec.concurrency, spec.strategy.name, spec.strategy.buffer_size)
+        if k != spec.concurrency and spec.job_id not in self._k_warned:
+            self._k_warned.add(spec.job_id)
+            log.warning(
+                "job %s: sync rounds use the FedAvg buffer_size K=%d, not concurrency=%d",
+                spec.job_id, k, spec.concurrency,
+            )  # fmt: skip
+        return k
+
+    async def _close_round(self, jid: str, now: float) -> None:
+        """Expire the closed round's leftover tasks and release their devices."""
+        r = self.tasks.r
+        for task_id in await r.zrange(self.tasks.leases_key(jid), 0, -1):
+            rec = await self.tasks.get(task_id)
+            if rec is None:
+                await r.zrem(self.tasks.leases_key(jid), task_id)
+                continue
+            ok, _ = await self.tasks.transition(
+                rec,
+                "expired",
+                ("offered", "accepted"),
+                expired_ts=repr(now),
+                reason="round_closed",
+            )
+            if ok:
+                await self.tasks.bump(jid, "tasks_round_closed")
+                await self.fleet.release_task(
+                    rec.device_id, task_id, contributed=False, outcome="round_closed"
+                )
+
     async def sync_round(self, job: Job, now: float, taken: set[str]) -> list[Task]:
-        """Synchronous baseline: run the job in rounds with over-selection and a deadline."""
+        """Synchronous baseline: run the job in rounds with over-selection and a deadline.
+
+        Round hash ``{p}round:{job}``: ``round``, ``started``, ``deadline``, ``accepted0``
+        (job's accepted count at open), ``target`` (accepted updates that close it),
+        ``carry`` (updates of earlier short rounds still buffered on the aggregators),
+        ``versions0`` (shard versions of the newest model at open), ``closed`` (when it
+        closed; its leftover tasks were expired then).
+        """
         jid = job.spec.job_id
         key = f"{self.tasks.p}round:{jid}"
         r = self.tasks.r
+        k = self._round_size(job)
         cur = await r.hgetall(key)
         accepted = (await self.tasks.stats(jid)).get("updates_accepted", 0)
+        carry = 0
+        decision: NextRound | None = None
+        latest: list[int] | None = None
         if cur:
             in_round = accepted - int(cur.get("accepted0", 0))
-            if not round_closed(in_round, job.spec.concurrency, float(cur["deadline"]), now):
+            deadline_ts = float(cur["deadline"])
+            target = int(cur.get("target") or k)
+            if not cur.get("closed"):
+                if not round_closed(in_round, target, deadline_ts, now):
+                    return []
+                await self._close_round(jid, now)
+                await r.hset(key, "closed", repr(now))
+            base = decode_versions(cur.get("versions0"))
+            latest = await self._versions(job) if base else None
+            pending = int(cur.get("carry") or 0) + in_round
+            decision = next_round(
+                closed=True, pending=pending, round_size=k, base_versions=base,
+                latest_versions=latest, deadline_ts=deadline_ts,
+                grace_s=job.selection.round_grace_s, now=now,
+            )  # fmt: skip
+            if decision == "wait":
                 return []
-            for task_id in await r.zrange(self.tasks.leases_key(jid), 0, -1):
-                rec = await self.tasks.get(task_id)
-                if rec is None:
-                    await r.zrem(self.tasks.leases_key(jid), task_id)
-                    continue
-                ok, _ = await self.tasks.transition(
-                    rec,
-                    "expired",
-                    ("offered", "accepted"),
-                    expired_ts=repr(now),
-                    reason="round_closed",
-                )
-                if ok:
-                    await self.tasks.bump(jid, "tasks_round_closed")
-                    await self.fleet.release_task(
-                        rec.device_id, task_id, contributed=False, outcome="round_closed"
-                    )
-        invite = over_select(job.spec.concurrency, job.selection.over_selection)
+            carry = round_carry(decision, pending)
+        target = round_target(k, carry)
+        invite = over_select(target, job.selection.over_selection)
         cands, _ = await self.fleet.candidates(
             invite * self.s.candidate_factor, _acceptor(job.eligibility, taken, now), now
         )
         picks = select(cands, invite, policy=job.eligibility, now=now, salt=f"{jid}:{int(now)}")
         if not picks:
             return []
+        # The model the invited devices will pull (just read if the round was tracked).
+        versions = latest if latest is not None else await self._versions(job)
         deadline = now + job.selection.round_deadline_s
         out = await self._issue_all(job, picks, now, taken, deadline)
         if not out:
             return []
-        await r.hset(key, mapping={
+        pipe = r.pipeline(transaction=True)
+        pipe.delete(key)
+        pipe.hset(key, mapping={
             "round": int(cur.get("round", 0)) + 1, "started": repr(now),
             "deadline": repr(deadline), "accepted0": accepted, "invited": len(out),
+            "target": target, "carry": carry, "versions0": encode_versions(versions),
         })  # fmt: skip
+        await pipe.execute()
+        if decision is not None:
+            await self.tasks.bump(jid, f"rounds_opened_{decision}")
+        if decision == "grace":
+            self.metrics.errors.labels(loop="round_grace").inc()
+            log.warning(
+                "job %s: round %s did not move the model %.0fs past its deadline; "
+                "opened round %s anyway",
+                jid, cur.get("round"), now - float(cur["deadline"]), int(cur["round"]) + 1,
+            )  # fmt: skip
         return out
 
     async def _pace(self, waiting: list[str], now: float, jobs: list[Job]) -> None:

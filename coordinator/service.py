@@ -30,7 +30,7 @@ from coordinator.dispatcher import run_dispatcher
 from coordinator.errors import CoordinatorError, NotFound
 from coordinator.fleet import FleetStore
 from coordinator.ingest import Router, TelemetryBatcher, subscriptions
-from coordinator.jobs import JobStore
+from coordinator.jobs import Job, JobStore
 from coordinator.kafka import ensure_topics, make_consumer, make_producer
 from coordinator.metrics import CoordinatorMetrics, default_metrics
 from coordinator.registry import ModelRegistry
@@ -128,6 +128,7 @@ class Coordinator:
             producer=self.producer,
             publish=self.publish,
             metrics=self.metrics,
+            latest_versions=self.latest_shard_versions,
         )
         self.uploads = UploadHandler(
             tasks=self.tasks,
@@ -307,6 +308,24 @@ class Coordinator:
             await self.apply_shard_version(rec.value or b"")
             await consumer.commit()
 
+    async def latest_shard_versions(self, job: Job) -> list[int] | None:
+        """Shard versions of ``job``'s newest published model (what ``/latest`` serves
+        unless pinned); None when the newest version is not this job's or there is none.
+        The model directory is shared, so every coordinator process sees the writer's."""
+
+        def read() -> list[int] | None:
+            name = job.spec.model_name
+            v = self.registry.newest_version(name)
+            if v is None:
+                return None
+            try:
+                m = self.registry.manifest(name, v)
+            except NotFound:  # pruned between the scan and the read
+                return None
+            return list(m.shard_versions) if m.job_id == job.spec.job_id else None
+
+        return await asyncio.to_thread(read)
+
     async def apply_shard_version(self, value: bytes) -> int | None:
         """Fold one ``fl.models`` record in; returns the new global version, if any."""
         try:
@@ -326,6 +345,7 @@ class Coordinator:
         if m is None:
             return None
         self.metrics.versions.inc()
+        self.selector.wake(sv.job_id)  # a sync round may be waiting for this version
         return m.version
 
     async def _shard_stats(self, sv: ShardVersion) -> None:

@@ -15,10 +15,14 @@ import pytest
 import zstandard
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from coordinator.ingest import TelemetryBatcher
+from coordinator.jobs import Job, build_job
+from coordinator.selector import Selector
 from coordinator.service import Coordinator
 from coordinator.settings import CoordinatorSettings
 from schemas.messages import (
     DeviceStatus,
+    JobSpec,
     Message,
     ShardUpdate,
     ShardVersion,
@@ -30,6 +34,7 @@ from schemas.messages import (
     decode,
     encode,
 )
+from tests.test_coordinator_support import FakeProducer, make_state, redis_url  # noqa: F401
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": "Bearer adm"}
@@ -335,3 +340,87 @@ async def test_two_coordinators_share_the_fleet(
             await c1.selector.locked_pass()
             await c2.selector.locked_pass()
         assert (await c2.tasks.stats(jid))["tasks_issued"] == 3
+
+
+def _shard_version(spec: JobSpec, shard: int, version: int) -> ShardVersion:
+    b = spec.shard_bounds
+    raw = np.zeros(b[shard + 1] - b[shard], dtype="<f4").tobytes()
+    return ShardVersion(
+        job_id=spec.job_id, model_name=spec.model_name, shard=shard, start=b[shard],
+        stop=b[shard + 1], version=version, updates_applied=version, ts=time.time(),
+        params=zstandard.ZstdCompressor().compress(raw))  # fmt: skip
+
+
+async def test_sync_round_opens_only_after_the_model_moved(
+    redis_url: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Redis only: a closed FedAvg round holds the next one until every shard of the
+    newest published model advanced (the real registry + ``latest_shard_versions``), and
+    a round that never moves the model is given up after the grace period."""
+    state, _ = await make_state(redis_url, tmp_path, f"g{time.time_ns()}:")
+    shim: Any = type("Shim", (), {"registry": state.registry})()
+
+    async def latest(job: Job) -> list[int] | None:
+        return await Coordinator.latest_shard_versions(shim, job)
+
+    sel = Selector(settings=state.settings, fleet=state.fleet, tasks=state.tasks,
+                   jobs=state.jobs, producer=FakeProducer(), publish=None,
+                   metrics=state.metrics, latest_versions=latest)  # fmt: skip
+    batcher = TelemetryBatcher(state.fleet, state.metrics, batch=100, interval_s=0.01)
+
+    async def heartbeat(ts: float) -> None:  # keep the 8 devices online at the test's clock
+        for i in range(8):
+            batcher.add(Telemetry(device_id=f"d{i}", ts=ts, battery=90.0, charging=False,
+                                  network="wifi", metered=False))  # fmt: skip
+        await batcher.flush()
+        # the store stamps arrival time; move "last seen" to the test's (future) clock
+        await state.fleet.r.zadd(f"{state.fleet.p}seen", {f"d{i}": ts for i in range(8)})
+
+    job = build_job({
+        "model_name": "m", "shards": 2, "concurrency": 3,
+        "spec": {"family": "softmax", "n_features": 4, "n_classes": 2},
+        "strategy": {"name": "fedavg", "buffer_size": 2},
+        "selection": {"mode": "sync", "over_selection": 1.5, "round_deadline_s": 50.0,
+                      "round_grace_s": 20.0},
+    })  # fmt: skip
+    jid, spec = job.spec.job_id, job.spec
+    await state.jobs.put(job)
+    state.registry.create_initial(spec)
+    now = time.time()
+    await heartbeat(now)
+    key = f"{state.tasks.p}round:{jid}"
+    try:
+        r1 = (await sel.select_once(now))[jid]
+        assert len(r1) == 3  # K = buffer_size 2 (not concurrency 3), x 1.5 invited
+        h = await state.tasks.r.hgetall(key)
+        assert h["versions0"] == "0,0" and h["target"] == "2"
+        await state.tasks.bump(jid, "updates_accepted", 2)  # round 1 closes on count
+        assert (await sel.select_once(now))[jid] == []  # aggregators not flushed yet
+        assert (await state.tasks.r.hgetall(key))["closed"]
+        state.registry.apply(spec, _shard_version(spec, 0, 1))
+        assert (await sel.select_once(now + 1))[jid] == []  # half-updated model
+        state.registry.apply(spec, _shard_version(spec, 1, 1))
+        r2 = (await sel.select_once(now + 2))[jid]  # every shard moved: round 2
+        assert len(r2) == 3
+        h = await state.tasks.r.hgetall(key)
+        assert h["round"] == "2" and h["versions0"] == "1,1"
+        # round 2 closes on count but its updates are lost: open after deadline + grace
+        await state.tasks.bump(jid, "updates_accepted", 2)
+        assert (await sel.select_once(now + 40))[jid] == []
+        assert (await sel.select_once(now + 2 + 50 + 19))[jid] == []
+        await heartbeat(now + 2 + 50 + 20)
+        r3 = (await sel.select_once(now + 2 + 50 + 20))[jid]
+        assert len(r3) == 3
+        stats = await state.tasks.stats(jid)
+        assert stats["rounds_opened_advanced"] == 1 and stats["rounds_opened_grace"] == 1
+        # round 3 closes at its deadline with 1 of 2 updates: the aggregator will not flush
+        # on its own, so round 4 opens at once and only needs the missing update
+        await state.tasks.bump(jid, "updates_accepted", 1)
+        await heartbeat(now + 2 + 70 + 50)
+        r4 = (await sel.select_once(now + 2 + 70 + 50))[jid]
+        assert len(r4) == 2  # over_select(1, 1.5)
+        h = await state.tasks.r.hgetall(key)
+        assert h["carry"] == "1" and h["target"] == "1"
+    finally:
+        await state.tasks.r.aclose()

@@ -5,7 +5,20 @@ from __future__ import annotations
 import pytest
 
 from coordinator.errors import JobError
-from coordinator.policy import DeviceView, EligibilityPolicy, over_select, pace_delay, select
+from coordinator.policy import (
+    DeviceView,
+    EligibilityPolicy,
+    SelectionConfig,
+    decode_versions,
+    encode_versions,
+    next_round,
+    over_select,
+    pace_delay,
+    round_carry,
+    round_target,
+    select,
+    sync_round_size,
+)
 
 NOW = 1_000_000.0
 
@@ -93,3 +106,62 @@ def test_over_select_and_pace() -> None:
     assert len(delays) > 40  # spread, not a thundering herd
     assert all(500.0 <= d < 1500.0 for d in delays)  # ~ waiting / rate, jittered
     assert pace_delay("d1", 30.0, 1, 10.0, "s") >= 15.0  # floored at base
+
+
+def gate(**kw: object) -> str:
+    """``next_round`` for a closed K=10 round opened on versions [3, 3], deadline NOW."""
+    base: dict[str, object] = dict(
+        closed=True, pending=10, round_size=10, base_versions=[3, 3],
+        latest_versions=[3, 3], deadline_ts=NOW, grace_s=30.0, now=NOW - 5.0,
+    )  # fmt: skip
+    base.update(kw)
+    return next_round(**base)  # type: ignore[arg-type]
+
+
+def test_next_round_waits_until_every_shard_moved() -> None:
+    assert gate(closed=False, latest_versions=[4, 4]) == "wait"  # round still open
+    assert gate() == "wait"  # closed on count, aggregators not flushed yet
+    assert gate(latest_versions=[4, 3]) == "wait"  # one shard flushed: half-updated model
+    assert gate(latest_versions=None) == "wait"  # registry has nothing for the job (yet)
+    assert gate(latest_versions=[4]) == "wait"  # shard count mismatch: not comparable
+    assert gate(latest_versions=[4, 4]) == "advanced"
+    assert gate(latest_versions=[9, 5], now=NOW + 999.0) == "advanced"
+
+
+def test_next_round_grace_bounds_the_wait() -> None:
+    assert gate(now=NOW + 29.9) == "wait"
+    assert gate(now=NOW + 30.0) == "grace"  # lost round: open anyway after the grace
+    assert gate(latest_versions=[4, 3], now=NOW + 31.0) == "grace"
+    assert gate(grace_s=0.0, now=NOW) == "grace"
+
+
+def test_next_round_short_round_and_untracked() -> None:
+    # closed at the deadline with fewer than K outstanding: the aggregator will not flush
+    assert gate(pending=4, now=NOW) == "short"
+    assert gate(pending=0, now=NOW) == "short"
+    assert gate(pending=4, now=NOW - 1.0) == "wait"  # (not closed by deadline yet)
+    assert gate(pending=12, now=NOW + 1.0) == "wait"  # K reached: wait for the flush
+    assert gate(base_versions=None) == "untracked"  # no registry view: old behaviour
+    assert gate(base_versions=[]) == "untracked"
+
+
+def test_round_carry_and_target() -> None:
+    assert round_carry("short", 4) == 4 and round_target(10, 4) == 6
+    for d in ("advanced", "grace", "untracked"):
+        assert round_carry(d, 12) == 0
+    assert round_target(10, 0) == 10 and round_target(10, 25) == 1
+
+
+def test_sync_round_size_matches_the_aggregator_k() -> None:
+    assert sync_round_size(30, "fedavg", 30) == 30
+    assert sync_round_size(30, "fedavg", 10) == 10  # the aggregator's K wins
+    assert sync_round_size(30, "fedasync", 10) == 30  # any base admitted: concurrency
+
+
+def test_versions_round_trip_and_grace_validation() -> None:
+    assert encode_versions([3, 14]) == "3,14" and decode_versions("3,14") == [3, 14]
+    assert encode_versions(None) == "" and decode_versions("") is None
+    assert decode_versions("3,x") is None
+    assert SelectionConfig.from_dict({"mode": "sync"}).round_grace_s == 30.0
+    with pytest.raises(JobError):
+        SelectionConfig(round_grace_s=-1.0)
