@@ -177,11 +177,21 @@ async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
             monitor = ModelMonitor(http, "digits", job_id, test)
             view = ProgressView(s.target_accuracy, s.time_budget_s, quiet=s.as_json)
             streak = 0
+            poll_errors = 0
             with view:
                 while True:
                     services.check_alive()
                     prev = monitor.snap.version
-                    snap = await monitor.poll()
+                    try:
+                        snap = await monitor.poll()
+                        poll_errors = 0
+                    except (httpx.HTTPError, StackError) as exc:
+                        poll_errors += 1  # a busy coordinator may time out; retry a while
+                        if poll_errors >= 10:
+                            msg = f"demo: coordinator REST keeps failing: {exc}"
+                            raise StackError(msg) from None
+                        await asyncio.sleep(1.0)
+                        continue
                     view.update(snap, fleet.stats())
                     if snap.version != prev:
                         streak = streak + 1 if snap.accuracy >= s.target_accuracy else 0
@@ -190,13 +200,13 @@ async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
                     if time.monotonic() - t0 >= s.time_budget_s:
                         break
                     await asyncio.sleep(0.5)
-            # Stop selecting, let accepted work land, then freeze the model we report.
+            # Stop selecting and stop the fleet (tasks still training are abandoned), let
+            # every upload already acknowledged land (exactly once), then freeze the model.
             await http.post(f"/v1/jobs/{job_id}/stop", headers=admin)
             fleet_view = (await http.get("/v1/fleet")).json()
-            await monitor.drain(quiet_s=3.0, timeout_s=30.0)
             fleet_stats = fleet.stats()
             await fleet.stop()
-            snap = await monitor.drain(quiet_s=2.0, timeout_s=15.0)
+            snap = await monitor.drain(quiet_s=2.0, timeout_s=30.0)
             onnx_path = s.out_dir / "digits.onnx"
             onnx_version, onnx_acc = await monitor.export_onnx(onnx_path)
             job_view = (await http.get(f"/v1/jobs/{job_id}")).json()

@@ -38,7 +38,9 @@ async def test_small_fleet_trains_end_to_end(stack: StackInfo, tmp_path: Path) -
     assert summary["updates_applied"] > 0
     # Exactly once: after the drain every acknowledged upload was applied, none rejected.
     assert summary["updates_applied"] == summary["updates_accepted"], summary
-    assert summary["rejected_by_reason"] == {}, summary
+    # ("duplicate": a shard handed over in a rebalance replays records its previous owner
+    # had applied; the dedupe window skips them, which the new owner counts as rejections)
+    assert set(summary["rejected_by_reason"]) <= {"duplicate"}, summary
     assert summary["devices_participated"] > 1
     assert summary["model_version"] > 0
     assert summary["stack"]["kafka"].startswith("external")
