@@ -2,7 +2,7 @@
 
 ``FakeModelServer`` serves the coordinator's model REST endpoints (``docs/wire.md``) from
 memory through ``httpx.MockTransport``, signs with a fresh Ed25519 key, and can be told to
-tamper with what it serves. ``export_onnx`` builds the reference ONNX graph of a model.
+tamper with what it serves. ONNX artifacts come from the coordinator's own exporter.
 """
 
 from __future__ import annotations
@@ -20,42 +20,12 @@ import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from coordinator.onnx_export import export
 from edge_agent.models import onnx_message, weights_message
 from schemas.messages import ModelManifest, ModelSpecMsg
-from schemas.modelspec import layout, num_params, unflatten
+from schemas.modelspec import num_params
 
 F32 = npt.NDArray[np.float32]
-
-
-def export_onnx(spec: ModelSpecMsg, flat: F32) -> bytes:
-    """ONNX graph ``x[N, F] -> logits[N, C]`` equal to ``schemas.modelspec.forward``."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    p = unflatten(spec, np.asarray(flat, dtype=np.float32))
-    inits = [numpy_helper.from_array(np.ascontiguousarray(p[t.name]), t.name) for t in layout(spec)]
-    if spec.family == "softmax":
-        nodes = [
-            helper.make_node("MatMul", ["x", "W"], ["xw"]),
-            helper.make_node("Add", ["xw", "b"], ["logits"]),
-        ]
-    else:
-        nodes = [
-            helper.make_node("MatMul", ["x", "W1"], ["h0"]),
-            helper.make_node("Add", ["h0", "b1"], ["h1"]),
-            helper.make_node("Relu", ["h1"], ["h"]),
-            helper.make_node("MatMul", ["h", "W2"], ["o0"]),
-            helper.make_node("Add", ["o0", "b2"], ["logits"]),
-        ]
-    graph = helper.make_graph(
-        nodes,
-        "fedfleet",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", spec.n_features])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", spec.n_classes])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return bytes(model.SerializeToString())
 
 
 @dataclass
@@ -114,7 +84,7 @@ class FakeModelServer:
             signature=sig,
             created_ts=time.time(),
         )
-        onnx_bytes = export_onnx(spec, params) if self.with_onnx else b""
+        onnx_bytes = export(spec, params) if self.with_onnx else b""
         odig = hashlib.sha256(onnx_bytes).hexdigest()
         osig = self.key.sign(onnx_message(name, version, odig)).hex()
         versions.append(_Published(manifest, data, onnx_bytes, osig))

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 
 from fedfleet.errors import StackError
 from fedfleet.monitor import ModelMonitor, ProgressView
@@ -174,7 +173,7 @@ async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
                 api_url=services.rest_url, public_key_hex=key,
             )  # fmt: skip
             await stack.enter_async_context(fleet)
-            monitor = ModelMonitor(http, "digits", job_id, test)
+            monitor = ModelMonitor(http, "digits", job_id, test, public_key_hex=key)
             view = ProgressView(s.target_accuracy, s.time_budget_s, quiet=s.as_json)
             streak = 0
             poll_errors = 0
@@ -243,4 +242,3 @@ async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
     return summary
 
 
-_ = np

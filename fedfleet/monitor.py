@@ -4,7 +4,6 @@ updates applied, staleness, devices by state; and a live progress view."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -16,9 +15,10 @@ import httpx
 import numpy as np
 
 from edge_agent.data import Dataset
+from edge_agent.errors import AgentError
+from edge_agent.models import ModelClient
+from edge_agent.trainers import accuracy
 from fedfleet.errors import StackError
-from schemas.messages import ModelSpecMsg
-from schemas.modelspec import forward
 
 
 @dataclass
@@ -33,13 +33,23 @@ class Snapshot:
 
 
 class ModelMonitor:
-    """Pulls the latest model like a device would, and scores it on a test set."""
+    """Pulls the latest model like a device would (``edge_agent.models.ModelClient``: digest
+    and Ed25519 signature checked) and scores it on a test set."""
 
-    def __init__(self, http: httpx.AsyncClient, model: str, job_id: str, test: Dataset) -> None:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        model: str,
+        job_id: str,
+        test: Dataset,
+        *,
+        public_key_hex: str = "",
+    ) -> None:
         self.http = http
         self.model = model
         self.job_id = job_id
         self.test = test
+        self.models = ModelClient(http, str(http.base_url), public_key_hex=public_key_hex)
         self.snap = Snapshot()
         self.history: list[Snapshot] = []
 
@@ -50,7 +60,11 @@ class ModelMonitor:
         return r.json()
 
     async def poll(self) -> Snapshot:
-        man = await self._json(f"/v1/models/{self.model}/latest")
+        try:
+            man = await self.models.latest_manifest(self.model)
+            flat = await self.models.weights(man) if man.version != self.snap.version else None
+        except AgentError as exc:
+            raise StackError(f"model {self.model}: {exc}") from None
         job = await self._json(f"/v1/jobs/{self.job_id}")
         fleet = await self._json("/v1/fleet")
         snap = Snapshot(
@@ -59,18 +73,10 @@ class ModelMonitor:
             accuracy=self.snap.accuracy,
             t=time.monotonic(),
         )
-        if man["version"] != self.snap.version:
-            r = await self.http.get(f"/v1/models/{self.model}/versions/{man['version']}/weights")
-            if r.status_code != 200:
-                raise StackError(f"weights of version {man['version']}: {r.status_code}")
-            if hashlib.sha256(r.content).hexdigest() != man["digest"]:
-                raise StackError(f"weights of version {man['version']} fail their digest")
-            flat = np.frombuffer(r.content, dtype="<f4").astype(np.float32)
-            spec = ModelSpecMsg(**man["spec"])
-            pred = forward(spec, flat, self.test.x).argmax(axis=1)
-            snap.accuracy = float((pred == self.test.y).mean())
-            snap.version = int(man["version"])
-            snap.shard_versions = list(man["shard_versions"])
+        if flat is not None:
+            snap.accuracy = accuracy(man.spec, flat, self.test.x, self.test.y)
+            snap.version = man.version
+            snap.shard_versions = list(man.shard_versions)
         snap.updates_applied = int(job.get("updates_applied", 0))
         snap.mean_staleness = float(job.get("mean_staleness", 0.0))
         snap.fleet = fleet
@@ -92,22 +98,20 @@ class ModelMonitor:
             await asyncio.sleep(0.25)
 
     async def export_onnx(self, path: Path) -> tuple[int, float]:
-        """Download the latest ONNX artifact, verify its digest, score it in onnxruntime."""
+        """Download the latest verified ONNX artifact, write it, score it in onnxruntime."""
         import onnxruntime as ort
 
-        r = await self.http.get(f"/v1/models/{self.model}/latest.onnx")
-        if r.status_code != 200:
-            raise StackError(f"latest.onnx: {r.status_code} {r.text[:200]}")
-        digest = r.headers.get("X-Fedfleet-Digest", "")
-        if digest and digest != f"sha256={hashlib.sha256(r.content).hexdigest()}":
-            raise StackError("latest.onnx failed its digest check")
+        try:
+            art = await self.models.onnx(self.model, self.snap.version)
+        except AgentError as exc:
+            raise StackError(f"latest.onnx: {exc}") from None
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(r.content)
+        path.write_bytes(art.data)
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
         logits = sess.run(None, {name: self.test.x.astype(np.float32)})[0]
         acc = float((np.asarray(logits).argmax(axis=1) == self.test.y).mean())
-        return int(r.headers.get("X-Fedfleet-Version", -1)), acc
+        return art.version, acc
 
 
 class ProgressView:

@@ -7,9 +7,12 @@ import asyncio
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from fedfleet.errors import StackError
 from fedfleet.stack import StackInfo
@@ -28,6 +31,8 @@ class ServiceSet:
         admin_token: str = "demo-admin-token",
         topic_prefix: str = "fl.",
         coordinator_args: tuple[str, ...] = (),
+        aggregator_args: tuple[str, ...] = (),
+        aggregator_history_size: int = 128,
     ) -> None:
         self.info = info
         self.workdir = workdir
@@ -35,6 +40,8 @@ class ServiceSet:
         self.admin_token = admin_token
         self.topic_prefix = topic_prefix
         self.coordinator_args = coordinator_args
+        self.aggregator_args = aggregator_args
+        self.aggregator_history_size = aggregator_history_size
         self.http_port = free_port()
         self.coordinator: ManagedProcess | None = None
         self.aggregators: list[ManagedProcess] = []
@@ -77,8 +84,9 @@ class ServiceSet:
             "--topic-prefix", self.topic_prefix,
             "--checkpoint-dir", str(self.workdir / "checkpoints"),
             "--client-id", f"agg-{i}",
-            "--history-size", "128",
+            "--history-size", str(self.aggregator_history_size),
             "--metrics-port", str(port),
+            *self.aggregator_args,
         ]  # fmt: skip
         p = ManagedProcess(
             f"aggregator-{i}", argv, log_path=self.workdir / f"aggregator-{i}.log", env=self._env()
@@ -114,19 +122,8 @@ class ServiceSet:
 
     async def aggregator_rejections(self) -> dict[str, float]:
         """Updates rejected by the aggregators, by reason (summed over their /metrics)."""
-        out: dict[str, float] = {}
         async with httpx.AsyncClient(timeout=3.0) as http:
-            for port in self.aggregator_metrics_ports:
-                try:
-                    text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
-                except httpx.HTTPError:
-                    continue
-                for line in text.splitlines():
-                    if line.startswith("fedfleet_aggregator_updates_rejected_total{"):
-                        labels, value = line.rsplit(" ", 1)
-                        reason = labels.split('reason="', 1)[1].split('"', 1)[0]
-                        out[reason] = out.get(reason, 0.0) + float(value)
-        return out
+            return (await scrape(http, self.aggregator_metrics_ports)).rejected
 
     def check_alive(self) -> None:
         for p in [self.coordinator, *self.aggregators]:
@@ -138,3 +135,61 @@ class ServiceSet:
             p.stop(timeout=10.0)
         if self.coordinator is not None:
             self.coordinator.stop(timeout=10.0)
+
+
+@dataclass
+class AggMetrics:
+    """Summed counters of all aggregator workers at one instant."""
+
+    applied_by_shard: dict[str, float] = field(default_factory=dict)
+    rejected: dict[str, float] = field(default_factory=dict)
+    staleness_buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative
+    published: float = 0.0
+    t: float = 0.0
+
+    @property
+    def applied(self) -> float:
+        return sum(self.applied_by_shard.values())
+
+    def minus(self, other: AggMetrics) -> AggMetrics:
+        def d(a: dict[Any, float], b: dict[Any, float]) -> dict[Any, float]:
+            return {k: v - b.get(k, 0.0) for k, v in a.items()}
+
+        return AggMetrics(
+            d(self.applied_by_shard, other.applied_by_shard), d(self.rejected, other.rejected),
+            d(self.staleness_buckets, other.staleness_buckets),
+            self.published - other.published, self.t,
+        )  # fmt: skip
+
+    def staleness_hist(self) -> list[tuple[str, int]]:
+        """Per-bucket (not cumulative) counts, labelled ``le``."""
+        out, prev = [], 0.0
+        for le in sorted(self.staleness_buckets):
+            c = self.staleness_buckets[le]
+            label = "+Inf" if le == float("inf") else f"{le:g}"
+            out.append((label, round(c - prev)))
+            prev = c
+        return out
+
+
+async def scrape(http: httpx.AsyncClient, ports: list[int]) -> AggMetrics:
+    m = AggMetrics(t=time.monotonic())
+    for port in ports:
+        try:
+            r = await http.get(f"http://127.0.0.1:{port}/metrics", timeout=5.0)
+        except httpx.HTTPError:
+            continue
+        for fam in text_string_to_metric_families(r.text):
+            for s in fam.samples:
+                if s.name == "fedfleet_aggregator_updates_applied_total":
+                    k = s.labels.get("shard", "?")
+                    m.applied_by_shard[k] = m.applied_by_shard.get(k, 0.0) + s.value
+                elif s.name == "fedfleet_aggregator_updates_rejected_total":
+                    k = s.labels.get("reason", "?")
+                    m.rejected[k] = m.rejected.get(k, 0.0) + s.value
+                elif s.name == "fedfleet_aggregator_staleness_bucket":
+                    le = float(s.labels["le"])
+                    m.staleness_buckets[le] = m.staleness_buckets.get(le, 0.0) + s.value
+                elif s.name == "fedfleet_aggregator_versions_published_total":
+                    m.published += s.value
+    return m

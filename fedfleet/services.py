@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
-import sys
 import types
 import typing
 from collections.abc import Awaitable, Callable
@@ -157,4 +156,3 @@ def run_aggregator(args: argparse.Namespace) -> int:
 
 
 __all__ = ["add_dataclass_flags", "register"]
-_ = sys

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import threading
@@ -122,4 +121,3 @@ def _down() -> int:
 
 
 __all__ = ["add_server_flags", "register", "settings_from"]
-_ = os

@@ -26,10 +26,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from fedfleet.procs_services import scrape
 from loadtest.fleet import FleetSpec
 from loadtest.pool import FleetPool
 from loadtest.runner import Env, Progress, Timeline
-from loadtest.services import scrape, wait_quiet
+from loadtest.services import wait_quiet
 from loadtest.train import TrainSettings, job_body
 
 ACTIVE = ("offered", "accepted", "uploading")

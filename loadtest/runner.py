@@ -150,6 +150,7 @@ async def environment(
         services = LoadServices(
             info, workdir, aggregators=aggregators, topic_prefix=f"lt{run_id}.",
             coordinator_args=coordinator_args, aggregator_args=aggregator_args,
+            aggregator_history_size=256,
             admin_token=f"lt-{uuid.uuid4().hex}",
         )  # fmt: skip
         stack.callback(services.stop)

@@ -4,45 +4,17 @@ ports), jobs over REST, aggregator metrics, and the coordinator's Redis state.""
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from fedfleet.errors import StackError
-from fedfleet.procs_services import ServiceSet
-from fedfleet.stack.procs import ManagedProcess, free_port
+from fedfleet.procs_services import AggMetrics, ServiceSet, scrape
 
 
 class LoadServices(ServiceSet):
-    """``ServiceSet`` whose aggregators serve Prometheus metrics on free ports."""
-
-    def __init__(self, *args: Any, aggregator_args: tuple[str, ...] = (), **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.aggregator_args = aggregator_args
-        self.metrics_ports: list[int] = []
-
-    def start_aggregator(self, i: int) -> ManagedProcess:
-        port = free_port()
-        self.metrics_ports.append(port)
-        argv = [
-            sys.executable, "-m", "fedfleet", "aggregator",
-            "--kafka", self.info.kafka_bootstrap,
-            "--topic-prefix", self.topic_prefix,
-            "--checkpoint-dir", str(self.workdir / "checkpoints"),
-            "--client-id", f"agg-{i}",
-            "--history-size", "256",
-            "--metrics-port", str(port),
-            *self.aggregator_args,
-        ]  # fmt: skip
-        p = ManagedProcess(
-            f"aggregator-{i}", argv, log_path=self.workdir / f"aggregator-{i}.log", env=self._env()
-        )
-        p.start()
-        return p
+    """``ServiceSet`` plus what the load-test scenarios read: process ids, Redis prefix."""
 
     def pids(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -54,66 +26,15 @@ class LoadServices(ServiceSet):
         return out
 
     @property
-    def redis_prefix(self) -> str:
-        return f"ff:{self.topic_prefix}"
-
-
-@dataclass
-class AggMetrics:
-    """Summed counters of all aggregator workers at one instant."""
-
-    applied_by_shard: dict[str, float] = field(default_factory=dict)
-    rejected: dict[str, float] = field(default_factory=dict)
-    staleness_buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative
-    published: float = 0.0
-    t: float = 0.0
+    def metrics_ports(self) -> list[int]:
+        return self.aggregator_metrics_ports
 
     @property
-    def applied(self) -> float:
-        return sum(self.applied_by_shard.values())
+    def redis_prefix(self) -> str:
+        """The coordinator's Redis key prefix for this run's topic prefix."""
+        from coordinator.settings import CoordinatorSettings
 
-    def minus(self, other: AggMetrics) -> AggMetrics:
-        def d(a: dict[Any, float], b: dict[Any, float]) -> dict[Any, float]:
-            return {k: v - b.get(k, 0.0) for k, v in a.items()}
-
-        return AggMetrics(
-            d(self.applied_by_shard, other.applied_by_shard), d(self.rejected, other.rejected),
-            d(self.staleness_buckets, other.staleness_buckets),
-            self.published - other.published, self.t,
-        )  # fmt: skip
-
-    def staleness_hist(self) -> list[tuple[str, int]]:
-        """Per-bucket (not cumulative) counts, labelled ``le``."""
-        out, prev = [], 0.0
-        for le in sorted(self.staleness_buckets):
-            c = self.staleness_buckets[le]
-            label = "+Inf" if le == float("inf") else f"{le:g}"
-            out.append((label, round(c - prev)))
-            prev = c
-        return out
-
-
-async def scrape(http: httpx.AsyncClient, ports: list[int]) -> AggMetrics:
-    m = AggMetrics(t=time.monotonic())
-    for port in ports:
-        try:
-            r = await http.get(f"http://127.0.0.1:{port}/metrics", timeout=5.0)
-        except httpx.HTTPError:
-            continue
-        for fam in text_string_to_metric_families(r.text):
-            for s in fam.samples:
-                if s.name == "fedfleet_aggregator_updates_applied_total":
-                    k = s.labels.get("shard", "?")
-                    m.applied_by_shard[k] = m.applied_by_shard.get(k, 0.0) + s.value
-                elif s.name == "fedfleet_aggregator_updates_rejected_total":
-                    k = s.labels.get("reason", "?")
-                    m.rejected[k] = m.rejected.get(k, 0.0) + s.value
-                elif s.name == "fedfleet_aggregator_staleness_bucket":
-                    le = float(s.labels["le"])
-                    m.staleness_buckets[le] = m.staleness_buckets.get(le, 0.0) + s.value
-                elif s.name == "fedfleet_aggregator_versions_published_total":
-                    m.published += s.value
-    return m
+        return CoordinatorSettings(topic_prefix=self.topic_prefix).key_prefix
 
 
 class Api:

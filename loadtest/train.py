@@ -20,10 +20,11 @@ from redis.asyncio import Redis
 
 from edge_agent.data import load_digits_split
 from fedfleet.monitor import ModelMonitor
+from fedfleet.procs_services import AggMetrics, scrape
 from loadtest.fleet import FleetSpec
 from loadtest.pool import FleetPool
 from loadtest.runner import Env, Progress, Timeline
-from loadtest.services import AggMetrics, scrape, wait_quiet
+from loadtest.services import wait_quiet
 
 
 @dataclass(frozen=True, kw_only=True)

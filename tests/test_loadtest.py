@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from fedfleet.procs_services import AggMetrics
 from fedfleet.stack import StackInfo
 from loadtest import report
 from loadtest.churn import task_summary
@@ -20,7 +21,6 @@ from loadtest.cli import main
 from loadtest.fleet import FleetSpec
 from loadtest.hetero import diurnal_plug_factor, transfer_delay
 from loadtest.pool import FleetPool
-from loadtest.services import AggMetrics
 
 
 def _servers(stack: StackInfo) -> list[str]:

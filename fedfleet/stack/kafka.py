@@ -203,7 +203,10 @@ async def kafka_brokers(bootstrap: str, *, timeout: float = 5.0) -> int:
 
     from aiokafka import AIOKafkaClient
 
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    # Connection-refused noise while a broker starts is expected; keep it out of the log.
+    aiokafka_log = logging.getLogger("aiokafka")
+    level = aiokafka_log.level
+    aiokafka_log.setLevel(logging.CRITICAL)
     client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
     try:
         await asyncio.wait_for(client.bootstrap(), timeout)
@@ -213,7 +216,7 @@ async def kafka_brokers(bootstrap: str, *, timeout: float = 5.0) -> int:
         return len(client.cluster.brokers())
     finally:
         await client.close()
-        logging.getLogger("aiokafka").setLevel(logging.NOTSET)
+        aiokafka_log.setLevel(level)
 
 
 def tansu_binary() -> str | None:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from fedfleet.errors import StackError
-from fedfleet.stack.procs import ManagedProcess, free_port
+from fedfleet.stack.procs import ManagedProcess, ProcessServer
 
 
 def mosquitto_binary() -> str | None:
@@ -44,23 +44,22 @@ def _wait(name: str, proc: ManagedProcess, host: str, port: int, timeout: float)
     raise StackError(f"MQTT ({name}): not ready on {host}:{port} after {timeout:.0f}s ({last})")
 
 
-class Mosquitto:
+class _Broker(ProcessServer):
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        assert self.proc is not None
+        _wait(self.impl, self.proc, self.host, self.port, timeout)
+
+
+class Mosquitto(_Broker):
     impl = "mosquitto"
-    detach = False
 
     def __init__(self, workdir: Path, *, max_connections: int = -1) -> None:
         binary = mosquitto_binary()
         if binary is None:
             raise StackError("MQTT: mosquitto not installed (apt-get install -y mosquitto)")
+        super().__init__(workdir)
         self.binary = binary
-        self.workdir = workdir
-        self.port = free_port()
         self.max_connections = max_connections
-        self.proc: ManagedProcess | None = None
-
-    @property
-    def host(self) -> str:
-        return "127.0.0.1"
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -87,28 +86,13 @@ class Mosquitto:
                 ]
             )
         )
-        log_path = self.workdir / "mosquitto.log"
-        argv = [self.binary, "-c", str(conf)]
-        self.proc = ManagedProcess("mosquitto", argv, log_path=log_path, detach=self.detach)
-        self.proc.start()
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        assert self.proc is not None
-        _wait("mosquitto", self.proc, self.host, self.port, timeout)
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.stop()
-
-    def pids(self) -> list[int]:
-        return [self.proc.pid] if self.proc and self.proc.pid else []
+        self._launch([self.binary, "-c", str(conf)], "mosquitto.log")
 
 
-class Amqtt:
+class Amqtt(_Broker):
     """amqtt's broker in a child Python process: the pip-only fallback."""
 
     impl = "amqtt"
-    detach = False
 
     def __init__(self, workdir: Path) -> None:
         try:
@@ -118,13 +102,7 @@ class Amqtt:
                 "MQTT: neither mosquitto nor amqtt is installed "
                 "(apt-get install -y mosquitto, or pip install 'fedfleet[fallback]')"
             ) from exc
-        self.workdir = workdir
-        self.port = free_port()
-        self.proc: ManagedProcess | None = None
-
-    @property
-    def host(self) -> str:
-        return "127.0.0.1"
+        super().__init__(workdir)
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -136,18 +114,4 @@ class Amqtt:
             "    allow_anonymous: true\n"
         )
         argv = [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(conf)]
-        self.proc = ManagedProcess(
-            "amqtt", argv, log_path=self.workdir / "amqtt.log", detach=self.detach
-        )
-        self.proc.start()
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        assert self.proc is not None
-        _wait("amqtt", self.proc, self.host, self.port, timeout)
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.stop()
-
-    def pids(self) -> list[int]:
-        return [self.proc.pid] if self.proc and self.proc.pid else []
+        self._launch(argv, "amqtt.log")

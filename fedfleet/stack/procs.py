@@ -153,3 +153,32 @@ def pid_alive(pid: int) -> bool:
         return state != "Z"
     except OSError:
         return True
+
+
+class ProcessServer:
+    """A local server run as one `ManagedProcess` on a free loopback port.
+
+    Subclasses set ``impl``, write their config and call ``_launch`` from ``start()``.
+    """
+
+    impl = ""
+    detach = False
+    host = "127.0.0.1"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: ManagedProcess | None = None
+
+    def _launch(self, argv: Sequence[str], log_name: str) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log_path = self.workdir / log_name
+        self.proc = ManagedProcess(self.impl, argv, log_path=log_path, detach=self.detach)
+        self.proc.start()
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.stop()
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc and self.proc.pid else []

