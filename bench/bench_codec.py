@@ -4,9 +4,13 @@ For each size (1M and 10M parameters; ``--quick``: 100k and 1M) and each setting
 and 0.1% with int8, dense int8) it reports bytes on the wire and the ratio against raw fp32,
 encode and decode throughput, and the time of decode + apply (``DecodedChunk.add_to``) as a
 ratio to numpy's raw sparse add ``target[idx] += vals`` of the same indices/values (dense:
-``target += vals``), measured in the same run. Times are medians over ``--repeats`` runs.
+``target += vals``), measured in the same run. Times are medians over ``--repeats``
+samples; a sample times a batch of calls lasting ≥ ~20 ms, so that microsecond-sized calls
+are not lost in timer and scheduler noise. Decode + apply and the raw add are sampled
+alternately. ``--no-kernels`` runs the pure-numpy path of ``schemas.codec.kernels``
+(``FEDFLEET_CODEC_KERNELS=0``) instead of the C kernels.
 
-    .venv/bin/python bench/bench_codec.py [--quick] [--repeats N] [--json]
+    .venv/bin/python bench/bench_codec.py [--quick] [--repeats N] [--no-kernels] [--json]
 
 ``--json`` prints one JSON line last. Numbers are written down in BENCHMARKS.md, never
 asserted.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -27,8 +32,10 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if "--no-kernels" in sys.argv:
+    os.environ["FEDFLEET_CODEC_KERNELS"] = "0"
 
-from schemas.codec import CodecConfig, decode, encode
+from schemas.codec import CodecConfig, decode, encode, kernels
 
 SETTINGS: dict[str, CodecConfig] = {
     "topk1%+int8": CodecConfig(topk=0.01, quant="int8", zstd_level=3),
@@ -37,14 +44,25 @@ SETTINGS: dict[str, CodecConfig] = {
 }
 
 
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    times = []
+def _batch(fn: Callable[[], object], min_s: float = 0.02) -> int:
+    """Calls per sample so that one sample lasts at least ``min_s``."""
     fn()  # warm-up
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t0, 1e-7)
+    return max(1, int(min_s / one) + 1)
+
+
+def _sample(fn: Callable[[], object], calls: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return (time.perf_counter() - t0) / calls
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    calls = _batch(fn)
+    return statistics.median(_sample(fn, calls) for _ in range(repeats))
 
 
 def bench_one(n: int, name: str, cfg: CodecConfig, repeats: int, seed: int = 0) -> dict[str, Any]:
@@ -68,16 +86,13 @@ def bench_one(n: int, name: str, cfg: CodecConfig, repeats: int, seed: int = 0) 
         else:
             target[idx] += vals
 
-    # Interleave the two so that machine load hits both alike.
+    # Alternate the two so that machine load hits both alike.
+    calls_da, calls_raw = _batch(decode_apply), _batch(raw_add)
     t_da: list[float] = []
     t_raw: list[float] = []
-    decode_apply()
-    raw_add()
     for _ in range(max(repeats, 3)):
-        for fn, out in ((decode_apply, t_da), (raw_add, t_raw)):
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
+        t_da.append(_sample(decode_apply, calls_da))
+        t_raw.append(_sample(raw_add, calls_raw))
     t_da_m, t_raw_m = statistics.median(t_da), statistics.median(t_raw)
     return {
         "params": n,
@@ -102,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes (100k, 1M)")
     ap.add_argument("--json", action="store_true", help="print one JSON line last")
     ap.add_argument("--repeats", type=int, default=0, help="timing repeats (default 7, quick 3)")
+    ap.add_argument("--no-kernels", action="store_true", help="pure-numpy codec path")
     args = ap.parse_args(argv)
     sizes = [100_000, 1_000_000] if args.quick else [1_000_000, 10_000_000]
     repeats = args.repeats or (3 if args.quick else 7)
@@ -128,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             "numpy": np.__version__,
             "machine": platform.machine(),
             "repeats": repeats,
+            "c_kernels": kernels.HAVE_C,
         }
         print(json.dumps({"bench": "codec", "meta": meta, "results": rows}))
     return 0

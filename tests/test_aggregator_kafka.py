@@ -276,7 +276,7 @@ def _nan_frame(n: int) -> bytes:
     v = np.zeros(n, dtype="<f4")
     v[1] = np.nan
     return fr.pack(
-        quant=0, flags=0, width=0, length=n, k=n, scale=1.0, planes=fr.byte_planes(v), level=1
+        quant=0, flags=0, nlow=0, length=n, k=n, scale=1.0, planes=fr.byte_planes(v), level=1
     )
 
 

@@ -59,17 +59,18 @@ def _frame(
     quant: str = "none",
     length: int = 10,
     k: int = 3,
-    width: int = 1,
+    nlow: int = 0,
+    sparse: bool = True,
     scale: float = 1.0,
     flags: int | None = None,
 ) -> bytes:
     """Hand-build a frame (valid header and CRC) around arbitrary planes."""
     if flags is None:
-        flags = fr.FLAG_SPARSE if width else 0
+        flags = fr.FLAG_SPARSE if sparse else 0
     return fr.pack(
         quant=fr.QUANT_CODES[quant],
         flags=flags,
-        width=width,
+        nlow=nlow,
         length=length,
         k=k,
         scale=scale,
@@ -80,6 +81,22 @@ def _frame(
 
 def _value_planes(vals: object) -> list[np.ndarray]:
     return fr.byte_planes(np.asarray(vals, dtype="<f4"))
+
+
+def _ef(
+    highs: list[int], lows: list[int] | None = None, *, length: int = 10, nlow: int = 0
+) -> list[np.ndarray]:
+    """Elias–Fano index streams with bit ``highs[i] + i`` set (no validity checks)."""
+    k = len(highs)
+    nbytes = (k + ((length - 1) >> (8 * nlow)) + 1 + 7) // 8
+    bits = np.zeros(nbytes * 8, np.uint8)
+    for i, h in enumerate(highs):
+        bits[h + i] = 1
+    planes = [np.packbits(bits, bitorder="little")]
+    if nlow:
+        lo = np.asarray(lows, dtype="<u4").view(np.uint8).reshape(k, 4)
+        planes += [np.ascontiguousarray(lo[:, j]) for j in range(nlow)]
+    return planes
 
 
 # ------------------------------------------------------------------------------ round trips
@@ -362,54 +379,80 @@ def _reason(frame: object, length: int = 10, **kw: int) -> str:
 
 
 def test_handmade_frame_is_valid() -> None:
-    gaps = np.array([1, 2, 3], np.uint8)
-    chunk = decode(_frame([gaps, *_value_planes([1, 2, 3])]), 10)
+    chunk = decode(_frame([*_ef([1, 3, 6]), *_value_planes([1, 2, 3])]), 10)
     assert chunk.indices is not None
     assert chunk.indices.tolist() == [1, 3, 6]
     assert chunk.values.tolist() == [1.0, 2.0, 3.0]
+    ef = _ef([0, 1, 1], [7, 44, 45], length=600, nlow=1)
+    chunk = decode(_frame([*ef, *_value_planes([1, 2, 3])], length=600, nlow=1), 600)
+    assert chunk.indices is not None
+    assert chunk.indices.tolist() == [7, 256 + 44, 256 + 45]
 
 
 def test_decode_rejects_indices_out_of_range() -> None:
-    assert _reason(_frame([np.array([1, 2, 7], np.uint8), *_value_planes([1, 2, 3])])) == "indices"
+    # a high part beyond (length-1) >> 8*nlow, and a last index >= length in the top bucket
+    assert _reason(_frame([*_ef([1, 2, 10]), *_value_planes([1, 2, 3])])) == "indices"
+    ef = _ef([0, 1, 1], [1, 2, 200], length=300, nlow=1)
+    assert _reason(_frame([*ef, *_value_planes([1, 2, 3])], length=300, nlow=1), 300) == "indices"
 
 
 def test_decode_rejects_duplicate_indices() -> None:
-    assert _reason(_frame([np.array([1, 0, 3], np.uint8), *_value_planes([1, 2, 3])])) == "indices"
+    ef = _ef([0, 1, 1], [7, 44, 44], length=600, nlow=1)
+    frame = _frame([*ef, *_value_planes([1, 2, 3])], length=600, nlow=1)
+    assert _reason(frame, 600) == "indices"
+    assert _reason(_frame([*_ef([1, 1, 3]), *_value_planes([1, 2, 3])])) == "indices"
 
 
 def test_decode_rejects_unsorted_indices() -> None:
-    # Gaps are unsigned: a descending pair is a huge gap, which lands out of range.
-    gaps = np.array([5, -2 & 0xFFFF, 1], dtype="<u2")
-    planes = fr.byte_planes(gaps)
-    assert _reason(_frame([*planes, *_value_planes([1, 2, 3])], width=2)) == "indices"
+    ef = _ef([0, 1, 1], [7, 50, 40], length=600, nlow=1)
+    assert _reason(_frame([*ef, *_value_planes([1, 2, 3])], length=600, nlow=1), 600) == "indices"
 
 
-def test_decode_rejects_wide_gap_overflow() -> None:
-    gaps = np.array([0, 2**31, 2**31], dtype="<u4")
-    frame = _frame([*fr.byte_planes(gaps), *_value_planes([1, 2, 3])], width=4, length=2**32 - 1)
-    assert _reason(frame, 2**32 - 1) == "indices"
+def test_decode_rejects_wrong_number_of_set_bits() -> None:
+    bits = _ef([1, 3, 6])[0].copy()
+    more = bits.copy()
+    more[1] |= 0x80  # bit 15: a fourth set bit
+    assert _reason(_frame([more, *_value_planes([1, 2, 3])])) == "indices"
+    fewer = np.zeros_like(bits)
+    fewer[0] = 0b10  # only one set bit
+    assert _reason(_frame([fewer, *_value_planes([1, 2, 3])])) == "indices"
+
+
+def test_decode_rejects_index_streams_of_the_wrong_size() -> None:
+    bits = _ef([1, 3, 6])[0]
+    longer = np.concatenate([bits, np.zeros(1, np.uint8)])
+    assert _reason(_frame([longer, *_value_planes([1, 2, 3])])) == "codec"
+    ef = _ef([0, 1, 1], [7, 44, 45], length=600, nlow=1)
+    short_low = [ef[0], ef[1][:2]]
+    assert _reason(_frame([*short_low, *_value_planes([1, 2, 3])], length=600, nlow=1), 600) == (
+        "codec"
+    )
+
+
+def test_decode_rejects_wide_indices_past_length() -> None:
+    n = 2**32 - 1
+    ef = _ef([255, 255, 255], [0xFFFFFD, 0xFFFFFE, 0xFFFFFF], length=n, nlow=3)
+    assert _reason(_frame([*ef, *_value_planes([1, 2, 3])], length=n, nlow=3), n) == "indices"
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_decode_rejects_non_finite_values(bad: float) -> None:
-    assert _reason(_frame([np.array([1, 1, 1], np.uint8), *_value_planes([1, bad, 3])])) == (
-        "non_finite"
-    )
+    assert _reason(_frame([*_ef([1, 2, 3]), *_value_planes([1, bad, 3])])) == "non_finite"
     half = fr.byte_planes(np.array([1, bad, 3], dtype="<f2"))
-    frame = _frame([np.array([1, 1, 1], np.uint8), *half], quant="fp16")
+    frame = _frame([*_ef([1, 2, 3]), *half], quant="fp16")
     assert _reason(frame) == "non_finite"
 
 
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), -1.0, 3e38])
 def test_decode_rejects_bad_int8_scale(scale: float) -> None:
     q = np.array([1, 127, 3], np.int8).view(np.uint8)
-    frame = _frame([np.array([1, 1, 1], np.uint8), q], quant="int8", scale=scale)
+    frame = _frame([*_ef([1, 2, 3]), q], quant="int8", scale=scale)
     assert _reason(frame) in {"non_finite", "codec"}
 
 
 def test_decode_rejects_int8_minus_128() -> None:
     q = np.array([1, -128, 3], np.int8).view(np.uint8)
-    assert _reason(_frame([np.array([1, 1, 1], np.uint8), q], quant="int8")) == "codec"
+    assert _reason(_frame([*_ef([1, 2, 3]), q], quant="int8")) == "codec"
 
 
 def test_decode_rejects_wrong_length() -> None:
@@ -422,9 +465,9 @@ def test_decode_rejects_wrong_length() -> None:
 
 def test_decode_rejects_bad_k() -> None:
     vals = _value_planes(np.ones(11))
-    assert _reason(_frame([np.ones(11, np.uint8), *vals], k=11)) == "shape"
+    assert _reason(_frame([np.ones(3, np.uint8), *vals], k=11)) == "shape"
     dense = _value_planes(np.ones(3))
-    assert _reason(_frame(dense, width=0, k=3)) == "shape"  # dense frame must have k == length
+    assert _reason(_frame(dense, sparse=False, k=3)) == "shape"  # dense frame: k == length
 
 
 def test_decode_rejects_non_bytes_and_oversize() -> None:
@@ -451,9 +494,10 @@ def test_decode_rejects_header_damage() -> None:
 
 def _reheader(frame: bytes, **fields: int) -> bytes:
     """Rewrite header fields and fix the CRC (so the deeper checks are exercised)."""
-    names = ["magic", "version", "quant", "flags", "width", "length", "k", "scale"]
+    names = ["magic", "version", "quant", "flags", "nlow", "length", "k", "scale"]
     head = dict(zip(names, struct.unpack_from("<4sBBBBIIf", frame), strict=True))
-    n = head["width"] + fr.QUANT_ITEMSIZE[head["quant"]]
+    n_index = 1 + head["nlow"] if head["flags"] & fr.FLAG_SPARSE else 0
+    n = n_index + fr.QUANT_ITEMSIZE[head["quant"]]
     sizes = frame[fr.HEAD_SIZE : fr.HEAD_SIZE + 4 * n]
     body = frame[fr.HEAD_SIZE + 4 * n + 4 :]
     head.update(fields)
@@ -463,7 +507,15 @@ def _reheader(frame: bytes, **fields: int) -> bytes:
 
 @pytest.mark.parametrize(
     "fields",
-    [{"version": 2}, {"quant": 3}, {"flags": 0x80}, {"flags": 0}, {"width": 5}, {"magic": 0}],
+    [
+        {"version": 1},
+        {"version": 3},
+        {"quant": 3},
+        {"flags": 0x80},
+        {"flags": 0},
+        {"nlow": 4},
+        {"magic": 0},
+    ],
 )
 def test_decode_rejects_bad_header_fields(fields: dict[str, int]) -> None:
     frame = encode(np.arange(10, dtype=np.float32), CodecConfig(topk=0.3))
@@ -476,19 +528,19 @@ def test_decode_rejects_bad_header_fields(fields: dict[str, int]) -> None:
 def test_decode_rejects_zstd_bombs() -> None:
     # A stream that declares (and holds) far more than k bytes.
     bomb = zstandard.ZstdCompressor(level=1).compress(b"\0" * (8 << 20))
-    head = struct.pack("<4sBBBBIIf", fr.MAGIC, 1, 2, 0, 0, 10, 10, 1.0)
+    head = struct.pack("<4sBBBBIIf", fr.MAGIC, fr.FORMAT_VERSION, 2, 0, 0, 10, 10, 1.0)
     head += struct.pack("<I", len(bomb))
     frame = head + struct.pack("<I", zlib.crc32(head)) + bomb
     assert _reason(frame) == "codec"
     # A stream without a declared content size.
     stream = zstandard.ZstdCompressor(write_content_size=False).compressobj()
     nosize = stream.compress(b"\0" * 10) + stream.flush()
-    head = struct.pack("<4sBBBBIIf", fr.MAGIC, 1, 2, 0, 0, 10, 10, 1.0)
+    head = struct.pack("<4sBBBBIIf", fr.MAGIC, fr.FORMAT_VERSION, 2, 0, 0, 10, 10, 1.0)
     head += struct.pack("<I", len(nosize))
     assert _reason(head + struct.pack("<I", zlib.crc32(head)) + nosize) == "codec"
     # A header that asks for a huge allocation is refused before decompressing anything.
     huge = 2**32 - 1
-    head = struct.pack("<4sBBBBIIf", fr.MAGIC, 1, 0, 0, 0, huge, huge, 1.0)
+    head = struct.pack("<4sBBBBIIf", fr.MAGIC, fr.FORMAT_VERSION, 0, 0, 0, huge, huge, 1.0)
     head += struct.pack("<4I", 9, 9, 9, 9)
     frame = head + struct.pack("<I", zlib.crc32(head)) + b"\0" * 36
     assert _reason(frame, huge) == "too_large"
@@ -520,7 +572,7 @@ def test_decode_bit_flips_raise_schema_error_or_decode_cleanly(
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200), st.integers(1, 1000))
 def test_decode_random_bytes_raise_schema_error(data: bytes, length: int) -> None:
-    for frame in (data, fr.MAGIC + bytes([1]) + data):
+    for frame in (data, fr.MAGIC + bytes([fr.FORMAT_VERSION]) + data):
         try:
             chunk = decode(frame, length)
         except SchemaError as exc:

@@ -12,7 +12,7 @@ import os
 import struct
 import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -20,6 +20,7 @@ import zstandard
 
 from schemas.codec import CodecConfig, DecodedChunk, decode, encode
 from schemas.codec import frame as fr
+from schemas.codec import kernels as kn
 from schemas.errors import SchemaError
 
 CASES = int(os.environ.get("FEDFLEET_FUZZ_CASES", "10000"))
@@ -47,25 +48,31 @@ def _corpus() -> list[Frame]:
     return out
 
 
-def _split(frame: bytes) -> tuple[list[object], bytes, list[bytes]] | None:
+Stream = tuple[bytes, bool]  # (stored bytes, stored raw?)
+
+
+def _split(frame: bytes) -> tuple[list[object], bytes, list[Stream]] | None:
     """Header fields, the raw size table and the streams of a well-formed frame."""
     try:
         fields = list(HEAD.unpack_from(frame))
-        n = fields[4] + fr.QUANT_ITEMSIZE[fields[2]]
+        sparse = int(fields[3]) & fr.FLAG_SPARSE
+        n = (1 + int(fields[4]) if sparse else 0) + fr.QUANT_ITEMSIZE[int(fields[2])]
         sizes = struct.unpack_from(f"<{n}I", frame, fr.HEAD_SIZE)
     except (struct.error, KeyError):
         return None
     pos = fr.HEAD_SIZE + 4 * n + 4
-    streams = []
+    streams: list[Stream] = []
     for s in sizes:
-        streams.append(frame[pos : pos + s])
-        pos += s
+        size = s & ~fr.RAW_BIT
+        streams.append((frame[pos : pos + size], bool(s & fr.RAW_BIT)))
+        pos += size
     return fields, frame[fr.HEAD_SIZE : fr.HEAD_SIZE + 4 * n], streams
 
 
-def _join(fields: list[object], streams: list[bytes]) -> bytes:
-    head = HEAD.pack(*fields) + b"".join(struct.pack("<I", len(s)) for s in streams)
-    return head + struct.pack("<I", zlib.crc32(head)) + b"".join(streams)
+def _join(fields: list[object], streams: list[Stream]) -> bytes:
+    sizes = b"".join(struct.pack("<I", len(d) | (fr.RAW_BIT if raw else 0)) for d, raw in streams)
+    head = HEAD.pack(*fields) + sizes
+    return head + struct.pack("<I", zlib.crc32(head)) + b"".join(d for d, _ in streams)
 
 
 def flip_bits(rng: np.random.Generator, f: bytes, n: int) -> Frame:
@@ -112,7 +119,7 @@ def header_field(rng: np.random.Generator, f: bytes, n: int) -> Frame:
     else:
         fields[i] = int(rng.integers(0, 8)) if rng.random() < 0.8 else int(rng.integers(256))
     head = HEAD.pack(*fields) + sizes
-    return head + struct.pack("<I", zlib.crc32(head)) + b"".join(streams), n
+    return head + struct.pack("<I", zlib.crc32(head)) + b"".join(d for d, _ in streams), n
 
 
 def stream_content(rng: np.random.Generator, f: bytes, n: int) -> Frame:
@@ -122,13 +129,15 @@ def stream_content(rng: np.random.Generator, f: bytes, n: int) -> Frame:
         return f, n
     fields, _, streams = parts
     j = int(rng.integers(len(streams)))
-    plane = bytearray(zstandard.ZstdDecompressor().decompress(streams[j]))
+    data, raw = streams[j]
+    plane = bytearray(data if raw else zstandard.ZstdDecompressor().decompress(data))
     if plane and rng.random() < 0.8:
         for _ in range(int(rng.integers(1, 4))):
             plane[int(rng.integers(len(plane)))] = int(rng.integers(256))
     else:
         plane += rng.bytes(int(rng.integers(1, 4)))
-    streams[j] = zstandard.ZstdCompressor(level=1).compress(bytes(plane))
+    raw = rng.random() < 0.5  # re-store either way: raw and zstd streams both get mutated
+    streams[j] = (bytes(plane) if raw else zstandard.ZstdCompressor(level=1).compress(plane), raw)
     return _join(fields, streams), n
 
 
@@ -144,7 +153,7 @@ def wrong_length(rng: np.random.Generator, f: bytes, n: int) -> Frame:
 
 def random_bytes(rng: np.random.Generator, f: bytes, n: int) -> Frame:
     body = rng.bytes(int(rng.integers(0, 200)))
-    return (fr.MAGIC + bytes([1]) + body if rng.random() < 0.5 else body), n
+    return (fr.MAGIC + bytes([fr.FORMAT_VERSION]) + body if rng.random() < 0.5 else body), n
 
 
 MUTATORS: list[Mutator] = [
@@ -176,8 +185,23 @@ def _check(chunk: DecodedChunk, n: int) -> None:
         assert chunk.indices[0] >= 0 and chunk.indices[-1] < n
 
 
+@pytest.fixture(params=["c", "numpy"])
+def codec_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Fuzz the C kernels and the pure-numpy fallback alike."""
+    c_module = kn._C
+    if request.param == "c" and c_module is None:
+        if os.environ.get("FEDFLEET_REQUIRE_REAL") == "1":
+            pytest.fail("the C codec kernels are not built")
+        pytest.skip("C codec kernels not built")
+    kn._C = c_module if request.param == "c" else None
+    try:
+        yield request.param
+    finally:
+        kn._C = c_module
+
+
 @pytest.mark.timeout(600)
-def test_fuzz_decode_only_raises_schema_error() -> None:
+def test_fuzz_decode_only_raises_schema_error(codec_path: str) -> None:
     rng = np.random.default_rng(SEED)
     outcomes: Counter[str] = Counter()
     for case in range(CASES):

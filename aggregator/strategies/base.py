@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from aggregator.errors import UpdateRejected
+from schemas.codec.kernels import scatter_add
 
 F32 = npt.NDArray[np.float32]
 IdxArray = npt.NDArray[np.integer]
@@ -66,16 +67,19 @@ class Chunk:
         return out
 
     def add_to(self, target: F32, scale: float = 1.0) -> None:
-        add_chunk(target, self, scale)
+        if self.indices is None:
+            target += np.float32(scale) * self.values
+        else:
+            scatter_add(target, self.indices, self.values, scale)
 
 
 def add_chunk(target: F32, chunk: ChunkLike, scale: float) -> None:
-    """``target += scale * chunk`` in place, touching only the chunk's coordinates."""
-    s = np.float32(scale)
-    if chunk.indices is None:
-        target += s * chunk.values
-    else:
-        target[chunk.indices] += s * chunk.values
+    """``target += scale * chunk`` in place, touching only the chunk's coordinates.
+
+    Delegates to the chunk (a decoded int8 chunk folds its quantised values in directly);
+    every implementation rounds like ``target[idx] += np.float32(scale) * values``.
+    """
+    chunk.add_to(target, scale)
 
 
 def rescaled(chunk: ChunkLike, length: int, factor: float) -> Chunk:

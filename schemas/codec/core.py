@@ -7,6 +7,7 @@ import numpy.typing as npt
 import zstandard
 
 from schemas.codec import frame as fr
+from schemas.codec import kernels as kn
 from schemas.codec import quant as qt
 from schemas.errors import SchemaError
 from schemas.messages import UPDATE_MAX_BYTES, CodecConfig
@@ -14,12 +15,6 @@ from schemas.messages import UPDATE_MAX_BYTES, CodecConfig
 F32 = npt.NDArray[np.float32]
 DEFAULT_MAX_FRAME_BYTES = UPDATE_MAX_BYTES
 DEFAULT_MAX_DECODED_BYTES = 1 << 30
-_GAP_DTYPES: dict[int, np.dtype[np.unsignedinteger]] = {
-    1: np.dtype("<u1"),
-    2: np.dtype("<u2"),
-    3: np.dtype("<u4"),
-    4: np.dtype("<u4"),
-}
 
 
 class DecodedChunk:
@@ -27,14 +22,35 @@ class DecodedChunk:
 
     ``indices`` are int64, strictly increasing and ``< length`` (checked by :func:`decode`);
     ``values`` are finite float32. Arrays may be read-only views of the decoded buffers.
+    An int8 frame keeps its quantised values: ``values`` dequantises them on first access,
+    and :meth:`add_to` folds them in without materialising ``values`` at all.
     """
 
-    __slots__ = ("indices", "length", "values")
+    __slots__ = ("_q", "_qscale", "_values", "indices", "length")
 
-    def __init__(self, length: int, indices: npt.NDArray[np.int64] | None, values: F32) -> None:
+    def __init__(
+        self,
+        length: int,
+        indices: npt.NDArray[np.int64] | None,
+        values: F32 | None,
+        *,
+        q: npt.NDArray[np.int8] | None = None,
+        qscale: float = 1.0,
+    ) -> None:
+        if values is None and q is None:
+            raise ValueError("DecodedChunk needs values or int8 q")
         self.length = length
         self.indices = indices
-        self.values = values
+        self._values = values
+        self._q = q
+        self._qscale = qscale
+
+    @property
+    def values(self) -> F32:
+        if self._values is None:
+            assert self._q is not None
+            self._values = qt.dequantize_int8(self._q, self._qscale)
+        return self._values
 
     @property
     def sparse(self) -> bool:
@@ -54,14 +70,18 @@ class DecodedChunk:
         return out
 
     def add_to(self, target: npt.NDArray[np.floating], scale: float = 1.0) -> None:
-        """``target += scale * delta`` in place; a sparse chunk touches only its k entries."""
+        """``target += scale * delta`` in place; a sparse chunk touches only its k entries.
+
+        Rounds exactly like ``target[indices] += np.float32(scale) * values``.
+        """
         if target.ndim != 1 or target.shape[0] != self.length:
             raise SchemaError("shape", f"target shape {target.shape} != ({self.length},)")
-        vals = self.values if scale == 1.0 else self.values * np.float32(scale)
         if self.indices is None:
-            target += vals
+            target += self.values if scale == 1.0 else self.values * np.float32(scale)
+        elif self._values is None and self._q is not None and target.dtype == np.float32:
+            kn.scatter_add(target, self.indices, self._q, scale, self._qscale)
         else:
-            target[self.indices] += vals
+            kn.scatter_add(target, self.indices, self.values, scale)
 
 
 def _check_input(values: np.ndarray) -> F32:
@@ -94,13 +114,13 @@ def encode(
     n = v.shape[0]
     count = qt.topk_count(n, cfg.topk) if k is None else min(n, max(1, int(k)))
     flags = 0
-    width = 0
-    planes: list[npt.NDArray[np.uint8]] = []
+    nlow = 0
+    planes: list[bytes | npt.NDArray[np.uint8]] = []
     if count < n:
         idx = qt.topk_indices(v, count)
-        gaps = np.diff(idx, prepend=np.int64(0))
-        width = max(1, (int(gaps.max()).bit_length() + 7) // 8)
-        planes = fr.byte_planes(gaps.astype(_GAP_DTYPES[width]))[:width]
+        nlow = kn.ef_choose_nlow(count, n)
+        bitmap, low = kn.ef_encode(idx, n, nlow)
+        planes = [bitmap, *low]
         v = v[idx]
         flags |= fr.FLAG_SPARSE
     quant = fr.QUANT_CODES[cfg.quant]
@@ -118,7 +138,7 @@ def encode(
     return fr.pack(
         quant=quant,
         flags=flags,
-        width=width,
+        nlow=nlow,
         length=n,
         k=count,
         scale=scale,
@@ -127,28 +147,19 @@ def encode(
     )
 
 
-def _indices(planes: list[bytes], head: fr.Header) -> npt.NDArray[np.int64]:
-    gaps = fr.join_planes(planes, _GAP_DTYPES[head.width])
-    if head.k > 1 and np.count_nonzero(gaps[1:]) != head.k - 1:
-        raise SchemaError("indices", "duplicate indices (zero gap)")
-    if head.width >= 3 and int(gaps.max()) >= head.length:
-        raise SchemaError("indices", "index gap out of range")
-    idx = np.cumsum(gaps, dtype=np.int64)
-    if idx[-1] >= head.length:
-        raise SchemaError("indices", f"index {int(idx[-1])} out of range {head.length}")
-    return idx
+def _indices(planes: list[bytes | memoryview], head: fr.Header) -> npt.NDArray[np.int64]:
+    low = b"".join(planes[1:]) if head.nlow > 1 else (bytes(planes[1]) if head.nlow else b"")
+    return kn.ef_decode(planes[0], low, head.nlow, head.k, head.length)
 
 
-def _values(planes: list[bytes], head: fr.Header) -> F32:
+def _values(planes: list[bytes | memoryview], head: fr.Header) -> tuple[F32 | None, float]:
+    """Float32 values, or ``(None, scale)`` for int8 (the caller keeps the int8 plane)."""
     if head.quant == fr.QUANT_CODES["int8"]:
         # |q| <= 127, so with a bounded scale every value is finite: no scan needed.
         if not 0.0 <= head.scale or not 127.0 * head.scale < qt.F32_OVERFLOW:
             reason = "non_finite" if head.scale != head.scale or head.scale > 0 else "codec"
             raise SchemaError(reason, f"bad int8 scale {head.scale!r}")
-        q = np.frombuffer(planes[0], dtype=np.int8)
-        if int(q.min()) == -128:
-            raise SchemaError("codec", "int8 value -128 is never produced by the encoder")
-        return qt.dequantize_int8(q, head.scale)
+        return None, head.scale
     if head.quant == fr.QUANT_CODES["fp16"]:
         if not (0.0 < head.scale < float("inf")):
             raise SchemaError("codec", "bad fp16 scale")
@@ -161,7 +172,14 @@ def _values(planes: list[bytes], head: fr.Header) -> F32:
         vals = fr.join_planes(planes, "<f4").astype(np.float32, copy=False)
     if not np.isfinite(vals).all():
         raise SchemaError("non_finite", "decoded values contain NaN or Inf")
-    return vals
+    return vals, 1.0
+
+
+def _int8(plane: bytes | memoryview) -> npt.NDArray[np.int8]:
+    q = np.frombuffer(plane, dtype=np.int8)
+    if int(q.min()) == -128:
+        raise SchemaError("codec", "int8 value -128 is never produced by the encoder")
+    return q
 
 
 def decode(
@@ -192,10 +210,14 @@ def decode(
         if head.k * n_streams > max_decoded_bytes:
             raise SchemaError("too_large", f"{head.k * n_streams} decoded bytes > limit")
         planes = fr.read_planes(frame, head)
-        values = _values(planes[head.width :], head)
-        indices = _indices(planes[: head.width], head) if head.sparse else None
+        n_index = 1 + head.nlow if head.sparse else 0
+        values, qscale = _values(planes[n_index:], head)
+        q = _int8(planes[n_index]) if values is None else None
+        indices = _indices(planes[:n_index], head) if head.sparse else None
     except SchemaError:
         raise
     except (ValueError, TypeError, OverflowError, MemoryError, zstandard.ZstdError) as exc:
         raise SchemaError("codec", f"{type(exc).__name__}: {exc}") from None
-    return DecodedChunk(head.length, indices, values)
+    if q is not None and indices is None:  # dense int8: materialise once, as before
+        return DecodedChunk(head.length, None, qt.dequantize_int8(q, qscale))
+    return DecodedChunk(head.length, indices, values, q=q, qscale=qscale)

@@ -1,19 +1,24 @@
 """Frame layout of the update codec: header, byte planes, bounded zstd.
 
-A frame is::
+A frame (format version 2) is::
 
-    header   <4sBBBBIIf  magic b"FFUC", format version, quant code, flags, index width,
+    header   <4sBBBBIIf  magic b"FFUC", format version, quant code, flags, low bytes,
                          chunk length, k (entries sent), scale (float32)
-    sizes    n x <I      compressed size of each stream (n = index width + value itemsize)
+    sizes    n x <I      size of each stream; bit 31 set = stored raw, else one zstd frame
     crc      <I          CRC-32 of header + sizes
-    streams  n zstd frames, each holding one byte plane of k bytes
+    streams  n streams
 
-Index gaps (``idx[0]``, then ``idx[i] - idx[i-1]``) are stored as ``width`` little-endian
-byte planes (plane j holds byte j of every gap); values as ``itemsize`` byte planes. Each
-plane is its own zstd frame (content size and checksum written): planes have very different
-statistics, and compressing them apart is ~10% smaller than one frame (measured, see
-``docs/codec.md``). Nothing is decompressed before its declared size is checked against the
-header, so a frame can never make the decoder allocate more than ``k * (width + itemsize)``.
+Sparse frames carry their indices Elias–Fano coded: stream 0 is the little-endian bitmap of
+the high parts (bit ``(idx[i] >> 8*nlow) + i`` set for every i), then ``nlow`` byte planes of
+the low parts (plane j = byte j of every index; ``nlow`` 0–3, chosen by the encoder to make
+the index part smallest). Values follow as ``itemsize`` byte planes (plane j = byte j of
+every value). Dense frames have only the value planes. Every stream decodes to a size fixed
+by the header (bitmap: ``ceil((k + ((length-1) >> 8*nlow) + 1) / 8)`` bytes, planes: ``k``
+bytes). A stream is zstd-compressed (content size and checksum written) unless that saves
+less than 1/16 of it; then it is stored raw, so the decoder does not pay zstd for
+incompressible planes (low index bytes, low mantissa bytes). Nothing is decompressed before
+its declared size is checked against the header, so a frame can never make the decoder
+allocate more than its header allows.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import struct
 import threading
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -31,14 +37,15 @@ import zstandard
 from schemas.errors import SchemaError
 
 MAGIC: Final = b"FFUC"
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
 QUANT_CODES: Final = {"none": 0, "fp16": 1, "int8": 2}
 QUANT_NAMES: Final = {v: k for k, v in QUANT_CODES.items()}
 QUANT_ITEMSIZE: Final = {0: 4, 1: 2, 2: 1}
 FLAG_SPARSE: Final = 0x01
 FLAG_STOCHASTIC: Final = 0x02
 KNOWN_FLAGS: Final = FLAG_SPARSE | FLAG_STOCHASTIC
-MAX_INDEX_WIDTH: Final = 4
+MAX_LOW_BYTES: Final = 3
+RAW_BIT: Final = 0x80000000
 MAX_LENGTH: Final = 0xFFFFFFFF
 
 _HEAD = struct.Struct("<4sBBBBIIf")
@@ -55,7 +62,7 @@ class Header:
 
     quant: int
     flags: int
-    width: int
+    nlow: int
     length: int
     k: int
     scale: float
@@ -65,6 +72,14 @@ class Header:
     @property
     def sparse(self) -> bool:
         return bool(self.flags & FLAG_SPARSE)
+
+    def stream_sizes(self) -> list[int]:
+        """Decoded size of every stream, in order (fixed by the header)."""
+        vals = [self.k] * QUANT_ITEMSIZE[self.quant]
+        if not self.sparse:
+            return vals
+        bitmap = (self.k + ((self.length - 1) >> (8 * self.nlow)) + 1 + 7) // 8
+        return [bitmap, *[self.k] * self.nlow, *vals]
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
@@ -100,18 +115,28 @@ def pack(
     *,
     quant: int,
     flags: int,
-    width: int,
+    nlow: int,
     length: int,
     k: int,
     scale: float,
-    planes: list[npt.NDArray[np.uint8]],
+    planes: Sequence[bytes | npt.NDArray[np.uint8]],
     level: int,
 ) -> bytes:
-    """Compress ``planes`` and prepend the header; the inverse of :func:`parse` + streams."""
+    """Compress ``planes`` (raw where zstd saves < 1/16) and prepend the header."""
     cctx = _compressor(level)
-    streams = [cctx.compress(p.data) for p in planes]
-    head = _HEAD.pack(MAGIC, FORMAT_VERSION, quant, flags, width, length, k, scale)
-    head += b"".join(_U32.pack(len(s)) for s in streams)
+    streams: list[bytes] = []
+    sizes: list[int] = []
+    for p in planes:
+        raw = p if isinstance(p, bytes) else p.tobytes()
+        packed = cctx.compress(raw)
+        if len(packed) * 16 > len(raw) * 15:
+            streams.append(raw)
+            sizes.append(len(raw) | RAW_BIT)
+        else:
+            streams.append(packed)
+            sizes.append(len(packed))
+    head = _HEAD.pack(MAGIC, FORMAT_VERSION, quant, flags, nlow, length, k, scale)
+    head += b"".join(_U32.pack(n) for n in sizes)
     head += _U32.pack(zlib.crc32(head))
     return b"".join([head, *streams])
 
@@ -120,7 +145,7 @@ def parse(frame: bytes | bytearray | memoryview, expected_length: int) -> Header
     """Validate the header of ``frame`` (magic, version, CRC, sizes, length)."""
     if len(frame) < MIN_FRAME:
         raise SchemaError("codec", f"frame of {len(frame)} bytes is shorter than a header")
-    magic, version, quant, flags, width, length, k, scale = _HEAD.unpack_from(frame, 0)
+    magic, version, quant, flags, nlow, length, k, scale = _HEAD.unpack_from(frame, 0)
     if magic != MAGIC:
         raise SchemaError("codec", "bad magic")
     if version != FORMAT_VERSION:
@@ -130,9 +155,9 @@ def parse(frame: bytes | bytearray | memoryview, expected_length: int) -> Header
     if flags & ~KNOWN_FLAGS:
         raise SchemaError("codec", f"unknown flags {flags:#x}")
     sparse = bool(flags & FLAG_SPARSE)
-    if sparse != (width > 0) or width > MAX_INDEX_WIDTH:
-        raise SchemaError("codec", f"index width {width} inconsistent with flags {flags:#x}")
-    n = width + QUANT_ITEMSIZE[quant]
+    if nlow > (MAX_LOW_BYTES if sparse else 0):
+        raise SchemaError("codec", f"low bytes {nlow} inconsistent with flags {flags:#x}")
+    n = (1 + nlow if sparse else 0) + QUANT_ITEMSIZE[quant]
     end = HEAD_SIZE + _U32.size * n
     if len(frame) < end + _U32.size:
         raise SchemaError("codec", "truncated header")
@@ -141,41 +166,47 @@ def parse(frame: bytes | bytearray | memoryview, expected_length: int) -> Header
     if zlib.crc32(memoryview(frame)[:end]) != crc:
         raise SchemaError("codec", "header checksum mismatch")
     body = end + _U32.size
-    if body + sum(sizes) != len(frame):
+    if body + sum(size & ~RAW_BIT for size in sizes) != len(frame):
         raise SchemaError("codec", "stream sizes do not add up to the frame size")
     if length != expected_length:
         raise SchemaError("shape", f"frame length {length} != expected {expected_length}")
     if k < 1 or k > length or (not sparse and k != length):
         raise SchemaError("shape", f"entry count {k} invalid for length {length}")
-    return Header(quant, flags, width, length, k, float(scale), tuple(sizes), body)
+    return Header(quant, flags, nlow, length, k, float(scale), tuple(sizes), body)
 
 
-def read_planes(frame: bytes | bytearray | memoryview, head: Header) -> list[bytes]:
-    """Decompress every stream; each must declare and hold exactly ``k`` bytes."""
+def read_planes(frame: bytes | bytearray | memoryview, head: Header) -> list[bytes | memoryview]:
+    """Every stream, decompressed or as a view of a raw one, each exactly its fixed size."""
     view = memoryview(frame)
     dctx = _decompressor()
-    out: list[bytes] = []
+    out: list[bytes | memoryview] = []
     pos = head.body_offset
-    for size in head.sizes:
-        chunk = view[pos : pos + size]
-        pos += size
+    for size, want in zip(head.sizes, head.stream_sizes(), strict=True):
+        n = size & ~RAW_BIT
+        chunk = view[pos : pos + n]
+        pos += n
+        if size & RAW_BIT:
+            if n != want:
+                raise SchemaError("codec", f"raw stream of {n} bytes, expected {want}")
+            out.append(chunk)
+            continue
         try:
             declared = zstandard.get_frame_parameters(chunk).content_size
         except zstandard.ZstdError as exc:
             raise SchemaError("codec", f"bad zstd frame: {exc}") from None
-        if declared != head.k:
-            raise SchemaError("codec", f"stream declares {declared} bytes, expected {head.k}")
+        if declared != want:
+            raise SchemaError("codec", f"stream declares {declared} bytes, expected {want}")
         try:
-            plane = dctx.decompress(chunk, max_output_size=head.k, allow_extra_data=False)
+            plane = dctx.decompress(chunk, max_output_size=want, allow_extra_data=False)
         except zstandard.ZstdError as exc:
             raise SchemaError("codec", f"bad zstd stream: {exc}") from None
-        if len(plane) != head.k:
+        if len(plane) != want:
             raise SchemaError("codec", "stream size mismatch")
         out.append(plane)
     return out
 
 
-def join_planes(planes: list[bytes], dtype: npt.DTypeLike) -> npt.NDArray[np.generic]:
+def join_planes(planes: list[bytes | memoryview], dtype: npt.DTypeLike) -> npt.NDArray[np.generic]:
     """Inverse of :func:`byte_planes`: one array of ``dtype`` from its byte planes."""
     dt = np.dtype(dtype)
     if len(planes) == 1 and dt.itemsize == 1:
