@@ -6,10 +6,12 @@ one-partition topic; one ``AggregatorWorker`` consumes it. Records are stamped
 ``accepted_ts`` as if they arrived at ``--arrival-rate`` updates/s (the stream clock the
 time-bounded cadence reads); base versions are announced versions <= 4 behind. Reported:
 updates/s of the pure strategy on pre-decoded chunks (keeping the same announced versions
-as bases), of the pure partition core on raw records (decode + validate + apply + version
-events, serially), and of the worker from Kafka (first to last record, including
-publishing and checkpoints), with the ratio worker / pure strategy, plus the number of
-versions announced.
+as bases), of the pure strategy fed the same compressed frames (codec decode + apply), of
+the pure partition core on raw records (msgpack + checks + dedupe + decode + apply +
+version events, serially), and of the worker from Kafka (first to last record, including
+publishing and checkpoints), with the ratios worker / pure strategy (both variants), plus
+the number of versions announced. Each rate is the median of ``--repeats`` runs (the
+worker's runs each use a fresh topic).
 
 Part 2 (scaling, separate processes): ``--scale-shards`` partitions, the same records,
 1/2/4 ``python -m aggregator`` processes; wall time from spawn until every partition's
@@ -30,6 +32,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -133,15 +136,19 @@ def make_updates(
     return out
 
 
-def pure_strategy_rate(job: JobSpec, ups: list[ShardUpdate], interval: float) -> float:
-    """Apply only; exact FedAsync keeps the versions the cadence announces as bases."""
+def pure_strategy_rate(
+    job: JobSpec, ups: list[ShardUpdate], interval: float, *, with_decode: bool = False
+) -> float:
+    """Apply only (or codec decode + apply); exact FedAsync keeps the versions the cadence
+    announces as bases."""
     s0 = [u for u in ups if u.shard == 0]
-    chunks = [codec.decode(u.payload, u.stop - u.start) for u in s0]
+    pre = [] if with_decode else [codec.decode(u.payload, u.stop - u.start) for u in s0]
     init = init_params(job.spec, job.init_seed)[s0[0].start : s0[0].stop]
     strat = build_strategy(job.strategy, init, options=StrategyOptions(keep_every=0))
     cad = Cadence(publish_every=job.publish_every, min_interval_s=interval)
     t0 = time.perf_counter()
-    for u, c in zip(s0, chunks, strict=True):
+    for i, u in enumerate(s0):
+        c = codec.decode(u.payload, u.stop - u.start) if with_decode else pre[i]
         res = strat.apply(Update(c, u.base_version, u.num_samples, u.update_id))
         cad.tick(u.accepted_ts)
         if res.new_version is not None and cad.due(res.new_version):
@@ -323,15 +330,26 @@ async def main_async(a: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
         for name in a.strategies.split(","):
             job = make_job(name, a.params, 1, a.publish_every)
             ups = make_updates(job, a.updates, a.topk, rate=a.arrival_rate, interval=interval)
-            pure = pure_strategy_rate(job, ups, interval)
-            core, core_pub = core_rate(job, ups, interval)
-            kafka, published, ckpt_s = await kafka_rate(bootstrap, job, ups, interval)
+            runs: dict[str, list[float]] = {"pure": [], "pure_dec": [], "core": [], "kafka": []}
+            for _ in range(a.repeats):
+                runs["pure"].append(pure_strategy_rate(job, ups, interval))
+                runs["pure_dec"].append(pure_strategy_rate(job, ups, interval, with_decode=True))
+                core, core_pub = core_rate(job, ups, interval)
+                runs["core"].append(core)
+                kafka, published, ckpt_s = await kafka_rate(bootstrap, job, ups, interval)
+                runs["kafka"].append(kafka)
+            pure, pure_dec, core, kafka = (
+                statistics.median(runs[k]) for k in ("pure", "pure_dec", "core", "kafka")
+            )
             per[name] = {
                 "pure_strategy_ups": round(pure, 1),
+                "pure_strategy_with_decode_ups": round(pure_dec, 1),
                 "pure_core_ups": round(core, 1),
                 "kafka_worker_ups": round(kafka, 1),
                 "ratio_vs_strategy": round(kafka / pure, 3),
+                "ratio_vs_strategy_with_decode": round(kafka / pure_dec, 3),
                 "ratio_vs_core": round(kafka / core, 3),
+                "runs": {k: [round(x, 1) for x in v] for k, v in runs.items()},
                 "versions_announced": published,
                 "core_versions_announced": core_pub,
                 "worker_checkpoint_s": round(ckpt_s, 3),  # incl. the final ones after drain
@@ -375,6 +393,7 @@ def main() -> None:
     p.add_argument("--scale-shards", type=int, default=4)
     p.add_argument("--scale-updates", type=int, default=200, help="updates per shard")
     p.add_argument("--scale-strategy", default="fedasync")
+    p.add_argument("--repeats", type=int, default=3, help="runs per rate (median)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     bootstrap = os.environ.get("FEDFLEET_BENCH_KAFKA")

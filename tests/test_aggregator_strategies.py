@@ -280,3 +280,19 @@ def test_effective_values_are_resolved_in_one_place() -> None:
 
     eff = effective(StrategyConfig(name="fedbuff", trim_ratio=0.25), StrategyOptions())
     assert (eff.robust, eff.trim_ratio, eff.dp_noise_multiplier) == ("mean", 0.25, 0.0)
+
+
+def test_reject_non_finite_trusts_only_decoder_checked_chunks() -> None:
+    from schemas.codec import CodecConfig, DecodedChunk, decode, encode
+
+    s = RejectNonFinite(FedAsyncDelta(np.zeros(4, np.float32), alpha=1.0))
+    handmade = DecodedChunk(4, None, np.array([0, np.nan, 0, 0], np.float32))
+    assert not handmade.finite
+    with pytest.raises(UpdateRejected) as e:
+        s.apply(Update(handmade, 0))
+    assert e.value.reason == "non_finite"
+    frame = encode(np.array([0.5, -1, 0, 2], np.float32), CodecConfig(topk=0.5, quant="int8"))
+    chunk = decode(frame, 4)
+    assert chunk.finite
+    s.apply(Update(chunk, 0))
+    assert np.isfinite(s.params).all() and s.params[3] != 0

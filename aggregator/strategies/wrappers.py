@@ -16,9 +16,16 @@ from aggregator.strategies.base import Chunk, Strategy, Update, Wrapper, rescale
 
 
 class RejectNonFinite(Wrapper):
-    """Refuse updates whose values contain NaN or Inf (``non_finite``)."""
+    """Refuse updates whose values contain NaN or Inf (``non_finite``).
+
+    A chunk that declares ``finite = True`` (``schemas.codec.DecodedChunk``: the strict
+    decoder has already proven it, and an int8 chunk cannot hold NaN/Inf) is not scanned
+    again, so its int8 values need not be dequantised here.
+    """
 
     def admit(self, update: Update) -> Update:
+        if getattr(update.chunk, "finite", False) is True:
+            return update
         if not bool(np.isfinite(update.chunk.values).all()):
             raise UpdateRejected("non_finite", "update contains NaN or Inf")
         return update

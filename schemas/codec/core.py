@@ -26,7 +26,7 @@ class DecodedChunk:
     and :meth:`add_to` folds them in without materialising ``values`` at all.
     """
 
-    __slots__ = ("_q", "_qscale", "_values", "indices", "length")
+    __slots__ = ("_checked", "_q", "_qscale", "_values", "indices", "length")
 
     def __init__(
         self,
@@ -36,6 +36,7 @@ class DecodedChunk:
         *,
         q: npt.NDArray[np.int8] | None = None,
         qscale: float = 1.0,
+        checked: bool = False,
     ) -> None:
         if values is None and q is None:
             raise ValueError("DecodedChunk needs values or int8 q")
@@ -44,6 +45,7 @@ class DecodedChunk:
         self._values = values
         self._q = q
         self._qscale = qscale
+        self._checked = checked
 
     @property
     def values(self) -> F32:
@@ -55,6 +57,12 @@ class DecodedChunk:
     @property
     def sparse(self) -> bool:
         return self.indices is not None
+
+    @property
+    def finite(self) -> bool:
+        """True when :func:`decode` made this chunk (it rejects NaN/Inf, so consumers may
+        skip their own scan); False for a chunk built by hand."""
+        return self._checked
 
     def __repr__(self) -> str:
         n = self.values.shape[0]
@@ -219,5 +227,5 @@ def decode(
     except (ValueError, TypeError, OverflowError, MemoryError, zstandard.ZstdError) as exc:
         raise SchemaError("codec", f"{type(exc).__name__}: {exc}") from None
     if q is not None and indices is None:  # dense int8: materialise once, as before
-        return DecodedChunk(head.length, None, qt.dequantize_int8(q, qscale))
-    return DecodedChunk(head.length, indices, values, q=q, qscale=qscale)
+        return DecodedChunk(head.length, None, qt.dequantize_int8(q, qscale), checked=True)
+    return DecodedChunk(head.length, indices, values, q=q, qscale=qscale, checked=True)
