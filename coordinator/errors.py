@@ -25,7 +25,8 @@ class CoordinatorError(Exception):
 
 
 class UploadRejected(CoordinatorError):
-    """Reasons: unknown_task, wrong_device, bad_token, wrong_job, task_<state>, shape."""
+    """Reasons: unknown_task, wrong_device, bad_token, wrong_job, token_used, task_<state>,
+    unknown_job, shape, round_closed (a sync round already has its K uploads, or closed)."""
 
 
 class JobError(CoordinatorError):

@@ -8,6 +8,9 @@ Request body of ``POST /v1/jobs`` (JSON)::
      "publish_every": 5, "eligibility": {...EligibilityPolicy},
      "selection": {"mode": "async"|"sync", "over_selection": 1.3, "round_deadline_s": 120},
      "job_id": optional}
+
+A ``sync`` job with the ``fedavg`` strategy must have ``concurrency == strategy.buffer_size``
+(the round size ``K``; ``policy.check_sync_round_size``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from coordinator.errors import JobError, NotFound
-from coordinator.policy import EligibilityPolicy, SelectionConfig
+from coordinator.policy import EligibilityPolicy, SelectionConfig, check_sync_round_size
 from schemas.errors import SchemaError
 from schemas.messages import (
     CodecConfig,
@@ -90,6 +93,8 @@ def build_job(body: Any, *, now: float | None = None, max_shards: int = 1 << 16)
     job_spec = _conv(raw, JobSpec, "job")
     elig = EligibilityPolicy.from_dict(_obj(body.get("eligibility"), "eligibility"))
     sel = SelectionConfig.from_dict(_obj(body.get("selection"), "selection"))
+    strat = job_spec.strategy
+    check_sync_round_size(sel.mode, strat.name, job_spec.concurrency, strat.buffer_size)
     return Job(job_spec, elig, sel)
 
 

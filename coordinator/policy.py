@@ -179,6 +179,21 @@ def sync_round_size(concurrency: int, strategy: str, buffer_size: int) -> int:
     return buffer_size if strategy == "fedavg" else concurrency
 
 
+def check_sync_round_size(mode: str, strategy: str, concurrency: int, buffer_size: int) -> None:
+    """A sync FedAvg job must set ``concurrency == strategy.buffer_size`` (``JobError``).
+
+    Both name the round size ``K``: the aggregator flushes after ``buffer_size`` updates,
+    the coordinator sizes (and caps) its rounds by ``sync_round_size``. Two numbers for one
+    thing only hide which one is used, so a job where they differ is refused.
+    """
+    if mode == "sync" and strategy == "fedavg" and concurrency != buffer_size:
+        raise JobError(
+            "validation",
+            f"sync fedavg job: concurrency ({concurrency}) must equal strategy.buffer_size "
+            f"({buffer_size}), the round size K",
+        )
+
+
 def encode_versions(versions: Sequence[int] | None) -> str:
     """Shard versions for the round hash: ``"3,3"``; ``""`` = unknown."""
     return "" if not versions else ",".join(str(int(v)) for v in versions)

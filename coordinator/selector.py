@@ -12,7 +12,9 @@ Jobs with ``selection.mode == "sync"`` run in rounds instead (``sync_round``): a
 closes on count or deadline, and the next one opens only when ``policy.next_round``
 allows it — once the job's newest published model moved past the shard versions recorded
 when the closed round opened (``latest_versions``), so invited devices never pull the
-old model (their updates would be FedAvg ``wrong_round`` rejects).
+old model (their updates would be FedAvg ``wrong_round`` rejects). A round admits at most
+its ``target`` uploads: its tasks carry the round number and the upload handler takes a
+slot atomically (``TaskStore.claim_in_round``); the surplus is refused (``round_closed``).
 """
 
 from __future__ import annotations
@@ -122,7 +124,12 @@ class Selector:
         return lapsed
 
     async def issue(
-        self, job: Job, device: DeviceView, now: float, deadline_ts: float | None = None
+        self,
+        job: Job,
+        device: DeviceView,
+        now: float,
+        deadline_ts: float | None = None,
+        round_no: int = 0,
     ) -> Task:
         spec = job.spec
         token = new_token()
@@ -143,7 +150,7 @@ class Selector:
         await self.tasks.create(
             task_id=task.task_id, job_id=spec.job_id, device_id=device.device_id, token=token,
             issued_ts=now, deadline_ts=task.deadline_ts,
-            reissue_of=reissue.pop(0) if reissue else "",
+            reissue_of=reissue.pop(0) if reissue else "", round_no=round_no,
         )  # fmt: skip
         await self.fleet.assign_task(device.device_id, task.task_id, now)
         try:
@@ -167,11 +174,12 @@ class Selector:
         now: float,
         taken: set[str],
         deadline_ts: float | None = None,
+        round_no: int = 0,
     ) -> list[Task]:
         out: list[Task] = []
         for d in picks:
             try:
-                out.append(await self.issue(job, d, now, deadline_ts))
+                out.append(await self.issue(job, d, now, deadline_ts, round_no))
             except Exception:
                 self.metrics.errors.labels(loop="issue").inc()
                 log.warning(
@@ -236,12 +244,31 @@ class Selector:
         spec = job.spec
         k = sync_round_size(spec.concurrency, spec.strategy.name, spec.strategy.buffer_size)
         if k != spec.concurrency and spec.job_id not in self._k_warned:
+            # build_job refuses such jobs; only one stored before that rule gets here.
             self._k_warned.add(spec.job_id)
             log.warning(
                 "job %s: sync rounds use the FedAvg buffer_size K=%d, not concurrency=%d",
                 spec.job_id, k, spec.concurrency,
             )  # fmt: skip
         return k
+
+    async def _write_round(self, key: str, mapping: dict[str, Any]) -> None:
+        pipe = self.tasks.r.pipeline(transaction=True)
+        pipe.delete(key)
+        if mapping:
+            pipe.hset(key, mapping=mapping)
+        await pipe.execute()
+
+    async def _mark_closed(self, key: str, cur: dict[str, str], now: float) -> int:
+        """Close the round in one step with reading its final ``taken``: from here on
+        ``claim_in_round`` admits no upload, so the count cannot move under us."""
+        pipe = self.tasks.r.pipeline(transaction=True)
+        pipe.hset(key, "closed", repr(now))
+        pipe.hget(key, "taken")
+        _, taken = await pipe.execute()
+        cur["closed"] = repr(now)
+        cur["taken"] = str(int(taken or 0))
+        return int(taken or 0)
 
     async def _close_round(self, jid: str, now: float) -> None:
         """Expire the closed round's leftover tasks and release their devices."""
@@ -267,30 +294,38 @@ class Selector:
     async def sync_round(self, job: Job, now: float, taken: set[str]) -> list[Task]:
         """Synchronous baseline: run the job in rounds with over-selection and a deadline.
 
-        Round hash ``{p}round:{job}``: ``round``, ``started``, ``deadline``, ``accepted0``
-        (job's accepted count at open), ``target`` (accepted updates that close it),
-        ``carry`` (updates of earlier short rounds still buffered on the aggregators),
-        ``versions0`` (shard versions of the newest model at open), ``closed`` (when it
-        closed; its leftover tasks were expired then).
+        Round hash ``{p}round:{job}``: ``round``, ``started``, ``deadline``, ``target``
+        (uploads that fill it), ``taken`` (uploads it admitted: incremented atomically by
+        ``TaskStore.claim_in_round``, never past ``target``), ``invited``, ``carry``
+        (updates of earlier short rounds still buffered on the aggregators), ``versions0``
+        (shard versions of the newest model at open), ``closed`` (when it closed; no upload
+        is admitted after that and its leftover tasks were expired). Each task records its
+        round number, so an upload only ever counts in its own round.
         """
         jid = job.spec.job_id
-        key = f"{self.tasks.p}round:{jid}"
+        key = self.tasks.round_key(jid)
         r = self.tasks.r
         k = self._round_size(job)
-        cur = await r.hgetall(key)
-        accepted = (await self.tasks.stats(jid)).get("updates_accepted", 0)
+        cur: dict[str, str] = await r.hgetall(key)
         carry = 0
         decision: NextRound | None = None
         latest: list[int] | None = None
         if cur:
-            in_round = accepted - int(cur.get("accepted0", 0))
+            if "taken" in cur:
+                in_round = int(cur["taken"])
+            else:  # a round opened before per-round counting: count the job's accepts
+                accepted = (await self.tasks.stats(jid)).get("updates_accepted", 0)
+                in_round = accepted - int(cur.get("accepted0", 0))
             deadline_ts = float(cur["deadline"])
             target = int(cur.get("target") or k)
             if not cur.get("closed"):
                 if not round_closed(in_round, target, deadline_ts, now):
                     return []
+                if "taken" in cur:
+                    in_round = await self._mark_closed(key, cur, now)
+                else:
+                    await r.hset(key, "closed", repr(now))
                 await self._close_round(jid, now)
-                await r.hset(key, "closed", repr(now))
             base = decode_versions(cur.get("versions0"))
             latest = await self._versions(job) if base else None
             pending = int(cur.get("carry") or 0) + in_round
@@ -313,17 +348,19 @@ class Selector:
         # The model the invited devices will pull (just read if the round was tracked).
         versions = latest if latest is not None else await self._versions(job)
         deadline = now + job.selection.round_deadline_s
-        out = await self._issue_all(job, picks, now, taken, deadline)
-        if not out:
-            return []
-        pipe = r.pipeline(transaction=True)
-        pipe.delete(key)
-        pipe.hset(key, mapping={
-            "round": int(cur.get("round", 0)) + 1, "started": repr(now),
-            "deadline": repr(deadline), "accepted0": accepted, "invited": len(out),
-            "target": target, "carry": carry, "versions0": encode_versions(versions),
+        n = int(cur.get("round", 0)) + 1
+        # Open the round before its tasks go out, so no upload can arrive before it.
+        await self._write_round(key, {
+            "round": n, "started": repr(now), "deadline": repr(deadline), "target": target,
+            "taken": 0, "invited": len(picks), "carry": carry,
+            "versions0": encode_versions(versions),
         })  # fmt: skip
-        await pipe.execute()
+        out = await self._issue_all(job, picks, now, taken, deadline, round_no=n)
+        if not out:
+            await self._write_round(key, cur)  # nothing went out: the closed round stands
+            return []
+        if len(out) < len(picks):
+            await r.hset(key, "invited", len(out))
         if decision is not None:
             await self.tasks.bump(jid, f"rounds_opened_{decision}")
         if decision == "grace":

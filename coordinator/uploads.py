@@ -3,6 +3,11 @@
 ``check_upload`` and ``split_update`` are pure; ``UploadHandler`` produces to Kafka
 (acks=all, idempotent) and acknowledges the device only after every shard record is
 acknowledged by the broker.
+
+Tasks of a synchronous round (``TaskRecord.round_no``) are claimed with
+``TaskStore.claim_in_round``, which counts the upload against its round in the same atomic
+step: a round admits at most its ``target`` uploads; the rest are refused
+(``round_closed``) and their tasks expired, so nothing beyond ``K`` reaches Kafka.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ def check_upload(
     """Decide an upload; any refusal raises ``UploadRejected`` with a reason code.
 
     Late updates for an expired lease are accepted (once): the aggregator weights them
-    by staleness or rejects them past ``max_staleness``.
+    by staleness or rejects them past ``max_staleness``. Not for tasks of a sync round
+    (``round_no``): their lease expires when the round closes (``round_closed``).
     """
     if upd.device_id != topic_device:
         raise UploadRejected("device_mismatch", "topic device != payload device")
@@ -50,6 +56,10 @@ def check_upload(
             return "duplicate"
         # "uploading": a previous attempt was claimed but not confirmed; produce again
         # (aggregators dedupe by update_id).
+    elif rec.state == "expired" and rec.round_no:
+        # A sync task expires only when its round closed (full or past its deadline); a
+        # late update would land on the aggregator's next round (FedAvg ``wrong_round``).
+        raise UploadRejected("round_closed", f"round {rec.round_no} is closed")
     elif rec.state not in LATE_OK:
         raise UploadRejected(f"task_{rec.state}", f"task is {rec.state}")
     if bounds is None:
@@ -130,6 +140,19 @@ class UploadHandler:
         self.metrics.uploads.labels(status=status).inc()
         await self.publish(f"fleet/{upd.device_id}/ack", encode(ack), 1)
 
+    async def _round_closed(self, rec: TaskRecord, upd: Update) -> str:
+        """The task's round had no slot left: its task is now expired; refuse the upload."""
+        self.metrics.rejected.labels(source="update", reason="round_closed").inc()
+        await self.tasks.bump(rec.job_id, "updates_rejected")
+        await self.tasks.bump(rec.job_id, "tasks_round_closed")
+        await self.fleet.release_task(
+            rec.device_id, rec.task_id, contributed=False, outcome="round_closed"
+        )
+        await self._ack(upd, "rejected", "round_closed")
+        if self.on_uploaded is not None:
+            self.on_uploaded(rec.job_id)  # the round is full: let the selector close it
+        return "rejected"
+
     async def handle(self, upd: Update, topic_device: str) -> str:
         """Process one decoded update; returns the ack status sent (or 'dropped')."""
         rec = await self.tasks.get(upd.task_id)
@@ -151,10 +174,17 @@ class UploadHandler:
         now = time.time()
         if rec.state != "uploading":
             # Claim the one-use token before producing, so two different updates for one
-            # task can never both reach Kafka.
-            ok, _ = await self.tasks.transition(
-                rec, "uploading", LATE_OK, update_id=upd.update_id, late=str(rec.state == "expired")
-            )
+            # task can never both reach Kafka; a sync round's task also takes a round slot.
+            if rec.round_no:
+                claim, _ = await self.tasks.claim_in_round(rec, upd.update_id, now)
+                if claim == "round_closed":
+                    return await self._round_closed(rec, upd)
+                ok = claim == "ok"
+            else:
+                ok, _ = await self.tasks.transition(
+                    rec, "uploading", LATE_OK, update_id=upd.update_id,
+                    late=str(rec.state == "expired"),
+                )  # fmt: skip
             if not ok:
                 return await self.handle(upd, topic_device)  # state moved: decide again
         futs = []

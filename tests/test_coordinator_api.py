@@ -74,6 +74,38 @@ def test_build_job_validation() -> None:
             build_job(bad)
 
 
+SYNC_AVG = {**JOB, "strategy": {"name": "fedavg", "buffer_size": 4},
+            "selection": {"mode": "sync"}}  # fmt: skip
+
+
+def test_sync_fedavg_round_size_must_be_one_number() -> None:
+    """Sync FedAvg: ``concurrency`` and ``strategy.buffer_size`` both name the round size K."""
+    assert build_job(SYNC_AVG).spec.concurrency == 4  # equal: fine
+    with pytest.raises(JobError) as e:
+        build_job({**SYNC_AVG, "concurrency": 5})
+    assert e.value.code == "validation" and "buffer_size" in e.value.detail
+    with pytest.raises(JobError):  # defaults differ (50 vs 10): both must be set
+        build_job({**SYNC_AVG, "concurrency": 50, "strategy": {"name": "fedavg"}})
+    # other strategies (K = concurrency) and async FedAvg are not affected
+    build_job({**SYNC_AVG, "strategy": {"name": "fedbuff", "buffer_size": 2}})
+    build_job({**SYNC_AVG, "concurrency": 5, "selection": {"mode": "async"}})
+
+
+async def test_post_job_refuses_sync_fedavg_with_two_round_sizes(
+    api: tuple[httpx.AsyncClient, AppState, list[Any]],
+) -> None:
+    c, state, published = api
+    r = await c.post("/v1/jobs", json={**SYNC_AVG, "concurrency": 6}, headers=AUTH)
+    assert r.status_code == 422
+    assert r.json()["detail"] == (
+        "sync fedavg job: concurrency (6) must equal strategy.buffer_size (4), the round size K"
+    )
+    assert published == [] and await state.jobs.ids() == []  # nothing stored or produced
+    r = await c.post("/v1/jobs", json=SYNC_AVG, headers=AUTH)
+    assert r.status_code == 201, r.text
+    assert r.json()["selection"]["mode"] == "sync" and r.json()["concurrency"] == 4
+
+
 async def test_jobs_lifecycle_and_auth(api: tuple[httpx.AsyncClient, AppState, list[Any]]) -> None:
     c, _, published = api
     assert (await c.post("/v1/jobs", json=JOB)).status_code == 401

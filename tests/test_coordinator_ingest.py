@@ -318,6 +318,50 @@ async def test_sync_rounds_over_select_and_close(rig: Rig) -> None:
     assert hist[0]["outcome"] == "uploaded" and hist[0]["task_id"] == r1[0].task_id
 
 
+async def test_sync_round_slot_held_by_a_claim_kafka_did_not_confirm(rig: Rig) -> None:
+    """A claimed upload that Kafka failed keeps its round slot: the round is full after one
+    more, a third is refused, and the device's re-send of the first is still accepted."""
+    await add_devices(rig, 3)
+    sel = {"mode": "sync", "over_selection": 1.5, "round_deadline_s": 50.0}
+    jid = await make_job(rig, concurrency=2, selection=sel)
+    bounds = (await rig.state.jobs.get(jid)).spec.shard_bounds
+    t1, t2, t3 = (await rig.selector.select_once())[jid]
+    rig.producer.fail = True
+    with pytest.raises(RuntimeError):
+        await rig.uploads.handle(update_for(t1, bounds), t1.device_id)
+    rig.producer.fail = False
+    assert await rig.uploads.handle(update_for(t2, bounds), t2.device_id) == "accepted"
+    assert await rig.uploads.handle(update_for(t3, bounds), t3.device_id) == "rejected"
+    assert acks(rig, t3.device_id)[-1].reason == "round_closed"
+    assert await rig.uploads.handle(update_for(t1, bounds), t1.device_id) == "accepted"
+    key = rig.state.tasks.round_key(jid)
+    assert (await rig.state.tasks.r.hget(key, "taken")) == "2"
+    states = [(await rig.state.tasks.get(t.task_id)).state for t in (t1, t2, t3)]  # type: ignore[union-attr]
+    assert states == ["uploaded", "uploaded", "expired"]
+
+
+async def test_sync_round_closed_at_deadline_refuses_late_uploads(rig: Rig) -> None:
+    """A round closed by its deadline takes no more uploads (the count read at close is
+    the aggregator's), and they never count in the next round."""
+    await add_devices(rig, 6)
+    sel = {"mode": "sync", "over_selection": 1.5, "round_deadline_s": 50.0}
+    jid = await make_job(rig, concurrency=2, selection=sel)
+    bounds = (await rig.state.jobs.get(jid)).spec.shard_bounds
+    now = time.time()
+    r1 = (await rig.selector.select_once(now))[jid]
+    assert await rig.uploads.handle(update_for(r1[0], bounds), r1[0].device_id) == "accepted"
+    await add_devices(rig, 6)  # still online at the later clock
+    r2 = (await rig.selector.select_once(now + 51.0))[jid]  # deadline: close, open round 2
+    assert len(r2) == 3
+    late = r1[1]
+    assert await rig.uploads.handle(update_for(late, bounds), late.device_id) == "rejected"
+    assert acks(rig, late.device_id)[-1].reason == "round_closed"
+    rnd = await rig.state.tasks.r.hgetall(rig.state.tasks.round_key(jid))
+    assert (rnd["round"], rnd["taken"]) == ("2", "0")
+    assert await rig.uploads.handle(update_for(r2[0], bounds), r2[0].device_id) == "accepted"
+    assert (await rig.state.tasks.r.hget(rig.state.tasks.round_key(jid), "taken")) == "1"
+
+
 async def test_dispatcher_pushes_tasks_and_skips_stale_or_bad() -> None:
     from coordinator.dispatcher import dispatch_record
     from tests.test_coordinator_support import metrics

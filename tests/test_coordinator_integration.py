@@ -378,7 +378,7 @@ async def test_sync_round_opens_only_after_the_model_moved(
         await state.fleet.r.zadd(f"{state.fleet.p}seen", {f"d{i}": ts for i in range(8)})
 
     job = build_job({
-        "model_name": "m", "shards": 2, "concurrency": 3,
+        "model_name": "m", "shards": 2, "concurrency": 2,
         "spec": {"family": "softmax", "n_features": 4, "n_classes": 2},
         "strategy": {"name": "fedavg", "buffer_size": 2},
         "selection": {"mode": "sync", "over_selection": 1.5, "round_deadline_s": 50.0,
@@ -390,12 +390,16 @@ async def test_sync_round_opens_only_after_the_model_moved(
     now = time.time()
     await heartbeat(now)
     key = f"{state.tasks.p}round:{jid}"
+
+    async def admitted(n: int) -> None:  # as n uploads' claim_in_round would count them
+        await state.tasks.r.hincrby(key, "taken", n)
+
     try:
         r1 = (await sel.select_once(now))[jid]
-        assert len(r1) == 3  # K = buffer_size 2 (not concurrency 3), x 1.5 invited
+        assert len(r1) == 3  # K = buffer_size 2, x 1.5 invited
         h = await state.tasks.r.hgetall(key)
-        assert h["versions0"] == "0,0" and h["target"] == "2"
-        await state.tasks.bump(jid, "updates_accepted", 2)  # round 1 closes on count
+        assert h["versions0"] == "0,0" and h["target"] == "2" and h["taken"] == "0"
+        await admitted(2)  # round 1 closes on count
         assert (await sel.select_once(now))[jid] == []  # aggregators not flushed yet
         assert (await state.tasks.r.hgetall(key))["closed"]
         state.registry.apply(spec, _shard_version(spec, 0, 1))
@@ -406,7 +410,7 @@ async def test_sync_round_opens_only_after_the_model_moved(
         h = await state.tasks.r.hgetall(key)
         assert h["round"] == "2" and h["versions0"] == "1,1"
         # round 2 closes on count but its updates are lost: open after deadline + grace
-        await state.tasks.bump(jid, "updates_accepted", 2)
+        await admitted(2)
         assert (await sel.select_once(now + 40))[jid] == []
         assert (await sel.select_once(now + 2 + 50 + 19))[jid] == []
         await heartbeat(now + 2 + 50 + 20)
@@ -416,7 +420,7 @@ async def test_sync_round_opens_only_after_the_model_moved(
         assert stats["rounds_opened_advanced"] == 1 and stats["rounds_opened_grace"] == 1
         # round 3 closes at its deadline with 1 of 2 updates: the aggregator will not flush
         # on its own, so round 4 opens at once and only needs the missing update
-        await state.tasks.bump(jid, "updates_accepted", 1)
+        await admitted(1)
         await heartbeat(now + 2 + 70 + 50)
         r4 = (await sel.select_once(now + 2 + 70 + 50))[jid]
         assert len(r4) == 2  # over_select(1, 1.5)
