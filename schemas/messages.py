@@ -37,24 +37,57 @@ def _finite(name: str, value: float) -> None:
         raise SchemaError("non_finite", f"{name} must be finite, got {value!r}")
 
 
+def _may_hold_float(t: msgspec.inspect.Type) -> bool:
+    """Whether a value of declared type ``t`` can contain a float (directly or nested)."""
+    mi = msgspec.inspect
+    if isinstance(t, mi.FloatType | mi.StructType | mi.AnyType):
+        return True
+    if isinstance(t, mi.ListType | mi.TupleType | mi.VarTupleType | mi.SetType):
+        types = t.item_types if isinstance(t, mi.TupleType) else (t.item_type,)
+        return any(_may_hold_float(x) for x in types)
+    if isinstance(t, mi.DictType):
+        return _may_hold_float(t.value_type)
+    if isinstance(t, mi.UnionType):
+        return any(_may_hold_float(x) for x in t.types)
+    return False
+
+
+_FLOAT_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _float_fields(cls: type[msgspec.Struct]) -> tuple[str, ...]:
+    """Names of the fields of ``cls`` whose type can hold a float (cached per class)."""
+    names = _FLOAT_FIELDS.get(cls)
+    if names is None:
+        info = msgspec.inspect.type_info(cls)
+        assert isinstance(info, msgspec.inspect.StructType)
+        names = tuple(f.name for f in info.fields if _may_hold_float(f.type))
+        _FLOAT_FIELDS[cls] = names
+    return names
+
+
 def _finite_fields(obj: msgspec.Struct, path: str = "$") -> None:
-    """Every float in ``obj`` (nested structs and lists included) must be finite.
+    """Every float in ``obj`` (nested structs, lists and dict values included) must be finite.
 
     msgspec's ``ge``/``le`` constraints let ``inf`` through open-ended ranges (``ts``,
-    ``retry_after_s``, ...), so every message runs this once after decoding.
+    ``retry_after_s``, ...), so every message runs this once after decoding. Only fields
+    whose declared type can hold a float are visited.
     """
-    for name in obj.__struct_fields__:
-        value = getattr(obj, name)
-        if isinstance(value, float):
-            _finite(f"{path}.{name}", value)
-        elif isinstance(value, msgspec.Struct):
-            _finite_fields(value, f"{path}.{name}")
-        elif isinstance(value, list):
-            for i, item in enumerate(value):
-                if isinstance(item, float):
-                    _finite(f"{path}.{name}[{i}]", item)
-                elif isinstance(item, msgspec.Struct):
-                    _finite_fields(item, f"{path}.{name}[{i}]")
+    for name in _float_fields(type(obj)):
+        _finite_value(getattr(obj, name), f"{path}.{name}")
+
+
+def _finite_value(value: object, path: str) -> None:
+    if isinstance(value, float):
+        _finite(path, value)
+    elif isinstance(value, msgspec.Struct):
+        _finite_fields(value, path)
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _finite_value(item, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _finite_value(item, f"{path}[{key!r}]")
 
 
 class Message(
