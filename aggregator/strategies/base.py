@@ -33,6 +33,11 @@ class ChunkLike(Protocol):
     @property
     def values(self) -> F32: ...
 
+    @property
+    def size(self) -> int:
+        """Number of values (without materialising them)."""
+        ...
+
     def to_dense(self) -> F32: ...
 
     def add_to(self, target: F32, scale: float = 1.0) -> None: ...
@@ -58,6 +63,10 @@ class Chunk:
             np.ascontiguousarray(values, dtype=np.float32),
             np.ascontiguousarray(indices, dtype=np.int64),
         )
+
+    @property
+    def size(self) -> int:
+        return int(self.values.shape[0]) if self.values.ndim == 1 else -1
 
     def to_dense(self) -> F32:
         if self.indices is None:
@@ -91,7 +100,7 @@ def rescaled(chunk: ChunkLike, length: int, factor: float) -> Chunk:
 def check_shape(chunk: ChunkLike, length: int) -> None:
     """Reject a chunk whose coordinates do not fit a slice of ``length`` parameters."""
     idx = chunk.indices
-    n_vals = int(chunk.values.shape[0]) if chunk.values.ndim == 1 else -1
+    n_vals = chunk.size
     if idx is None:
         if n_vals != length:
             raise UpdateRejected("shape", f"dense chunk of {n_vals} values for slice {length}")

@@ -59,6 +59,11 @@ class DecodedChunk:
         return self.indices is not None
 
     @property
+    def size(self) -> int:
+        """Number of values (k, or length when dense), without dequantising them."""
+        return int((self._q if self._values is None else self._values).shape[0])  # type: ignore[union-attr]
+
+    @property
     def finite(self) -> bool:
         """True when :func:`decode` made this chunk (it rejects NaN/Inf, so consumers may
         skip their own scan); False for a chunk built by hand."""
