@@ -13,9 +13,12 @@ publishing and checkpoints), with the ratios worker / pure strategy (both varian
 the number of versions announced. Each rate is the median of ``--repeats`` runs (the
 worker's runs each use a fresh topic).
 
-Part 2 (scaling, separate processes): ``--scale-shards`` partitions, the same records,
-1/2/4 ``python -m aggregator`` processes; wall time from spawn until every partition's
-offset is committed, minus the same measurement for an empty stream (start-up, group join).
+Part 2 (scaling, separate processes): ``--scale-shards`` partitions, 1/2/4
+``python -m aggregator`` processes in one consumer group. A few warm-up records per
+partition are consumed first and the group must be ``Stable`` with every member before the
+clock starts (so start-up, job load and rebalances are excluded); then the rest of the
+stream is produced and the clock stops when every partition's offset is committed
+(committed after the checkpoint that covers it, every 0.5 s). Median of ``--repeats``.
 
     .venv/bin/python bench/bench_aggregator.py --json
     FEDFLEET_BENCH_KAFKA=127.0.0.1:9092 .venv/bin/python bench/bench_aggregator.py --json
@@ -267,13 +270,44 @@ async def wait_committed(bootstrap: str, group: str, topic: str, target: list[in
     raise TimeoutError(f"{group} never committed {target}")
 
 
+async def group_state(bootstrap: str, group: str) -> tuple[str, int]:
+    """(state, member count) of a consumer group, from DescribeGroups."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        resp = await admin.describe_consumer_groups([group])
+    finally:
+        await admin.close()
+    desc = resp[0].to_object()["groups"][0]
+    return str(desc["state"]), len(desc["members"])
+
+
 async def scaling_run(
-    bootstrap: str, job: JobSpec, ups: list[ShardUpdate], procs: int, interval: float
+    bootstrap: str,
+    job: JobSpec,
+    ups: list[ShardUpdate],
+    procs: int,
+    interval: float,
+    warm: int = 5,
 ) -> float:
+    """Seconds to apply ``ups`` (minus the warm-up) with ``procs`` processes in one group.
+
+    The first ``warm`` updates of every partition are produced before the processes start;
+    once they are committed and the group is ``Stable`` with all ``procs`` members (so
+    start-up, job load and rebalancing are over), the clock starts, the rest of the stream
+    is produced and the clock stops when every partition's offset is committed.
+    """
     parts = len(job.shard_bounds) - 1
     prefix = f"s{uuid.uuid4().hex[:8]}."
+    group = f"{prefix}g"
     await create_topics(bootstrap, prefix, parts)
-    await produce(bootstrap, prefix, job, ups)
+    seen: dict[int, int] = {}
+    first: list[ShardUpdate] = []
+    rest: list[ShardUpdate] = []
+    for u in ups:
+        seen[u.shard] = seen.get(u.shard, 0) + 1
+        (first if seen[u.shard] <= warm else rest).append(u)
+    await produce(bootstrap, prefix, job, first)
     per_part = len(ups) // parts
     with tempfile.TemporaryDirectory() as ckdir:
         env = dict(
@@ -291,19 +325,27 @@ async def scaling_run(
             "--topic-prefix",
             prefix,
             "--group-id",
-            f"{prefix}g",
+            group,
             "--checkpoint-dir",
             ckdir,
             "--log-level",
             "WARNING",
         ]
-        t0 = time.perf_counter()
         ps = [
             await asyncio.create_subprocess_exec(sys.executable, *args, cwd=ROOT, env=env)
             for _ in range(procs)
         ]
         try:
-            await wait_committed(bootstrap, f"{prefix}g", f"{prefix}updates", [per_part] * parts)
+            await wait_committed(bootstrap, group, f"{prefix}updates", [warm] * parts)
+            for _ in range(600):
+                if await group_state(bootstrap, group) == ("Stable", procs):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise TimeoutError(f"{group} never became Stable with {procs} members")
+            t0 = time.perf_counter()
+            await produce(bootstrap, prefix, job, rest)
+            await wait_committed(bootstrap, group, f"{prefix}updates", [per_part] * parts)
             elapsed = time.perf_counter() - t0
         finally:
             for p in ps:
@@ -361,16 +403,15 @@ async def main_async(a: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
         res["scaling_min_publish_interval_s"] = interval
         job = make_job(a.scale_strategy, a.params * shards, shards, a.publish_every)
         ups = make_updates(job, a.scale_updates, a.topk, rate=a.arrival_rate, interval=interval)
-        empty_job = make_job(a.scale_strategy, a.params * shards, shards, a.publish_every)
-        empty = make_updates(empty_job, 1, a.topk, rate=a.arrival_rate, interval=interval)
         for procs in [int(x) for x in a.scale_procs.split(",")]:
-            base = await scaling_run(bootstrap, empty_job, empty, procs, interval)
-            wall = await scaling_run(bootstrap, job, ups, procs, interval)
-            work = max(wall - base, 1e-9)
+            walls = [
+                await scaling_run(bootstrap, job, ups, procs, interval) for _ in range(a.repeats)
+            ]
+            wall = statistics.median(walls)
             res["scaling"][str(procs)] = {
                 "wall_s": round(wall, 2),
-                "startup_s": round(base, 2),
-                "total_ups": round(len(ups) / work, 1),
+                "walls_s": [round(w, 2) for w in walls],
+                "total_ups": round((len(ups) - 5 * shards) / wall, 1),
             }
             print(procs, res["scaling"][str(procs)], file=sys.stderr)
     return res
@@ -391,7 +432,7 @@ def main() -> None:
     p.add_argument("--strategies", default="fedasync,fedasync_delta,fedbuff")
     p.add_argument("--scale-procs", default="1,2,4")
     p.add_argument("--scale-shards", type=int, default=4)
-    p.add_argument("--scale-updates", type=int, default=200, help="updates per shard")
+    p.add_argument("--scale-updates", type=int, default=1000, help="updates per shard")
     p.add_argument("--scale-strategy", default="fedasync")
     p.add_argument("--repeats", type=int, default=3, help="runs per rate (median)")
     p.add_argument("--json", action="store_true")
