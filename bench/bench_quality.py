@@ -8,6 +8,7 @@ every update passed through the real codec (`schemas.codec`) with per-device
 error-feedback residuals. Each codec setting replays the identical arrival sequence.
 
     .venv/bin/python bench/bench_quality.py --updates 800 --json
+    .venv/bin/python bench/bench_quality.py --updates 2000 --strategy fedasync_delta --seed 1
 """
 
 from __future__ import annotations
@@ -62,7 +63,11 @@ def run_variant(cfg: CodecConfig, args: argparse.Namespace) -> dict[str, Any]:
     spec = ModelSpecMsg(family="softmax", n_features=64, n_classes=10)
     x0 = init_params(spec, args.seed)
     strat_cfg = StrategyConfig(
-        name="fedasync", alpha=0.6, staleness="polynomial", staleness_a=0.5, max_staleness=10_000
+        name=args.strategy,
+        alpha=0.6,
+        staleness="polynomial",
+        staleness_a=0.5,
+        max_staleness=10_000,
     )
     strategy = build_strategy(strat_cfg, x0, options=StrategyOptions(history_size=10_000))
     tcfg = TrainConfig(lr=0.5, local_epochs=5, batch_size=8)
@@ -110,6 +115,12 @@ def main() -> None:
     p.add_argument("--devices", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--strategy",
+        default="fedasync",
+        choices=["fedasync", "fedasync_delta"],
+        help="exact FedAsync (the demo's rule) or FedAsync-delta (x += a*delta)",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     results = {name: run_variant(cfg, args) for name, cfg in VARIANTS.items()}
