@@ -320,13 +320,24 @@ def over_select(target: int, factor: float) -> int:
     return max(target, int(-(-target * factor // 1)))
 
 
-def pace_delay(device_id: str, base_s: float, waiting: int, slots_per_s: float, salt: str) -> float:
+def pace_delay(
+    device_id: str,
+    base_s: float,
+    waiting: int,
+    slots_per_s: float,
+    salt: str,
+    max_s: float = float("inf"),
+) -> float:
     """Check-back delay for a device not picked: spread ``waiting`` devices over time.
 
     The expected wait grows with the queue (``waiting / slots_per_s``), floored at
     ``base_s``, and each device gets a deterministic jitter in [0.5, 1.5) of it so
-    they do not all return at once.
+    they do not all return at once. The result stays below ``max_s`` (the horizon is capped
+    at ``max_s / 1.5``, so capped delays are still spread): a paced agent
+    sends no telemetry until the delay is over, so the caller passes a bound below the
+    telemetry liveness TTL, or the device would be counted offline (and not selectable)
+    for the rest of its pace.
     """
-    horizon = max(base_s, waiting / max(slots_per_s, 1e-9))
+    horizon = min(max(base_s, waiting / max(slots_per_s, 1e-9)), max_s / 1.5)
     jitter = 0.5 + (_tiebreak(device_id, salt) % 10_000) / 10_000.0
     return round(horizon * jitter, 3)

@@ -50,6 +50,10 @@ from schemas.messages import Pace, Task, encode
 
 log = logging.getLogger(__name__)
 
+# A paced device stays silent for its delay; keep that well inside the liveness TTL so it
+# reports again (and stays selectable) before the coordinator would count it offline.
+PACE_TTL_SHARE = 0.5
+
 Publish = Callable[[str, bytes, int], Awaitable[None]]
 # Shard versions of the newest published model of a job (None: unknown / none yet).
 LatestVersions = Callable[[Job], Awaitable[list[int] | None]]
@@ -382,7 +386,14 @@ class Selector:
             if budget <= 0:
                 break
             budget -= 1
-            delay = pace_delay(dev, self.s.pace_retry_s, len(waiting), slots_per_s, str(int(now)))
+            delay = pace_delay(
+                dev,
+                self.s.pace_retry_s,
+                len(waiting),
+                slots_per_s,
+                str(int(now)),
+                max_s=PACE_TTL_SHARE * self.s.telemetry_ttl_s,
+            )
             self._next_pace[dev] = now + delay
             await self.publish(
                 f"fleet/{dev}/pace", encode(Pace(device_id=dev, retry_after_s=delay, ts=now)), 0

@@ -108,6 +108,20 @@ def test_over_select_and_pace() -> None:
     assert pace_delay("d1", 30.0, 1, 10.0, "s") >= 15.0  # floored at base
 
 
+def test_pace_never_outlasts_the_liveness_ttl() -> None:
+    """A paced agent is silent for its delay; past the telemetry TTL the coordinator would
+    count it offline and stop selecting it (seen in load tests: ~270 of 300 idle devices
+    "offline" while all were connected). The selector bounds every delay below the TTL."""
+    from coordinator.selector import PACE_TTL_SHARE
+    from coordinator.settings import CoordinatorSettings
+
+    ttl = CoordinatorSettings().telemetry_ttl_s
+    cap = PACE_TTL_SHARE * ttl
+    delays = [pace_delay(f"d{i}", 30.0, 270, 1.0, "s", max_s=cap) for i in range(300)]
+    assert max(delays) <= cap < ttl
+    assert len(set(delays)) > 100  # still spread below the cap, not all equal
+
+
 def gate(**kw: object) -> str:
     """``next_round`` for a closed K=10 round opened on versions [3, 3], deadline NOW."""
     base: dict[str, object] = dict(
