@@ -52,7 +52,6 @@ def telemetry_fields(t: Telemetry, now: float) -> dict[str, str]:
         "rtt_ms": repr(float(t.rtt_ms)),
         "idle": _b(t.idle),
         "agent_version": t.agent_version,
-        "state": "online",
         "last_seen": repr(now),
         "ts": repr(float(t.ts)),
     }
@@ -111,6 +110,29 @@ def device_state(d: DeviceView) -> str:
     return "training" if d.current_task else "idle"
 
 
+# Mark telemetry senders live, except devices whose ``offline`` status is younger than the
+# grace: that telemetry was in flight (MQTT, the ingest batch) when the device said goodbye,
+# and must not make a departed device selectable again. Later telemetry revives it.
+# KEYS[1] seen, KEYS[2] lastseen; ARGV: now, grace, key prefix, device ids...
+_MARK_LIVE = """
+local now = tonumber(ARGV[1])
+local grace = tonumber(ARGV[2])
+local n = 0
+for i = 4, #ARGV do
+  local key = ARGV[3] .. ARGV[i]
+  local st = redis.call('HMGET', key, 'state', 'offline_ts')
+  if st[1] ~= 'offline' or (tonumber(st[2]) or 0) + grace <= now then
+    redis.call('HSET', key, 'state', 'online')
+    redis.call('ZADD', KEYS[1], now, ARGV[i])
+    redis.call('ZADD', KEYS[2], now, ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"""
+OFFLINE_GRACE_S = 5.0
+
+
 class FleetStore:
     """Redis adapter for device state. All methods are safe to call concurrently."""
 
@@ -118,6 +140,7 @@ class FleetStore:
         self.r: Any = redis  # decode_responses=True: str in, str out
         self.p = prefix
         self.ttl = ttl_s
+        self._mark_live: Any = self.r.register_script(_MARK_LIVE)
 
     def key(self, device_id: str) -> str:
         return f"{self.p}dev:{device_id}"
@@ -134,10 +157,12 @@ class FleetStore:
         for dev, t in latest.items():
             pipe.hset(self.key(dev), mapping=telemetry_fields(t, now))
         pipe.hset(f"{self.p}selt", mapping={dev: pack_telemetry(t) for dev, t in latest.items()})
-        stamp = dict.fromkeys(latest, now)
-        pipe.zadd(f"{self.p}seen", stamp)
-        pipe.zadd(f"{self.p}lastseen", stamp)
         pipe.zadd(f"{self.p}contrib", {d: _frac(d) for d in latest}, nx=True)
+        await self._mark_live(  # queued on the pipeline (the async Script awaits the queueing)
+            keys=[f"{self.p}seen", f"{self.p}lastseen"],
+            args=[repr(now), repr(OFFLINE_GRACE_S), f"{self.p}dev:", *latest],
+            client=pipe,
+        )
         await pipe.execute()
         return len(latest)
 

@@ -387,3 +387,28 @@ async def test_selection_lock_lets_one_process_select(rig: Rig) -> None:
     out = await rig.selector.locked_pass()
     assert out is not None and len(out[jid]) == 2
     assert await rig.state.tasks.r.get(key) is None  # released after the pass
+
+
+async def test_telemetry_in_flight_does_not_revive_a_device_that_said_offline(rig: Rig) -> None:
+    """Telemetry flushed just after a device's ``offline`` status (it was in flight in MQTT
+    or the ingest batch) must not make the departed device selectable again; telemetry
+    after the grace period does (and an ``online`` status always does)."""
+    from coordinator.fleet import OFFLINE_GRACE_S
+
+    fleet = rig.state.fleet
+    await add_devices(rig, 2)
+    now = time.time()
+    assert sorted(await fleet.live_ids(now)) == ["d0", "d1"]
+    await fleet.write_status(DeviceStatus(device_id="d0", state="offline", ts=now), now=now)
+    late = [decode(tel(d), Telemetry) for d in ("d0", "d1")]
+    await fleet.write_telemetry(late, now=now + 0.05)
+    assert await fleet.live_ids(now + 0.05) == ["d1"]
+    jid = await make_job(rig, concurrency=2)
+    issued = (await rig.selector.select_once(now + 0.1))[jid]
+    assert [t.device_id for t in issued] == ["d1"]  # the departed device gets no task
+    # telemetry well after the goodbye means the device is back
+    again = now + OFFLINE_GRACE_S + 1
+    await fleet.write_telemetry([decode(tel("d0"), Telemetry)], now=again)
+    assert "d0" in await fleet.live_ids(again)
+    view = (await fleet.views(["d0"], again))[0]
+    assert view.online
