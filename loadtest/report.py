@@ -18,30 +18,41 @@ def _plt() -> Any:
     return plt
 
 
+def _axes() -> tuple[Any, Any]:
+    """A new 8×4 figure and its axes (headless backend)."""
+    fig, ax = _plt().subplots(figsize=(8, 4))
+    return fig, ax
+
+
+def _save(fig: Any, ax: Any, path: Path, *, xlabel: str, ylabel: str, title: str,
+          legend: bool = True) -> Path:  # fmt: skip
+    """Label, lay out, write ``path`` as PNG and free the figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if legend:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+    return path
+
+
 def plot_states(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     """Devices by state (coordinator view) over time."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = _axes()
     t = [r["t"] for r in rows]
     for key in ("offline", "idle", "training"):
         ax.plot(t, [r.get(key, 0) for r in rows], label=key)
     if rows and "connected" in rows[0]:
         ax.plot(t, [r.get("connected", 0) for r in rows], "--", label="connected (agents)")
-    ax.set_xlabel("wall time (s)")
-    ax.set_ylabel("devices")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, xlabel="wall time (s)", ylabel="devices", title=title)
 
 
 def plot_rate(rows: list[dict[str, Any]], key: str, path: Path, title: str, ylabel: str,
               group: str | None = None) -> Path:  # fmt: skip
     """Per-second rate of a cumulative counter, optionally one line per ``group`` value."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = _axes()
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(str(r.get(group, "")) if group else "", []).append(r)
@@ -53,64 +64,43 @@ def plot_rate(rows: list[dict[str, Any]], key: str, path: Path, title: str, ylab
                 xs.append(b["t"])
                 ys.append(max(0.0, (b[key] - a[key]) / dt))
         ax.plot(xs, ys, label=name or key)
-    ax.set_xlabel("wall time (s)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    if group:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, xlabel="wall time (s)", ylabel=ylabel, title=title,
+                 legend=bool(group))  # fmt: skip
 
 
 def plot_accuracy(curves: dict[str, list[tuple[float, float]]], target: float, path: Path) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = _axes()
     for name, pts in curves.items():
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
     ax.axhline(target, color="grey", linestyle=":", label=f"target {target:g}")
-    ax.set_xlabel("wall time since job start (s)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("Accuracy vs wall time per strategy")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, xlabel="wall time since job start (s)",
+                 ylabel="test accuracy", title="Accuracy vs wall time per strategy")  # fmt: skip
 
 
 def plot_hist(hists: dict[str, list[tuple[str, int]]], path: Path, title: str,
               xlabel: str) -> Path:  # fmt: skip
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = _axes()
     n = max(1, len(hists))
     width = 0.8 / n
     for j, (name, hist) in enumerate(hists.items()):
         xs = [i + j * width for i in range(len(hist))]
         ax.bar(xs, [c for _, c in hist], width=width, label=name)
         ax.set_xticks(range(len(hist)), [f"≤{le}" for le, _ in hist], rotation=45)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("count")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, xlabel=xlabel, ylabel="count", title=title)
 
 
 def plot_lag_hist(lags: list[float], path: Path) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = _axes()
     ax.hist([x * 1000 for x in lags], bins=50, log=True)
-    ax.set_xlabel("telemetry lag (ms): publish → stored by the coordinator")
-    ax.set_ylabel("messages (log)")
-    ax.set_title("Telemetry lag, steady phase")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(
+        fig,
+        ax,
+        path,
+        xlabel="telemetry lag (ms): publish → stored by the coordinator",
+        ylabel="messages (log)",
+        title="Telemetry lag, steady phase",
+        legend=False,
+    )
 
 
 def _clean(obj: Any) -> Any:
