@@ -38,6 +38,11 @@ class ChunkLike(Protocol):
         """Number of values (without materialising them)."""
         ...
 
+    @property
+    def finite(self) -> bool:
+        """True when the values are already known to be finite (no scan needed)."""
+        ...
+
     def to_dense(self) -> F32: ...
 
     def add_to(self, target: F32, scale: float = 1.0) -> None: ...
@@ -67,6 +72,10 @@ class Chunk:
     @property
     def size(self) -> int:
         return int(self.values.shape[0]) if self.values.ndim == 1 else -1
+
+    @property
+    def finite(self) -> bool:
+        return False  # built from arbitrary arrays: RejectNonFinite scans them
 
     def to_dense(self) -> F32:
         if self.indices is None:

@@ -24,7 +24,7 @@ class RejectNonFinite(Wrapper):
     """
 
     def admit(self, update: Update) -> Update:
-        if getattr(update.chunk, "finite", False) is True:
+        if update.chunk.finite:
             return update
         if not bool(np.isfinite(update.chunk.values).all()):
             raise UpdateRejected("non_finite", "update contains NaN or Inf")

@@ -61,7 +61,9 @@ class DecodedChunk:
     @property
     def size(self) -> int:
         """Number of values (k, or length when dense), without dequantising them."""
-        return int((self._q if self._values is None else self._values).shape[0])  # type: ignore[union-attr]
+        vals = self._values if self._values is not None else self._q
+        assert vals is not None
+        return int(vals.shape[0])
 
     @property
     def finite(self) -> bool:
@@ -161,8 +163,7 @@ def encode(
 
 
 def _indices(planes: list[bytes | memoryview], head: fr.Header) -> npt.NDArray[np.int64]:
-    low = b"".join(planes[1:]) if head.nlow > 1 else (bytes(planes[1]) if head.nlow else b"")
-    return kn.ef_decode(planes[0], low, head.nlow, head.k, head.length)
+    return kn.ef_decode(planes[0], b"".join(planes[1:]), head.nlow, head.k, head.length)
 
 
 def _values(planes: list[bytes | memoryview], head: fr.Header) -> tuple[F32 | None, float]:
