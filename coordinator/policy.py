@@ -320,6 +320,9 @@ def over_select(target: int, factor: float) -> int:
     return max(target, int(-(-target * factor // 1)))
 
 
+_JITTER_LO, _JITTER_HI = 0.5, 1.5  # pace jitter range [lo, hi) as a share of the horizon
+
+
 def pace_delay(
     device_id: str,
     base_s: float,
@@ -333,11 +336,11 @@ def pace_delay(
     The expected wait grows with the queue (``waiting / slots_per_s``), floored at
     ``base_s``, and each device gets a deterministic jitter in [0.5, 1.5) of it so
     they do not all return at once. The result stays below ``max_s`` (the horizon is capped
-    at ``max_s / 1.5``, so capped delays are still spread): a paced agent
+    at ``max_s / 1.5``, the jitter's upper end, so capped delays are still spread): a paced agent
     sends no telemetry until the delay is over, so the caller passes a bound below the
     telemetry liveness TTL, or the device would be counted offline (and not selectable)
     for the rest of its pace.
     """
-    horizon = min(max(base_s, waiting / max(slots_per_s, 1e-9)), max_s / 1.5)
-    jitter = 0.5 + (_tiebreak(device_id, salt) % 10_000) / 10_000.0
+    horizon = min(max(base_s, waiting / max(slots_per_s, 1e-9)), max_s / _JITTER_HI)
+    jitter = _JITTER_LO + (_tiebreak(device_id, salt) % 10_000) / 10_000.0
     return round(horizon * jitter, 3)
