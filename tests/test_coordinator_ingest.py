@@ -294,11 +294,16 @@ async def test_declined_and_aborted_free_the_slot(rig: Rig) -> None:
     assert acks(rig, t2.device_id)[-1].reason == "task_aborted"
 
 
-async def test_sync_rounds_over_select_and_close(rig: Rig) -> None:
-    await add_devices(rig, 6)
+async def make_sync_job(rig: Rig) -> tuple[str, list[int]]:
+    """A sync job: rounds of 2, over-selection 1.5 (3 invited), 50 s deadline."""
     sel = {"mode": "sync", "over_selection": 1.5, "round_deadline_s": 50.0}
     jid = await make_job(rig, concurrency=2, selection=sel)
-    bounds = (await rig.state.jobs.get(jid)).spec.shard_bounds
+    return jid, (await rig.state.jobs.get(jid)).spec.shard_bounds
+
+
+async def test_sync_rounds_over_select_and_close(rig: Rig) -> None:
+    await add_devices(rig, 6)
+    jid, bounds = await make_sync_job(rig)
     now = time.time()
     r1 = (await rig.selector.select_once(now))[jid]
     assert len(r1) == 3  # 2 * 1.5 invited
@@ -322,9 +327,7 @@ async def test_sync_round_slot_held_by_a_claim_kafka_did_not_confirm(rig: Rig) -
     """A claimed upload that Kafka failed keeps its round slot: the round is full after one
     more, a third is refused, and the device's re-send of the first is still accepted."""
     await add_devices(rig, 3)
-    sel = {"mode": "sync", "over_selection": 1.5, "round_deadline_s": 50.0}
-    jid = await make_job(rig, concurrency=2, selection=sel)
-    bounds = (await rig.state.jobs.get(jid)).spec.shard_bounds
+    jid, bounds = await make_sync_job(rig)
     t1, t2, t3 = (await rig.selector.select_once())[jid]
     rig.producer.fail = True
     with pytest.raises(RuntimeError):
@@ -344,9 +347,7 @@ async def test_sync_round_closed_at_deadline_refuses_late_uploads(rig: Rig) -> N
     """A round closed by its deadline takes no more uploads (the count read at close is
     the aggregator's), and they never count in the next round."""
     await add_devices(rig, 6)
-    sel = {"mode": "sync", "over_selection": 1.5, "round_deadline_s": 50.0}
-    jid = await make_job(rig, concurrency=2, selection=sel)
-    bounds = (await rig.state.jobs.get(jid)).spec.shard_bounds
+    jid, bounds = await make_sync_job(rig)
     now = time.time()
     r1 = (await rig.selector.select_once(now))[jid]
     assert await rig.uploads.handle(update_for(r1[0], bounds), r1[0].device_id) == "accepted"
