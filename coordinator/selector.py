@@ -85,7 +85,6 @@ class Selector:
         self.publish = publish
         self.metrics = metrics
         self.latest_versions = latest_versions
-        self._k_warned: set[str] = set()
         self._wake = asyncio.Event()
         self._next_pace: dict[str, float] = {}
         self._reissue: dict[str, list[str]] = {}
@@ -244,17 +243,10 @@ class Selector:
             log.warning("no model versions for %s", job.spec.job_id, exc_info=True)
             return None
 
-    def _round_size(self, job: Job) -> int:
-        spec = job.spec
-        k = sync_round_size(spec.concurrency, spec.strategy.name, spec.strategy.buffer_size)
-        if k != spec.concurrency and spec.job_id not in self._k_warned:
-            # build_job refuses such jobs; only one stored before that rule gets here.
-            self._k_warned.add(spec.job_id)
-            log.warning(
-                "job %s: sync rounds use the FedAvg buffer_size K=%d, not concurrency=%d",
-                spec.job_id, k, spec.concurrency,
-            )  # fmt: skip
-        return k
+    @staticmethod
+    def _round_size(job: Job) -> int:
+        spec = job.spec  # build_job makes concurrency == buffer_size for sync FedAvg
+        return sync_round_size(spec.concurrency, spec.strategy.name, spec.strategy.buffer_size)
 
     async def _write_round(self, key: str, mapping: dict[str, Any]) -> None:
         pipe = self.tasks.r.pipeline(transaction=True)
@@ -315,20 +307,13 @@ class Selector:
         decision: NextRound | None = None
         latest: list[int] | None = None
         if cur:
-            if "taken" in cur:
-                in_round = int(cur["taken"])
-            else:  # a round opened before per-round counting: count the job's accepts
-                accepted = (await self.tasks.stats(jid)).get("updates_accepted", 0)
-                in_round = accepted - int(cur.get("accepted0", 0))
+            in_round = int(cur.get("taken") or 0)
             deadline_ts = float(cur["deadline"])
             target = int(cur.get("target") or k)
             if not cur.get("closed"):
                 if not round_closed(in_round, target, deadline_ts, now):
                     return []
-                if "taken" in cur:
-                    in_round = await self._mark_closed(key, cur, now)
-                else:
-                    await r.hset(key, "closed", repr(now))
+                in_round = await self._mark_closed(key, cur, now)
                 await self._close_round(jid, now)
             base = decode_versions(cur.get("versions0"))
             latest = await self._versions(job) if base else None
