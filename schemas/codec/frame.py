@@ -34,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from schemas.codec.kernels import ef_bitmap_bytes
 from schemas.errors import SchemaError
 
 MAGIC: Final = b"FFUC"
@@ -78,7 +79,7 @@ class Header:
         vals = [self.k] * QUANT_ITEMSIZE[self.quant]
         if not self.sparse:
             return vals
-        bitmap = (self.k + ((self.length - 1) >> (8 * self.nlow)) + 1 + 7) // 8
+        bitmap = ef_bitmap_bytes(self.k, self.length, self.nlow)
         return [bitmap, *[self.k] * self.nlow, *vals]
 
 
