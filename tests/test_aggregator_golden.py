@@ -32,6 +32,7 @@ FEDASYNC_CASES = [
         max_staleness=4,
     ),
     StrategyConfig(name="fedasync", alpha=0.3, staleness="constant", clip_norm=0.5),
+    StrategyConfig(name="fedasync", alpha=0.6, staleness="polynomial", sparse_mix="all"),
     StrategyConfig(name="fedasync_delta", alpha=0.5, staleness="polynomial"),
 ]
 
@@ -55,7 +56,9 @@ def run_core(
     return st, outcomes
 
 
-@pytest.mark.parametrize("cfg", FEDASYNC_CASES, ids=lambda c: f"{c.name}-{c.staleness}")
+@pytest.mark.parametrize(
+    "cfg", FEDASYNC_CASES, ids=lambda c: f"{c.name}-{c.staleness}-{c.sparse_mix}"
+)
 @pytest.mark.parametrize("publish_every", [1, 3])
 def test_fedasync_golden(cfg: StrategyConfig, publish_every: int) -> None:
     job = make_job(cfg, publish_every=publish_every)
@@ -75,6 +78,7 @@ def test_fedasync_golden(cfg: StrategyConfig, publish_every: int) -> None:
             max_staleness=cfg.max_staleness,
             clip_norm=cfg.clip_norm,
             delta_form=cfg.name == "fedasync_delta",
+            sparse_mix=cfg.sparse_mix,
         )
         js = st.jobs[job.job_id]
         applied = [o.update_id for o in outcomes if o.status == "applied"]
@@ -181,4 +185,5 @@ def test_int8_sparse_golden_uses_decoded_deltas() -> None:
     ups = shard_updates(job, stream, 0, codec_cfg)
     st, _ = run_core(job, ups, 0)
     ref = rules.fedasync(init_slice(job, 0), ref_stream(ups), alpha=0.6)
+    assert all(u.support is not None for u in ref_stream(ups))  # really sparse
     np.testing.assert_allclose(st.jobs[job.job_id].params, ref.x, atol=1e-6, rtol=0)

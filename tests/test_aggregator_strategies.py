@@ -60,14 +60,30 @@ def test_fedasync_polynomial_uses_t_minus_tau() -> None:
     np.testing.assert_allclose(s.params, [2.0])
 
 
-def test_fedasync_sparse_equals_dense() -> None:
-    a = FedAsync(np.arange(5), alpha=0.3)
+def test_fedasync_sparse_mix_all_equals_zero_filled_dense() -> None:
+    a = FedAsync(np.arange(5), alpha=0.3, sparse_mix="all")
     b = FedAsync(np.arange(5), alpha=0.3)
     a.apply(Update(Chunk.sparse(5, [1, 3], [1.0, -2.0]), 0))
     b.apply(Update(dense(0, 1, 0, -2, 0), 0))
     a.apply(Update(Chunk.sparse(5, [0], [5.0]), 0))
     b.apply(Update(dense(5, 0, 0, 0, 0), 0))
     np.testing.assert_allclose(a.params, b.params, atol=1e-6)
+
+
+def test_fedasync_sparse_mix_support_mixes_only_sent_coordinates() -> None:
+    x0 = np.arange(5, dtype=np.float32)
+    s = FedAsync(x0, alpha=0.5)  # constant staleness: a_t = 0.5
+    s.apply(Update(dense(1, 1, 1, 1, 1), 0))  # x1 = x0 + 0.5
+    s.mark_published()
+    s.apply(Update(dense(2, 2, 2, 2, 2), 1))  # base == current: x2 = x1 + 1
+    s.apply(Update(Chunk.sparse(5, [1, 3], [4.0, -2.0]), 0))  # stale, sparse
+    x2 = x0 + 1.5
+    want = x2.copy()
+    for i, d in ((1, 4.0), (3, -2.0)):
+        want[i] = 0.5 * x2[i] + 0.5 * (x0[i] + d)
+    np.testing.assert_allclose(s.params, want, atol=1e-6)
+    with pytest.raises(ValueError, match="sparse_mix"):
+        FedAsync(x0, sparse_mix="none")  # type: ignore[arg-type]
 
 
 def test_fedasync_rejects_missing_history_and_future() -> None:

@@ -82,11 +82,18 @@ def build_strategy(
     core: Strategy
     if cfg.name in ("fedasync", "fedasync_delta"):
         fn = make_staleness(cfg.staleness, cfg.staleness_a, cfg.staleness_b)
-        cls = FedAsync if cfg.name == "fedasync" else FedAsyncDelta
         hist = VersionHistory(
             keep_every=opt.keep_every, capacity=opt.history_size, max_age=cfg.max_staleness
         )
-        core = cls(params, alpha=cfg.alpha, staleness_fn=fn, version=version, history=hist)
+        if cfg.name == "fedasync":
+            core = FedAsync(
+                params, alpha=cfg.alpha, staleness_fn=fn, version=version, history=hist,
+                sparse_mix=cfg.sparse_mix,
+            )  # fmt: skip
+        else:
+            core = FedAsyncDelta(
+                params, alpha=cfg.alpha, staleness_fn=fn, version=version, history=hist
+            )
     elif cfg.name == "fedbuff":
         kw: dict[str, Any] = {
             "buffer_size": cfg.buffer_size,

@@ -26,6 +26,7 @@ class RefUpdate:
     delta: list[float]
     num_samples: int = 1
     ts: float = 0.0  # accepted_ts (stream clock for the announcement cadence)
+    support: list[int] | None = None  # coordinates a sparse update sent; None = dense
 
 
 @dataclass
@@ -102,8 +103,13 @@ def fedasync(
     delta_form: bool = False,
     min_interval: float = 0.0,
     announced: list[int] | None = None,
+    sparse_mix: str = "support",
 ) -> RefResult:
-    """``announced``, when given, receives the regularly announced versions in order."""
+    """``announced``, when given, receives the regularly announced versions in order.
+
+    Exact form with a sparse update (``support`` given) and ``sparse_mix="support"``: the
+    mixing applies on the sent coordinates only, the others keep ``x_{t-1}``.
+    """
     s = STALENESS[staleness]
     cad = RefCadence(keep_every, min_interval)
     n = len(x0)
@@ -138,9 +144,13 @@ def fedasync(
                 res.rejected[u.update_id] = "too_stale"
                 continue
             base = versions[u.base_version]
+            sent = set(range(n) if u.support is None or sparse_mix == "all" else u.support)
             for i in range(n):
-                x_new = base[i] + delta[i]
-                new[i] = (1.0 - a_t) * prev[i] + a_t * x_new
+                if i in sent:
+                    x_new = base[i] + delta[i]
+                    new[i] = (1.0 - a_t) * prev[i] + a_t * x_new
+                else:
+                    new[i] = prev[i]
         versions.append(new)
         seen.add(u.update_id)
         res.applied.append(u.update_id)

@@ -127,17 +127,17 @@ def shard_updates(
 
 
 def ref_stream(updates: list[ShardUpdate]) -> list[RefUpdate]:
-    """What the aggregator sees: the decoded (possibly lossy) delta of each record."""
-    return [
-        RefUpdate(
-            u.update_id,
-            u.base_version,
-            codec.decode(u.payload, u.stop - u.start).to_dense().astype(float).tolist(),
-            u.num_samples,
-            u.accepted_ts,
+    """What the aggregator sees: the decoded (possibly lossy) delta of each record, and
+    for a sparse record the coordinates it sent."""
+    out = []
+    for u in updates:
+        chunk = codec.decode(u.payload, u.stop - u.start)
+        support = None if chunk.indices is None else chunk.indices.tolist()
+        delta = chunk.to_dense().astype(float).tolist()
+        out.append(
+            RefUpdate(u.update_id, u.base_version, delta, u.num_samples, u.accepted_ts, support)
         )
-        for u in updates
-    ]
+    return out
 
 
 def init_slice(job: JobSpec, shard: int) -> list[float]:
