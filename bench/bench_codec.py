@@ -1,14 +1,16 @@
 """Benchmark of the update codec (schemas.codec): size on the wire and speed.
 
 For each size (1M and 10M parameters; ``--quick``: 100k and 1M) and each setting (top-k 1%
-and 0.1% with int8, dense int8) it reports bytes on the wire and the ratio against raw fp32,
-encode and decode throughput, and the time of decode + apply (``DecodedChunk.add_to``) as a
-ratio to numpy's raw sparse add ``target[idx] += vals`` of the same indices/values (dense:
-``target += vals``), measured in the same run. Times are medians over ``--repeats``
-samples; a sample times a batch of calls lasting ≥ ~20 ms, so that microsecond-sized calls
-are not lost in timer and scheduler noise. Decode + apply and the raw add are sampled
-alternately. ``--no-kernels`` runs the pure-numpy path of ``schemas.codec.kernels``
-(``FEDFLEET_CODEC_KERNELS=0``) instead of the C kernels.
+and 0.1% with int8, dense int8, and top-k 1% with the int8 values stored raw instead of
+zstd-compressed, ``rawv``: ``CodecConfig.zstd_values=False``) it reports bytes on the
+wire and the ratio against raw fp32, encode and decode throughput, and the time of
+decode + apply (``DecodedChunk.add_to``) as a ratio to numpy's raw sparse add
+``target[idx] += vals`` of the same indices/values (dense: ``target += vals``), measured
+in the same run. Times are medians over ``--repeats`` samples; a sample times a batch of
+calls lasting >= ~20 ms, so that microsecond-sized calls are not lost in timer and
+scheduler noise. Decode + apply and the raw add are sampled alternately. ``--no-kernels``
+runs the pure-numpy path of ``schemas.codec.kernels`` (``FEDFLEET_CODEC_KERNELS=0``)
+instead of the C kernels.
 
     .venv/bin/python bench/bench_codec.py [--quick] [--repeats N] [--no-kernels] [--json]
 
@@ -39,6 +41,7 @@ from schemas.codec import CodecConfig, decode, encode, kernels
 
 SETTINGS: dict[str, CodecConfig] = {
     "topk1%+int8": CodecConfig(topk=0.01, quant="int8", zstd_level=3),
+    "topk1%+int8 rawv": CodecConfig(topk=0.01, quant="int8", zstd_level=3, zstd_values=False),
     "topk0.1%+int8": CodecConfig(topk=0.001, quant="int8", zstd_level=3),
     "dense+int8": CodecConfig(topk=0.0, quant="int8", zstd_level=3),
 }
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (3 if args.quick else 7)
     rows = []
     head = (
-        f"{'params':>10} {'setting':<14} {'bytes':>10} {'x fp32':>8} {'enc Mp/s':>9} "
+        f"{'params':>10} {'setting':<17} {'bytes':>10} {'x fp32':>8} {'enc Mp/s':>9} "
         f"{'dec Mp/s':>9} {'dec+apply ms':>13} {'raw add ms':>11} {'ratio':>6}"
     )
     print(head)
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             r = bench_one(n, name, cfg, repeats)
             rows.append(r)
             print(
-                f"{n:>10} {name:<14} {r['bytes']:>10} {r['ratio_vs_fp32']:>8} "
+                f"{n:>10} {name:<17} {r['bytes']:>10} {r['ratio_vs_fp32']:>8} "
                 f"{r['encode_mparams_s']:>9} {r['decode_mparams_s']:>9} "
                 f"{r['decode_apply_s'] * 1e3:>13.3f} {r['raw_numpy_add_s'] * 1e3:>11.3f} "
                 f"{r['decode_apply_vs_raw_add']:>6}",

@@ -46,6 +46,7 @@ configs = st.builds(
     quant=st.sampled_from(["none", "fp16", "int8"]),
     zstd_level=st.sampled_from([-3, 1, 3]),
     error_feedback=st.booleans(),
+    zstd_values=st.booleans(),
 )
 
 
@@ -241,6 +242,23 @@ def test_top1pct_int8_is_over_100x_smaller_than_fp32() -> None:
     v = np.random.default_rng(0).standard_normal(200_000).astype(np.float32)
     frame = encode(v, CodecConfig(topk=0.01, quant="int8"))
     assert v.nbytes / len(frame) >= 100
+    raw_values = encode(v, CodecConfig(topk=0.01, quant="int8", zstd_values=False))
+    assert v.nbytes / len(raw_values) >= 100
+    assert len(frame) < len(raw_values)  # zstd of the int8 values pays for itself in bytes
+
+
+def test_zstd_values_off_stores_value_planes_raw_and_decodes_the_same() -> None:
+    from schemas.codec import frame as fr
+
+    v = np.random.default_rng(1).standard_normal(50_000).astype(np.float32)
+    for cfg in (CodecConfig(topk=0.01, quant="int8"), CodecConfig(topk=0.0, quant="fp16")):
+        packed = encode(v, cfg)
+        raw = encode(v, msgspec.structs.replace(cfg, zstd_values=False))
+        head = fr.parse(raw, v.size)
+        n_index = 1 + head.nlow if head.sparse else 0
+        assert all(size & fr.RAW_BIT for size in head.sizes[n_index:])
+        a, b = decode(packed, v.size), decode(raw, v.size)
+        np.testing.assert_array_equal(a.to_dense(), b.to_dense())
 
 
 # ------------------------------------------------------------------------------ error feedback

@@ -163,6 +163,35 @@ def test_scatter_add_is_bitwise_identical(n: int, seed: int, scale: float, int8:
     assert np.array_equal(c.view(np.uint32), ref.view(np.uint32))
 
 
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 1000])
+def test_int8_minimum_check_agrees(n: int) -> None:
+    rng = np.random.default_rng(n)
+    q = rng.integers(-127, 128, n).astype(np.int8)
+    for pos in ([], [0], [n - 1], [n // 2]) if n else ([],):
+        arr = q.copy()
+        arr[pos] = -128
+        c, numpy_path = _both(lambda: kn.has_int8_min(arr))  # noqa: B023
+        assert c is numpy_path is bool(pos)
+
+
+def test_random_index_bitmap_is_stored_raw_and_runs_are_compressed() -> None:
+    """Index streams get zstd only when it saves >= 1/4 (frame module docstring)."""
+    from schemas.codec import frame as fr
+
+    n = 200_000
+    rng = np.random.default_rng(0)
+    scattered = rng.standard_normal(n).astype(np.float32)
+    run = np.zeros(n, np.float32)
+    run[50_000:52_000] = rng.standard_normal(2_000).astype(np.float32) + 10
+    for delta, want_raw in ((scattered, True), (run, False)):
+        frame = encode(delta, CodecConfig(topk=0.01, quant="int8"))
+        head = fr.parse(frame, n)
+        assert bool(head.sizes[0] & fr.RAW_BIT) is want_raw
+        chunk = decode(frame, n)
+        assert chunk.indices is not None
+        np.testing.assert_array_equal(chunk.indices, np.sort(np.argsort(-np.abs(delta))[:2000]))
+
+
 def test_scatter_add_out_of_range_writes_nothing(path: str) -> None:
     t = np.zeros(10, np.float32)
     for bad in ([1, 10], [-11, 2]):

@@ -15,12 +15,15 @@ from schemas.messages import UPDATE_MAX_BYTES, CodecConfig
 F32 = npt.NDArray[np.float32]
 DEFAULT_MAX_FRAME_BYTES = UPDATE_MAX_BYTES
 DEFAULT_MAX_DECODED_BYTES = 1 << 30
+_FRAME_TYPES = (bytes, bytearray, memoryview)
+_INT_TYPES = (int, np.integer)
 
 
 class DecodedChunk:
     """A decoded frame: sparse ``(indices, values)`` or dense ``values`` of ``length``.
 
-    ``indices`` are int64, strictly increasing and ``< length`` (checked by :func:`decode`);
+    ``indices`` are int64, strictly increasing and ``< length`` (checked by :func:`decode`,
+    which also makes them read-only, so :meth:`add_to` can skip its bounds pass);
     ``values`` are finite float32. Arrays may be read-only views of the decoded buffers.
     An int8 frame keeps its quantised values: ``values`` dequantises them on first access,
     and :meth:`add_to` folds them in without materialising ``values`` at all.
@@ -94,9 +97,10 @@ class DecodedChunk:
         if self.indices is None:
             target += self.values if scale == 1.0 else self.values * np.float32(scale)
         elif self._values is None and self._q is not None and target.dtype == np.float32:
-            kn.scatter_add(target, self.indices, self._q, scale, self._qscale)
+            q, qs, ok = self._q, self._qscale, self._checked
+            kn.scatter_add(target, self.indices, q, scale, qs, checked=ok)
         else:
-            kn.scatter_add(target, self.indices, self.values, scale)
+            kn.scatter_add(target, self.indices, self.values, scale, checked=self._checked)
 
 
 def _check_input(values: np.ndarray) -> F32:
@@ -122,8 +126,10 @@ def encode(
     ``cfg.topk`` > 0 keeps the ``max(1, ceil(topk*length))`` largest magnitudes (``k``
     overrides it with an exact count); ``cfg.quant`` picks int8 (per-chunk scale
     ``max|v|/127``, round-to-nearest, or unbiased stochastic rounding when ``rng`` is given),
-    fp16 (power-of-two scale) or none (bit-exact); every byte plane is zstd-compressed at
-    ``cfg.zstd_level``. NaN/Inf or a non-float32/non-1-D input raise :class:`SchemaError`.
+    fp16 (power-of-two scale) or none (bit-exact); every stream is zstd-compressed at
+    ``cfg.zstd_level`` where that pays (see :mod:`schemas.codec.frame`; value planes stay
+    raw with ``cfg.zstd_values`` off). NaN/Inf or a non-float32/non-1-D input raise
+    :class:`SchemaError`.
     """
     v = _check_input(values)
     n = v.shape[0]
@@ -159,11 +165,14 @@ def encode(
         scale=scale,
         planes=planes,
         level=cfg.zstd_level,
+        index_planes=1 + nlow if flags & fr.FLAG_SPARSE else 0,
+        zstd_values=cfg.zstd_values,
     )
 
 
 def _indices(planes: list[bytes | memoryview], head: fr.Header) -> npt.NDArray[np.int64]:
-    return kn.ef_decode(planes[0], b"".join(planes[1:]), head.nlow, head.k, head.length)
+    low = planes[1] if head.nlow == 1 else b"".join(planes[1:])
+    return kn.ef_decode(planes[0], low, head.nlow, head.k, head.length)
 
 
 def _values(planes: list[bytes | memoryview], head: fr.Header) -> tuple[F32 | None, float]:
@@ -191,7 +200,7 @@ def _values(planes: list[bytes | memoryview], head: fr.Header) -> tuple[F32 | No
 
 def _int8(plane: bytes | memoryview) -> npt.NDArray[np.int8]:
     q = np.frombuffer(plane, dtype=np.int8)
-    if int(q.min()) == -128:
+    if kn.has_int8_min(q):
         raise SchemaError("codec", "int8 value -128 is never produced by the encoder")
     return q
 
@@ -210,9 +219,9 @@ def decode(
     ``non_finite`` or ``too_large``; never another exception. Decompressed sizes are
     fixed by the header and checked before any allocation (zstd bombs are rejected).
     """
-    if not isinstance(frame, bytes | bytearray | memoryview):
+    if not isinstance(frame, _FRAME_TYPES):
         raise SchemaError("codec", f"expected bytes, got {type(frame).__name__}")
-    if isinstance(expected_length, bool) or not isinstance(expected_length, int | np.integer):
+    if isinstance(expected_length, bool) or not isinstance(expected_length, _INT_TYPES):
         raise SchemaError("shape", f"expected_length must be an int, got {expected_length!r}")
     if not 1 <= expected_length <= fr.MAX_LENGTH:
         raise SchemaError("shape", f"expected_length {expected_length} out of range")
@@ -224,10 +233,13 @@ def decode(
         if head.k * n_streams > max_decoded_bytes:
             raise SchemaError("too_large", f"{head.k * n_streams} decoded bytes > limit")
         planes = fr.read_planes(frame, head)
-        n_index = 1 + head.nlow if head.sparse else 0
+        sparse = head.sparse
+        n_index = 1 + head.nlow if sparse else 0
         values, qscale = _values(planes[n_index:], head)
         q = _int8(planes[n_index]) if values is None else None
-        indices = _indices(planes[:n_index], head) if head.sparse else None
+        indices = _indices(planes[:n_index], head) if sparse else None
+        if indices is not None:
+            indices.setflags(write=False)  # add_to relies on them staying as checked
     except SchemaError:
         raise
     except (ValueError, TypeError, OverflowError, MemoryError, zstandard.ZstdError) as exc:

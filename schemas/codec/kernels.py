@@ -57,7 +57,9 @@ def ef_encode(idx: I64, length: int, nlow: int) -> tuple[npt.NDArray[np.uint8], 
     return packed, [le[:, j].tobytes() for j in range(nlow)]
 
 
-def ef_decode(bits: memoryview | bytes, low: bytes, nlow: int, k: int, length: int) -> I64:
+def ef_decode(
+    bits: memoryview | bytes, low: memoryview | bytes, nlow: int, k: int, length: int
+) -> I64:
     """Inverse of :func:`ef_encode`; ``low`` is the ``nlow`` planes concatenated.
 
     Raises ``SchemaError("indices")`` unless the result is ``k`` strictly increasing indices
@@ -107,18 +109,28 @@ def _arange(k: int) -> I64:
     return ar[:k]
 
 
+def has_int8_min(q: npt.NDArray[np.int8]) -> bool:
+    """True if the contiguous int8 array ``q`` holds -128 (a value the encoder never makes)."""
+    if _C is not None:
+        return bool(_C.has_int8_min(q))
+    return bool(q.size) and int(q.min()) == -128
+
+
 def scatter_add(
     target: F32,
     idx: npt.NDArray[np.integer],
     vals: F32 | npt.NDArray[np.int8],
     scale: float,
     qscale: float = 1.0,
+    *,
+    checked: bool = False,
 ) -> None:
     """``target[idx] += scale * v`` in place, ``v = vals`` (float32) or ``vals * qscale`` (int8).
 
     Indices must be unique and in range; both paths round exactly like numpy's
     ``target[idx] += np.float32(scale) * v`` (the C path bounds-checks every index before
-    writing anything and raises ``IndexError``, as numpy does).
+    writing anything and raises ``IndexError``, as numpy does). ``checked=True`` skips
+    that pass: only for indices :func:`decode` has validated against ``len(target)``.
     """
     if (
         _C is not None
@@ -128,7 +140,8 @@ def scatter_add(
         and target.flags.c_contiguous
         and target.flags.writeable
     ):
-        _C.scatter_add(target, np.ascontiguousarray(idx), np.ascontiguousarray(vals), scale, qscale)
+        ci, cv = np.ascontiguousarray(idx), np.ascontiguousarray(vals)
+        _C.scatter_add(target, ci, cv, scale, qscale, checked)
         return
     v = vals if vals.dtype == np.float32 else qt.dequantize_int8(vals, qscale)  # type: ignore[arg-type]
     s = np.float32(scale)
