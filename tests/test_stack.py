@@ -9,6 +9,7 @@ import pytest
 
 from fedfleet.errors import FallbackRefused, ServerUnavailable
 from fedfleet.stack import LocalStack, StackSettings
+from fedfleet.stack import kafka as kafka_mod
 from fedfleet.stack import launcher as launcher_mod
 from fedfleet.stack.kafka import kafka_brokers
 from fedfleet.stack.mqtt import mqtt_ping
@@ -35,6 +36,20 @@ def test_start_and_stop_leaves_no_process() -> None:
         launcher.stop()
     assert not any(pid_alive(p) for p in info.pids)
     launcher.stop()  # idempotent
+
+
+def test_kafka_cluster_id_never_looks_like_an_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A base64url id starting with "-" made `kafka-storage format -t ID` fail (seen once
+    in `fedfleet demo`); such draws are redrawn."""
+    import uuid
+
+    draws = iter([uuid.UUID(bytes=b"\xfb" + bytes(15)), uuid.UUID(bytes=bytes(16))])
+    monkeypatch.setattr(kafka_mod.uuid, "uuid4", lambda: next(draws))
+    assert kafka_mod._random_cluster_id() == "AAAAAAAAAAAAAAAAAAAAAA"
+    monkeypatch.undo()
+    for _ in range(2000):
+        cid = kafka_mod._random_cluster_id()
+        assert not cid.startswith("-") and len(cid) == 22
 
 
 def test_unreachable_external_server_is_one_line_error() -> None:

@@ -192,9 +192,17 @@ class ApacheKafka:
 
 
 def _random_cluster_id() -> str:
+    """A random KRaft cluster id that cannot be read as a command-line option.
+
+    One base64url id in 64 starts with "-", which ``kafka-storage format -t`` parses as
+    a flag ("expected one argument"); Kafka's own ``Uuid.randomUuid`` redraws those too.
+    """
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 async def kafka_brokers(bootstrap: str, *, timeout: float = 5.0) -> int:
