@@ -44,7 +44,7 @@ def test_kafka_cluster_id_never_looks_like_an_option(monkeypatch: pytest.MonkeyP
     import uuid
 
     draws = iter([uuid.UUID(bytes=b"\xfb" + bytes(15)), uuid.UUID(bytes=bytes(16))])
-    monkeypatch.setattr(kafka_mod.uuid, "uuid4", lambda: next(draws))
+    monkeypatch.setattr(uuid, "uuid4", lambda: next(draws))
     assert kafka_mod._random_cluster_id() == "AAAAAAAAAAAAAAAAAAAAAA"
     monkeypatch.undo()
     for _ in range(2000):
