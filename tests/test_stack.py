@@ -52,6 +52,22 @@ def test_kafka_cluster_id_never_looks_like_an_option(monkeypatch: pytest.MonkeyP
         assert not cid.startswith("-") and len(cid) == 22
 
 
+def test_free_port_is_bindable_and_outside_the_ephemeral_range() -> None:
+    """Outgoing connections take local ports from the ephemeral range, so a listener port
+    chosen there can be stolen before the server binds it (seen in `fedfleet demo`)."""
+    import socket
+
+    from fedfleet.stack.procs import _ephemeral_range
+
+    lo, hi = _ephemeral_range()
+    ports = {free_port() for _ in range(50)}
+    assert len(ports) > 1
+    for port in ports:
+        assert not lo <= port <= hi
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
 def test_unreachable_external_server_is_one_line_error() -> None:
     port = free_port()
     settings = StackSettings(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -17,9 +18,40 @@ from pathlib import Path
 _PR_SET_PDEATHSIG = 1
 
 
+_LOWEST_PORT = 10_000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux; else the default)."""
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32_768, 60_999
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port on 127.0.0.1 that is free right now, outside the ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` comes from the ephemeral range, which is
+    also where every outgoing connection gets its local port; between this call and the
+    server's own bind, a client connection (a Kafka client of another service, say) can
+    take it — seen as "Address already in use" from an aggregator's metrics server. Ports
+    below the range are never used for outgoing connections, so only another listener can
+    collide, and the bind below checks for that.
+    """
+    lo, _ = _ephemeral_range()
+    rng = random.SystemRandom()
+    if lo - _LOWEST_PORT >= 1_000:
+        for _ in range(200):
+            port = rng.randrange(_LOWEST_PORT, lo)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # no usable range
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
