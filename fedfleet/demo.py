@@ -47,7 +47,7 @@ class DemoSettings:
     dirichlet_alpha: float = 0.5
     time_scale: float = 60.0
     seed: int = 0
-    stable_versions: int = 3  # consecutive new versions at/above target before stopping
+    stable_versions: int = 3  # consecutive new versions at/above target (see stable())
     out_dir: Path = field(default_factory=lambda: Path("runs") / "demo")
     as_json: bool = False
 
@@ -108,6 +108,14 @@ def _run_loop(coro: Any) -> Any:
     except ImportError:  # pragma: no cover
         return asyncio.run(main())
     return uvloop.run(main())
+
+
+def stable(streak: int, updates_in_streak: int, s: DemoSettings) -> bool:
+    """Stop rule: ``stable_versions`` consecutive new versions at or above the target that
+    together folded in at least ``concurrency`` updates — as many as can still be in flight
+    and land after the stop, so the drained model comes from a stretch of training that has
+    already absorbed that many updates without dropping below the target."""
+    return streak >= s.stable_versions and updates_in_streak >= s.concurrency
 
 
 def _keep_logs(workdir: Path, dest: Path) -> None:
@@ -175,7 +183,7 @@ async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
             await stack.enter_async_context(fleet)
             monitor = ModelMonitor(http, "digits", job_id, test, public_key_hex=key)
             view = ProgressView(s.target_accuracy, s.time_budget_s, quiet=s.as_json)
-            streak = 0
+            streak = streak_from = prev_applied = 0
             poll_errors = 0
             with view:
                 while True:
@@ -193,8 +201,14 @@ async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
                         continue
                     view.update(snap, fleet.stats())
                     if snap.version != prev:
-                        streak = streak + 1 if snap.accuracy >= s.target_accuracy else 0
-                    if streak >= s.stable_versions:
+                        if snap.accuracy < s.target_accuracy:
+                            streak = 0
+                        else:
+                            if streak == 0:
+                                streak_from = prev_applied
+                            streak += 1
+                        prev_applied = snap.updates_applied
+                    if stable(streak, snap.updates_applied - streak_from, s):
                         break
                     if time.monotonic() - t0 >= s.time_budget_s:
                         break

@@ -61,3 +61,12 @@ def test_detached_stack_up_status_down(tmp_path: Path) -> None:
     assert json.loads(down.stdout.strip().splitlines()[-1])["left"] == []
     assert not any(pid_alive(p) for p in info.pids)
     assert fedfleet("stack", "status", env=env).returncode == 1
+
+
+def test_demo_stop_rule_needs_versions_and_a_full_generation_of_updates() -> None:
+    from fedfleet.demo import DemoSettings, stable
+
+    s = DemoSettings(stable_versions=3, concurrency=20)
+    assert not stable(2, 50, s)  # too few versions
+    assert not stable(3, 19, s)  # the in-flight uploads would outnumber what was seen
+    assert stable(3, 20, s) and stable(5, 40, s)
