@@ -68,5 +68,5 @@ def test_demo_stop_rule_needs_versions_and_a_full_generation_of_updates() -> Non
 
     s = DemoSettings(stable_versions=3, concurrency=20)
     assert not stable(2, 50, s)  # too few versions
-    assert not stable(3, 19, s)  # the in-flight uploads would outnumber what was seen
-    assert stable(3, 20, s) and stable(5, 40, s)
+    assert not stable(3, 39, s)  # fewer than two generations of in-flight uploads seen
+    assert stable(3, 40, s) and stable(8, 41, s)
