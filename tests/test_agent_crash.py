@@ -36,9 +36,9 @@ from prometheus_client import CollectorRegistry
 
 from coordinator.metrics import CoordinatorMetrics, counter_value
 from coordinator.service import Coordinator
-from coordinator.settings import CoordinatorSettings
 from edge_agent.data import load_digits_split
 from schemas.messages import UPDATE_MAX_BYTES, ShardUpdate, decode
+from tests.test_coordinator_integration import coordinator_settings
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,13 +73,7 @@ class World:
 
 @pytest.fixture
 async def world(stack: Any, unique_prefix: str, tmp_path: Path) -> AsyncIterator[World]:
-    settings = CoordinatorSettings(
-        kafka_bootstrap=stack.kafka_bootstrap, mqtt_host=stack.mqtt_host,
-        mqtt_port=stack.mqtt_port, redis_url=stack.redis_url, topic_prefix=unique_prefix,
-        redis_prefix=unique_prefix, mqtt_share_group=unique_prefix.strip("."),
-        model_store_dir=tmp_path / "models", signing_key_path=tmp_path / "key",
-        admin_token="adm", selection_tick_s=0.2, lease_s=300.0, max_shards=2,
-    )  # fmt: skip
+    settings = coordinator_settings(stack, unique_prefix, tmp_path, lease_s=300.0)
     metrics = CoordinatorMetrics(registry=CollectorRegistry())
     async with (
         Coordinator(settings, metrics=metrics) as coord,

@@ -104,15 +104,23 @@ class Device:
         return [decode(p, typ) for p in self.inbox.get(kind, [])]
 
 
+def coordinator_settings(
+    stack: Any, prefix: str, tmp_path: Path, *, lease_s: float
+) -> CoordinatorSettings:
+    """A coordinator on the test stack, isolated by ``prefix`` (topics, Redis keys, MQTT
+    share group), admin token "adm", a fast selector and 2 shards at most."""
+    return CoordinatorSettings(
+        kafka_bootstrap=stack.kafka_bootstrap, mqtt_host=stack.mqtt_host,
+        mqtt_port=stack.mqtt_port, redis_url=stack.redis_url, topic_prefix=prefix,
+        redis_prefix=prefix, mqtt_share_group=prefix.strip("."),
+        model_store_dir=tmp_path / "models", signing_key_path=tmp_path / "key",
+        admin_token="adm", selection_tick_s=0.2, lease_s=lease_s, max_shards=2,
+    )  # fmt: skip
+
+
 @pytest.fixture
 async def coord(stack: Any, unique_prefix: str, tmp_path: Path) -> AsyncIterator[Coordinator]:
-    settings = CoordinatorSettings(
-        kafka_bootstrap=stack.kafka_bootstrap, mqtt_host=stack.mqtt_host,
-        mqtt_port=stack.mqtt_port, redis_url=stack.redis_url, topic_prefix=unique_prefix,
-        redis_prefix=unique_prefix, mqtt_share_group=unique_prefix.strip("."),
-        model_store_dir=tmp_path / "models", signing_key_path=tmp_path / "key",
-        admin_token="adm", selection_tick_s=0.2, lease_s=3.0, max_shards=2,
-    )  # fmt: skip
+    settings = coordinator_settings(stack, unique_prefix, tmp_path, lease_s=3.0)
     async with Coordinator(settings) as c:
         await c.start()  # idempotent
         yield c

@@ -29,19 +29,9 @@ from coordinator.settings import CoordinatorSettings
 from coordinator.tasks import TaskRecord, token_sha
 from coordinator.uploads import check_upload
 from schemas.messages import ShardUpdate, Task, Update, UpdateChunk, UploadAck, decode
-from tests.test_coordinator_integration import Device, eventually
+from tests.test_coordinator_integration import Device, coordinator_settings, eventually
 
 AUTH = {"Authorization": "Bearer adm"}
-
-
-def settings_for(stack: Any, prefix: str, tmp_path: Path) -> CoordinatorSettings:
-    return CoordinatorSettings(
-        kafka_bootstrap=stack.kafka_bootstrap, mqtt_host=stack.mqtt_host,
-        mqtt_port=stack.mqtt_port, redis_url=stack.redis_url, topic_prefix=prefix,
-        redis_prefix=prefix, mqtt_share_group=prefix.strip("."),
-        model_store_dir=tmp_path / "models", signing_key_path=tmp_path / "key",
-        admin_token="adm", selection_tick_s=0.2, lease_s=60.0, max_shards=2,
-    )  # fmt: skip
 
 
 def sync_job(prefix: str, k: int, over_selection: float) -> dict[str, Any]:
@@ -147,7 +137,7 @@ async def test_sync_round_accepts_k_uploads_and_refuses_the_rest(
     """K=3, 5 invited, all 5 upload at once over MQTT: 3 accepted, 2 refused
     (``round_closed``), counted, their tasks expired and devices released, only 3 updates
     on ``fl.updates``, no task re-issued; re-sends get the same answers."""
-    s = settings_for(stack, unique_prefix, tmp_path)
+    s = coordinator_settings(stack, unique_prefix, tmp_path, lease_s=60.0)
     m = isolated_metrics()
     ids = [f"{unique_prefix.strip('.')}-d{i}" for i in range(5)]
     async with AsyncExitStack() as ex:
@@ -225,7 +215,7 @@ async def test_round_slots_are_race_free_across_coordinators_and_a_restart(
     """K=4, 10 invited. Two uploads are accepted, the coordinator restarts, then two
     coordinators race every upload (each sent twice at once): exactly two more are
     accepted — the count lives in Redis — and exactly 4 update ids reach Kafka."""
-    s = settings_for(stack, unique_prefix, tmp_path)
+    s = coordinator_settings(stack, unique_prefix, tmp_path, lease_s=60.0)
     ids = [f"{unique_prefix.strip('.')}-d{i}" for i in range(10)]
     async with AsyncExitStack() as ex:
         devs = [await ex.enter_async_context(Device(i, s.mqtt_host, s.mqtt_port)) for i in ids]
