@@ -65,13 +65,11 @@ def schedule(n_updates: int, devices: int, concurrency: int, seed: int) -> list[
 
 
 def decode_all(frames: list[codec.ShardFrame], length: int) -> Chunk:
-    """The shards' decoded chunks as one chunk of the whole vector (sparsity kept)."""
+    """The shards' decoded chunks as one chunk of the whole vector (sparse if all are)."""
     parts = [(start, codec.decode(frame, stop - start)) for _, start, stop, frame in frames]
-    if all(c.indices is None for _, c in parts):
-        return Chunk.dense(np.concatenate([c.values for _, c in parts]))
+    if any(c.indices is None for _, c in parts):
+        return Chunk.dense(np.concatenate([c.to_dense() for _, c in parts]))
     idx = np.concatenate([start + c.indices for start, c in parts if c.indices is not None])
-    if idx.shape[0] != sum(c.size for _, c in parts):  # mixed dense/sparse: not produced here
-        raise ValueError("a frame set mixing dense and sparse chunks")
     return Chunk.sparse(length, idx, np.concatenate([c.values for _, c in parts]))
 
 

@@ -115,7 +115,7 @@ def stable(streak: int, updates_in_streak: int, s: DemoSettings) -> bool:
     together folded in at least twice ``concurrency`` updates. Up to ``concurrency`` uploads
     are still in flight at the stop and land afterwards; a stretch that has absorbed two such
     generations without dropping below the target makes a drained model under the target
-    unlikely (with 3 versions / 1 generation, 2 of 6 runs ended 1–2 test images short)."""
+    unlikely (with 3 versions / 1 generation, 2 of 6 runs ended 2 test images short)."""
     return streak >= s.stable_versions and updates_in_streak >= 2 * s.concurrency
 
 
@@ -184,7 +184,7 @@ async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
             await stack.enter_async_context(fleet)
             monitor = ModelMonitor(http, "digits", job_id, test, public_key_hex=key)
             view = ProgressView(s.target_accuracy, s.time_budget_s, quiet=s.as_json)
-            streak = streak_from = prev_applied = 0
+            streak = streak_from = 0
             poll_errors = 0
             with view:
                 while True:
@@ -201,14 +201,11 @@ async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
                         await asyncio.sleep(1.0)
                         continue
                     view.update(snap, fleet.stats())
-                    if snap.version != prev:
+                    if snap.version != prev:  # the streak counts from the last miss
                         if snap.accuracy < s.target_accuracy:
-                            streak = 0
+                            streak, streak_from = 0, snap.updates_applied
                         else:
-                            if streak == 0:
-                                streak_from = prev_applied
                             streak += 1
-                        prev_applied = snap.updates_applied
                     if stable(streak, snap.updates_applied - streak_from, s):
                         break
                     if time.monotonic() - t0 >= s.time_budget_s:

@@ -85,15 +85,11 @@ def build_strategy(
         hist = VersionHistory(
             keep_every=opt.keep_every, capacity=opt.history_size, max_age=cfg.max_staleness
         )
-        if cfg.name == "fedasync":
-            core = FedAsync(
-                params, alpha=cfg.alpha, staleness_fn=fn, version=version, history=hist,
-                sparse_mix=cfg.sparse_mix,
-            )  # fmt: skip
-        else:
-            core = FedAsyncDelta(
-                params, alpha=cfg.alpha, staleness_fn=fn, version=version, history=hist
-            )
+        cls = FedAsync if cfg.name == "fedasync" else FedAsyncDelta  # delta ignores sparse_mix
+        core = cls(
+            params, alpha=cfg.alpha, staleness_fn=fn, version=version, history=hist,
+            sparse_mix=cfg.sparse_mix,
+        )  # fmt: skip
     elif cfg.name == "fedbuff":
         kw: dict[str, Any] = {
             "buffer_size": cfg.buffer_size,
