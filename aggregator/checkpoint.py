@@ -35,7 +35,9 @@ class JobShardCheckpoint(msgspec.Struct, frozen=True, kw_only=True):
     rejected: int = 0
     staleness_sum: float = 0.0
     last_published: int = -1
-    history: list[int] = []  # versions stored as separate immutable blobs
+    history: list[int] = []  # versions stored as separate immutable blobs, kept in memory
+    cold: list[int] = []  # further announced versions stored as blobs, read on demand
+    seen: list[tuple[float, int]] = []  # aggregator.bases.SeenFloor window (ts, seen)
     # announcement cadence (shard.Cadence); None in checkpoints written before it existed
     cadence_version: int | None = None  # version of the last regular announcement
     cadence_ts: float = 0.0  # stream clock at that announcement

@@ -4,8 +4,10 @@ Error tree::
 
     AggregatorError(Exception)              base; ``retriable`` tells callers whether to retry
     ├── UpdateRejected                      one update refused; counted by ``reason``, never fatal
-    │       reasons: too_stale, future_version, non_finite, shape, wrong_round, unknown_job,
-    │                shard_mismatch, duplicate, plus every ``schemas.errors.REASONS`` code
+    │       reasons: too_stale (standalone strategies only: shards leave the bound to the
+    │                coordinator), unknown_base, future_version, non_finite, shape,
+    │                wrong_round, unknown_job, shard_mismatch, duplicate, plus every
+    │                ``schemas.errors.REASONS`` code
     ├── CheckpointError (retriable)         a checkpoint could not be read or written
     └── ConfigError                         a strategy or settings value cannot be honoured
 

@@ -21,8 +21,8 @@ class AggregatorMetrics:
         )
         self.rejected = Counter(
             "fedfleet_aggregator_updates_rejected",
-            "Updates refused, by reason",
-            ["reason"],
+            "Updates refused, by shard and reason",
+            ["shard", "reason"],
             registry=r,
         )
         self.staleness = Histogram(

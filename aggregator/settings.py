@@ -30,7 +30,10 @@ class AggregatorSettings:
     min_publish_interval_s: float = 0.2
     max_update_bytes: int = UPDATE_MAX_BYTES  # ShardUpdate record / codec frame bound
     max_message_bytes: int = 32 << 20  # producer request size (ShardVersion of big slices)
-    history_size: int = 16  # announced slices kept per job shard (exact FedAsync)
+    history_size: int = 16  # announced slices kept in memory per job shard (exact FedAsync)
+    # older announced slices stay in the checkpoint store while records of the last this
+    # many seconds (stream time) may still name them (aggregator.bases.SeenFloor)
+    seen_window_s: float = 600.0
     dedupe_window: int = 100_000  # applied update ids remembered per partition
     checkpoint_every: int = 500  # records per partition between checkpoints
     checkpoint_interval_s: float = 5.0  # ... or this long, whichever comes first
@@ -53,6 +56,8 @@ class AggregatorSettings:
             raise ConfigError("publish_every must be >= 1")
         if not self.min_publish_interval_s >= 0.0:
             raise ConfigError("min_publish_interval_s must be >= 0")
+        if not self.seen_window_s >= 0.0:
+            raise ConfigError("seen_window_s must be >= 0")
         for name in ("history_size", "dedupe_window", "checkpoint_every", "max_poll_records"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")

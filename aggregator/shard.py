@@ -27,9 +27,17 @@ from typing import Literal
 import numpy as np
 import zstandard
 
+from aggregator.bases import BaseTier, BlobLoader, SeenFloor, as_slice
 from aggregator.checkpoint import JobShardCheckpoint, PartitionCheckpoint
 from aggregator.errors import CheckpointError, UpdateRejected
-from aggregator.strategies import StrategyOptions, StrategyState, Update, build_strategy
+from aggregator.strategies import (
+    FedAsync,
+    StrategyOptions,
+    StrategyState,
+    Update,
+    Wrapper,
+    build_strategy,
+)
 from aggregator.strategies.base import F32, ChunkLike, Strategy
 from schemas import codec
 from schemas.errors import SchemaError
@@ -150,7 +158,13 @@ class Cadence:
 
 
 class JobShard:
-    """One job's slice on this shard: its strategy, counters and publication cadence."""
+    """One job's slice on this shard: its strategy, counters and publication cadence.
+
+    Exact FedAsync keeps its announced slices in a bounded in-memory history backed by
+    :class:`aggregator.bases.BaseTier` (blobs in the checkpoint store, named by ``key``),
+    so an acknowledged update finds its base however far behind it is; ``load_blob`` reads
+    those blobs.
+    """
 
     def __init__(
         self,
@@ -160,9 +174,13 @@ class JobShard:
         publish_every: int,
         options: StrategyOptions,
         min_publish_interval_s: float = 0.0,
+        key: str = "",
+        load_blob: BlobLoader | None = None,
+        seen_window_s: float = 600.0,
     ) -> None:
         self.job = job
         self.shard = shard
+        self.key = key
         self.start = job.shard_bounds[shard]
         self.stop = job.shard_bounds[shard + 1]
         self.publish_every = publish_every
@@ -175,22 +193,19 @@ class JobShard:
             trim_ratio=options.trim_ratio,
             dp_noise_multiplier=options.dp_noise_multiplier,
             dp_seed=options.dp_seed,
+            bound_staleness=False,  # the coordinator bounds staleness before it acks
         )
         self.strategy: Strategy = build_strategy(job.strategy, init, options=opts)
-        need = job.strategy.max_staleness // publish_every + 2
-        if job.strategy.name == "fedasync" and options.history_size < need:
-            log.warning(
-                "job %s: history_size %d < max_staleness // publish_every + 2 = %d: "
-                "devices on older announced versions will be rejected too_stale",
-                job.job_id,
-                options.history_size,
-                need,
-            )
+        self.bases = BaseTier(self.blob_key, load_blob)
+        self.seen = SeenFloor(seen_window_s)
+        core = self.strategy.unwrap() if isinstance(self.strategy, Wrapper) else self.strategy
+        if isinstance(core, FedAsync) and job.strategy.name == "fedasync":
+            core.history.on_evict = self.bases.evicted
+            core.history.fallback = self.bases.get
         self.applied = 0
         self.rejected = 0
         self.staleness_sum = 0.0
         self.last_published = -1  # newest announced version (regular or idle)
-        self.saved_history: set[int] = set()  # history versions already stored as blobs
 
     @property
     def version(self) -> int:
@@ -236,27 +251,29 @@ class JobShard:
         """The current slice as a ``ShardVersion`` (params = zstd of float32 LE)."""
         return self.pending_version(level=level).build(ts=ts)
 
-    def blob_key(self, prefix: str, version: int) -> str:
-        return f"{prefix}.{self.job.job_id}.h{version}"
+    def blob_key(self, version: int) -> str:
+        return f"{self.key}.{self.job.job_id}.h{version}"
 
-    def checkpoint(self, prefix: str) -> tuple[JobShardCheckpoint, dict[str, bytes], list[str]]:
+    def observe(self, msg: ShardUpdate) -> None:
+        """Note an acknowledged record (keeps the bases later records may still name)."""
+        self.seen.observe(msg.accepted_ts, msg.seen_version)
+
+    def checkpoint(self) -> tuple[JobShardCheckpoint, dict[str, bytes], list[str]]:
         """The job's checkpoint plus history blobs to write and obsolete blobs to delete.
 
-        Published slices are immutable, so each is stored once as its own blob and the
-        checkpoint lists their versions: a checkpoint stays ~one slice, not history_size.
+        Announced slices are immutable, so each is stored once as its own blob and the
+        checkpoint lists their versions (``history``: in memory, loaded on restore;
+        ``cold``: read on demand): a checkpoint stays ~one slice, however many bases are
+        kept. Call :meth:`saved` once it is durable.
         """
         st = self.strategy.get_state()
         hist = {int(k[5:]): v for k, v in st.arrays.items() if k.startswith("hist:")}
         arrays = {
             k: v.astype("<f4").tobytes() for k, v in st.arrays.items() if not k.startswith("hist:")
         }
-        new = {
-            self.blob_key(prefix, v): a.astype("<f4").tobytes()
-            for v, a in hist.items()
-            if v not in self.saved_history
-        }
-        obsolete = [self.blob_key(prefix, v) for v in self.saved_history - hist.keys()]
-        self.saved_history = set(hist)
+        low = self.seen.lowest()
+        floor = None if low is None else low - self.job.strategy.max_staleness
+        new, obsolete, cold = self.bases.plan(hist, floor, self.last_published)
         ckpt = JobShardCheckpoint(
             job_id=self.job.job_id,
             start=self.start,
@@ -270,28 +287,29 @@ class JobShard:
             staleness_sum=self.staleness_sum,
             last_published=self.last_published,
             history=sorted(hist),
+            cold=cold,
+            seen=self.seen.entries(),
             cadence_version=self.cadence.last_version,
             cadence_ts=self.cadence.last_ts,
             clock=self.cadence.clock,
         )
         return ckpt, new, obsolete
 
-    def restore(self, ck: JobShardCheckpoint, history: dict[int, bytes]) -> None:
-        def arr(b: bytes) -> F32:
-            return np.frombuffer(b, dtype="<f4").astype(np.float32)
+    def saved(self) -> None:
+        self.bases.saved()
 
-        arrays = {k: arr(v) for k, v in ck.arrays.items()}
-        arrays.update({f"hist:{v}": arr(b) for v, b in history.items()})
-        self.strategy.set_state(StrategyState(ck.version, arr(ck.params), arrays, dict(ck.scalars)))
+    def restore(self, ck: JobShardCheckpoint, history: dict[int, bytes]) -> None:
+        arrays = {k: as_slice(v) for k, v in ck.arrays.items()}
+        arrays.update({f"hist:{v}": as_slice(b) for v, b in history.items()})
+        params = as_slice(ck.params)
+        self.strategy.set_state(StrategyState(ck.version, params, arrays, dict(ck.scalars)))
         self.applied, self.rejected = ck.applied, ck.rejected
         self.staleness_sum, self.last_published = ck.staleness_sum, ck.last_published
         c = self.cadence
         c.last_version = ck.last_published if ck.cadence_version is None else ck.cadence_version
         c.last_ts, c.clock = ck.cadence_ts, ck.clock
-        self.saved_history = set(history)
-
-
-BlobLoader = Callable[[str], bytes | None]
+        self.bases.restore(set(history) | set(ck.cold))
+        self.seen = SeenFloor(self.seen.window_s, [(t, v) for t, v in ck.seen])
 
 
 JobLookup = Callable[[str], JobSpec | None]
@@ -311,8 +329,12 @@ class PartitionState:
         max_update_bytes: int = UPDATE_MAX_BYTES,
         models_zstd_level: int = -1,
         min_publish_interval_s: float = 0.0,
+        load_blob: BlobLoader | None = None,
+        seen_window_s: float = 600.0,
     ) -> None:
         self.topic = topic
+        self.load_blob = load_blob  # reads base blobs from the checkpoint store
+        self.seen_window_s = seen_window_s
         self.min_publish_interval_s = min_publish_interval_s
         self.models_zstd_level = models_zstd_level
         self.shard = shard
@@ -349,6 +371,9 @@ class PartitionState:
             publish_every=every,
             options=self.options,
             min_publish_interval_s=self.min_publish_interval_s,
+            key=self.key,
+            load_blob=self.load_blob,
+            seen_window_s=self.seen_window_s,
         )
         pending = self._pending.pop(job.job_id, None)
         if pending is not None:
@@ -385,9 +410,7 @@ class PartitionState:
             update_id=msg.update_id if msg else "",
         )
 
-    def handle(
-        self, raw: bytes | ShardUpdate | Decoded, offset: int, lookup: JobLookup
-    ) -> Outcome:
+    def handle(self, raw: bytes | ShardUpdate | Decoded, offset: int, lookup: JobLookup) -> Outcome:
         """Process the record at ``offset`` (records must come in offset order).
 
         ``raw`` may be the record's bytes, its decoded message, or a :func:`predecode`
@@ -440,6 +463,7 @@ class PartitionState:
             except SchemaError as exc:
                 raise UpdateRejected(exc.reason, exc.detail) from None
         js = self.job_shard(job)
+        js.observe(msg)
         res = js.strategy.apply(Update(chunk, msg.base_version, msg.num_samples, msg.update_id))
         self._remember(msg.update_id)
         js.applied += 1
@@ -486,13 +510,14 @@ class PartitionState:
     def checkpoint(self) -> tuple[PartitionCheckpoint, dict[str, bytes], list[str]]:
         """``(checkpoint, blobs to write first, blobs to delete after)``.
 
-        If writing fails, call :meth:`forget_saved_blobs` so the next attempt rewrites them.
+        Once it is written call :meth:`saved`; if writing fails, :meth:`forget_saved_blobs`
+        so the next attempt plans the same blobs again.
         """
         jobs: list[JobShardCheckpoint] = []
         blobs: dict[str, bytes] = {}
         obsolete: list[str] = []
         for js in self.jobs.values():
-            jc, new, old = js.checkpoint(self.key)
+            jc, new, old = js.checkpoint()
             jobs.append(jc)
             blobs.update(new)
             obsolete += old
@@ -507,13 +532,20 @@ class PartitionState:
         )
         return ckpt, blobs, obsolete
 
+    def saved(self) -> None:
+        """The checkpoint from :meth:`checkpoint` is durable."""
+        for js in self.jobs.values():
+            js.saved()
+
     def forget_saved_blobs(self) -> None:
         for js in self.jobs.values():
-            js.saved_history = set()
+            js.bases.failed()
 
     def restore(self, ck: PartitionCheckpoint, load_blob: BlobLoader) -> None:
         """Load a checkpoint (and its history blobs); job slices are rebuilt lazily when
-        their JobSpec is known."""
+        their JobSpec is known)."""
+        if self.load_blob is None:
+            self.load_blob = load_blob
         pending: dict[str, tuple[JobShardCheckpoint, dict[int, bytes]]] = {}
         for jc in ck.jobs:
             hist: dict[int, bytes] = {}

@@ -233,7 +233,7 @@ class AggregatorWorker:
             job = decode(value, JobSpec)
         except SchemaError as exc:
             log.warning("bad JobSpec on %s: %s", self.settings.jobs_topic, exc)
-            self.metrics.rejected.labels(reason=f"job_{exc.reason}").inc()
+            self.metrics.rejected.labels(shard="", reason=f"job_{exc.reason}").inc()
             return
         self.jobs[job.job_id] = job
         for part in self.partitions.values():
@@ -269,6 +269,8 @@ class AggregatorWorker:
                     max_update_bytes=s.max_update_bytes,
                     models_zstd_level=s.models_zstd_level,
                     min_publish_interval_s=s.min_publish_interval_s,
+                    load_blob=self.store.load,
+                    seen_window_s=s.seen_window_s,
                 )
                 blob = await asyncio.to_thread(self.store.load, part.key)
                 if blob is not None:
@@ -425,7 +427,12 @@ class AggregatorWorker:
             if out.staleness is not None:
                 m.staleness.observe(out.staleness)
         else:
-            m.rejected.labels(reason=out.reason).inc()
+            m.rejected.labels(shard=str(part.shard), reason=out.reason).inc()
+            if out.reason != "duplicate":
+                log.warning(
+                    "%s@%d: update %s of job %s rejected: %s",
+                    part.key, offset, out.update_id, out.job_id, out.reason,
+                )  # fmt: skip
         return out
 
     def _start_builds(self, part: PartitionState) -> None:
@@ -473,6 +480,7 @@ class AggregatorWorker:
                 part.forget_saved_blobs()
                 log.exception("checkpoint of %s failed; offsets not committed", part.key)
                 continue
+            part.saved()
             part.dirty = False
             part.release_held()  # idle announcements are durable now
             self._since_ckpt[p] = 0
@@ -498,4 +506,3 @@ class AggregatorWorker:
             await self._consumer.commit(offsets)
         except (CommitFailedError, KafkaError) as exc:  # the checkpoint is authoritative
             log.info("offset commit skipped: %s", exc)
-

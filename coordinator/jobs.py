@@ -113,10 +113,25 @@ def job_json(job: Job, stats: dict[str, int], current_version: int | None) -> di
     out["selection"] = job.selection.to_dict()
     out["alpha"] = job.spec.strategy.alpha
     out["staleness"] = job.spec.strategy.staleness
-    out["stats"] = stats
+    shards: list[dict[str, Any]] = []
+    for i in range(len(job.spec.shard_bounds) - 1):
+        p = f"shard.{i}."
+        shards.append({
+            "shard": i,
+            "version": stats.get(p + "version", 0),
+            "updates_applied": stats.get(p + "applied", 0),
+            "updates_rejected": stats.get(p + "rejected", 0),
+            "mean_staleness": stats.get(p + "staleness_milli", 0) / 1000.0,
+        })  # fmt: skip
+    out["stats"] = {k: v for k, v in stats.items() if not k.startswith("shard.")}
+    out["shards"] = shards
     out["updates_accepted"] = stats.get("updates_accepted", 0)
+    # applied on every shard (the fewest any shard applied); per shard in ``shards``
     out["updates_applied"] = stats.get("updates_applied", 0)
+    # refused by the coordinator before acknowledging (reasons in the stats' updates_*)
     out["updates_rejected"] = stats.get("updates_rejected", 0)
+    # refused by a shard after acknowledgement: lost on that shard (should stay 0)
+    out["updates_rejected_by_shards"] = sum(s["updates_rejected"] for s in shards)
     out["mean_staleness"] = stats.get("mean_staleness_milli", 0) / 1000.0
     out["current_version"] = current_version
     return out

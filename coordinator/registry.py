@@ -224,6 +224,16 @@ class ModelRegistry:
         self._jobs[job.job_id] = st
         return st
 
+    def cached_shard_versions(self, job_id: str) -> list[int] | None:
+        """Newest known version of each shard, if the job's state is in memory (no I/O)."""
+        st = self._jobs.get(job_id)
+        return None if st is None else list(st.shard_versions)
+
+    def shard_versions(self, job: JobSpec) -> list[int]:
+        """Newest known version of each shard (may read the newest manifest from disk)."""
+        with self._lock:
+            return list(self._state(job).shard_versions)
+
     def apply(self, job: JobSpec, sv: ShardVersion) -> ModelManifest | None:
         """Fold one ``ShardVersion`` event in; returns the new manifest or None if stale."""
         if sv.job_id != job.job_id:

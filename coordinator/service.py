@@ -139,6 +139,7 @@ class Coordinator:
             publish=self.publish,
             metrics=self.metrics,
             on_uploaded=self.selector.wake,
+            newest_versions=self.known_shard_versions,
         )
         self.router = Router(
             fleet=self.fleet,
@@ -326,6 +327,13 @@ class Coordinator:
 
         return await asyncio.to_thread(read)
 
+    async def known_shard_versions(self, spec: JobSpec) -> list[int] | None:
+        """The newest version of each shard of ``spec`` this coordinator has assembled."""
+        got = self.registry.cached_shard_versions(spec.job_id)
+        if got is not None:
+            return got
+        return await asyncio.to_thread(self.registry.shard_versions, spec)
+
     async def apply_shard_version(self, value: bytes) -> int | None:
         """Fold one ``fl.models`` record in; returns the new global version, if any."""
         try:
@@ -349,26 +357,29 @@ class Coordinator:
         return m.version
 
     async def _shard_stats(self, sv: ShardVersion) -> None:
-        """Job figures from shard events: updates applied (max over shards), staleness."""
-        key = f"{self.settings.key_prefix}shardstats:{sv.job_id}"
+        """Per-shard figures from shard events (``shard.{s}.*`` in the job-stats hash) and
+        the job's: ``updates_applied`` = the fewest any shard applied (every update counts
+        once all shards applied it), mean staleness over shards."""
+        key = f"{self.settings.key_prefix}jobstats:{sv.job_id}"
+        p = f"shard.{sv.shard}."
         await self.redis.hset(
             key,
             mapping={
-                f"{sv.shard}:applied": sv.updates_applied,
-                f"{sv.shard}:staleness": sv.mean_staleness,
-                f"{sv.shard}:rejected": sv.updates_rejected,
+                p + "version": sv.version,
+                p + "applied": sv.updates_applied,
+                p + "rejected": sv.updates_rejected,
+                p + "staleness_milli": int(1000 * sv.mean_staleness),
             },
         )
         h = await self.redis.hgetall(key)
-        applied = [int(v) for k, v in h.items() if k.endswith(":applied")]
-        rejected = [int(v) for k, v in h.items() if k.endswith(":rejected")]
-        stale = [float(v) for k, v in h.items() if k.endswith(":staleness")]
+        shards = len((await self.jobs.get(sv.job_id)).spec.shard_bounds) - 1
+        applied = [int(h.get(f"shard.{i}.applied", 0)) for i in range(shards)]
+        stale = [int(v) for k, v in h.items() if k.endswith(".staleness_milli")]
         await self.redis.hset(
-            f"{self.settings.key_prefix}jobstats:{sv.job_id}",
+            key,
             mapping={
-                "updates_applied": max(applied, default=0),
-                "updates_rejected": max(rejected, default=0),
-                "mean_staleness_milli": int(1000 * sum(stale) / max(len(stale), 1)),
+                "updates_applied": min(applied, default=0),
+                "mean_staleness_milli": sum(stale) // max(len(stale), 1),
             },
         )
 

@@ -4,6 +4,13 @@
 (acks=all, idempotent) and acknowledges the device only after every shard record is
 acknowledged by the broker.
 
+Everything that could make a shard refuse an update is decided here, once for the whole
+update and *before* the device is acknowledged (``check_upload``, ``check_bases``,
+``check_payloads``): one chunk per shard, each frame decodes to finite values of the right
+length, and no base is more than ``max_staleness`` versions behind the newest version of its
+shard this coordinator knows. Aggregator shards then apply every acknowledged update (see
+``aggregator.bases``), so all shards of a job fold in the same set of updates.
+
 Tasks of a synchronous round (``TaskRecord.round_no``) are claimed with
 ``TaskStore.claim_in_round``, which counts the upload against its round in the same atomic
 step: a round admits at most its ``target`` uploads; the rest are refused
@@ -23,7 +30,9 @@ from coordinator.fleet import FleetStore
 from coordinator.jobs import JobStore
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.tasks import TaskRecord, TaskStore, token_matches
-from schemas.messages import ShardUpdate, Update, UploadAck, encode
+from schemas import codec
+from schemas.errors import SchemaError
+from schemas.messages import UPDATE_MAX_BYTES, JobSpec, ShardUpdate, Update, UploadAck, encode
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +44,8 @@ def check_upload(
 ) -> Literal["accept", "duplicate"]:
     """Decide an upload; any refusal raises ``UploadRejected`` with a reason code.
 
-    Late updates for an expired lease are accepted (once): the aggregator weights them
-    by staleness or rejects them past ``max_staleness``. Not for tasks of a sync round
+    Late updates for an expired lease are accepted (once) if :func:`check_bases` admits
+    them; the aggregators weight them by staleness. Not for tasks of a sync round
     (``round_no``): their lease expires when the round closes (``round_closed``).
     """
     if upd.device_id != topic_device:
@@ -70,10 +79,38 @@ def check_upload(
             raise UploadRejected("shape", f"chunk shard {c.shard} >= {shards}")
         if (c.start, c.stop) != (bounds[c.shard], bounds[c.shard + 1]):
             raise UploadRejected("shape", f"chunk {c.shard} bounds do not match the job")
+    if len(upd.chunks) != shards:  # chunk shards are unique (schema) and < shards
+        raise UploadRejected("shape", f"{len(upd.chunks)} chunks for {shards} shards")
     return "accept"
 
 
-def split_update(upd: Update, accepted_ts: float) -> list[ShardUpdate]:
+def check_bases(upd: Update, newest: list[int], max_staleness: int) -> None:
+    """Refuse an update whose base on some shard is more than ``max_staleness`` versions
+    behind ``newest[shard]``, the newest announced version this coordinator knows.
+
+    A base ahead of ``newest`` came from a coordinator that has read further; it is let
+    through (the shard has it). The bound is per shard, the verdict for the whole update.
+    """
+    for c in upd.chunks:
+        behind = newest[c.shard] - c.base_version
+        if behind > max_staleness:
+            raise UploadRejected(
+                "too_stale",
+                f"shard {c.shard}: base {c.base_version} is {behind} versions behind "
+                f"{newest[c.shard]} (max_staleness {max_staleness})",
+            )
+
+
+def check_payloads(upd: Update, max_bytes: int = UPDATE_MAX_BYTES) -> None:
+    """Refuse an update any of whose frames a shard would refuse (codec, shape, NaN/Inf)."""
+    for c in upd.chunks:
+        try:
+            codec.decode(c.payload, c.stop - c.start, max_frame_bytes=max_bytes)
+        except SchemaError as exc:
+            raise UploadRejected(exc.reason, f"chunk {c.shard}: {exc.detail}") from None
+
+
+def split_update(upd: Update, accepted_ts: float, seen: list[int] | None) -> list[ShardUpdate]:
     return [
         ShardUpdate(
             update_id=upd.update_id,
@@ -87,6 +124,7 @@ def split_update(upd: Update, accepted_ts: float) -> list[ShardUpdate]:
             num_samples=upd.num_samples,
             payload=c.payload,
             accepted_ts=accepted_ts,
+            seen_version=-1 if seen is None else seen[c.shard],
         )
         for c in upd.chunks
     ]
@@ -99,6 +137,8 @@ class ShardProducer(Protocol):
 
 
 Publish = Callable[[str, bytes, int], Awaitable[None]]
+# the newest announced version of each shard of a job this coordinator knows (None: none)
+NewestVersions = Callable[[JobSpec], Awaitable[list[int] | None]]
 
 
 class UploadHandler:
@@ -113,6 +153,7 @@ class UploadHandler:
         publish: Publish,
         metrics: CoordinatorMetrics,
         on_uploaded: Callable[[str], None] | None = None,
+        newest_versions: NewestVersions | None = None,
     ) -> None:
         self.tasks = tasks
         self.jobs = jobs
@@ -122,13 +163,30 @@ class UploadHandler:
         self.publish = publish
         self.metrics = metrics
         self.on_uploaded = on_uploaded
-        self._bounds: dict[str, list[int]] = {}
+        self.newest_versions = newest_versions
+        self._specs: dict[str, JobSpec] = {}
 
-    async def _job_bounds(self, job_id: str) -> list[int] | None:
-        b = self._bounds.get(job_id)
-        if b is None and await self.jobs.exists(job_id):
-            b = self._bounds[job_id] = list((await self.jobs.get(job_id)).spec.shard_bounds)
-        return b
+    async def _job_spec(self, job_id: str) -> JobSpec | None:
+        spec = self._specs.get(job_id)
+        if spec is None and await self.jobs.exists(job_id):
+            spec = self._specs[job_id] = (await self.jobs.get(job_id)).spec
+        return spec
+
+    async def _admit(self, rec: TaskRecord, upd: Update, spec: JobSpec) -> list[int] | None:
+        """Checks a shard would otherwise fail after the ack; returns the versions seen."""
+        if sum(len(c.payload) for c in upd.chunks) > 1 << 18:
+            await asyncio.to_thread(check_payloads, upd)
+        else:
+            check_payloads(upd)
+        if rec.round_no or rec.state == "uploading" or self.newest_versions is None:
+            # a sync round's staleness is its round (FedAvg wrong_round); an "uploading"
+            # retry was admitted before and may already be on Kafka: never refuse it now
+            return None
+        newest = await self.newest_versions(spec)
+        if newest is not None and len(newest) == len(spec.shard_bounds) - 1:
+            check_bases(upd, newest, spec.strategy.max_staleness)
+            return newest
+        return None
 
     async def _ack(self, upd: Update, status: str, reason: str = "") -> None:
         ack = UploadAck(
@@ -139,6 +197,18 @@ class UploadHandler:
         )
         self.metrics.uploads.labels(status=status).inc()
         await self.publish(f"fleet/{upd.device_id}/ack", encode(ack), 1)
+
+    async def _refused(self, rec: TaskRecord, exc: UploadRejected) -> None:
+        """An upload refused for its content (too stale, bad frame): abort its task, with
+        the reason, and free the device for another one."""
+        ok, _ = await self.tasks.transition(
+            rec, "aborted", LATE_OK, reason=f"upload {exc.code}: {exc.detail}"[:200]
+        )
+        if ok:
+            await self.tasks.bump(rec.job_id, f"updates_{exc.code}")
+            await self.fleet.release_task(
+                rec.device_id, rec.task_id, contributed=False, outcome=f"upload_{exc.code}"
+            )
 
     async def _round_closed(self, rec: TaskRecord, upd: Update) -> str:
         """The task's round had no slot left: its task is now expired; refuse the upload."""
@@ -156,15 +226,23 @@ class UploadHandler:
     async def handle(self, upd: Update, topic_device: str) -> str:
         """Process one decoded update; returns the ack status sent (or 'dropped')."""
         rec = await self.tasks.get(upd.task_id)
-        bounds = await self._job_bounds(upd.job_id) if rec is not None else None
+        spec = await self._job_spec(upd.job_id) if rec is not None else None
+        seen: list[int] | None = None
+        verdict: str = ""
         try:
+            bounds = None if spec is None else list(spec.shard_bounds)
             verdict = check_upload(rec, upd, topic_device, bounds)
+            if verdict == "accept":
+                assert rec is not None and spec is not None
+                seen = await self._admit(rec, upd, spec)
         except UploadRejected as exc:
             self.metrics.rejected.labels(source="update", reason=exc.code).inc()
             if rec is not None:
                 await self.tasks.bump(rec.job_id, "updates_rejected")
             if exc.code == "device_mismatch":
                 return "dropped"  # never answer on a topic the sender does not own
+            if rec is not None and verdict == "accept":  # refused on content: the task ends
+                await self._refused(rec, exc)
             await self._ack(upd, "rejected", exc.code)
             return "rejected"
         assert rec is not None
@@ -188,7 +266,7 @@ class UploadHandler:
             if not ok:
                 return await self.handle(upd, topic_device)  # state moved: decide again
         futs = []
-        for su in split_update(upd, now):
+        for su in split_update(upd, now, seen):
             fut = await self.producer.send(
                 self.topic, value=encode(su), key=upd.update_id.encode(), partition=su.shard
             )

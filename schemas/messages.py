@@ -331,6 +331,10 @@ class ShardUpdate(Message, frozen=True, kw_only=True, tag="shard_update"):
     num_samples: PosInt
     payload: bytes
     accepted_ts: Timestamp
+    # the newest version of this shard the accepting coordinator knew of (-1: none yet).
+    # It admitted the upload only if base_version was at most max_staleness behind it;
+    # shards keep every announced slice such a record can still name (aggregator.shard).
+    seen_version: Annotated[int, msgspec.Meta(ge=-1)] = -1
 
 
 class ShardVersion(Message, frozen=True, kw_only=True, tag="shard_version"):

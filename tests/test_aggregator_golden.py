@@ -62,9 +62,10 @@ def run_core(
 @pytest.mark.parametrize("publish_every", [1, 3])
 def test_fedasync_golden(cfg: StrategyConfig, publish_every: int) -> None:
     job = make_job(cfg, publish_every=publish_every)
-    stream = random_stream(job, 60, seed=publish_every, max_lag=5, dup_every=7, history_size=4)
+    stream = random_stream(job, 60, seed=publish_every, max_lag=5, dup_every=7, history_size=None)
     for shard in (0, 1):
         ups = shard_updates(job, stream, shard)
+        # 4 slices in memory: older bases come from the spill tier, the result is the same
         st, outcomes = run_core(job, ups, shard, history_size=4)
         ref = rules.fedasync(
             init_slice(job, shard),
@@ -74,8 +75,8 @@ def test_fedasync_golden(cfg: StrategyConfig, publish_every: int) -> None:
             a=cfg.staleness_a,
             b=cfg.staleness_b,
             keep_every=publish_every,
-            history_size=4,
-            max_staleness=cfg.max_staleness,
+            history_size=None,  # a shard: every announced slice, no bound after the ack
+            max_staleness=None,
             clip_norm=cfg.clip_norm,
             delta_form=cfg.name == "fedasync_delta",
             sparse_mix=cfg.sparse_mix,
@@ -84,7 +85,7 @@ def test_fedasync_golden(cfg: StrategyConfig, publish_every: int) -> None:
         applied = [o.update_id for o in outcomes if o.status == "applied"]
         assert applied == ref.applied
         rejected = {o.update_id: o.reason for o in outcomes if o.status == "rejected"}
-        assert rejected == ref.rejected
+        assert rejected == ref.rejected == {}
         assert js.version == ref.version
         np.testing.assert_allclose(js.params, ref.x, atol=1e-6, rtol=0)
         assert len(ref.applied) > 30
@@ -100,7 +101,7 @@ def test_fedasync_time_cadence_golden(interval: float, publish_every: int) -> No
     cfg = StrategyConfig(name="fedasync", alpha=0.6, max_staleness=12)
     job = make_job(cfg, publish_every=publish_every)
     kw: dict[str, Any] = {"ts_step": 0.07, "min_interval": interval}
-    stream = random_stream(job, 80, seed=9, max_lag=8, dup_every=7, history_size=3, **kw)
+    stream = random_stream(job, 80, seed=9, max_lag=8, dup_every=7, history_size=None, **kw)
     ups = shard_updates(job, stream, 0, ts_step=0.07)
     st, outcomes = run_core(job, ups, 0, history_size=3, min_interval=interval)
     announced: list[int] = []
@@ -109,8 +110,8 @@ def test_fedasync_time_cadence_golden(interval: float, publish_every: int) -> No
         ref_stream(ups),
         alpha=cfg.alpha,
         keep_every=publish_every,
-        history_size=3,
-        max_staleness=cfg.max_staleness,
+        history_size=None,
+        max_staleness=None,
         min_interval=interval,
         announced=announced,
     )
@@ -120,9 +121,10 @@ def test_fedasync_time_cadence_golden(interval: float, publish_every: int) -> No
     assert [o.update_id for o in outcomes if o.status == "applied"] == ref.applied
     assert {o.update_id: o.reason for o in outcomes if o.status == "rejected"} == ref.rejected
     np.testing.assert_allclose(st.jobs[job.job_id].params, ref.x, atol=1e-6, rtol=0)
-    assert len(ref.applied) > 40
-    # staler bases than the history covers are rejected too_stale, as in the reference
-    assert "too_stale" in ref.rejected.values()
+    assert len(ref.applied) > 40 and not ref.rejected
+    # bases staler than the 3 slices in memory were served by the spill tier
+    hist = st.jobs[job.job_id].strategy.unwrap().history  # type: ignore[attr-defined]
+    assert len(hist.versions()) == 3 and min(u.base_version for u in ups) < min(hist.versions())
 
 
 @pytest.mark.parametrize("robust", ["mean", "median", "trimmed_mean"])
@@ -141,7 +143,7 @@ def test_fedbuff_golden(robust: Robust, momentum: float, source: str) -> None:
         trim_ratio=0.25 if per_job else None,
     )
     job = make_job(cfg)
-    stream = random_stream(job, 50, seed=3, max_lag=5, dup_every=5)
+    stream = random_stream(job, 50, seed=3, max_lag=5, dup_every=5, history_size=None)
     ups = shard_updates(job, stream, 1)
     # per job: the deployment default says something else, the job's value wins
     st, outcomes = run_core(job, ups, 1, robust="median" if per_job else robust)
@@ -151,7 +153,7 @@ def test_fedbuff_golden(robust: Robust, momentum: float, source: str) -> None:
         k=4,
         server_lr=0.8,
         momentum=momentum,
-        max_staleness=3,
+        max_staleness=None,  # a shard: the bound is the coordinator's, before the ack
         reducer=robust,
         trim=0.25 if per_job else 0.1,
     )

@@ -48,6 +48,7 @@ def test_checkpoint_roundtrip_resumes_identically(tmp_path: object) -> None:
     for k, v in blobs.items():
         store.save(k, v)
     store.save(a.key, ck.dumps(ckpt))
+    a.saved()  # the checkpoint is durable: its blobs count as stored
     b = PartitionState("t", 1)
     blob = store.load(a.key)
     assert blob is not None

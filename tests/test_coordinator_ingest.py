@@ -29,7 +29,13 @@ from schemas.messages import (
     decode,
     encode,
 )
-from tests.test_coordinator_support import FakeProducer, Published, make_state, redis_url  # noqa: F401
+from tests.test_coordinator_support import (  # noqa: F401
+    FakeProducer,
+    Published,
+    frame,
+    make_state,
+    redis_url,
+)
 
 
 @dataclass
@@ -115,7 +121,11 @@ def tasks_sent(rig: Rig) -> list[Task]:
 def update_for(task: Task, bounds: list[int], **kw: object) -> Update:
     chunks = [
         UpdateChunk(
-            shard=s, start=bounds[s], stop=bounds[s + 1], base_version=0, payload=b"frame%d" % s
+            shard=s,
+            start=bounds[s],
+            stop=bounds[s + 1],
+            base_version=0,
+            payload=frame(bounds[s + 1] - bounds[s], s),
         )
         for s in range(len(bounds) - 1)
     ]

@@ -34,7 +34,7 @@ from schemas.messages import (
     decode,
     encode,
 )
-from tests.test_coordinator_support import FakeProducer, make_state, redis_url  # noqa: F401
+from tests.test_coordinator_support import FakeProducer, frame, make_state, redis_url  # noqa: F401
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": "Bearer adm"}
@@ -159,7 +159,11 @@ async def test_reissue_token_ack_and_rollback(coord: Coordinator, stack: Any) ->
 
         chunks = [
             UpdateChunk(
-                shard=i, start=bounds[i], stop=bounds[i + 1], base_version=0, payload=b"p%d" % i
+                shard=i,
+                start=bounds[i],
+                stop=bounds[i + 1],
+                base_version=0,
+                payload=frame(bounds[i + 1] - bounds[i], i),
             )
             for i in range(2)
         ]
@@ -220,7 +224,10 @@ async def test_reissue_token_ack_and_rollback(coord: Coordinator, stack: Any) ->
         o2 = await http.get(f"/v1/models/{name}/latest.onnx")
         assert o2.content == o0.content and o2.headers["etag"] == o0.headers["etag"]
         stats = (await http.get(f"/v1/jobs/{jid}")).json()
-        assert stats["updates_accepted"] == 1 and stats["updates_applied"] == 1
+        # only shard 0 reported: applied on every shard counts it once shard 1 has it too
+        assert stats["updates_accepted"] == 1 and stats["updates_applied"] == 0
+        assert [sh["updates_applied"] for sh in stats["shards"]] == [1, 0]
+        assert stats["updates_rejected_by_shards"] == 0
         assert (await http.get("/readyz")).status_code == 200
 
 
@@ -283,7 +290,8 @@ async def test_restart_keeps_jobs_and_registry_state(
     async with Coordinator(settings) as c2, httpx.AsyncClient(base_url=c2.rest_url) as http:
         assert (await http.get("/v1/keys/model-signing")).json() == key1
         got = (await http.get(f"/v1/jobs/{jid}")).json()
-        assert got["current_version"] == 1 and got["updates_applied"] == 1
+        assert got["current_version"] == 1 and got["updates_applied"] == 0  # shard 1: none
+        assert got["shards"][0]["updates_applied"] == 1 and got["shards"][0]["version"] == 1
         await send(event(jid, bounds, 1, 3))
 
         async def v2() -> dict[str, Any] | None:

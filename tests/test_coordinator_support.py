@@ -128,3 +128,16 @@ async def make_state(redis_url: str, tmp: Path, prefix: str) -> tuple[AppState, 
         publish_job=publish_job,
     )
     return state, published
+
+
+def frame(length: int, seed: int = 0) -> bytes:
+    """A real update frame of ``length`` float32 values (the coordinator decodes frames
+    before it acknowledges an upload)."""
+    import numpy as np
+
+    from schemas import codec
+    from schemas.messages import CodecConfig
+
+    rng = np.random.default_rng(seed)
+    vals = (rng.normal(size=length) * 0.01).astype(np.float32)
+    return codec.encode(vals, CodecConfig(quant="none"))

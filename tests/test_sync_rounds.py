@@ -30,6 +30,7 @@ from coordinator.tasks import TaskRecord, token_sha
 from coordinator.uploads import check_upload
 from schemas.messages import ShardUpdate, Task, Update, UpdateChunk, UploadAck, decode
 from tests.test_coordinator_integration import Device, coordinator_settings, eventually
+from tests.test_coordinator_support import frame
 
 AUTH = {"Authorization": "Bearer adm"}
 
@@ -48,7 +49,11 @@ def sync_job(prefix: str, k: int, over_selection: float) -> dict[str, Any]:
 def update_for(task: Task, bounds: list[int]) -> Update:
     chunks = [
         UpdateChunk(
-            shard=s, start=bounds[s], stop=bounds[s + 1], base_version=0, payload=b"frame%d" % s
+            shard=s,
+            start=bounds[s],
+            stop=bounds[s + 1],
+            base_version=0,
+            payload=frame(bounds[s + 1] - bounds[s], s),
         )
         for s in range(len(bounds) - 1)
     ]

@@ -38,6 +38,10 @@ class StrategyOptions:
     trim_ratio: float = 0.1  # trimmed mean: fraction dropped per side (default)
     dp_noise_multiplier: float = 0.0  # > 0 enables Gaussian DP (default; needs clip_norm > 0)
     dp_seed: int = 0
+    # refuse updates more than StrategyConfig.max_staleness versions behind (MaxStaleness).
+    # Aggregator shards turn it off: the coordinator enforces the bound before it
+    # acknowledges an upload, and every shard then applies what was acknowledged.
+    bound_staleness: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,14 +80,17 @@ def build_strategy(
     options: StrategyOptions | None = None,
 ) -> Strategy:
     """Core rule named by ``cfg.name`` wrapped as
-    ``RejectNonFinite(MaxStaleness(ClipL2 | GaussianDP (core)))``."""
+    ``RejectNonFinite(MaxStaleness(ClipL2 | GaussianDP (core)))`` (no ``MaxStaleness``, and
+    no age limit on the FedAsync history, when ``options.bound_staleness`` is off)."""
     opt = options or StrategyOptions()
     eff = effective(cfg, opt)
     core: Strategy
     if cfg.name in ("fedasync", "fedasync_delta"):
         fn = make_staleness(cfg.staleness, cfg.staleness_a, cfg.staleness_b)
         hist = VersionHistory(
-            keep_every=opt.keep_every, capacity=opt.history_size, max_age=cfg.max_staleness
+            keep_every=opt.keep_every,
+            capacity=opt.history_size,
+            max_age=cfg.max_staleness if opt.bound_staleness else None,
         )
         cls = FedAsync if cfg.name == "fedasync" else FedAsyncDelta  # delta ignores sparse_mix
         core = cls(
@@ -125,5 +132,6 @@ def build_strategy(
         )
     elif cfg.clip_norm > 0.0:
         s = ClipL2(s, cfg.clip_norm)
-    s = MaxStaleness(s, cfg.max_staleness)
+    if opt.bound_staleness:
+        s = MaxStaleness(s, cfg.max_staleness)
     return RejectNonFinite(s)

@@ -6,7 +6,8 @@ computed as ``(1 - a_t) x_{t-1} + a_t x_tau + a_t D`` so a sparse ``D`` is never
 ``t`` is the version being produced (``current + 1``), so a device that trained on the
 newest slice has ``t - tau = 1`` as in the paper. ``x_tau`` comes from a bounded
 :class:`VersionHistory` of the *announced* versions (the shard calls
-:meth:`FedAsync.mark_published`); a base no longer (or never) kept is rejected ``too_stale``.
+:meth:`FedAsync.mark_published`); a base no longer (or never) kept is rejected ``too_stale``
+(``unknown_base`` when the history has a slower tier behind it and that has none either).
 
 A sparse (top-k) ``D`` only says what the device's model is on the coordinates it sent.
 With ``sparse_mix="support"`` (the default) the mixing is applied on those coordinates and
@@ -81,9 +82,8 @@ class FedAsync(SliceStrategy):
         if update.base_version != self._version:
             base = self.history.get(update.base_version)
             if base is None:
-                raise UpdateRejected(
-                    "too_stale", f"base version {update.base_version} not in history"
-                )
+                reason = "too_stale" if self.history.fallback is None else "unknown_base"
+                raise UpdateRejected(reason, f"base version {update.base_version} not kept")
             idx = update.chunk.indices if self.sparse_mix == "support" else None
             if idx is None:
                 x *= np.float32(1.0 - a)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 
@@ -17,14 +18,29 @@ class VersionHistory:
     ``v % keep_every == 0`` (standalone use). At most ``capacity`` slices are kept (oldest
     evicted first), and with ``max_age`` set, slices more than ``max_age`` versions behind
     the newest kept one are dropped early: no admissible update can use them.
+
+    Two optional hooks make the history a cache in front of a slower tier (what an
+    aggregator shard does, ``aggregator.shard.JobShard``): ``on_evict(version, slice)`` sees
+    every slice leaving memory, and ``fallback(version)`` is asked for a version memory
+    does not hold; a slice it returns is kept again (most recently used).
     """
 
-    def __init__(self, *, keep_every: int = 1, capacity: int = 16, max_age: int | None = None):
+    def __init__(
+        self,
+        *,
+        keep_every: int = 1,
+        capacity: int = 16,
+        max_age: int | None = None,
+        on_evict: Callable[[int, F32], None] | None = None,
+        fallback: Callable[[int], F32 | None] | None = None,
+    ):
         if keep_every < 0 or capacity < 1:
             raise ValueError("keep_every must be >= 0 and capacity >= 1")
         self.keep_every = keep_every
         self.capacity = capacity
         self.max_age = max_age
+        self.on_evict = on_evict
+        self.fallback = fallback
         self._slices: OrderedDict[int, F32] = OrderedDict()
 
     def record(self, version: int, params: F32) -> None:
@@ -40,12 +56,25 @@ class VersionHistory:
         self._slices.move_to_end(version)
         if self.max_age is not None:
             for v in [v for v in self._slices if v < version - self.max_age]:
-                del self._slices[v]
+                self._evict(v, self._slices.pop(v))
         while len(self._slices) > self.capacity:
-            self._slices.popitem(last=False)
+            self._evict(*self._slices.popitem(last=False))
+
+    def _evict(self, version: int, params: F32) -> None:
+        if self.on_evict is not None:
+            self.on_evict(version, params)
 
     def get(self, version: int) -> F32 | None:
-        return self._slices.get(version)
+        got = self._slices.get(version)
+        if got is not None or self.fallback is None:
+            return got
+        got = self.fallback(version)
+        if got is not None:
+            self._slices[version] = got
+            self._slices.move_to_end(version)
+            while len(self._slices) > self.capacity:
+                self._evict(*self._slices.popitem(last=False))
+        return got
 
     def versions(self) -> list[int]:
         return list(self._slices)

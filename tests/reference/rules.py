@@ -3,8 +3,11 @@
 Conventions (same published rules the aggregator documents in docs/aggregator.md):
 * staleness ``d`` = server versions since the device's base version ``tau``;
 * FedAsync: ``t`` is the version being produced, ``alpha_t = alpha * s(t - tau)``;
-* exact FedAsync can only use base slices that were announced and are among the newest
-  ``history_size`` announced ones. Announcement cadence (:func:`announces`): version ``t``
+* exact FedAsync can only use base slices that were announced and (``history_size`` set)
+  are among the newest ``history_size`` announced ones; ``history_size=None`` and
+  ``max_staleness=None`` are the rule an aggregator shard follows (every announced slice
+  stays available, the staleness bound is the coordinator's, before acknowledgement).
+  Announcement cadence (:func:`announces`): version ``t``
   is announced when ``t - last >= keep_every`` and ``clock - last_ts >= min_interval``,
   where ``clock`` = max ``ts`` of the applied updates (``min_interval = 0``: every
   ``keep_every``-th version);
@@ -97,8 +100,8 @@ def fedasync(
     a: float = 0.5,
     b: float = 4.0,
     keep_every: int = 1,
-    history_size: int = 16,
-    max_staleness: int = 64,
+    history_size: int | None = 16,
+    max_staleness: int | None = 64,
     clip_norm: float = 0.0,
     delta_form: bool = False,
     min_interval: float = 0.0,
@@ -127,7 +130,7 @@ def fedasync(
             res.rejected[u.update_id] = "future_version"
             continue
         d = t_prev - u.base_version
-        if d > max_staleness:
+        if max_staleness is not None and d > max_staleness:
             res.rejected[u.update_id] = "too_stale"
             continue
         delta = _clip(u.delta, clip_norm)
@@ -139,9 +142,9 @@ def fedasync(
             for i in range(n):
                 new[i] = prev[i] + a_t * delta[i]
         else:
-            published = cad.announced[-history_size:]
+            published = cad.announced[-history_size:] if history_size else cad.announced
             if u.base_version != t_prev and u.base_version not in published:
-                res.rejected[u.update_id] = "too_stale"
+                res.rejected[u.update_id] = "too_stale" if history_size else "unknown_base"
                 continue
             base = versions[u.base_version]
             sent = set(range(n) if u.support is None or sparse_mix == "all" else u.support)
@@ -169,7 +172,7 @@ def fedbuff(
     k: int,
     server_lr: float = 1.0,
     momentum: float = 0.0,
-    max_staleness: int = 64,
+    max_staleness: int | None = 64,
     clip_norm: float = 0.0,
     reducer: str = "mean",
     trim: float = 0.1,
@@ -194,7 +197,7 @@ def fedbuff(
             res.rejected[u.update_id] = "future_version"
             continue
         st = version - u.base_version
-        if st > max_staleness:
+        if max_staleness is not None and st > max_staleness:
             res.rejected[u.update_id] = "too_stale"
             continue
         if fedavg and st != 0:

@@ -58,7 +58,7 @@ def random_stream(
     seed: int = 0,
     max_lag: int = 6,
     dup_every: int = 0,
-    history_size: int = 16,
+    history_size: int | None = 16,
     fresh_only: bool = False,
     ts_step: float | None = None,
     min_interval: float = 0.0,
@@ -68,7 +68,8 @@ def random_stream(
     Tracks the version the shard will be at, and which versions it announces (records are
     stamped ``stamp(i, ts_step)`` by :func:`shard_updates`), so base versions stay
     realistic; lags past the history window or the staleness bound produce the occasional
-    rejection.
+    rejection (``history_size=None``: an aggregator shard, which keeps every announced
+    slice and leaves the staleness bound to the coordinator, rejects none).
     """
     rng = np.random.default_rng(seed)
     total = num_params(job.spec)
@@ -81,8 +82,10 @@ def random_stream(
     for i in range(n):
         lag = 0 if fresh_only else int(rng.integers(0, max_lag + 1))
         base = cur if lag == 0 else max(v for v in cad.announced if v <= max(0, cur - lag))
-        kept = cad.announced[-history_size:]
-        ok = cur - base <= cfg.max_staleness
+        if history_size is None:
+            kept, ok = cad.announced, True
+        else:
+            kept, ok = cad.announced[-history_size:], cur - base <= cfg.max_staleness
         if cfg.name == "fedasync":
             ok = ok and (base == cur or base in kept)
         delta = (rng.normal(size=total) * 0.1).astype(np.float32)
