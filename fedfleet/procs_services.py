@@ -77,7 +77,10 @@ class ServiceSet:
 
     def start_aggregator(self, i: int) -> ManagedProcess:
         port = free_port()
-        self.aggregator_metrics_ports.append(port)
+        if i < len(self.aggregator_metrics_ports):
+            self.aggregator_metrics_ports[i] = port
+        else:
+            self.aggregator_metrics_ports.append(port)
         argv = [
             sys.executable, "-m", "fedfleet", "aggregator",
             "--kafka", self.info.kafka_bootstrap,
@@ -129,6 +132,20 @@ class ServiceSet:
         for p in [self.coordinator, *self.aggregators]:
             if p is not None and not p.alive():
                 raise StackError(f"{p.name} exited; log {p.log_path}:\n{p.log_tail()}")
+
+    def restart_aggregator(self, i: int) -> None:
+        """Start aggregator ``i`` again (after it died or was killed); same log, new port."""
+        old = self.aggregators[i]
+        if old.alive():
+            raise StackError(f"{old.name} is still running")
+        if old.proc is not None:
+            old.proc.wait(timeout=5.0)  # reap it
+        self.aggregators[i] = self.start_aggregator(i)
+
+    def stop_aggregators(self) -> None:
+        """SIGTERM every aggregator: each writes its final checkpoints and exits."""
+        for p in self.aggregators:
+            p.stop(timeout=30.0)
 
     def stop(self) -> None:
         for p in self.aggregators:

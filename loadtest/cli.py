@@ -1,4 +1,4 @@
-"""``fedfleet loadtest scale|train|churn``: fleet simulations on real servers.
+"""``fedfleet loadtest scale|train|churn|failover``: fleet simulations on real servers.
 
 Each subcommand starts the stack (or uses ``--kafka/--mqtt/--redis``), the coordinator and
 the aggregators, runs its scenario with bounded sizes and time, shows a progress bar on
@@ -37,6 +37,7 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from loadtest.churn import ChurnSettings
+    from loadtest.failover import FailoverSettings
     from loadtest.scale import ScaleSettings
     from loadtest.train import TrainSettings
 
@@ -82,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--concurrency", type=int, default=c.concurrency)
     ch.add_argument("--processes", type=int, default=c.processes)
     _server_flags(ch)
+
+    fo = sub.add_parser("failover", help="kill -9 aggregators mid-job; exactly once per shard")
+    f = FailoverSettings()
+    fo.add_argument("--devices", type=int, default=f.devices)
+    fo.add_argument("--concurrency", type=int, default=f.concurrency)
+    fo.add_argument("--aggregators", type=int, default=f.aggregators, help="= job shards")
+    fo.add_argument("--kills", type=int, default=f.kills)
+    fo.add_argument("--warmup-updates", type=int, default=f.warmup_updates)
+    fo.add_argument("--down", type=float, default=f.down_s, help="seconds a victim stays down")
+    fo.add_argument("--between", type=float, default=f.between_s, help="seconds after a restart")
+    fo.add_argument("--session-timeout-ms", type=int, default=f.session_timeout_ms)
+    _server_flags(fo)
     return p
 
 
@@ -117,6 +130,25 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], lis
         async with environment(_stack(args), aggregators=2, log=log) as env:
             res = await run_train(env, ts, quiet=quiet)
         return train_report(res, out_dir)
+    if args.scenario == "failover":
+        from loadtest.failover import (
+            FailoverSettings,
+            aggregator_args,
+            failover_report,
+            run_failover,
+        )
+
+        fs = FailoverSettings(
+            devices=args.devices, concurrency=args.concurrency, aggregators=args.aggregators,
+            kills=args.kills, warmup_updates=args.warmup_updates, down_s=args.down,
+            between_s=args.between, session_timeout_ms=args.session_timeout_ms, seed=args.seed,
+        )  # fmt: skip
+        async with environment(
+            _stack(args), aggregators=fs.aggregators, log=log,
+            aggregator_args=aggregator_args(fs),
+        ) as env:  # fmt: skip
+            res_f = await run_failover(env, fs, quiet=quiet)
+        return failover_report(res_f, out_dir)
     from loadtest.churn import ChurnSettings, churn_report, run_churn
 
     cs = ChurnSettings(devices=args.devices, share=args.share, duration_s=args.duration,

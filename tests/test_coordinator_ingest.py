@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+import numpy as np
 import pytest
 
 from coordinator.api import AppState
@@ -16,8 +18,10 @@ from coordinator.jobs import build_job
 from coordinator.metrics import counter_value
 from coordinator.selector import Selector
 from coordinator.uploads import UploadHandler
+from schemas.codec import frame as fr
 from schemas.messages import (
     DeviceStatus,
+    JobSpec,
     Pace,
     ShardUpdate,
     Task,
@@ -46,6 +50,7 @@ class Rig:
     router: Router
     selector: Selector
     uploads: UploadHandler
+    newest: dict[str, list[int]]  # the shard versions this coordinator "knows", per job
 
 
 @pytest.fixture
@@ -62,6 +67,11 @@ async def rig(redis_url: str, tmp_path: Path) -> AsyncIterator[Rig]:  # noqa: F8
         publish=published,
         metrics=state.metrics,
     )
+    newest: dict[str, list[int]] = {}
+
+    async def newest_versions(spec: JobSpec) -> list[int] | None:
+        return newest.get(spec.job_id)
+
     uploads = UploadHandler(
         tasks=state.tasks,
         jobs=state.jobs,
@@ -71,6 +81,7 @@ async def rig(redis_url: str, tmp_path: Path) -> AsyncIterator[Rig]:  # noqa: F8
         publish=published,
         metrics=state.metrics,
         on_uploaded=selector.wake,
+        newest_versions=newest_versions,
     )
     batcher = TelemetryBatcher(state.fleet, state.metrics, batch=100, interval_s=0.01)
     router = Router(
@@ -80,7 +91,7 @@ async def rig(redis_url: str, tmp_path: Path) -> AsyncIterator[Rig]:  # noqa: F8
         batcher=batcher,
         metrics=state.metrics,
     )
-    yield Rig(state, producer, published, router, selector, uploads)
+    yield Rig(state, producer, published, router, selector, uploads, newest)
     await state.fleet.r.aclose()
 
 
@@ -423,3 +434,69 @@ async def test_telemetry_in_flight_does_not_revive_a_device_that_said_offline(ri
     assert "d0" in await fleet.live_ids(again)
     view = (await fleet.views(["d0"], again))[0]
     assert view.online
+
+
+async def test_stale_or_bad_uploads_are_refused_before_the_ack(rig: Rig) -> None:
+    """Whatever a shard could refuse is decided once, before the ack: a base more than
+    max_staleness behind the newest version of *any* shard, a frame with NaN; the task is
+    aborted with the reason, nothing reaches Kafka. Admitted records carry seen_version."""
+    await add_devices(rig, 3)
+    jid = await make_job(rig, concurrency=3)
+    spec = (await rig.state.jobs.get(jid)).spec
+    bounds = list(spec.shard_bounds)
+    issued = (await rig.selector.select_once())[jid]
+    n0 = len(rig.producer.sent)
+    bound = spec.strategy.max_staleness
+    rig.newest[jid] = [3, bound + 1]  # shard 1 moved on; every base below is 0
+    stale = update_for(issued[0], bounds)
+    await rig.router.handle(f"fleet/{stale.device_id}/update", encode(stale))
+    ack = acks(rig, stale.device_id)[-1]
+    assert (ack.status, ack.reason) == ("rejected", "too_stale")
+    rec = await rig.state.tasks.get(stale.task_id)
+    assert rec is not None and rec.state == "aborted"
+    reason = await rig.state.tasks.r.hget(rig.state.tasks.key(stale.task_id), "reason")
+    assert "too_stale" in reason and "shard 1" in reason
+    assert (await rig.state.fleet.get(stale.device_id))["current_task"] in ("", None)  # type: ignore[index]
+
+    nan = np.zeros(bounds[1], np.float32)
+    nan[0] = np.nan
+    raw = fr.pack(quant=0, flags=0, nlow=0, length=bounds[1], k=bounds[1], scale=1.0,
+                  planes=fr.byte_planes(nan), level=1)  # fmt: skip
+    bad = update_for(issued[1], bounds)
+    bad = msgspec.structs.replace(
+        bad, chunks=[msgspec.structs.replace(bad.chunks[0], payload=raw), *bad.chunks[1:]]
+    )
+    rig.newest[jid] = [0, 0]
+    await rig.router.handle(f"fleet/{bad.device_id}/update", encode(bad))
+    assert acks(rig, bad.device_id)[-1].reason == "non_finite"
+    assert len(rig.producer.sent) == n0  # neither reached Kafka
+
+    rig.newest[jid] = [2, bound]  # exactly max_staleness behind: admitted
+    good = update_for(issued[2], bounds)
+    await rig.router.handle(f"fleet/{good.device_id}/update", encode(good))
+    assert acks(rig, good.device_id)[-1].status == "accepted"
+    recs = [decode(v, ShardUpdate) for _, v, _, _ in rig.producer.sent[n0:]]
+    assert sorted((r.shard, r.seen_version) for r in recs) == [(0, 2), (1, bound)]
+    stats = await rig.state.tasks.stats(jid)
+    assert stats["updates_too_stale"] == 1 and stats["updates_non_finite"] == 1
+    assert stats["updates_rejected"] == 2 and stats["updates_accepted"] == 1
+
+
+def test_check_bases_and_payloads_are_pure() -> None:
+    from coordinator.errors import UploadRejected
+    from coordinator.uploads import check_bases, check_payloads
+
+    chunks = [UpdateChunk(shard=s, start=2 * s, stop=2 * s + 2, base_version=5,
+                          payload=frame(2, s)) for s in range(2)]  # fmt: skip
+    upd = Update(update_id="u", task_id="t", job_id="j", device_id="d", upload_token="x",
+                 num_samples=1, chunks=chunks, sent_ts=time.time())  # fmt: skip
+    check_bases(upd, [9, 5], 4)
+    check_bases(upd, [0, 1], 4)  # bases ahead of this coordinator's view pass
+    with pytest.raises(UploadRejected) as e:
+        check_bases(upd, [5, 10], 4)
+    assert e.value.code == "too_stale" and "shard 1" in str(e.value)
+    check_payloads(upd)
+    short = msgspec.structs.replace(chunks[0], stop=3)
+    with pytest.raises(UploadRejected) as e:
+        check_payloads(msgspec.structs.replace(upd, chunks=[short, chunks[1]]))
+    assert e.value.code in ("shape", "codec")

@@ -1,0 +1,275 @@
+"""``failover``: ``kill -9`` of aggregators mid-job; every acknowledged update is applied
+exactly once on every shard.
+
+Phases: warm-up until the job has applied ``warmup_updates`` on every shard; then
+``kills`` times: ``kill -9`` one aggregator (round robin), leave it down ``down_s`` (longer
+than the consumer-group session timeout, so a survivor takes its partitions over and
+catches up on records whose bases are the dead shard's last announcement), restart it and
+run ``between_s``; then stop the job and the fleet, let the aggregators drain, stop them
+gracefully (final checkpoints) and compare three ledgers per shard:
+
+* ``log``: update ids on the shard's ``fl.updates`` partition (what the coordinator
+  acknowledged, or was about to: it produces before it acks);
+* ``acked``: update ids the devices saw acknowledged ``accepted`` / ``duplicate``;
+* ``applied``: the applied-id window of the shard's final checkpoint, and its count.
+
+Lost on a shard = acked or logged ids it did not apply; doubled = applications beyond
+its distinct ids; every shard must hold the same set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from aggregator import checkpoint as ck
+from aggregator.checkpoint import FileCheckpointStore
+from fedfleet.errors import StackError
+from loadtest.fleet import FleetSpec
+from loadtest.pool import FleetPool
+from loadtest.runner import Env, Progress, Timeline
+from loadtest.services import wait_quiet
+from loadtest.train import TrainSettings, job_body
+from schemas.errors import SchemaError
+from schemas.messages import ShardUpdate, decode
+
+
+@dataclass(frozen=True, kw_only=True)
+class FailoverSettings:
+    devices: int = 120
+    concurrency: int = 30
+    aggregators: int = 2  # also the job's shard count
+    kills: int = 2
+    warmup_updates: int = 100  # applied on every shard before the first kill
+    down_s: float = 20.0  # a killed aggregator stays down this long
+    between_s: float = 15.0  # after a restart, before the next kill / the end
+    session_timeout_ms: int = 6000
+    seed: int = 0
+
+
+def aggregator_args(s: FailoverSettings) -> tuple[str, ...]:
+    return (
+        "--session-timeout-ms", str(s.session_timeout_ms),
+        "--heartbeat-interval-ms", str(max(300, s.session_timeout_ms // 6)),
+        "--checkpoint-interval-s", "2.0",
+    )  # fmt: skip
+
+
+async def log_ids(bootstrap: str, topic: str, shards: int, job_id: str) -> list[set[str]]:
+    """Update ids of ``job_id`` on each partition of ``topic``, up to its current end."""
+    c = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        fetch_max_bytes=64 << 20,
+        max_partition_fetch_bytes=64 << 20,
+    )
+    await c.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(shards)]
+        c.assign(tps)
+        await c.seek_to_beginning(*tps)
+        ends = await c.end_offsets(tps)
+        out: list[set[str]] = [set() for _ in tps]
+
+        async def behind() -> bool:
+            return any([await c.position(tp) < ends[tp] for tp in tps])
+
+        while await behind():
+            for tp, recs in (await c.getmany(*tps, timeout_ms=1000)).items():
+                for r in recs:
+                    try:
+                        u = decode(r.value or b"", ShardUpdate, max_bytes=64 << 20)
+                    except SchemaError:
+                        continue
+                    if u.job_id == job_id:
+                        out[tp.partition].add(u.update_id)
+        return out
+    finally:
+        await c.stop()
+
+
+def applied_ids(ckpt_dir: Path, topic: str, shards: int, job_id: str) -> list[dict[str, Any]]:
+    """Per shard: the final checkpoint's applied ids and the job's applied/rejected counts."""
+    store = FileCheckpointStore(ckpt_dir)
+    out: list[dict[str, Any]] = []
+    for s in range(shards):
+        blob = store.load(f"{topic}-{s}")
+        if blob is None:
+            raise StackError(f"no checkpoint for {topic}-{s} in {ckpt_dir}")
+        cp = ck.loads(blob)
+        jobs = [j for j in cp.jobs if j.job_id == job_id]
+        count = jobs[0].applied if jobs else 0
+        rejected = jobs[0].rejected if jobs else 0
+        out.append({"ids": set(cp.applied_ids), "count": count, "rejected": rejected,
+                    "version": jobs[0].version if jobs else 0})  # fmt: skip
+    return out
+
+
+def ledger(acked: set[str], logs: list[set[str]], applied: list[dict[str, Any]]) -> dict[str, Any]:
+    """Compare the three ledgers (pure)."""
+    per_shard = []
+    for s, (log, a) in enumerate(zip(logs, applied, strict=True)):
+        ids: set[str] = a["ids"] & (log | acked)
+        per_shard.append({
+            "shard": s,
+            "logged": len(log),
+            "applied": len(ids),
+            "lost_acked": len(acked - ids),
+            "lost_logged": len(log - ids),
+            "applied_not_logged": len(a["ids"] - log),
+            "doubled": max(0, int(a["count"]) - len(a["ids"])),
+            "rejected_after_ack": int(a["rejected"]),
+            "version": int(a["version"]),
+        })  # fmt: skip
+    sets = [a["ids"] for a in applied]
+    return {
+        "acked": len(acked),
+        "acked_not_logged": len(acked - set().union(*logs)) if logs else len(acked),
+        "shards": per_shard,
+        "shards_agree": all(x == sets[0] for x in sets),
+        "lost": sum(r["lost_acked"] + r["lost_logged"] for r in per_shard),
+        "doubled": sum(r["doubled"] for r in per_shard),
+    }
+
+
+def refused(stats: dict[str, int]) -> dict[str, int]:
+    """Uploads the coordinator refused before acknowledging, by reason (job stats)."""
+    skip = ("accepted", "applied", "rejected")
+    return {k[8:]: v for k, v in stats.items() if k.startswith("updates_") and k[8:] not in skip}
+
+
+async def run_failover(env: Env, s: FailoverSettings, *, quiet: bool) -> dict[str, Any]:
+    key = await env.api.public_key()
+    ts = TrainSettings(concurrency=s.concurrency, seed=s.seed)
+    body = job_body(ts, "fedasync", env.run_id)
+    body["shards"] = s.aggregators
+    body["strategy"].pop("max_staleness", None)  # the product default
+    spec = FleetSpec(devices=s.devices, seed=s.seed, id_prefix=f"fo{env.run_id}",
+                     reconnect_max_s=5.0)  # fmt: skip
+    pool = FleetPool(spec, processes=1, mqtt_host=env.info.mqtt_host,
+                     mqtt_port=env.info.mqtt_port, api_url=env.services.rest_url,
+                     public_key_hex=key, log_dir=env.workdir)  # fmt: skip
+    svc = env.services
+    timeline = Timeline()
+    kills: list[dict[str, Any]] = []
+    total = 30 + s.kills * (s.down_s + s.between_s) + 40
+    try:
+        with Progress("failover", total, quiet=quiet) as bar:
+            t0 = time.monotonic()
+
+            async def job_view() -> dict[str, Any]:
+                view: dict[str, Any] = await env.api.get(f"/v1/jobs/{job_id}")
+                return view
+
+            async def tick(phase: str) -> dict[str, Any]:
+                view = await job_view()
+                applied = [sh["updates_applied"] for sh in view.get("shards", [])]
+                timeline.add(phase=phase, accepted=view.get("updates_accepted", 0),
+                             applied_min=min(applied, default=0),
+                             applied_max=max(applied, default=0))  # fmt: skip
+                bar.update(time.monotonic() - t0, f"{phase}: accepted="
+                           f"{view.get('updates_accepted', 0)} applied/shard={applied}",
+                           phase)  # fmt: skip
+                return view
+
+            async def phase(name: str, seconds: float) -> None:
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    await tick(name)
+                    await asyncio.sleep(1.0)
+
+            await pool.start()
+            job_id = (await env.api.create_job(body))["job_id"]
+            warm = time.monotonic()
+            while True:
+                view = await tick("warmup")
+                applied = [sh["updates_applied"] for sh in view.get("shards", [])]
+                if min(applied, default=0) >= s.warmup_updates:
+                    break
+                if time.monotonic() - warm > 120:
+                    raise StackError(f"failover: warm-up never reached {s.warmup_updates}")
+                await asyncio.sleep(0.5)
+            for k in range(s.kills):
+                i = k % len(svc.aggregators)
+                before = (await job_view())["updates_accepted"]
+                victim = svc.aggregators[i]
+                if victim.pid is None:
+                    raise StackError(f"aggregator {i} is not running")
+                os.kill(victim.pid, signal.SIGKILL)
+                t_kill = time.monotonic()
+                await phase(f"down{k}", s.down_s)
+                down = time.monotonic() - t_kill
+                svc.restart_aggregator(i)
+                await phase(f"up{k}", s.between_s)
+                kills.append({"aggregator": i, "down_s": round(down, 1),
+                              "accepted_before": before})  # fmt: skip
+                svc.check_alive()
+            await env.api.stop_job(job_id)
+            await pool.stop()
+            acked = pool.acked_ids()
+            await wait_quiet(env.http, svc.metrics_ports, quiet_s=3.0, timeout_s=60.0)
+            view = await job_view()
+    finally:
+        await pool.stop()
+    svc.stop_aggregators()  # SIGTERM: final checkpoints
+    topic = f"{svc.topic_prefix}updates"
+    logs = await log_ids(env.info.kafka_bootstrap, topic, s.aggregators, job_id)
+    applied = await asyncio.to_thread(
+        applied_ids, svc.workdir / "checkpoints", topic, s.aggregators, job_id
+    )
+    led = ledger(acked, logs, applied)
+    stats = view.get("stats", {})
+    result = {
+        "devices": s.devices,
+        "aggregators": s.aggregators,
+        "kills": kills,
+        "updates_accepted": int(view.get("updates_accepted", 0)),
+        "refused_before_ack": refused(stats),
+        "rest_shards": view.get("shards", []),
+        **led,
+    }
+    ok = (led["lost"] == 0 and led["doubled"] == 0 and led["shards_agree"]
+          and led["acked"] > 0 and len(kills) == s.kills
+          and all(r["rejected_after_ack"] == 0 and r["applied_not_logged"] == 0
+                  for r in led["shards"]))  # fmt: skip
+    return {"scenario": "failover", "ok": ok, "result": result, "timeline": timeline.rows}
+
+
+def failover_report(
+    res: dict[str, Any], out_dir: Path
+) -> tuple[dict[str, Any], list[str], list[Path]]:
+    from loadtest import report
+
+    r, rows = res["result"], res["timeline"]
+    plots = [
+        report.plot_rate(
+            rows,
+            "applied_min",
+            out_dir / "updates_per_s.png",
+            "Updates applied on every shard per second",
+            "updates/s",
+        )
+    ]
+    summary = {"scenario": "failover", "ok": res["ok"], **r, "timeline": rows}
+    per = ", ".join(
+        f"shard {x['shard']}: applied {x['applied']}/{x['logged']} logged, lost "
+        f"{x['lost_acked'] + x['lost_logged']}, doubled {x['doubled']}, rejected after ack "
+        f"{x['rejected_after_ack']}"
+        for x in r["shards"]
+    )
+    headline = [
+        f"failover: {len(r['kills'])} kill -9 of {r['aggregators']} aggregators; updates "
+        f"accepted {r['updates_accepted']}, acked to devices {r['acked']}",
+        f"{per}; shards agree: {r['shards_agree']}; ok={res['ok']}",
+    ]
+    report.write(out_dir, summary, headline, plots)
+    return summary, headline, plots
