@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Protocol
 
 import msgspec
 
 from aggregator.errors import CheckpointError
+from schemas.atomic import atomic_write
 
 FORMAT = 1
 
@@ -127,21 +127,6 @@ class FileCheckpointStore:
     def save(self, key: str, data: bytes) -> None:
         final = self.path(key)
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=final.name, suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, final)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            dfd = os.open(self.root, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            atomic_write(final, data)
         except OSError as exc:
             raise CheckpointError(f"cannot write {final}: {exc}") from exc

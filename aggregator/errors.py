@@ -2,14 +2,15 @@
 
 Error tree::
 
-    AggregatorError(Exception)              base; ``retriable`` tells callers whether to retry
-    ├── UpdateRejected                      one update refused; counted by ``reason``, never fatal
-    │       reasons: too_stale (standalone strategies only: shards leave the bound to the
-    │                coordinator), unknown_base, future_version, non_finite, shape,
-    │                wrong_round, unknown_job, shard_mismatch, duplicate, plus every
-    │                ``schemas.errors.REASONS`` code
-    ├── CheckpointError (retriable)         a checkpoint could not be read or written
-    └── ConfigError                         a strategy or settings value cannot be honoured
+    FedfleetError (schemas.errors)          root: .code, .detail, class-level .retriable
+    └── AggregatorError                     base of this package
+        ├── UpdateRejected                  one update refused; counted by ``reason``, never fatal
+        │       reasons: too_stale (standalone strategies only: shards leave the bound to the
+        │                coordinator), unknown_base, future_version, non_finite, shape,
+        │                wrong_round, unknown_job, shard_mismatch, duplicate, plus every
+        │                ``schemas.errors.REASONS`` code
+        ├── CheckpointError (retriable)     a checkpoint could not be read or written
+        └── ConfigError                     a strategy or settings value cannot be honoured
 
 ``UpdateRejected.reason`` is the metrics label (``fedfleet_aggregator_rejected_total``).
 """
@@ -18,27 +19,36 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from schemas.errors import FedfleetError, SettingsError
 
-class AggregatorError(Exception):
+
+class AggregatorError(FedfleetError):
     """Base of all aggregator errors."""
 
-    retriable: ClassVar[bool] = False
+    code = "aggregator"
 
 
 class UpdateRejected(AggregatorError):
-    """An update was refused; ``reason`` is a short machine-readable code."""
+    """An update was refused; ``reason`` (= ``code``) is a short machine-readable code."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+        super().__init__(reason, detail)
 
 
 class CheckpointError(AggregatorError):
     """A checkpoint could not be loaded or stored (I/O or corrupt content)."""
 
+    code = "checkpoint"
     retriable: ClassVar[bool] = True
 
+    def __init__(self, detail: str) -> None:
+        super().__init__("", detail)
 
-class ConfigError(AggregatorError):
-    """A configuration value cannot be honoured."""
+
+class ConfigError(AggregatorError, SettingsError):
+    """A configuration value cannot be honoured (a setting, a strategy, missing topics)."""
+
+    code = "config"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("", detail)

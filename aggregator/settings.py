@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 from aggregator.errors import ConfigError
 from aggregator.strategies import StrategyOptions
+from schemas import settings
 from schemas.messages import UPDATE_MAX_BYTES
 
 ENV_PREFIX = "FEDFLEET_AGG_"
@@ -52,15 +53,30 @@ class AggregatorSettings:
     metrics_port: int | None = None  # serve Prometheus metrics when set
 
     def __post_init__(self) -> None:
-        if self.publish_every is not None and self.publish_every < 1:
-            raise ConfigError("publish_every must be >= 1")
-        if not self.min_publish_interval_s >= 0.0:
-            raise ConfigError("min_publish_interval_s must be >= 0")
-        if not self.seen_window_s >= 0.0:
-            raise ConfigError("seen_window_s must be >= 0")
-        for name in ("history_size", "dedupe_window", "checkpoint_every", "max_poll_records"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1")
+        def need(ok: bool, why: str) -> None:
+            if not ok:
+                raise ConfigError(why)
+
+        need(bool(self.kafka_bootstrap.strip()), "kafka_bootstrap must not be empty")
+        need(bool(self.group_id.strip()), "group_id must not be empty")
+        need(self.publish_every is None or self.publish_every >= 1, "publish_every must be >= 1")
+        for name in ("min_publish_interval_s", "seen_window_s", "topic_wait_s", "trim_ratio",
+                     "dp_noise_multiplier"):  # fmt: skip
+            need(getattr(self, name) >= 0.0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("history_size", "dedupe_window", "checkpoint_every", "max_poll_records",
+                     "max_update_bytes", "max_message_bytes", "session_timeout_ms",
+                     "heartbeat_interval_ms"):  # fmt: skip
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.checkpoint_interval_s > 0.0, "checkpoint_interval_s must be > 0")
+        need(self.poll_timeout_ms >= 0, "poll_timeout_ms must be >= 0")
+        need(self.heartbeat_interval_ms < self.session_timeout_ms,
+             "heartbeat_interval_ms must be below session_timeout_ms")  # fmt: skip
+        need(self.trim_ratio < 0.5, "trim_ratio must be < 0.5")
+        need(self.robust in ("mean", "median", "trimmed_mean"), f"robust {self.robust!r} is "
+             "not one of mean, median, trimmed_mean")  # fmt: skip
+        need(-7 <= self.models_zstd_level <= 22, "models_zstd_level must be in [-7, 22]")
+        need(self.metrics_port is None or 0 <= self.metrics_port <= 65535,
+             f"metrics_port must be in 0..65535, got {self.metrics_port}")  # fmt: skip
 
     @property
     def jobs_topic(self) -> str:
@@ -91,24 +107,7 @@ class AggregatorSettings:
         prefix: str = ENV_PREFIX,
         **overrides: object,
     ) -> AggregatorSettings:
-        """Read ``FEDFLEET_AGG_<FIELD>`` variables (e.g. ``FEDFLEET_AGG_KAFKA_BOOTSTRAP``)."""
+        """Read ``FEDFLEET_AGG_<FIELD>`` variables (e.g. ``FEDFLEET_AGG_KAFKA_BOOTSTRAP``),
+        then apply ``overrides`` (flags); see :mod:`schemas.settings`."""
         env = os.environ if environ is None else environ
-        values: dict[str, object] = {}
-        for f in fields(cls):
-            raw = env.get(prefix + f.name.upper())
-            if raw is None:
-                continue
-            kind = str(f.type)
-            try:
-                if "int" in kind and "None" in kind:
-                    values[f.name] = int(raw) if raw else None
-                elif kind == "int":
-                    values[f.name] = int(raw)
-                elif kind == "float":
-                    values[f.name] = float(raw)
-                else:
-                    values[f.name] = raw
-            except ValueError as exc:
-                raise ConfigError(f"{prefix}{f.name.upper()}={raw!r}: {exc}") from None
-        values.update(overrides)
-        return cls(**values)  # type: ignore[arg-type]
+        return settings.load(cls, env=env, prefix=prefix, values=overrides)

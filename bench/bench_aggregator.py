@@ -24,7 +24,7 @@ stream is produced and the clock stops when every partition's offset is committe
     FEDFLEET_BENCH_KAFKA=127.0.0.1:9092 .venv/bin/python bench/bench_aggregator.py --json
     ... --intervals 0,0.2 --arrival-rate 1000 --updates 1000   # old vs new cadence
 
-Without FEDFLEET_BENCH_KAFKA a local stack is started with ``fedfleet.stack.LocalStack``.
+Without FEDFLEET_BENCH_KAFKA a local stack is started with ``stack.LocalStack``.
 """
 
 from __future__ import annotations
@@ -440,7 +440,7 @@ def main() -> None:
     bootstrap = os.environ.get("FEDFLEET_BENCH_KAFKA")
     launcher = None
     if not bootstrap:
-        from fedfleet.stack import LocalStack, StackSettings
+        from stack import LocalStack, StackSettings
 
         launcher = LocalStack(StackSettings.from_env())
         bootstrap = launcher.start().kafka_bootstrap

@@ -2,7 +2,8 @@
 
 Error tree::
 
-    CoordinatorError(Exception)          .code (metrics label), .retriable
+    FedfleetError (schemas.errors)       root: .code (metrics label), .detail, .retriable
+    CoordinatorError
         UploadRejected                   an upload failed auth/state/shape checks
         JobError                         a job request is invalid (-> 422)
         NotFound                         unknown job / device / model / version (-> 404)
@@ -13,15 +14,13 @@ Wire decoding failures stay ``schemas.errors.SchemaError`` and are counted by ``
 
 from __future__ import annotations
 
+from schemas.errors import FedfleetError
 
-class CoordinatorError(Exception):
-    code: str = "error"
-    retriable: bool = False
 
-    def __init__(self, code: str, detail: str = "") -> None:
-        self.code = code
-        self.detail = detail
-        super().__init__(f"{code}: {detail}" if detail else code)
+class CoordinatorError(FedfleetError):
+    """Base of the coordinator's errors: ``CoordinatorError(code, detail)``."""
+
+    code = "coordinator"
 
 
 class UploadRejected(CoordinatorError):

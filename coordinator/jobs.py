@@ -27,6 +27,7 @@ from coordinator.errors import JobError, NotFound
 from coordinator.policy import EligibilityPolicy, SelectionConfig, check_sync_round_size
 from schemas.errors import SchemaError
 from schemas.messages import (
+    UPDATE_MAX_BYTES,
     CodecConfig,
     JobSpec,
     ModelSpecMsg,
@@ -55,8 +56,17 @@ def _conv(value: Any, typ: type[Any], name: str) -> Any:
         raise JobError("validation", f"{name}: {exc}") from None
 
 
-def build_job(body: Any, *, now: float | None = None, max_shards: int = 1 << 16) -> Job:
-    """Validate a job request and build its ``JobSpec``; any problem is a ``JobError``."""
+MAX_PARAMS = 64 << 20  # default cap: 64 Mi float32 parameters = 256 MiB per model copy
+
+
+def build_job(
+    body: Any, *, now: float | None = None, max_shards: int = 1 << 16, max_params: int = MAX_PARAMS
+) -> Job:
+    """Validate a job request and build its ``JobSpec``; any problem is a ``JobError``.
+
+    Size caps: at most ``max_params`` parameters, and each shard's slice (an update chunk,
+    a ``ShardVersion``) must fit one wire message (``UPDATE_MAX_BYTES``).
+    """
     if not isinstance(body, dict):
         raise JobError("validation", "body must be a JSON object")
     unknown = set(body) - _ALLOWED
@@ -73,6 +83,17 @@ def build_job(body: Any, *, now: float | None = None, max_shards: int = 1 << 16)
             raise JobError("validation", "shards must be an integer")
         if shards > max_shards:
             raise JobError("validation", f"shards {shards} > max_shards {max_shards}")
+        if n > max_params:
+            raise JobError(
+                "too_large", f"the model has {n:,} parameters; this coordinator accepts at most "
+                f"{max_params:,} (max_params)",
+            )  # fmt: skip
+        if shards >= 1 and 4 * -(-n // shards) + (1 << 16) > UPDATE_MAX_BYTES:
+            need = -(-4 * n // (UPDATE_MAX_BYTES - (1 << 16)))
+            raise JobError(
+                "too_large", f"a shard of {-(-n // shards):,} parameters does not fit one "
+                f"update message ({UPDATE_MAX_BYTES:,} bytes): use at least {need} shards",
+            )  # fmt: skip
         bounds = even_bounds(n, shards)
     except SchemaError as exc:
         raise JobError("validation", f"spec/shards: {exc}") from None

@@ -26,10 +26,12 @@ import numpy as np
 import zstandard
 
 from coordinator.errors import NotFound, RegistryError
-from coordinator.onnx_export import export
-from coordinator.signing import Signer, onnx_message, weights_message
+from coordinator.signing import Signer
+from schemas.atomic import atomic_write
 from schemas.messages import JobSpec, ModelManifest, ShardVersion
 from schemas.modelspec import F32, init_params, num_params
+from schemas.onnx_export import export
+from schemas.signing import onnx_message, weights_message
 
 BLOB_CACHE_ENTRIES = 4
 BLOB_CACHE_MAX_BYTES = 64 << 20
@@ -75,13 +77,6 @@ def assemble(state: JobSlices, bounds: list[int], sv: ShardVersion, params: F32)
     return True
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 class ModelRegistry:
     def __init__(self, store_dir: Path, signer: Signer, *, retention: int = 20) -> None:
         self.dir = Path(store_dir)
@@ -91,9 +86,14 @@ class ModelRegistry:
         self._manifests: dict[tuple[str, int], ModelManifest] = {}
         self._lock = threading.Lock()
         self._blobs: dict[str, bytes] = {}
-        (self.dir / "blobs").mkdir(parents=True, exist_ok=True)
-        (self.dir / "onnx").mkdir(parents=True, exist_ok=True)
-        (self.dir / "models").mkdir(parents=True, exist_ok=True)
+        try:
+            for sub in ("blobs", "onnx", "models"):
+                (self.dir / sub).mkdir(parents=True, exist_ok=True)
+            probe = self.dir / f".write-test.{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise RegistryError("model_store", f"cannot use {self.dir}: {exc}") from None
 
     # ------------------------------------------------------------------ reading
     def _mdir(self, name: str) -> Path:
@@ -169,7 +169,7 @@ class ModelRegistry:
         except FileNotFoundError:
             flat = np.frombuffer(self.weights(m), dtype="<f4").astype(np.float32)
             data = export(m.spec, flat, name=m.model_name)
-            _atomic_write(path, data)
+            atomic_write(path, data)
         digest = hashlib.sha256(data).hexdigest()
         sig = self.signer.sign(onnx_message(m.model_name, m.version, digest))
         return data, digest, sig
@@ -181,7 +181,7 @@ class ModelRegistry:
         digest = hashlib.sha256(raw).hexdigest()
         blob = self.dir / "blobs" / f"{digest}.f32"
         if not blob.exists():
-            _atomic_write(blob, raw)
+            atomic_write(blob, raw)
         newest = self.newest_version(name)
         version = 0 if newest is None else newest + 1
         m = ModelManifest(
@@ -195,7 +195,7 @@ class ModelRegistry:
             signature=self.signer.sign(weights_message(name, version, digest)),
             created_ts=time.time(),
         )
-        _atomic_write(self._mdir(name) / f"v{version:010d}.json", msgspec.json.encode(m))
+        atomic_write(self._mdir(name) / f"v{version:010d}.json", msgspec.json.encode(m))
         self._manifests[(name, version)] = m
         self._retain(name)
         return m
@@ -248,7 +248,7 @@ class ModelRegistry:
 
     def rollback(self, name: str, version: int) -> ModelManifest:
         m = self.manifest(name, version)  # NotFound if pruned/unknown
-        _atomic_write(self._mdir(name) / "pin", str(version).encode())
+        atomic_write(self._mdir(name) / "pin", str(version).encode())
         return m
 
     def unpin(self, name: str) -> None:

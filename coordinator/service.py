@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -101,6 +102,9 @@ class Coordinator:
         self._closed.clear()
 
     async def _start(self, stack: AsyncExitStack, s: CoordinatorSettings) -> None:
+        # bind the REST port first: a port in use or an unroutable host fails at once
+        rest_sock = bind_rest(s.http_host, s.http_port)
+        stack.callback(rest_sock.close)
         self.redis = Redis.from_url(s.redis_url, decode_responses=True)
         stack.push_async_callback(self.redis.aclose)
         await self.redis.ping()
@@ -184,7 +188,7 @@ class Coordinator:
         server = uvicorn.Server(config)
         server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
         self._server = server
-        serve = asyncio.create_task(server.serve(), name="coord-uvicorn")
+        serve = asyncio.create_task(server.serve(sockets=[rest_sock]), name="coord-uvicorn")
 
         async def _stop_server() -> None:
             server.should_exit = True
@@ -382,6 +386,25 @@ class Coordinator:
                 "mean_staleness_milli": sum(stale) // max(len(stale), 1),
             },
         )
+
+
+def bind_rest(host: str, port: int) -> socket.socket:
+    """The REST listening socket; any failure is a one-line ``CoordinatorError``."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family = infos[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(infos[0][4])
+            sock.listen(2048)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+    except (OSError, OverflowError) as exc:
+        raise CoordinatorError("http_bind", f"cannot serve REST on {host}:{port}: {exc}") from None
+    return sock
 
 
 async def run_forever(settings: CoordinatorSettings) -> None:

@@ -11,9 +11,12 @@ import dataclasses
 import os
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from schemas import settings
+from schemas.settings import check
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -45,6 +48,7 @@ class CoordinatorSettings:
     # partitions the coordinator creates when the topics are missing
     task_partitions: int = 1
     max_shards: int = 8
+    max_params: int = 64 << 20  # largest model a job may have (parameters; 256 MiB float32)
     # telemetry batching
     telemetry_batch: int = 500
     telemetry_flush_s: float = 0.05
@@ -57,6 +61,25 @@ class CoordinatorSettings:
     run_registry: bool = True
     run_mqtt: bool = True
     create_topics: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("kafka_bootstrap", "mqtt_host", "redis_url", "http_host", "topic_prefix"):
+            check(bool(str(getattr(self, name)).strip()), name, "must not be empty")
+        check(1 <= self.mqtt_port <= 65535, "mqtt_port", f"{self.mqtt_port} is not in 1..65535")
+        check(0 <= self.http_port <= 65535, "http_port",
+              f"{self.http_port} is not in 0..65535 (0 picks a free port)")  # fmt: skip
+        check(self.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url",
+              f"{self.redis_url!r} is not a redis:// URL")  # fmt: skip
+        for name in ("selection_tick_s", "lease_s", "telemetry_ttl_s", "pace_retry_s",
+                     "telemetry_flush_s"):  # fmt: skip
+            v = getattr(self, name)
+            check(v > 0, name, f"must be > 0, got {v}")
+        for name in ("pace_max_per_tick", "pace_per_pass", "candidate_factor",
+                     "task_partitions", "max_shards", "max_params", "telemetry_batch",
+                     "upload_concurrency", "retention"):  # fmt: skip
+            v = getattr(self, name)
+            check(v >= 1, name, f"must be >= 1, got {v}")
+        check(bool(self.admin_token), "admin_token", "must not be empty")
 
     # ----------------------------------------------------------------- topics
     @property
@@ -95,34 +118,11 @@ class CoordinatorSettings:
     def from_env(
         cls, env: Mapping[str, str] | None = None, **overrides: Any
     ) -> CoordinatorSettings:
-        """Read ``FEDFLEET_*`` variables (typed by the field defaults), then apply overrides."""
+        """Read ``FEDFLEET_*`` variables (typed by the field hints), then apply overrides."""
         env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        defaults = cls()
-        for f in fields(cls):
-            raw = env.get(f"FEDFLEET_{f.name.upper()}")
-            if raw is None:
-                continue
-            values[f.name] = _coerce(raw, getattr(defaults, f.name), f.name)
-        values.update(overrides)
-        return cls(**values)
+        return settings.load(cls, env=env, prefix="FEDFLEET_", values=overrides)
 
     def replace(self, **changes: Any) -> CoordinatorSettings:
         return dataclasses.replace(self, **changes)
 
 
-def _coerce(raw: str, default: Any, name: str) -> Any:
-    if isinstance(default, bool):
-        low = raw.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"FEDFLEET_{name.upper()}: not a boolean: {raw!r}")
-    if isinstance(default, int):
-        return int(raw)
-    if isinstance(default, float):
-        return float(raw)
-    if isinstance(default, Path):
-        return Path(raw)
-    return raw

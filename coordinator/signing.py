@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -16,6 +15,9 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
+from coordinator.errors import CoordinatorError
+from schemas.atomic import atomic_write
+
 
 class Signer:
     def __init__(self, key: Ed25519PrivateKey) -> None:
@@ -24,30 +26,24 @@ class Signer:
 
     @classmethod
     def load_or_create(cls, path: Path) -> Signer:
+        """The key in ``path`` (32 raw bytes), created (mode 0600) when the file is absent;
+        an unreadable, unwritable or corrupt key file is a ``CoordinatorError`` that says so."""
         path = Path(path)
-        if path.exists():
-            raw = path.read_bytes()
-            return cls(Ed25519PrivateKey.from_private_bytes(raw[:32]))
-        key = Ed25519PrivateKey.generate()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
-        os.replace(tmp, path)
-        return cls(key)
+        try:
+            if path.exists():
+                raw = path.read_bytes()
+                if len(raw) != 32:
+                    raise ValueError(f"{len(raw)} bytes, an Ed25519 private key has 32")
+                return cls(Ed25519PrivateKey.from_private_bytes(raw))
+            key = Ed25519PrivateKey.generate()
+            raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+            atomic_write(path, raw, mode=0o600)
+            return cls(key)
+        except (OSError, ValueError) as exc:
+            raise CoordinatorError("signing_key", f"cannot use {path}: {exc}") from None
 
     def sign(self, message: str) -> str:
         return self._key.sign(message.encode("ascii")).hex()
-
-
-def weights_message(name: str, version: int, digest: str) -> str:
-    return f"{name}:{version}:{digest}"
-
-
-def onnx_message(name: str, version: int, digest: str) -> str:
-    return f"{name}:{version}:onnx:{digest}"
 
 
 def verify(public_hex: str, message: str, signature_hex: str) -> bool:

@@ -25,8 +25,8 @@ import numpy.typing as npt
 
 from edge_agent.crash import crash_point
 from edge_agent.data import Dataset
-from edge_agent.errors import AgentError, NoModelError
-from edge_agent.execution import Aborted, Encoded, train_and_encode
+from edge_agent.errors import Aborted, AgentError, NoModelError
+from edge_agent.execution import Encoded, train_and_encode
 from edge_agent.gate import gate_reason
 from edge_agent.inference import OnnxModel
 from edge_agent.models import ModelClient, VerifiedModel
@@ -35,7 +35,8 @@ from edge_agent.probe import DeviceProbe, ProbeReading
 from edge_agent.session import DeviceSession, cancel_all
 from edge_agent.settings import AgentSettings
 from edge_agent.stats import AgentStats
-from edge_agent.trainers import Trainer, make_trainer
+from edge_agent.trainer_factory import make_trainer
+from edge_agent.trainers import Trainer
 from schemas.errors import SchemaError
 from schemas.messages import (
     Pace,

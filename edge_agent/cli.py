@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ import numpy as np
 
 from edge_agent.errors import AgentError
 from edge_agent.settings import AgentSettings
+from schemas.errors import FedfleetError
 
 log = logging.getLogger("edge_agent")
 
@@ -78,13 +80,24 @@ def build_predict_parser() -> argparse.ArgumentParser:
 _NOT_SETTINGS = {"log_level", "probe", "mqtt", "input", "logits"}
 
 
-def _settings(ns: argparse.Namespace, **extra: Any) -> AgentSettings:
+def settings_from(ns: argparse.Namespace, **extra: Any) -> AgentSettings:
     values = {k: v for k, v in vars(ns).items() if k not in _NOT_SETTINGS}
     mqtt = getattr(ns, "mqtt", None)
     if mqtt is not None:
         values["mqtt_host"], values["mqtt_port"] = mqtt
     values.update(extra)
     return AgentSettings.load(values)
+
+
+def writable_dir(path: Path) -> None:
+    """Create ``path`` if needed and prove it is writable, or say why not (one line)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise AgentError("state_dir", f"cannot use {path}: {exc}") from None
 
 
 async def _run(settings: AgentSettings, probe_kind: str) -> int:
@@ -94,6 +107,8 @@ async def _run(settings: AgentSettings, probe_kind: str) -> int:
 
     if settings.data_path is None:
         raise AgentError("data", "--data is required")
+    if settings.state_dir is not None:
+        writable_dir(settings.state_dir)
     data = load_dataset(
         settings.data_path, label_col=settings.label_col, feature_cols=settings.feature_cols
     )
@@ -128,19 +143,14 @@ async def _run(settings: AgentSettings, probe_kind: str) -> int:
 async def _predict(settings: AgentSettings, input_path: str, label_col: str, logits: bool) -> int:
     import httpx
 
-    from edge_agent.data import load_dataset
+    from edge_agent.data import load_features
     from edge_agent.inference import OnnxModel
     from edge_agent.models import ModelClient
     from schemas.modelspec import forward
 
     if not settings.model_name:
         raise AgentError("model", "--model is required")
-    p = Path(input_path)
-    if p.suffix == ".npz":
-        with np.load(p, allow_pickle=False) as z:
-            x = np.asarray(z["x"], dtype=np.float32)
-    else:
-        x = load_dataset(p, label_col=label_col).x
+    x = load_features(input_path, label_col=label_col, feature_cols=settings.feature_cols)
     cache = settings.state_dir / "models" if settings.state_dir is not None else None
     async with httpx.AsyncClient(timeout=settings.http_timeout_s) as http:
         mc = ModelClient(
@@ -173,10 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if predict:
-            settings = _settings(ns, device_id=ns.device_id or "predict", inference=True)
+            settings = settings_from(ns, device_id=ns.device_id or "predict", inference=True)
             return asyncio.run(_predict(settings, ns.input, ns.label_col, ns.logits))
-        return asyncio.run(_run(_settings(ns), ns.probe))
-    except AgentError as exc:
+        return asyncio.run(_run(settings_from(ns), ns.probe))
+    except FedfleetError as exc:  # settings, data, model, server: one line
         print(f"fedfleet agent: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

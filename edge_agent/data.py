@@ -121,6 +121,58 @@ def load_dataset(
     raise DataError("format", f"unsupported data file {p.name} (use .npz or .csv)")
 
 
+def load_features(
+    path: str | Path, *, label_col: str = "label", feature_cols: tuple[str, ...] | list[str] = ()
+) -> npt.NDArray[np.float32]:
+    """Rows to predict on: ``.npz`` key ``x``, or a ``.csv`` whose label column is optional
+    (features default to every column but ``label_col``)."""
+    p = Path(path)
+    if p.suffix == ".npz":
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                if "x" not in z:
+                    raise DataError("keys", f"{p} needs an array 'x' (has {sorted(z.files)})")
+                x = np.asarray(z["x"], dtype=np.float32)
+        except DataError:
+            raise
+        except (OSError, ValueError, TypeError) as exc:
+            raise DataError("read", f"cannot read {p}: {exc}") from None
+        return x.reshape(-1, 1) if x.ndim == 1 else x
+    if p.suffix not in (".csv", ".txt"):
+        raise DataError("format", f"unsupported input file {p.name} (use .npz or .csv)")
+    try:
+        with p.open(newline="") as fh:
+            header = [h.strip() for h in next(csv.reader(fh), [])]
+    except OSError as exc:
+        raise DataError("read", f"cannot read {p}: {exc}") from None
+    if not header:
+        raise DataError("empty", f"{p} is empty")
+    if label_col in header:
+        return load_csv(p, label_col=label_col, feature_cols=feature_cols).x
+    feats = list(feature_cols) or header
+    missing = [c for c in feats if c not in header]
+    if missing:
+        raise DataError("columns", f"feature columns {missing} not in {header}")
+    idx = [header.index(c) for c in feats]
+    rows: list[list[float]] = []
+    with p.open(newline="") as fh:
+        reader = csv.reader(fh)
+        next(reader)
+        for lineno, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            try:
+                rows.append([float(row[i]) for i in idx])
+            except (ValueError, IndexError):
+                raise DataError("value", f"{p}:{lineno}: not a row of numbers") from None
+    if not rows:
+        raise DataError("empty", f"{p} has no rows")
+    x = np.asarray(rows, dtype=np.float32)
+    if not np.all(np.isfinite(x)):
+        raise DataError("value", f"{p}: NaN or Inf in the features")
+    return x
+
+
 def partition_dirichlet(
     y: npt.ArrayLike, n_clients: int, alpha: float, seed: int = 0, *, min_size: int = 1
 ) -> list[npt.NDArray[np.int64]]:

@@ -2,12 +2,16 @@
 
 Error tree::
 
-    AgentError(Exception)                  base; ``reason`` is a metrics label, ``retriable``
+    FedfleetError (schemas.errors)         root: .code (= .reason, a metrics label), .detail,
+    │                                      class-level .retriable
+    AgentError                             base of this package
         ModelFetchError                    HTTP/network failure pulling a model (retriable)
+            ModelRefused                   the server answered a 4xx that will not change
         ModelVerifyError                   digest/signature/size/shape mismatch (not retriable)
         NoModelError                       ``predict`` before any verified model is loaded
         DataError(ValueError)              a local data file cannot be loaded
-        SettingsError(ValueError)          bad flag / env / config value
+        SettingsError(ValueError)          bad flag / env / config value (schemas SettingsError)
+        Aborted                            local training stopped (battery, network, ...)
         TrainerUnavailable                 an optional trainer's extra is not installed
 
 Wire-level problems (malformed tasks, acks, ...) are ``schemas.errors.SchemaError``; the agent
@@ -16,22 +20,27 @@ counts them by ``reason`` and never crashes on them.
 
 from __future__ import annotations
 
+from typing import ClassVar
 
-class AgentError(Exception):
-    """Base of all edge-agent errors."""
+from schemas import errors as base
 
-    retriable: bool = False
 
-    def __init__(self, reason: str, detail: str = "") -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+class AgentError(base.FedfleetError):
+    """Base of all edge-agent errors: ``AgentError(reason, detail)``."""
+
+    code = "agent"
 
 
 class ModelFetchError(AgentError):
-    """The model could not be downloaded (network, 5xx, ...); try again later."""
+    """The model could not be downloaded (network, 5xx, not published yet); try later."""
 
-    retriable = True
+    retriable: ClassVar[bool] = True
+
+
+class ModelRefused(ModelFetchError):
+    """The server refused the download (a 4xx other than 404/408): retrying will not help."""
+
+    retriable: ClassVar[bool] = False
 
 
 class ModelVerifyError(AgentError):
@@ -46,9 +55,16 @@ class DataError(AgentError, ValueError):
     """A local dataset could not be loaded."""
 
 
-class SettingsError(AgentError, ValueError):
+class SettingsError(AgentError, base.SettingsError):
     """A setting has a bad value."""
 
 
 class TrainerUnavailable(AgentError):
     """The requested trainer needs an optional dependency that is not installed."""
+
+
+class Aborted(AgentError):
+    """Training stopped; ``reason`` goes into ``TaskResponse(aborted)``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)

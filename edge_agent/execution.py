@@ -16,6 +16,7 @@ import numpy.typing as npt
 
 from edge_agent.crash import crash_point
 from edge_agent.data import Dataset
+from edge_agent.errors import Aborted
 from edge_agent.gate import abort_reason
 from edge_agent.models import VerifiedModel
 from edge_agent.probe import DeviceProbe, ProbeReading
@@ -25,14 +26,6 @@ from schemas.codec import encode_update
 from schemas.messages import Task, Update, UpdateChunk
 
 F32 = npt.NDArray[np.float32]
-
-
-class Aborted(Exception):
-    """Training stopped; ``reason`` goes into ``TaskResponse(aborted)``."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +23,12 @@ import numpy.typing as npt
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge_agent.errors import ModelFetchError, ModelVerifyError
+from edge_agent.errors import ModelFetchError, ModelRefused, ModelVerifyError
+from schemas.atomic import atomic_write
 from schemas.errors import SchemaError
 from schemas.messages import ModelManifest
 from schemas.modelspec import num_params
+from schemas.signing import onnx_message, weights_message
 
 log = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]
@@ -49,14 +50,6 @@ class VerifiedOnnx:
     data: bytes
 
 
-def weights_message(name: str, version: int, digest: str) -> bytes:
-    return f"{name}:{version}:{digest}".encode("ascii")
-
-
-def onnx_message(name: str, version: int, digest: str) -> bytes:
-    return f"{name}:{version}:onnx:{digest}".encode("ascii")
-
-
 def load_public_key(hex_key: str) -> Ed25519PublicKey:
     try:
         return Ed25519PublicKey.from_public_bytes(bytes.fromhex(hex_key))
@@ -64,11 +57,12 @@ def load_public_key(hex_key: str) -> Ed25519PublicKey:
         raise ModelVerifyError("public_key", f"bad Ed25519 public key: {exc}") from None
 
 
-def verify_signature(key: Ed25519PublicKey, signature_hex: str, message: bytes) -> None:
+def verify_signature(key: Ed25519PublicKey, signature_hex: str, message: str) -> None:
+    """``message`` is built by ``schemas.signing``; its ASCII bytes are what was signed."""
     if not signature_hex:
         raise ModelVerifyError("unsigned", "model has no signature")
     try:
-        key.verify(bytes.fromhex(signature_hex), message)
+        key.verify(bytes.fromhex(signature_hex), message.encode("ascii"))
     except (InvalidSignature, ValueError):
         raise ModelVerifyError("signature", "Ed25519 signature does not verify") from None
 
@@ -142,10 +136,10 @@ class ModelClient:
             return resp
         if resp.status_code >= 500 or resp.status_code == 429:
             raise ModelFetchError("server", f"GET {path}: HTTP {resp.status_code}")
+        if resp.status_code in (404, 408):  # not published yet / timeout: try again later
+            raise ModelFetchError("http", f"GET {path}: HTTP {resp.status_code}")
         if resp.status_code != 200:
-            err = ModelFetchError("http", f"GET {path}: HTTP {resp.status_code}")
-            err.retriable = resp.status_code in (404, 408)  # not published yet / timeout
-            raise err
+            raise ModelRefused("http", f"GET {path}: HTTP {resp.status_code}")
         if len(resp.content) > self._max:
             raise ModelVerifyError("too_large", f"GET {path}: {len(resp.content)} bytes")
         return resp
@@ -192,7 +186,7 @@ class ModelClient:
         for old in self._dir.glob("*.bin"):
             if old.stem != digest:
                 old.unlink(missing_ok=True)  # keep only the newest model on the device
-        _atomic_write(self._dir / f"{digest}.bin", data)
+        atomic_write(self._dir / f"{digest}.bin", data)
 
     def _drop(self, digest: str) -> None:
         self._mem.pop(digest, None)
@@ -259,14 +253,7 @@ class ModelClient:
         art = VerifiedOnnx(name, version, digest, resp.content)
         self._onnx = art
         if self._dir is not None:
-            _atomic_write(self._dir / f"{name}.onnx", resp.content)
+            atomic_write(self._dir / f"{name}.onnx", resp.content)
         return art
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

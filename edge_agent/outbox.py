@@ -13,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
+
+from schemas.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]
@@ -104,20 +105,7 @@ class FileOutbox:
 
     @staticmethod
     def _write(path: Path, data: bytes) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        try:
-            dfd = os.open(path.parent, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        atomic_write(path, data)
 
     def put(self, update_id: str, data: bytes) -> None:
         self._write(self._out / f"{_safe(update_id)}.upd", data)

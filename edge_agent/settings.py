@@ -6,7 +6,6 @@ variables ``FEDFLEET_AGENT_<FIELD>`` and a TOML or JSON config file, then defaul
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tomllib
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edge_agent.errors import SettingsError
+from schemas import errors as base
+from schemas import settings
 
 ENV_PREFIX = "FEDFLEET_AGENT_"
 AGENT_VERSION = "0.1.0"
@@ -102,20 +103,17 @@ class AgentSettings:
         cfg = config_file or (values or {}).get("config") or env.get(ENV_PREFIX + "CONFIG")
         if cfg:
             merged.update(_read_config(Path(cfg)))
-        names = {f.name for f in dataclasses.fields(cls)}
-        for name in names:
-            key = ENV_PREFIX + name.upper()
-            if key in env:
-                merged[name] = env[key]
-        for k, v in (values or {}).items():
-            if v is not None and k != "config":
-                merged[k] = v
-        unknown = set(merged) - names
-        if unknown:
-            raise SettingsError("unknown", f"unknown settings {sorted(unknown)}")
-        if not merged.get("device_id"):
+        flags = {k: v for k, v in (values or {}).items() if k != "config"}
+        if not (
+            flags.get("device_id") or env.get(ENV_PREFIX + "DEVICE_ID") or merged.get("device_id")
+        ):
             raise SettingsError("device_id", "device_id is required")
-        return cls(**{k: _coerce(k, v) for k, v in merged.items()})
+        try:
+            return settings.load(cls, env=env, prefix=ENV_PREFIX, config=merged, values=flags)
+        except SettingsError:
+            raise
+        except base.SettingsError as exc:
+            raise SettingsError(exc.code, exc.detail) from None
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -128,39 +126,3 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise SettingsError("config", f"{path} must hold a table/object")
     section = data.get("agent", data)
     return dict(section) if isinstance(section, dict) else {}
-
-
-_INT = {"mqtt_port", "mqtt_keepalive_s", "max_model_bytes", "batches_per_step", "seed"}
-_FLOAT = {
-    "telemetry_interval_s",
-    "reconnect_min_s",
-    "reconnect_max_s",
-    "resend_interval_s",
-    "http_timeout_s",
-    "gate_check_s",
-    "idle_max_load",
-    "idle_input_s",
-}
-_BOOL = {"inference", "metered", "simulate_compute"}
-_PATH = {"state_dir", "data_path"}
-
-
-def _coerce(name: str, value: Any) -> Any:
-    try:
-        if name in _INT:
-            return int(value)
-        if name in _FLOAT:
-            return float(value)
-        if name in _BOOL:
-            if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if name in _PATH:
-            return None if value in ("", None) else Path(value)
-        if name == "feature_cols":
-            if isinstance(value, str):
-                return tuple(c.strip() for c in value.split(",") if c.strip())
-            return tuple(str(c) for c in value)
-    except (TypeError, ValueError) as exc:
-        raise SettingsError(name, f"bad value {value!r}: {exc}") from None
-    return value

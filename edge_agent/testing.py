@@ -20,10 +20,10 @@ import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from coordinator.onnx_export import export
-from edge_agent.models import onnx_message, weights_message
 from schemas.messages import ModelManifest, ModelSpecMsg
 from schemas.modelspec import num_params
+from schemas.onnx_export import export
+from schemas.signing import onnx_message, weights_message
 
 F32 = npt.NDArray[np.float32]
 
@@ -72,7 +72,7 @@ class FakeModelServer:
         bounds = shard_bounds or [0, n]
         data = np.asarray(params, dtype="<f4").tobytes()
         digest = hashlib.sha256(data).hexdigest()
-        sig = self.key.sign(weights_message(name, version, digest)).hex()
+        sig = self.key.sign(weights_message(name, version, digest).encode("ascii")).hex()
         manifest = ModelManifest(
             model_name=name,
             job_id=job_id,
@@ -86,16 +86,16 @@ class FakeModelServer:
         )
         onnx_bytes = export(spec, params) if self.with_onnx else b""
         odig = hashlib.sha256(onnx_bytes).hexdigest()
-        osig = self.key.sign(onnx_message(name, version, odig)).hex()
+        osig = self.key.sign(onnx_message(name, version, odig).encode("ascii")).hex()
         versions.append(_Published(manifest, data, onnx_bytes, osig))
         return manifest
 
     def client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(transport=httpx.MockTransport(self.handle), base_url=self.base_url)
 
-    def _sig(self, real: str, message: bytes) -> str:
+    def _sig(self, real: str, message: str) -> str:
         if self.bad_signature:
-            return Ed25519PrivateKey.generate().sign(message).hex()
+            return Ed25519PrivateKey.generate().sign(message.encode("ascii")).hex()
         return real
 
     def handle(self, request: httpx.Request) -> httpx.Response:

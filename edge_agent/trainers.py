@@ -240,17 +240,6 @@ class NumpyTrainer:
         return NumpyRun(spec, base, x, y, cfg, seed)
 
 
-def make_trainer(kind: str = "numpy") -> Trainer:
-    """The built-in trainer named by ``AgentSettings.trainer`` (``torch`` imported lazily)."""
-    if kind == "numpy":
-        return NumpyTrainer()
-    if kind == "torch":
-        from edge_agent.torch_trainer import TorchTrainer
-
-        return TorchTrainer()
-    raise ValueError(f"unknown trainer {kind!r}")
-
-
 def train(
     trainer: Trainer,
     spec: ModelSpecMsg,

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from fedfleet.errors import FedfleetError
+from schemas.errors import FedfleetError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     stack_cli.register(sub)
     demo.register(sub)
     services.register(sub)
+    # parsed by their own packages (see main); listed here so --help shows them
+    sub.add_parser("agent", help="the edge agent: run on a device, predict (fedfleet agent -h)")
+    sub.add_parser("loadtest", help="fleet simulations: scale, train, churn, failover")
     return parser
 
 
@@ -45,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _guard(fn: object) -> int:
+    """Run a command; any fedfleet error (settings, servers, ...) is one line and exit 2."""
     assert callable(fn)
     try:
         return int(fn())

@@ -23,10 +23,10 @@ from typing import Any
 
 import httpx
 
-from fedfleet.errors import StackError
-from fedfleet.monitor import ModelMonitor, ProgressView
-from fedfleet.stack import LocalStack, StackInfo
 from fedfleet.stack_cli import add_server_flags, settings_from
+from sim.monitor import ModelMonitor, ProgressView
+from stack import LocalStack, StackInfo
+from stack.errors import StackError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,8 +147,8 @@ def job_body(s: DemoSettings) -> dict[str, Any]:
 
 async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
     from edge_agent.data import load_digits_split
-    from fedfleet.procs_services import ServiceSet
-    from loadtest.fleet import FleetSpec, SimulatedFleet
+    from sim.fleet import FleetSpec, SimulatedFleet
+    from sim.services import ServiceSet
 
     t0 = time.monotonic()
     err = sys.stderr

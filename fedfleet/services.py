@@ -17,8 +17,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from fedfleet.errors import ConfigError, FedfleetError
-from fedfleet.stack.launcher import _kafka_bootstrap, parse_host_port, preflight
+from schemas.errors import FedfleetError
+from stack.errors import ConfigError
+from stack.launcher import kafka_bootstrap, parse_host_port, preflight
 
 
 def _flag_type(tp: Any) -> Callable[[str], Any] | None:
@@ -57,7 +58,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
 def server_overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if getattr(args, "kafka", None):
-        out["kafka_bootstrap"] = _kafka_bootstrap(args.kafka)
+        out["kafka_bootstrap"] = kafka_bootstrap(args.kafka)
     if getattr(args, "mqtt", None):
         host, port = parse_host_port(args.mqtt, 1883, "MQTT")
         out["mqtt_host"], out["mqtt_port"] = host, port

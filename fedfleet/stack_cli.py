@@ -9,10 +9,10 @@ import signal
 import threading
 from pathlib import Path
 
-from fedfleet.errors import StackError
-from fedfleet.stack import LocalStack, StackInfo, StackSettings
-from fedfleet.stack.kafka import cache_root, kafka_lib_dir
-from fedfleet.stack.procs import kill_tree, pid_alive
+from stack import LocalStack, StackInfo, StackSettings
+from stack.errors import StackError
+from stack.kafka import cache_root, kafka_lib_dir
+from stack.procs import kill_tree, pid_alive
 
 
 def state_file() -> Path:

@@ -26,12 +26,12 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from fedfleet.procs_services import scrape
-from loadtest.fleet import FleetSpec
-from loadtest.pool import FleetPool
 from loadtest.runner import Env, Progress, Timeline
-from loadtest.services import wait_quiet
 from loadtest.train import TrainSettings, job_body
+from sim.fleet import FleetSpec
+from sim.load_services import wait_quiet
+from sim.pool import FleetPool
+from sim.services import scrape
 
 ACTIVE = ("offered", "accepted", "uploading")
 

@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedfleet.errors import FedfleetError
-from fedfleet.stack import StackSettings
 from loadtest import report
 from loadtest.runner import environment
+from schemas.errors import FedfleetError
+from stack import StackSettings
 
 
 def _server_flags(p: argparse.ArgumentParser) -> None:

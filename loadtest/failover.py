@@ -31,14 +31,14 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from aggregator import checkpoint as ck
 from aggregator.checkpoint import FileCheckpointStore
-from fedfleet.errors import StackError
-from loadtest.fleet import FleetSpec
-from loadtest.pool import FleetPool
 from loadtest.runner import Env, Progress, Timeline
-from loadtest.services import wait_quiet
 from loadtest.train import TrainSettings, job_body
 from schemas.errors import SchemaError
 from schemas.messages import ShardUpdate, decode
+from sim.fleet import FleetSpec
+from sim.load_services import wait_quiet
+from sim.pool import FleetPool
+from stack.errors import StackError
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,9 +18,9 @@ from typing import Any
 
 import httpx
 
-from fedfleet.stack import LocalStack, StackInfo, StackSettings
-from loadtest.services import Api, LoadServices
-from loadtest.worker import rss_mb
+from sim.load_services import Api, LoadServices
+from sim.worker import rss_mb
+from stack import LocalStack, StackInfo, StackSettings
 
 _CLK = os.sysconf("SC_CLK_TCK")
 

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 from redis.asyncio import Redis
 
-from loadtest.fleet import FleetSpec
-from loadtest.pool import FleetPool
 from loadtest.runner import Env, ProcWatch, Progress, Timeline
+from sim.fleet import FleetSpec
+from sim.pool import FleetPool
 
 
 @dataclass(frozen=True, kw_only=True)

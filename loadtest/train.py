@@ -19,12 +19,12 @@ from typing import Any
 from redis.asyncio import Redis
 
 from edge_agent.data import load_digits_split
-from fedfleet.monitor import ModelMonitor
-from fedfleet.procs_services import AggMetrics, scrape
-from loadtest.fleet import FleetSpec
-from loadtest.pool import FleetPool
 from loadtest.runner import Env, Progress, Timeline
-from loadtest.services import wait_quiet
+from sim.fleet import FleetSpec
+from sim.load_services import wait_quiet
+from sim.monitor import ModelMonitor
+from sim.pool import FleetPool
+from sim.services import AggMetrics, scrape
 
 
 @dataclass(frozen=True, kw_only=True)

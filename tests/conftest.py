@@ -1,6 +1,6 @@
 """Shared fixtures: one real broker stack (Kafka KRaft, Mosquitto, Redis) per test session.
 
-The stack is started by `fedfleet.stack.LocalStack` on free loopback ports and torn down at
+The stack is started by `stack.LocalStack` on free loopback ports and torn down at
 the end of the session. With FEDFLEET_REQUIRE_REAL=1 (CI) a missing real server is an error;
 otherwise a pip fallback may be used. Integration tests isolate themselves with unique topic
 and key prefixes (`unique_prefix`).
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, settings
 
-from fedfleet.stack import LocalStack, StackInfo, StackSettings
+from stack import LocalStack, StackInfo, StackSettings
 
 # Shared, loaded CI machines: correctness only, never per-example time limits.
 settings.register_profile(

@@ -10,7 +10,8 @@ import pytest
 
 from edge_agent.data import load_digits_split
 from edge_agent.torch_trainer import TorchTrainer, loss_and_grad_torch  # lazy: no torch needed
-from edge_agent.trainers import NumpyTrainer, loss_and_grad, make_trainer, train
+from edge_agent.trainer_factory import make_trainer
+from edge_agent.trainers import NumpyTrainer, loss_and_grad, train
 from schemas.messages import ModelSpecMsg, TrainConfig
 from schemas.modelspec import init_params, num_params
 

@@ -9,7 +9,8 @@ import pytest
 
 from edge_agent.data import load_digits_split
 from edge_agent.errors import TrainerUnavailable
-from edge_agent.trainers import NumpyTrainer, accuracy, loss_and_grad, make_trainer, train
+from edge_agent.trainer_factory import make_trainer
+from edge_agent.trainers import NumpyTrainer, accuracy, loss_and_grad, train
 from schemas.messages import ModelSpecMsg, TrainConfig
 from schemas.modelspec import forward, init_params, num_params
 

@@ -201,10 +201,10 @@ def test_idle_thresholds_and_crash_point_come_from_settings() -> None:
 
 
 def test_trainer_is_chosen_by_flag_and_validated() -> None:
-    from edge_agent.cli import _settings, build_parser
+    from edge_agent.cli import build_parser, settings_from
 
     ns = build_parser().parse_args(["--device-id", "d", "--trainer", "torch"])
-    assert _settings(ns).trainer == "torch"
+    assert settings_from(ns).trainer == "torch"
     assert AgentSettings(device_id="d").trainer == "numpy"
     with pytest.raises(SettingsError):
         AgentSettings.load({"device_id": "d", "trainer": "jax"}, env={})

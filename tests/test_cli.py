@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fedfleet.stack import StackInfo
-from fedfleet.stack.procs import free_port, pid_alive
+from stack import StackInfo
+from stack.procs import free_port, pid_alive
 
 
 def fedfleet(
@@ -42,7 +42,7 @@ def test_bad_flag_value_is_rejected() -> None:
 def test_detached_stack_up_status_down(tmp_path: Path) -> None:
     env = dict(os.environ, FEDFLEET_CACHE=str(tmp_path / "cache"))
     # Reuse the jars already fetched for this session instead of a second download.
-    from fedfleet.stack.kafka import cache_root, kafka_version
+    from stack.kafka import cache_root, kafka_version
 
     src = cache_root() / f"kafka-{kafka_version()}"
     if src.exists():

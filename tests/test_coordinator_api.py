@@ -18,9 +18,10 @@ import zstandard
 from coordinator.api import AppState, create_app
 from coordinator.errors import JobError
 from coordinator.jobs import build_job
-from coordinator.signing import onnx_message, verify, weights_message
+from coordinator.signing import verify
 from schemas.messages import ModelManifest, ShardVersion, Telemetry
 from schemas.modelspec import forward
+from schemas.signing import onnx_message, weights_message
 from tests.test_coordinator_support import make_state, redis_url  # noqa: F401
 
 AUTH = {"Authorization": "Bearer secret"}
@@ -227,3 +228,24 @@ async def test_fleet_and_devices(api: tuple[httpx.AsyncClient, AppState, list[An
     assert b"fedfleet_coord" in (await c.get("/metrics")).content
     paths = (await c.get("/openapi.json")).json()["paths"]
     assert "/v1/jobs" in paths and "/v1/models/{name}/latest.onnx" in paths
+
+
+async def test_job_specs_too_large_for_the_coordinator_are_422_and_store_nothing(
+    api: tuple[httpx.AsyncClient, AppState, list[Any]],
+) -> None:
+    c, state, published = api
+    huge = {"family": "mlp", "n_features": 1_000_000, "n_classes": 10, "hidden": 65_536}
+    r = await c.post("/v1/jobs", json={"model_name": "huge", "spec": huge}, headers=AUTH)
+    assert r.status_code == 422 and "parameters" in r.json()["detail"], r.text
+    wide = {"family": "softmax", "n_features": 1_000_000, "n_classes": 20}  # 80 MB, 1 shard
+    r = await c.post("/v1/jobs", json={"model_name": "wide", "spec": wide}, headers=AUTH)
+    assert r.status_code == 422 and "shards" in r.json()["detail"], r.text
+    assert published == [] and await state.jobs.ids() == []
+
+
+def test_build_job_caps_parameters() -> None:
+    body = {"model_name": "m", "spec": {"family": "softmax", "n_features": 100, "n_classes": 10}}
+    assert build_job(body, max_params=1010).spec.shard_bounds == [0, 1010]
+    with pytest.raises(JobError) as e:
+        build_job(body, max_params=1009)
+    assert e.value.code == "too_large" and "1,010 parameters" in e.value.detail

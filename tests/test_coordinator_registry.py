@@ -14,11 +14,12 @@ import zstandard
 
 from coordinator.errors import NotFound, RegistryError
 from coordinator.jobs import build_job
-from coordinator.onnx_export import export
 from coordinator.registry import ModelRegistry
-from coordinator.signing import Signer, onnx_message, verify, weights_message
+from coordinator.signing import Signer, verify
 from schemas.messages import JobSpec, ModelSpecMsg, ShardVersion
 from schemas.modelspec import forward, init_params, num_params
+from schemas.onnx_export import export
+from schemas.signing import onnx_message, weights_message
 
 
 def job(family: str = "mlp", shards: int = 3, name: str = "m") -> JobSpec:

@@ -11,7 +11,7 @@ import pytest
 
 from edge_agent.data import load_digits_split
 from fedfleet.demo import DemoSettings, demo
-from fedfleet.stack import LocalStack, StackInfo, StackSettings
+from stack import LocalStack, StackInfo, StackSettings
 
 
 @pytest.mark.integration

@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from fedfleet.procs_services import AggMetrics
-from fedfleet.stack import StackInfo
 from loadtest import report
 from loadtest.churn import task_summary
 from loadtest.cli import main
-from loadtest.fleet import FleetSpec
-from loadtest.hetero import diurnal_plug_factor, transfer_delay
-from loadtest.pool import FleetPool
+from sim.fleet import FleetSpec
+from sim.hetero import diurnal_plug_factor, transfer_delay
+from sim.pool import FleetPool
+from sim.services import AggMetrics
+from stack import StackInfo
 
 
 def _servers(stack: StackInfo) -> list[str]:

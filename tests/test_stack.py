@@ -7,14 +7,14 @@ import os
 
 import pytest
 
-from fedfleet.errors import FallbackRefused, ServerUnavailable
-from fedfleet.stack import LocalStack, StackSettings
-from fedfleet.stack import kafka as kafka_mod
-from fedfleet.stack import launcher as launcher_mod
-from fedfleet.stack.kafka import kafka_brokers
-from fedfleet.stack.mqtt import mqtt_ping
-from fedfleet.stack.procs import free_port, pid_alive
-from fedfleet.stack.redis import redis_ping
+from stack import LocalStack, StackSettings
+from stack import kafka as kafka_mod
+from stack import launcher as launcher_mod
+from stack.errors import FallbackRefused, ServerUnavailable
+from stack.kafka import kafka_brokers
+from stack.mqtt import mqtt_ping
+from stack.procs import free_port, pid_alive
+from stack.redis import redis_ping
 
 
 @pytest.mark.integration
@@ -57,15 +57,21 @@ def test_free_port_is_bindable_and_outside_the_ephemeral_range() -> None:
     chosen there can be stolen before the server binds it (seen in `fedfleet demo`)."""
     import socket
 
-    from fedfleet.stack.procs import _ephemeral_range
+    from stack.procs import ephemeral_range
 
-    lo, hi = _ephemeral_range()
+    lo, hi = ephemeral_range()
     ports = {free_port() for _ in range(50)}
     assert len(ports) > 1
     for port in ports:
         assert not lo <= port <= hi
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+def test_kafka_version_comes_from_the_repository_pom() -> None:
+    """The launcher finds ``deploy/kafka/pom.xml`` from its own location in the tree."""
+    assert kafka_mod.POM.is_file()
+    assert kafka_mod.kafka_version().count(".") >= 1
 
 
 def test_unreachable_external_server_is_one_line_error() -> None:

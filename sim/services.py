@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedfleet.errors import StackError
-from fedfleet.stack import StackInfo
-from fedfleet.stack.procs import ManagedProcess, free_port
+from stack import StackInfo
+from stack.errors import StackError
+from stack.procs import ManagedProcess, free_port
 
 
 class ServiceSet:

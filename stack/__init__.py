@@ -1,5 +1,5 @@
 """The local broker stack (Kafka, MQTT, Redis) for demos, tests and development."""
 
-from fedfleet.stack.launcher import LocalStack, StackInfo, StackSettings
+from stack.launcher import LocalStack, StackInfo, StackSettings
 
 __all__ = ["LocalStack", "StackInfo", "StackSettings"]

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from fedfleet.errors import StackError
-from fedfleet.stack.procs import ManagedProcess, ProcessServer
+from stack.errors import StackError
+from stack.procs import ManagedProcess, ProcessServer
 
 
 def mosquitto_binary() -> str | None:

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from fedfleet.errors import ConfigError, FallbackRefused, ServerUnavailable, StackError
-from fedfleet.stack.kafka import ApacheKafka, TansuKafka, java_available, kafka_brokers
-from fedfleet.stack.mqtt import Amqtt, Mosquitto, mosquitto_binary, mqtt_ping
-from fedfleet.stack.redis import RedisServer, redis_binary, redis_ping
+from stack.errors import ConfigError, FallbackRefused, ServerUnavailable, StackError
+from stack.kafka import ApacheKafka, TansuKafka, java_available, kafka_brokers
+from stack.mqtt import Amqtt, Mosquitto, mosquitto_binary, mqtt_ping
+from stack.redis import RedisServer, redis_binary, redis_ping
 
 
 class Server(Protocol):
@@ -210,7 +210,7 @@ class LocalStack:
         for srv in self.servers:
             pids.extend(srv.pids())
         return StackInfo(
-            kafka_bootstrap=kafka.bootstrap if kafka else _kafka_bootstrap(s.kafka_url),  # type: ignore[attr-defined]
+            kafka_bootstrap=kafka.bootstrap if kafka else kafka_bootstrap(s.kafka_url),  # type: ignore[attr-defined]
             mqtt_host=mhost,
             mqtt_port=mport,
             redis_url=redis.url if redis else str(s.redis_url),  # type: ignore[attr-defined]
@@ -249,12 +249,12 @@ class LocalStack:
 
 
 def _jars_cached() -> bool:
-    from fedfleet.stack.kafka import kafka_lib_dir
+    from stack.kafka import kafka_lib_dir
 
     return java_available() and kafka_lib_dir(fetch=False) is not None
 
 
-def _kafka_bootstrap(url: str | None) -> str:
+def kafka_bootstrap(url: str | None) -> str:
     assert url
     parts = []
     for item in url.split(","):
@@ -264,7 +264,7 @@ def _kafka_bootstrap(url: str | None) -> str:
 
 
 def _kafka_check(url: str) -> None:
-    asyncio.run(kafka_brokers(_kafka_bootstrap(url)))
+    asyncio.run(kafka_brokers(kafka_bootstrap(url)))
 
 
 def _mqtt_check(url: str) -> None:

@@ -9,8 +9,8 @@ from typing import Any
 
 import httpx
 
-from fedfleet.errors import StackError
-from fedfleet.procs_services import AggMetrics, ServiceSet, scrape
+from sim.services import AggMetrics, ServiceSet, scrape
+from stack.errors import StackError
 
 
 class LoadServices(ServiceSet):

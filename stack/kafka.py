@@ -11,10 +11,10 @@ import time
 import uuid
 from pathlib import Path
 
-from fedfleet.errors import StackError
-from fedfleet.stack.procs import ManagedProcess, free_port
+from stack.errors import StackError
+from stack.procs import ManagedProcess, free_port
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 POM = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
 
 _LOG4J2 = """\

@@ -21,7 +21,7 @@ _PR_SET_PDEATHSIG = 1
 _LOWEST_PORT = 10_000
 
 
-def _ephemeral_range() -> tuple[int, int]:
+def ephemeral_range() -> tuple[int, int]:
     """The kernel's range for outgoing connections' local ports (Linux; else the default)."""
     try:
         lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
@@ -40,7 +40,7 @@ def free_port() -> int:
     below the range are never used for outgoing connections, so only another listener can
     collide, and the bind below checks for that.
     """
-    lo, _ = _ephemeral_range()
+    lo, _ = ephemeral_range()
     rng = random.SystemRandom()
     if lo - _LOWEST_PORT >= 1_000:
         for _ in range(200):

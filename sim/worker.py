@@ -1,4 +1,4 @@
-"""One fleet process: ``python -m loadtest.worker`` runs a slice of the simulated fleet.
+"""One fleet process: ``python -m sim.worker`` runs a slice of the simulated fleet.
 
 Protocol (JSON lines): the first stdin line is the config ``{"spec": {FleetSpec fields},
 "mqtt_host", "mqtt_port", "api_url", "public_key_hex", "report_s"}``; later stdin lines
@@ -22,8 +22,8 @@ import time
 from typing import Any
 
 from edge_agent.data import load_digits_split
-from loadtest import mqtt_patch
-from loadtest.fleet import FleetSpec, SimulatedFleet
+from sim import mqtt_patch
+from sim.fleet import FleetSpec, SimulatedFleet
 
 
 def rss_mb(pid: int | str = "self") -> float:

@@ -1,4 +1,4 @@
-"""Coordinator benchmarks: ``python -m coordinator.bench [--json] [--quick]``.
+"""Coordinator benchmarks: ``.venv/bin/python bench/bench_coordinator.py [--json] [--quick]``.
 
 1. Telemetry ingest: N telemetry messages published at QoS 0; in the same run a bare MQTT
    subscriber and the coordinator (MQTT -> decode -> Redis pipelines) both receive them.
@@ -269,7 +269,7 @@ def _ms(s: float) -> float:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    from fedfleet.stack import LocalStack, StackSettings
+    from stack import LocalStack, StackSettings
 
     quick = args.quick
     res: dict[str, Any] = {}

@@ -18,7 +18,7 @@ from edge_agent.data import Dataset
 from edge_agent.errors import AgentError
 from edge_agent.models import ModelClient
 from edge_agent.trainers import accuracy
-from fedfleet.errors import StackError
+from stack.errors import StackError
 
 
 @dataclass

@@ -1,11 +1,11 @@
 """A simulated fleet: N real `EdgeAgent`s in one process, each with its own MQTT session.
 
-Heterogeneity comes from `loadtest.hetero` (lognormal compute speed, bandwidth per network
+Heterogeneity comes from `sim.hetero` (lognormal compute speed, bandwidth per network
 type with simulated transfer time, diurnal charging) and `edge_agent.probe.SimulatedProbe`
 (battery drain/charge, plug/unplug and network changes as Poisson events), and from a
 non-IID Dirichlet split of the training data. `time_scale` compresses simulated time.
 A fleet may be one slice (`first`, `devices`) of a larger fleet of `total` devices, so
-several processes can share the work (`loadtest.pool`).
+several processes can share the work (`sim.pool`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from edge_agent.agent import EdgeAgent
 from edge_agent.data import Dataset, partition_dirichlet
 from edge_agent.session import cancel_all
 from edge_agent.settings import AgentSettings
-from loadtest.hetero import DiurnalProbe, SimAgent
+from sim.hetero import DiurnalProbe, SimAgent
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import shutil
 import time
 from pathlib import Path
 
-from fedfleet.errors import StackError
-from fedfleet.stack.procs import ProcessServer
+from stack.errors import StackError
+from stack.procs import ProcessServer
 
 
 def redis_binary() -> str | None:

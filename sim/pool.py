@@ -1,4 +1,4 @@
-"""A fleet spread over several processes (``loadtest.worker``), driven from the parent.
+"""A fleet spread over several processes (``sim.worker``), driven from the parent.
 
 One core runs a few thousand idle agents; past that the fleet is cut into contiguous
 slices, one per process. The parent reads each worker's report lines and sums them.
@@ -15,7 +15,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from loadtest.fleet import FleetSpec
+from sim.fleet import FleetSpec
 
 _SUM_KEYS = ("connected", "busy", "rss_mb", "affected")
 
@@ -90,7 +90,7 @@ class FleetPool:
             err = open(self.log_dir / f"fleet-{i}.log", "ab")  # noqa: ASYNC230
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "loadtest.worker",
+                    sys.executable, "-m", "sim.worker",
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                     stderr=err, env=env, limit=1 << 24,
                 )  # fmt: skip

@@ -1,0 +1,69 @@
+"""Shared pieces of the REST routes: the error body, the admin check, declared answers.
+
+Every error answer is JSON ``{"detail": "<one line>"}`` (:class:`ErrorBody`), and every
+route declares the answers it can give (``responses=``), so the OpenAPI document is the
+contract schemathesis checks.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+
+from coordinator.api.state import AppState, app_state
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+Responses = dict[int | str, dict[str, Any]]
+
+
+def _err(code: int, description: str) -> Responses:
+    return {code: {"model": ErrorBody, "description": description}}
+
+
+R401 = _err(401, "missing or wrong admin bearer token")
+R404 = _err(404, "unknown job, device or model version")
+R409 = _err(409, "the job exists")
+R422 = _err(422, "invalid body or parameters")
+R503 = _err(503, "a store (Redis, Kafka) is unavailable; retry later")
+R304: Responses = {304: {"description": "not modified (If-None-Match matched the ETag)"}}
+BINARY: dict[str, Any] = {"content": {"application/octet-stream": {"schema": {"type": "string",
+                                                              "format": "binary"}}}}  # fmt: skip
+
+bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <admin_token>")
+
+
+def admin(
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    state: Annotated[AppState, Depends(app_state)],
+) -> None:
+    """Write endpoints need ``Authorization: Bearer <admin_token>``."""
+    token = state.settings.admin_token.encode()
+    got = creds.credentials.encode() if creds is not None else b""
+    if creds is None or creds.scheme.lower() != "bearer" or not hmac.compare_digest(got, token):
+        raise HTTPException(
+            401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+def not_modified(inm: str | None, etag: str) -> bool:
+    if not inm:
+        return False
+    tags = [t.strip() for t in inm.split(",")]
+    return "*" in tags or etag in tags or f"W/{etag}" in tags
+
+
+def signed_headers(etag: str, digest: str, sig: str) -> dict[str, str]:
+    return {
+        "ETag": etag,
+        "X-Fedfleet-Digest": f"sha256={digest}",
+        "X-Fedfleet-Signature": sig,
+        "Cache-Control": "no-cache",
+    }

@@ -1,0 +1,37 @@
+"""What the REST routes work on: the coordinator's open adapters (``AppState``)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from coordinator.fleet import FleetStore
+from coordinator.jobs import JobStore
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.registry import ModelRegistry
+from coordinator.settings import CoordinatorSettings
+from coordinator.signing import Signer
+from coordinator.tasks import TaskStore
+from schemas.messages import JobSpec
+
+
+@dataclass
+class AppState:
+    settings: CoordinatorSettings
+    fleet: FleetStore
+    jobs: JobStore
+    tasks: TaskStore
+    registry: ModelRegistry
+    signer: Signer
+    metrics: CoordinatorMetrics
+    publish_job: Callable[[JobSpec], Awaitable[None]]
+    ready: Callable[[], Awaitable[bool]] | None = None
+    onnx_cache: dict[tuple[str, int, str], tuple[bytes, str, str]] = field(default_factory=dict)
+
+
+def app_state(request: Request) -> AppState:
+    """FastAPI dependency: the state ``create_app`` was built around."""
+    state: AppState = request.app.state.coord
+    return state
