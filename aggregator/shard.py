@@ -38,11 +38,12 @@ from aggregator.strategies import (
     Wrapper,
     build_strategy,
 )
-from aggregator.strategies.base import F32, ChunkLike, Strategy
+from aggregator.strategies.base import ChunkLike, Strategy
 from schemas import codec
 from schemas.errors import SchemaError
 from schemas.messages import UPDATE_MAX_BYTES, JobSpec, ShardUpdate, ShardVersion, decode
 from schemas.modelspec import init_params
+from schemas.types import F32
 
 log = logging.getLogger("fedfleet.aggregator")
 

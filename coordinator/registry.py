@@ -29,9 +29,10 @@ from coordinator.errors import NotFound, RegistryError
 from coordinator.signing import Signer
 from schemas.atomic import atomic_write
 from schemas.messages import JobSpec, ModelManifest, ShardVersion
-from schemas.modelspec import F32, init_params, num_params
+from schemas.modelspec import init_params, num_params
 from schemas.onnx_export import export
 from schemas.signing import onnx_message, weights_message
+from schemas.types import F32
 
 BLOB_CACHE_ENTRIES = 4
 BLOB_CACHE_MAX_BYTES = 64 << 20

@@ -48,9 +48,9 @@ from schemas.messages import (
     encode,
 )
 from schemas.modelspec import forward
+from schemas.types import F32
 
 log = logging.getLogger(__name__)
-F32 = npt.NDArray[np.float32]
 _SEEN_TASKS = 256
 _MAX_PACE_S = 3600.0
 

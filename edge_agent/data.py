@@ -13,8 +13,8 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_agent.errors import DataError
+from schemas.types import F32
 
-F32 = npt.NDArray[np.float32]
 Labels = npt.NDArray[np.int64]
 
 

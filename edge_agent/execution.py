@@ -12,7 +12,6 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-import numpy.typing as npt
 
 from edge_agent.crash import crash_point
 from edge_agent.data import Dataset
@@ -24,8 +23,7 @@ from edge_agent.settings import AgentSettings
 from edge_agent.trainers import Trainer, TrainRun
 from schemas.codec import encode_update
 from schemas.messages import Task, Update, UpdateChunk
-
-F32 = npt.NDArray[np.float32]
+from schemas.types import F32
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import numpy.typing as npt
 
 from edge_agent.errors import ModelVerifyError
-
-F32 = npt.NDArray[np.float32]
+from schemas.types import F32
 
 
 class OnnxModel:

@@ -19,7 +19,6 @@ from pathlib import Path
 import httpx
 import msgspec
 import numpy as np
-import numpy.typing as npt
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -29,9 +28,9 @@ from schemas.errors import SchemaError
 from schemas.messages import ModelManifest
 from schemas.modelspec import num_params
 from schemas.signing import onnx_message, weights_message
+from schemas.types import F32
 
 log = logging.getLogger(__name__)
-F32 = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True, slots=True)

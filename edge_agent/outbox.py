@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import numpy.typing as npt
 
 from schemas.atomic import atomic_write
+from schemas.types import F32
 
 log = logging.getLogger(__name__)
-F32 = npt.NDArray[np.float32]
 
 
 class Outbox(Protocol):

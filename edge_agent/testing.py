@@ -16,7 +16,6 @@ from typing import Any
 import httpx
 import msgspec
 import numpy as np
-import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -24,8 +23,7 @@ from schemas.messages import ModelManifest, ModelSpecMsg
 from schemas.modelspec import num_params
 from schemas.onnx_export import export
 from schemas.signing import onnx_message, weights_message
-
-F32 = npt.NDArray[np.float32]
+from schemas.types import F32
 
 
 @dataclass

@@ -20,8 +20,9 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_agent.errors import TrainerUnavailable
-from edge_agent.trainers import F32, Arr, Labels, NumpyRun, _slices
+from edge_agent.trainers import Arr, Labels, NumpyRun, _slices
 from schemas.messages import ModelSpecMsg, TrainConfig
+from schemas.types import F32
 
 
 def _torch() -> Any:

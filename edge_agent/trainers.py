@@ -16,8 +16,8 @@ import numpy.typing as npt
 
 from schemas.messages import ModelSpecMsg, TrainConfig
 from schemas.modelspec import layout, num_params
+from schemas.types import F32
 
-F32 = npt.NDArray[np.float32]
 Arr = npt.NDArray[np.floating]
 Labels = npt.NDArray[np.int64]
 

@@ -15,12 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import numpy.typing as npt
 
 from schemas.errors import SchemaError
 from schemas.messages import ModelSpecMsg
-
-F32 = npt.NDArray[np.float32]
+from schemas.types import F32
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from schemas.messages import ModelSpecMsg
-from schemas.modelspec import F32, unflatten
+from schemas.modelspec import unflatten
+from schemas.types import F32
 
 OPSET = 17
 

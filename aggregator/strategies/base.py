@@ -19,8 +19,8 @@ import numpy.typing as npt
 
 from aggregator.errors import UpdateRejected
 from schemas.codec.kernels import scatter_add
+from schemas.types import F32
 
-F32 = npt.NDArray[np.float32]
 IdxArray = npt.NDArray[np.integer]
 
 

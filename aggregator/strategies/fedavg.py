@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from aggregator.errors import UpdateRejected
-from aggregator.strategies.base import F32, Update
+from aggregator.strategies.base import Update
 from aggregator.strategies.fedbuff import FedBuff
+from schemas.types import F32
 
 
 class FedAvg(FedBuff):

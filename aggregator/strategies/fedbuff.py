@@ -16,7 +16,6 @@ import numpy as np
 import numpy.typing as npt
 
 from aggregator.strategies.base import (
-    F32,
     Applied,
     SliceStrategy,
     StrategyState,
@@ -24,6 +23,7 @@ from aggregator.strategies.base import (
     add_chunk,
     check_shape,
 )
+from schemas.types import F32
 
 
 def fedbuff_weight(staleness: int) -> float:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from aggregator.strategies.base import F32
+from schemas.types import F32
 
 
 class VersionHistory:

@@ -11,8 +11,8 @@ from schemas.codec import kernels as kn
 from schemas.codec import quant as qt
 from schemas.errors import SchemaError
 from schemas.messages import UPDATE_MAX_BYTES, CodecConfig
+from schemas.types import F32
 
-F32 = npt.NDArray[np.float32]
 DEFAULT_MAX_FRAME_BYTES = UPDATE_MAX_BYTES
 DEFAULT_MAX_DECODED_BYTES = 1 << 30
 _FRAME_TYPES = (bytes, bytearray, memoryview)

@@ -8,9 +8,10 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from schemas.codec.core import F32, decode, encode
+from schemas.codec.core import decode, encode
 from schemas.errors import SchemaError
 from schemas.messages import CodecConfig
+from schemas.types import F32
 
 ShardFrame = tuple[int, int, int, bytes]
 

@@ -17,8 +17,8 @@ import numpy.typing as npt
 
 from schemas.codec import quant as qt
 from schemas.errors import SchemaError
+from schemas.types import F32
 
-F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
 

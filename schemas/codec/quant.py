@@ -7,7 +7,8 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-F32 = npt.NDArray[np.float32]
+from schemas.types import F32
+
 FP16_MAX_EXP = 15  # values are scaled into [2**14, 2**15) before the fp16 cast
 _F32_TINY = float(np.finfo(np.float32).tiny)
 F32_OVERFLOW = 2.0**128 - 2.0**103  # smallest real that rounds to inf in float32
