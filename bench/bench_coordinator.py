@@ -8,6 +8,11 @@
    producer so the number is the coordinator's own cost).
 3. Model pulls/s over real HTTP (uvicorn): weights downloads with and without
    ``If-None-Match`` (304).
+4. Upload ingest path (``--only uploads``): accepted uploads/s through
+   ``UploadHandler.handle`` (check, decode, claim, produce, confirm, ack) on the real
+   Redis, Kafka replaced by an in-memory producer; one at a time and 32 at once, with the
+   Redis round trips counted per accepted upload. Only the coordinator's public objects
+   are used, so the same file measures older trees too.
 
 Numbers are written down in BENCHMARKS.md, never asserted.
 """
@@ -38,6 +43,35 @@ from schemas.messages import Telemetry, encode
 class _NullProducer:
     async def send_and_wait(self, *a: Any, **kw: Any) -> None:
         return None
+
+    async def send(self, *a: Any, **kw: Any) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(None)  # "acked" at once: the figure is the coordinator's own cost
+        return fut
+
+
+class _RoundTrips:
+    """Counts Redis requests on the wire (``send_packed_command``; a pipeline is one)."""
+
+    def __init__(self) -> None:
+        from redis.asyncio.connection import AbstractConnection
+
+        self.n = 0
+        self._cls: Any = AbstractConnection
+        self._orig = AbstractConnection.send_packed_command
+
+    def __enter__(self) -> _RoundTrips:
+        orig = self._orig
+
+        async def counted(conn: Any, *a: Any, **kw: Any) -> None:
+            self.n += 1
+            await orig(conn, *a, **kw)
+
+        self._cls.send_packed_command = counted
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._cls.send_packed_command = self._orig
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -132,6 +166,10 @@ async def bench_selection(redis_url: str, devices: int, passes: int) -> dict[str
 
     from coordinator.fleet import FleetStore
     from coordinator.jobs import JobStore
+    from coordinator.jobstats import JobStatsStore
+    from coordinator.keys import Keys
+    from coordinator.lock import RedisLock
+    from coordinator.rounds import RoundStore
     from coordinator.tasks import TaskStore
 
     prefix = f"bsel{time.time_ns() % 10**8}:"
@@ -176,6 +214,9 @@ async def bench_selection(redis_url: str, devices: int, passes: int) -> dict[str
         fleet=fleet,
         tasks=tasks,
         jobs=jobs,
+        rounds=RoundStore(r, prefix),
+        stats=JobStatsStore(r, prefix),
+        lock=RedisLock(r, Keys(prefix).selector_lock),
         producer=_NullProducer(),
         publish=None,
         metrics=metrics,
@@ -191,11 +232,11 @@ async def bench_selection(redis_url: str, devices: int, passes: int) -> dict[str
         await sel.select_once(time.time())  # slots full: scan only
         scanning.append(time.perf_counter() - t)
         # free the slots again (as if all 100 uploaded) for the next issuing pass
-        for tid in await r.zrange(tasks.leases_key(job.spec.job_id), 0, -1):
+        for tid in await tasks.leased(job.spec.job_id):
             rec = await tasks.get(tid)
             assert rec is not None
             await fleet.release_task(rec.device_id, tid, contributed=True)
-        await r.delete(tasks.leases_key(job.spec.job_id))
+        await r.delete(Keys(prefix).leases(job.spec.job_id))
     eligible = sum(EligibilityPolicy().eligible(v, time.time()) for v in await fleet.live_views())
     keys = [k async for k in r.scan_iter(f"{prefix}*", count=10000)]
     for i in range(0, len(keys), 10000):
@@ -208,6 +249,81 @@ async def bench_selection(redis_url: str, devices: int, passes: int) -> dict[str
         "scan_only_p50_ms": round(_pct(scanning, 50), 1),
         "scan_only_p99_ms": round(_pct(scanning, 99), 1),
     }  # fmt: skip
+
+
+async def bench_uploads(info: Any, tmp: Path, n: int) -> dict[str, Any]:
+    from schemas import codec
+    from schemas.messages import CodecConfig, Update, UpdateChunk
+
+    prefix = f"bup{time.time_ns() % 10**8}."
+    s = CoordinatorSettings(
+        kafka_bootstrap=info.kafka_bootstrap, mqtt_host=info.mqtt_host, mqtt_port=info.mqtt_port,
+        redis_url=info.redis_url, topic_prefix=prefix, model_store_dir=tmp / "um",
+        signing_key_path=tmp / "k", run_selector=False, run_dispatcher=False,
+        run_registry=False, run_mqtt=False, create_topics=False, pace_enabled=False,
+        telemetry_ttl_s=3600.0, lease_s=3600.0,
+    )  # fmt: skip
+    levels = (1, 32)
+    out: dict[str, Any] = {"uploads_per_level": n, "shards": 2}
+    async with Coordinator(s, metrics=CoordinatorMetrics(registry=_registry())) as coord:
+        coord.selector.producer = _NullProducer()
+        coord.uploads.producer = _NullProducer()
+        warm = max(levels)
+        total = n * len(levels) + warm
+        job = build_job({
+            "model_name": "bup", "shards": 2, "concurrency": total,
+            "spec": {"family": "softmax", "n_features": 64, "n_classes": 10},
+        })  # fmt: skip
+        await coord.jobs.put(job)
+        coord.registry.create_initial(job.spec)
+        now = time.time()
+        tel = [Telemetry(device_id=f"u{i}", ts=now, battery=90.0, charging=True,
+                         network="wifi", metered=False) for i in range(total)]  # fmt: skip
+        for i in range(0, total, 5000):
+            await coord.fleet.write_telemetry(tel[i : i + 5000], now)
+        tasks = (await coord.selector.select_once(now))[job.spec.job_id]
+        assert len(tasks) == total, len(tasks)
+        b = list(job.spec.shard_bounds)
+        rng = np.random.default_rng(0)
+        frames = [
+            codec.encode((rng.normal(size=b[k + 1] - b[k]) * 0.01).astype(np.float32),
+                         CodecConfig(quant="none"))
+            for k in range(2)
+        ]  # fmt: skip
+
+        def update(t: Any) -> Update:
+            chunks = [UpdateChunk(shard=k, start=b[k], stop=b[k + 1], base_version=0,
+                                  payload=frames[k]) for k in range(2)]  # fmt: skip
+            return Update(update_id=f"u-{t.task_id}", task_id=t.task_id, job_id=t.job_id,
+                          device_id=t.device_id, upload_token=t.upload_token, num_samples=10,
+                          chunks=chunks, sent_ts=time.time())  # fmt: skip
+
+        ups = [update(t) for t in tasks]
+        # warm-up: job spec cached, Lua scripts loaded, a pool of connections open
+        assert await coord.uploads.handle(ups[0], ups[0].device_id) == "accepted"
+        got = await asyncio.gather(*(coord.uploads.handle(u, u.device_id) for u in ups[1:warm]))
+        assert set(got) == {"accepted"}
+        rest = ups[warm:]
+        for li, conc in enumerate(levels):
+            part = rest[li * n : (li + 1) * n]
+            sem = asyncio.Semaphore(conc)
+            results: list[str] = []
+
+            async def one(
+                u: Update, sem: asyncio.Semaphore = sem, res: list[str] = results
+            ) -> None:
+                async with sem:
+                    res.append(await coord.uploads.handle(u, u.device_id))
+
+            with _RoundTrips() as rt:
+                t = time.perf_counter()
+                await asyncio.gather(*(one(u) for u in part))
+                dt = time.perf_counter() - t
+            ok = results.count("accepted")
+            out[f"c{conc}_accepted"] = ok
+            out[f"c{conc}_uploads_per_s"] = round(ok / dt)
+            out[f"c{conc}_round_trips_per_upload"] = round(rt.n / max(ok, 1), 2)
+    return out
 
 
 async def bench_pulls(info: Any, tmp: Path, requests: int, conc: int) -> dict[str, Any]:
@@ -277,7 +393,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         tmp = Path(td)
         async with LocalStack(StackSettings.from_env()) as info:
             res["stack"] = info.describe()
-            only = set(args.only or ["ingest", "selection", "pulls"])
+            only = set(args.only or ["ingest", "selection", "pulls", "uploads"])
             if "ingest" in only:
                 res["telemetry_ingest"] = await bench_ingest(
                     info, tmp, 5_000 if quick else 50_000, 500 if quick else 5_000
@@ -286,6 +402,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 res["selection"] = await bench_selection(
                     info.redis_url, 10_000 if quick else 100_000, 5 if quick else 20
                 )
+            if "uploads" in only:
+                res["upload_ingest"] = await bench_uploads(info, tmp, 200 if quick else 2_000)
             if "pulls" in only:
                 res["model_pulls"] = await bench_pulls(info, tmp, 500 if quick else 3_000, 8)
     return res
@@ -295,7 +413,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
-    ap.add_argument("--only", action="append", choices=["ingest", "selection", "pulls"])
+    ap.add_argument("--only", action="append", choices=["ingest", "selection", "pulls", "uploads"])
     args = ap.parse_args()
     res = asyncio.run(main_async(args))
     if args.json:

@@ -1,6 +1,6 @@
 """Fleet state in Redis: telemetry batching, TTL liveness, device views and summaries.
 
-Keys (``p`` = the coordinator's key prefix)::
+Keys (named in ``coordinator.keys``; ``p`` = the coordinator's key prefix)::
 
     {p}dev:{id}    hash  human-readable detail (telemetry fields, state, timestamps)
     {p}selt        hash  device -> packed telemetry for selection (one field per device)
@@ -8,6 +8,7 @@ Keys (``p`` = the coordinator's key prefix)::
     {p}seen        zset  device -> last_seen, online devices only (offline status removes it)
     {p}lastseen    zset  device -> last_seen, every device ever seen
     {p}contrib     zset  device -> contributions + a fixed per-device fraction (tie-break)
+    {p}hist:{id}   list  the device's last task outcomes
 
 Selection never scans the whole fleet: ``candidates`` walks ``contrib`` from the
 least-contributed device upwards, a page at a time (HMGET on the two packed hashes,
@@ -25,6 +26,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from coordinator.keys import Keys
 from coordinator.policy import DeviceView, EligibilityPolicy
 from schemas.messages import DeviceStatus, Telemetry
 
@@ -32,7 +34,7 @@ CHUNK = 10_000
 HISTORY = 20
 
 
-def _frac(device_id: str) -> float:
+def frac(device_id: str) -> float:
     """A fixed pseudo-random fraction in [0, 0.5) that orders devices with equal counts."""
     h = hashlib.blake2b(device_id.encode(), digest_size=4).digest()
     return int.from_bytes(h) / 2**33
@@ -137,13 +139,21 @@ class FleetStore:
     """Redis adapter for device state. All methods are safe to call concurrently."""
 
     def __init__(self, redis: Redis, prefix: str, ttl_s: float) -> None:
-        self.r: Any = redis  # decode_responses=True: str in, str out
-        self.p = prefix
+        self._r: Any = redis  # Redis, decode_responses=True (redis-py types bytes | str)
+        self._k = Keys(prefix)
         self.ttl = ttl_s
-        self._mark_live: Any = self.r.register_script(_MARK_LIVE)
+        self._mark_live: Any = redis.register_script(_MARK_LIVE)
 
-    def key(self, device_id: str) -> str:
-        return f"{self.p}dev:{device_id}"
+    @property
+    def r(self) -> Any:
+        """Transitional, for ``tests/test_agent_coordinator.py`` only (it closes the client
+        ``make_state`` built through it; owned by the edge-agent work). Remove once that
+        test closes its own client; nothing in the coordinator uses it."""
+        return self._r
+
+    async def ping(self) -> bool:
+        """Readiness: Redis answers (raises if it does not)."""
+        return bool(await self._r.ping())
 
     async def write_telemetry(self, batch: Iterable[Telemetry], now: float | None = None) -> int:
         """Write a batch (latest per device wins) in one pipeline; returns records written."""
@@ -153,14 +163,14 @@ class FleetStore:
             latest[t.device_id] = t
         if not latest:
             return 0
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self._r.pipeline(transaction=False)
         for dev, t in latest.items():
-            pipe.hset(self.key(dev), mapping=telemetry_fields(t, now))
-        pipe.hset(f"{self.p}selt", mapping={dev: pack_telemetry(t) for dev, t in latest.items()})
-        pipe.zadd(f"{self.p}contrib", {d: _frac(d) for d in latest}, nx=True)
+            pipe.hset(self._k.device(dev), mapping=telemetry_fields(t, now))
+        pipe.hset(self._k.selt, mapping={dev: pack_telemetry(t) for dev, t in latest.items()})
+        pipe.zadd(self._k.contrib, {d: frac(d) for d in latest}, nx=True)
         await self._mark_live(  # queued on the pipeline (the async Script awaits the queueing)
-            keys=[f"{self.p}seen", f"{self.p}lastseen"],
-            args=[repr(now), repr(OFFLINE_GRACE_S), f"{self.p}dev:", *latest],
+            keys=[self._k.seen, self._k.lastseen],
+            args=[repr(now), repr(OFFLINE_GRACE_S), self._k.device_prefix, *latest],
             client=pipe,
         )
         await pipe.execute()
@@ -168,19 +178,23 @@ class FleetStore:
 
     async def write_status(self, s: DeviceStatus, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self._r.pipeline(transaction=False)
         if s.state == "offline":
-            pipe.hset(self.key(s.device_id), mapping={"state": "offline", "offline_ts": repr(now)})
-            pipe.zrem(f"{self.p}seen", s.device_id)
+            pipe.hset(
+                self._k.device(s.device_id), mapping={"state": "offline", "offline_ts": repr(now)}
+            )
+            pipe.zrem(self._k.seen, s.device_id)
         else:
-            pipe.hset(self.key(s.device_id), mapping={"state": "online", "last_seen": repr(now)})
-            pipe.zadd(f"{self.p}seen", {s.device_id: now})
-            pipe.zadd(f"{self.p}lastseen", {s.device_id: now})
+            pipe.hset(
+                self._k.device(s.device_id), mapping={"state": "online", "last_seen": repr(now)}
+            )
+            pipe.zadd(self._k.seen, {s.device_id: now})
+            pipe.zadd(self._k.lastseen, {s.device_id: now})
         await pipe.execute()
 
     async def live_ids(self, now: float | None = None) -> list[str]:
         now = time.time() if now is None else now
-        ids = await self.r.zrangebyscore(f"{self.p}seen", now - self.ttl, "+inf")
+        ids = await self._r.zrangebyscore(self._k.seen, now - self.ttl, "+inf")
         return list(ids)
 
     async def views(self, ids: list[str], now: float | None = None) -> list[DeviceView]:
@@ -188,11 +202,11 @@ class FleetStore:
         out: list[DeviceView] = []
         for i in range(0, len(ids), CHUNK):
             part = ids[i : i + CHUNK]
-            pipe = self.r.pipeline(transaction=False)
-            pipe.hmget(f"{self.p}selt", part)
-            pipe.hmget(f"{self.p}sels", part)
-            pipe.zmscore(f"{self.p}seen", part)
-            pipe.zmscore(f"{self.p}lastseen", part)
+            pipe = self._r.pipeline(transaction=False)
+            pipe.hmget(self._k.selt, part)
+            pipe.hmget(self._k.sels, part)
+            pipe.zmscore(self._k.seen, part)
+            pipe.zmscore(self._k.lastseen, part)
             tel, st, on, seen = await pipe.execute()
             for j, dev in enumerate(part):
                 v = make_view(dev, tel[j], st[j], on[j], seen[j], now, self.ttl)
@@ -217,15 +231,15 @@ class FleetStore:
         scanned = 0
         start = 0
         while len(out) < want and (not max_scan or scanned < max_scan):
-            ids = await self.r.zrange(f"{self.p}contrib", start, start + page - 1)
+            ids = await self._r.zrange(self._k.contrib, start, start + page - 1)
             if not ids:
                 break
             start += page
             scanned += len(ids)
-            pipe = self.r.pipeline(transaction=False)
-            pipe.hmget(f"{self.p}selt", ids)
-            pipe.hmget(f"{self.p}sels", ids)
-            pipe.zmscore(f"{self.p}seen", ids)
+            pipe = self._r.pipeline(transaction=False)
+            pipe.hmget(self._k.selt, ids)
+            pipe.hmget(self._k.sels, ids)
+            pipe.zmscore(self._k.seen, ids)
             tel, st, on = await pipe.execute()
             for j, dev in enumerate(ids):
                 if on[j] is None or on[j] < now - self.ttl:
@@ -240,10 +254,10 @@ class FleetStore:
     async def live_views(self, now: float | None = None) -> list[DeviceView]:
         """Every online device, read with three argument-free commands (fast for big fleets)."""
         now = time.time() if now is None else now
-        pipe = self.r.pipeline(transaction=False)
-        pipe.zrangebyscore(f"{self.p}seen", now - self.ttl, "+inf", withscores=True)
-        pipe.hgetall(f"{self.p}selt")
-        pipe.hgetall(f"{self.p}sels")
+        pipe = self._r.pipeline(transaction=False)
+        pipe.zrangebyscore(self._k.seen, now - self.ttl, "+inf", withscores=True)
+        pipe.hgetall(self._k.selt)
+        pipe.hgetall(self._k.sels)
         live, tel, st = await pipe.execute()
         out: list[DeviceView] = []
         for dev, score in live:
@@ -255,11 +269,11 @@ class FleetStore:
     async def all_views(self, now: float | None = None) -> list[DeviceView]:
         """Every known device (online or not), with argument-free commands only."""
         now = time.time() if now is None else now
-        pipe = self.r.pipeline(transaction=False)
-        pipe.zrange(f"{self.p}lastseen", 0, -1, withscores=True)
-        pipe.zrangebyscore(f"{self.p}seen", now - self.ttl, "+inf", withscores=True)
-        pipe.hgetall(f"{self.p}selt")
-        pipe.hgetall(f"{self.p}sels")
+        pipe = self._r.pipeline(transaction=False)
+        pipe.zrange(self._k.lastseen, 0, -1, withscores=True)
+        pipe.zrangebyscore(self._k.seen, now - self.ttl, "+inf", withscores=True)
+        pipe.hgetall(self._k.selt)
+        pipe.hgetall(self._k.sels)
         every, live, tel, st = await pipe.execute()
         online = dict(live)
         out: list[DeviceView] = []
@@ -273,27 +287,27 @@ class FleetStore:
         views = await self.views([device_id])
         if not views:
             return None
-        h = await self.r.hgetall(self.key(device_id))
+        h = await self._r.hgetall(self._k.device(device_id))
         out = device_json(views[0], h)
         out["history"] = await self.history(device_id)
         return out
 
     async def all_ids(self) -> list[str]:
-        return sorted(await self.r.zrange(f"{self.p}lastseen", 0, -1))
+        return sorted(await self._r.zrange(self._k.lastseen, 0, -1))
 
     async def count(self) -> int:
-        return int(await self.r.zcard(f"{self.p}lastseen"))
+        return int(await self._r.zcard(self._k.lastseen))
 
     async def _state(self, device_id: str) -> tuple[str, float, int, int, int]:
-        return unpack_state(await self.r.hget(f"{self.p}sels", device_id))
+        return unpack_state(await self._r.hget(self._k.sels, device_id))
 
     async def assign_task(self, device_id: str, task_id: str, now: float) -> None:
         _, cool, contrib, today, day = await self._state(device_id)
         d = int(now // 86400)
         today = today + 1 if day == d else 1
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hset(f"{self.p}sels", device_id, pack_state(task_id, cool, contrib, today, d))
-        pipe.hset(self.key(device_id), mapping={"last_task_ts": repr(now)})
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hset(self._k.sels, device_id, pack_state(task_id, cool, contrib, today, d))
+        pipe.hset(self._k.device(device_id), mapping={"last_task_ts": repr(now)})
         await pipe.execute()
 
     async def release_task(
@@ -317,20 +331,20 @@ class FleetStore:
             contrib += 1
         if cooldown_until:
             cool = max(cool, cooldown_until)
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hset(f"{self.p}sels", device_id, pack_state(cur, cool, contrib, today, day))
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hset(self._k.sels, device_id, pack_state(cur, cool, contrib, today, day))
         if contributed:
-            pipe.hset(self.key(device_id), "last_contribution_ts", repr(time.time()))
-            pipe.zadd(f"{self.p}contrib", {device_id: contrib + _frac(device_id)})
+            pipe.hset(self._k.device(device_id), "last_contribution_ts", repr(time.time()))
+            pipe.zadd(self._k.contrib, {device_id: contrib + frac(device_id)})
         if outcome:
-            hist = f"{self.p}hist:{device_id}"
+            hist = self._k.history(device_id)
             pipe.lpush(hist, f"{time.time():.3f}|{task_id}|{outcome}")
             pipe.ltrim(hist, 0, HISTORY - 1)
         await pipe.execute()
 
     async def history(self, device_id: str) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        for item in await self.r.lrange(f"{self.p}hist:{device_id}", 0, HISTORY - 1):
+        for item in await self._r.lrange(self._k.history(device_id), 0, HISTORY - 1):
             parts = item.split("|")
             if len(parts) == 3:
                 try:

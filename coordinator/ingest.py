@@ -12,6 +12,7 @@ import logging
 import time
 
 from coordinator.fleet import FleetStore
+from coordinator.jobstats import JobStatsStore
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.tasks import TaskStore
 from coordinator.uploads import UploadHandler
@@ -95,12 +96,14 @@ class Router:
         *,
         fleet: FleetStore,
         tasks: TaskStore,
+        stats: JobStatsStore,
         uploads: UploadHandler,
         batcher: TelemetryBatcher,
         metrics: CoordinatorMetrics,
     ) -> None:
         self.fleet = fleet
         self.tasks = tasks
+        self.stats = stats
         self.uploads = uploads
         self.batcher = batcher
         self.metrics = metrics
@@ -157,6 +160,6 @@ class Router:
             )
             if ok:
                 await self.fleet.release_task(dev, rec.task_id, contributed=False, outcome=r.status)
-                await self.tasks.bump(rec.job_id, f"tasks_{r.status}")
+                await self.stats.bump(rec.job_id, f"tasks_{r.status}")
         if not ok:
             self._reject("task_status", "bad_transition")

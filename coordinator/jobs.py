@@ -24,6 +24,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from coordinator.errors import JobError, NotFound
+from coordinator.keys import Keys
 from coordinator.policy import EligibilityPolicy, SelectionConfig, check_sync_round_size
 from schemas.errors import SchemaError
 from schemas.messages import (
@@ -159,16 +160,16 @@ def job_json(job: Job, stats: dict[str, int], current_version: int | None) -> di
 
 
 class JobStore:
-    """``{p}job:{id}`` hash (spec JSON, eligibility JSON, status), ``{p}jobs`` zset."""
+    """``{p}job:{{id}}`` hash (spec JSON, eligibility JSON, status), ``{p}jobs`` zset."""
 
     def __init__(self, redis: Redis, prefix: str) -> None:
-        self.r: Any = redis  # decode_responses=True: str in, str out
-        self.p = prefix
+        self._r: Any = redis  # Redis, decode_responses=True (redis-py types bytes | str)
+        self._k = Keys(prefix)
 
     async def put(self, job: Job) -> None:
-        pipe = self.r.pipeline(transaction=True)
+        pipe = self._r.pipeline(transaction=True)
         pipe.hset(
-            f"{self.p}job:{job.spec.job_id}",
+            self._k.job(job.spec.job_id),
             mapping={
                 "spec": msgspec.json.encode(job.spec).decode(),
                 "eligibility": msgspec.json.encode(job.eligibility.to_dict()).decode(),
@@ -176,14 +177,14 @@ class JobStore:
                 "status": job.spec.status,
             },
         )
-        pipe.zadd(f"{self.p}jobs", {job.spec.job_id: job.spec.created_ts})
+        pipe.zadd(self._k.jobs, {job.spec.job_id: job.spec.created_ts})
         await pipe.execute()
 
     async def exists(self, job_id: str) -> bool:
-        return bool(await self.r.exists(f"{self.p}job:{job_id}"))
+        return bool(await self._r.exists(self._k.job(job_id)))
 
     async def get(self, job_id: str) -> Job:
-        h = await self.r.hgetall(f"{self.p}job:{job_id}")
+        h = await self._r.hgetall(self._k.job(job_id))
         if not h:
             raise NotFound("job", job_id)
         spec = msgspec.json.decode(h["spec"], type=JobSpec)
@@ -194,7 +195,7 @@ class JobStore:
         return Job(spec, elig, sel)
 
     async def ids(self) -> list[str]:
-        return list(await self.r.zrange(f"{self.p}jobs", 0, -1))
+        return list(await self._r.zrange(self._k.jobs, 0, -1))
 
     async def running(self) -> list[Job]:
         out = []
@@ -208,4 +209,4 @@ class JobStore:
         return out
 
     async def set_status(self, job_id: str, status: str) -> None:
-        await self.r.hset(f"{self.p}job:{job_id}", "status", status)
+        await self._r.hset(self._k.job(job_id), "status", status)

@@ -28,6 +28,8 @@ from typing import Any
 
 from coordinator.fleet import FleetStore
 from coordinator.jobs import Job, JobStore
+from coordinator.jobstats import JobStatsStore
+from coordinator.lock import RedisLock
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.policy import (
     DeviceView,
@@ -44,6 +46,7 @@ from coordinator.policy import (
     select,
     sync_round_size,
 )
+from coordinator.rounds import RoundStore
 from coordinator.settings import CoordinatorSettings
 from coordinator.tasks import TaskStore, new_token
 from schemas.messages import Pace, Task, encode
@@ -58,11 +61,6 @@ Publish = Callable[[str, bytes, int], Awaitable[None]]
 # Shard versions of the newest published model of a job (None: unknown / none yet).
 LatestVersions = Callable[[Job], Awaitable[list[int] | None]]
 
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 
 class Selector:
     def __init__(
@@ -72,6 +70,9 @@ class Selector:
         fleet: FleetStore,
         tasks: TaskStore,
         jobs: JobStore,
+        rounds: RoundStore,
+        stats: JobStatsStore,
+        lock: RedisLock,
         producer: Any,
         publish: Publish | None,
         metrics: CoordinatorMetrics,
@@ -81,6 +82,9 @@ class Selector:
         self.fleet = fleet
         self.tasks = tasks
         self.jobs = jobs
+        self.rounds = rounds
+        self.stats = stats
+        self.lock = lock
         self.producer = producer
         self.publish = publish
         self.metrics = metrics
@@ -88,7 +92,6 @@ class Selector:
         self._wake = asyncio.Event()
         self._next_pace: dict[str, float] = {}
         self._reissue: dict[str, list[str]] = {}
-        self._unlock: Any = tasks.r.register_script(_UNLOCK)
 
     def wake(self, _job_id: str = "") -> None:
         self._wake.set()
@@ -99,7 +102,7 @@ class Selector:
         for task_id in await self.tasks.expired(job.spec.job_id, now):
             rec = await self.tasks.get(task_id)
             if rec is None:  # hash gone (TTL): drop the stale lease
-                await self.tasks.r.zrem(self.tasks.leases_key(job.spec.job_id), task_id)
+                await self.tasks.drop_lease(job.spec.job_id, task_id)
                 continue
             ok, prev = await self.tasks.transition(
                 rec, "expired", ("offered", "accepted"), expired_ts=repr(now)
@@ -107,14 +110,14 @@ class Selector:
             if not ok:
                 # Not active any more (or an upload claimed but never confirmed: the device
                 # re-sends it from its outbox and it is produced again then). Free the slot.
-                await self.tasks.r.zrem(self.tasks.leases_key(job.spec.job_id), task_id)
+                await self.tasks.drop_lease(job.spec.job_id, task_id)
                 if prev == "uploading":
                     await self.fleet.release_task(
                         rec.device_id, task_id, contributed=False, outcome="upload_incomplete"
                     )
                 continue
             self.metrics.tasks_expired.inc()
-            await self.tasks.bump(job.spec.job_id, "tasks_expired")
+            await self.stats.bump(job.spec.job_id, "tasks_expired")
             await self.fleet.release_task(
                 rec.device_id,
                 task_id,
@@ -248,31 +251,12 @@ class Selector:
         spec = job.spec  # build_job makes concurrency == buffer_size for sync FedAvg
         return sync_round_size(spec.concurrency, spec.strategy.name, spec.strategy.buffer_size)
 
-    async def _write_round(self, key: str, mapping: dict[str, Any]) -> None:
-        pipe = self.tasks.r.pipeline(transaction=True)
-        pipe.delete(key)
-        if mapping:
-            pipe.hset(key, mapping=mapping)
-        await pipe.execute()
-
-    async def _mark_closed(self, key: str, cur: dict[str, str], now: float) -> int:
-        """Close the round in one step with reading its final ``taken``: from here on
-        ``claim_in_round`` admits no upload, so the count cannot move under us."""
-        pipe = self.tasks.r.pipeline(transaction=True)
-        pipe.hset(key, "closed", repr(now))
-        pipe.hget(key, "taken")
-        _, taken = await pipe.execute()
-        cur["closed"] = repr(now)
-        cur["taken"] = str(int(taken or 0))
-        return int(taken or 0)
-
     async def _close_round(self, jid: str, now: float) -> None:
         """Expire the closed round's leftover tasks and release their devices."""
-        r = self.tasks.r
-        for task_id in await r.zrange(self.tasks.leases_key(jid), 0, -1):
+        for task_id in await self.tasks.leased(jid):
             rec = await self.tasks.get(task_id)
             if rec is None:
-                await r.zrem(self.tasks.leases_key(jid), task_id)
+                await self.tasks.drop_lease(jid, task_id)
                 continue
             ok, _ = await self.tasks.transition(
                 rec,
@@ -282,7 +266,7 @@ class Selector:
                 reason="round_closed",
             )
             if ok:
-                await self.tasks.bump(jid, "tasks_round_closed")
+                await self.stats.bump(jid, "tasks_round_closed")
                 await self.fleet.release_task(
                     rec.device_id, task_id, contributed=False, outcome="round_closed"
                 )
@@ -290,7 +274,8 @@ class Selector:
     async def sync_round(self, job: Job, now: float, taken: set[str]) -> list[Task]:
         """Synchronous baseline: run the job in rounds with over-selection and a deadline.
 
-        Round hash ``{p}round:{job}``: ``round``, ``started``, ``deadline``, ``target``
+        Round hash ``{p}round:{{job}}`` (``rounds.RoundStore``): ``round``, ``started``,
+        ``deadline``, ``target``
         (uploads that fill it), ``taken`` (uploads it admitted: incremented atomically by
         ``TaskStore.claim_in_round``, never past ``target``), ``invited``, ``carry``
         (updates of earlier short rounds still buffered on the aggregators), ``versions0``
@@ -299,10 +284,8 @@ class Selector:
         round number, so an upload only ever counts in its own round.
         """
         jid = job.spec.job_id
-        key = self.tasks.round_key(jid)
-        r = self.tasks.r
         k = self._round_size(job)
-        cur: dict[str, str] = await r.hgetall(key)
+        cur = await self.rounds.get(jid)
         carry = 0
         decision: NextRound | None = None
         latest: list[int] | None = None
@@ -313,7 +296,8 @@ class Selector:
             if not cur.get("closed"):
                 if not round_closed(in_round, target, deadline_ts, now):
                     return []
-                in_round = await self._mark_closed(key, cur, now)
+                in_round = await self.rounds.close(jid, now)
+                cur["closed"], cur["taken"] = repr(now), str(in_round)
                 await self._close_round(jid, now)
             base = decode_versions(cur.get("versions0"))
             latest = await self._versions(job) if base else None
@@ -339,19 +323,19 @@ class Selector:
         deadline = now + job.selection.round_deadline_s
         n = int(cur.get("round", 0)) + 1
         # Open the round before its tasks go out, so no upload can arrive before it.
-        await self._write_round(key, {
+        await self.rounds.write(jid, {
             "round": n, "started": repr(now), "deadline": repr(deadline), "target": target,
             "taken": 0, "invited": len(picks), "carry": carry,
             "versions0": encode_versions(versions),
         })  # fmt: skip
         out = await self._issue_all(job, picks, now, taken, deadline, round_no=n)
         if not out:
-            await self._write_round(key, cur)  # nothing went out: the closed round stands
+            await self.rounds.write(jid, cur)  # nothing went out: the closed round stands
             return []
         if len(out) < len(picks):
-            await r.hset(key, "invited", len(out))
+            await self.rounds.set_invited(jid, len(out))
         if decision is not None:
-            await self.tasks.bump(jid, f"rounds_opened_{decision}")
+            await self.stats.bump(jid, f"rounds_opened_{decision}")
         if decision == "grace":
             self.metrics.errors.labels(loop="round_grace").inc()
             log.warning(
@@ -392,15 +376,13 @@ class Selector:
 
         Returns None when another process holds the lock (its pass covers every job).
         """
-        key = f"{self.tasks.p}selector-lock"
-        token = secrets.token_hex(8)
-        ttl_ms = int(max(5.0, 10 * self.s.selection_tick_s) * 1000)
-        if not await self.tasks.r.set(key, token, nx=True, px=ttl_ms):
+        token = await self.lock.acquire(int(max(5.0, 10 * self.s.selection_tick_s) * 1000))
+        if token is None:
             return None
         try:
             return await self.select_once()
         finally:
-            await self._unlock(keys=[key], args=[token])
+            await self.lock.release(token)
 
     async def run(self) -> None:
         while True:

@@ -32,9 +32,13 @@ from coordinator.errors import CoordinatorError, NotFound
 from coordinator.fleet import FleetStore
 from coordinator.ingest import Router, TelemetryBatcher, subscriptions
 from coordinator.jobs import Job, JobStore
+from coordinator.jobstats import JobStatsStore
 from coordinator.kafka import ensure_topics, make_consumer, make_producer
+from coordinator.keys import Keys
+from coordinator.lock import RedisLock
 from coordinator.metrics import CoordinatorMetrics, default_metrics
 from coordinator.registry import ModelRegistry
+from coordinator.rounds import RoundStore
 from coordinator.selector import Selector
 from coordinator.settings import CoordinatorSettings
 from coordinator.signing import Signer
@@ -121,6 +125,8 @@ class Coordinator:
         self.fleet = FleetStore(self.redis, s.key_prefix, s.telemetry_ttl_s)
         self.tasks = TaskStore(self.redis, s.key_prefix)
         self.jobs = JobStore(self.redis, s.key_prefix)
+        self.stats = JobStatsStore(self.redis, s.key_prefix)
+        self.rounds = RoundStore(self.redis, s.key_prefix)
         self.batcher = TelemetryBatcher(
             self.fleet, self.metrics, batch=s.telemetry_batch, interval_s=s.telemetry_flush_s
         )
@@ -129,6 +135,9 @@ class Coordinator:
             fleet=self.fleet,
             tasks=self.tasks,
             jobs=self.jobs,
+            rounds=self.rounds,
+            stats=self.stats,
+            lock=RedisLock(self.redis, Keys(s.key_prefix).selector_lock),
             producer=self.producer,
             publish=self.publish,
             metrics=self.metrics,
@@ -138,6 +147,7 @@ class Coordinator:
             tasks=self.tasks,
             jobs=self.jobs,
             fleet=self.fleet,
+            stats=self.stats,
             producer=self.producer,
             updates_topic=s.updates_topic,
             publish=self.publish,
@@ -148,6 +158,7 @@ class Coordinator:
         self.router = Router(
             fleet=self.fleet,
             tasks=self.tasks,
+            stats=self.stats,
             uploads=self.uploads,
             batcher=self.batcher,
             metrics=self.metrics,
@@ -172,7 +183,7 @@ class Coordinator:
         stack.push_async_callback(self._cancel_tasks)
 
         self.app_state = AppState(
-            settings=s, fleet=self.fleet, jobs=self.jobs, tasks=self.tasks,
+            settings=s, fleet=self.fleet, jobs=self.jobs, tasks=self.tasks, stats=self.stats,
             registry=self.registry, signer=self.signer, metrics=self.metrics,
             publish_job=self.publish_job, ready=self._ready,
         )  # fmt: skip
@@ -344,6 +355,7 @@ class Coordinator:
             sv = decode(value, ShardVersion, max_bytes=UPDATE_MAX_BYTES)
             job = await self.jobs.get(sv.job_id)
             m = await asyncio.to_thread(self.registry.apply, job.spec, sv)
+            shards = len(job.spec.shard_bounds) - 1
         except SchemaError as exc:
             self.metrics.rejected.labels(source="fl.models", reason=exc.reason).inc()
             return None
@@ -353,39 +365,13 @@ class Coordinator:
         except CoordinatorError as exc:
             self.metrics.rejected.labels(source="fl.models", reason=exc.code).inc()
             return None
-        await self._shard_stats(sv)
+        # per-shard figures (shard.{s}.*) and the job's updates_applied / mean staleness
+        await self.stats.record_shard(sv, shards)
         if m is None:
             return None
         self.metrics.versions.inc()
         self.selector.wake(sv.job_id)  # a sync round may be waiting for this version
         return m.version
-
-    async def _shard_stats(self, sv: ShardVersion) -> None:
-        """Per-shard figures from shard events (``shard.{s}.*`` in the job-stats hash) and
-        the job's: ``updates_applied`` = the fewest any shard applied (every update counts
-        once all shards applied it), mean staleness over shards."""
-        key = f"{self.settings.key_prefix}jobstats:{sv.job_id}"
-        p = f"shard.{sv.shard}."
-        await self.redis.hset(
-            key,
-            mapping={
-                p + "version": sv.version,
-                p + "applied": sv.updates_applied,
-                p + "rejected": sv.updates_rejected,
-                p + "staleness_milli": int(1000 * sv.mean_staleness),
-            },
-        )
-        h = await self.redis.hgetall(key)
-        shards = len((await self.jobs.get(sv.job_id)).spec.shard_bounds) - 1
-        applied = [int(h.get(f"shard.{i}.applied", 0)) for i in range(shards)]
-        stale = [int(v) for k, v in h.items() if k.endswith(".staleness_milli")]
-        await self.redis.hset(
-            key,
-            mapping={
-                "updates_applied": min(applied, default=0),
-                "mean_staleness_milli": sum(stale) // max(len(stale), 1),
-            },
-        )
 
 
 def bind_rest(host: str, port: int) -> socket.socket:

@@ -1,15 +1,17 @@
 """Task leases in Redis: offered -> accepted -> uploaded / expired / aborted / declined.
 
-Keys (``p`` = ``redis_prefix``)::
+Keys (named in ``coordinator.keys``)::
 
     {p}task:{task_id}    hash   job_id, device_id, token_sha, state, issued_ts, deadline_ts,
                                 update_id, reissue_of, round (sync rounds only)
-    {p}leases:{job_id}   zset   task_id -> deadline for tasks offered/accepted/uploading
-    {p}round:{job_id}    hash   the open sync round (written by the selector); ``taken``
+    {p}leases:{{job}}    zset   task_id -> deadline for tasks offered/accepted/uploading
+    {p}round:{{job}}     hash   the open sync round (``rounds.RoundStore``); ``taken``
                                 counts the uploads it admitted (``claim_in_round``)
 
 Transitions are atomic (a Lua script checks the current state); the upload token is
-stored only as its SHA-256 and compared in constant time.
+stored only as its SHA-256 and compared in constant time. An upload's confirm
+(``confirm_upload``) is one script: task ``uploaded``, lease dropped, the device released
+(the ``FleetStore.release_task`` bookkeeping) and the job's counters bumped.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from redis.asyncio import Redis
+
+from coordinator.fleet import HISTORY, frac
+from coordinator.keys import Keys
 
 ACTIVE = ("offered", "accepted")
 
@@ -63,6 +68,40 @@ end
 redis.call('HSET', KEYS[1], 'state', 'expired', 'expired_ts', ARGV[2], 'reason', 'round_closed')
 redis.call('ZREM', KEYS[2], redis.call('HGET', KEYS[1], 'task_id'))
 return 'CLOSED:' .. cur
+"""
+
+# An accepted upload's confirm, in one step (KEYS: task, leases, jobstats, sels, dev, hist,
+# contrib; ARGV: uploaded_ts, device, task, outcome, history ts, contribution ts, the
+# device's fraction, late 1/0, history length). The task must be ``uploading``; the
+# device's packed state ``task|cooldown|contributions|today|day`` is released as
+# ``FleetStore.release_task(contributed=True)`` would (junk reads as the defaults).
+_CONFIRM_UPLOAD = """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if cur ~= 'uploading' then return cur or '' end
+redis.call('HSET', KEYS[1], 'state', 'uploaded', 'uploaded_ts', ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[3])
+local t, cool, n, today, day = '', '0.0', 0, '0', '0'
+local raw = redis.call('HGET', KEYS[4], ARGV[2])
+if raw then
+  local p = {}
+  for part in string.gmatch(raw .. '|', '([^|]*)|') do p[#p + 1] = part end
+  local int = '^%-?%d+$'
+  if #p == 5 and tonumber(p[2]) and string.match(p[3], int) and string.match(p[4], int)
+     and string.match(p[5], int) then
+    t, cool, n, today, day = p[1], p[2], tonumber(p[3]), p[4], p[5]
+  end
+end
+if t == ARGV[3] then t = '' end
+n = n + 1
+redis.call('HSET', KEYS[4], ARGV[2], t .. '|' .. cool .. '|' .. string.format('%d', n) .. '|'
+           .. today .. '|' .. day)
+redis.call('HSET', KEYS[5], 'last_contribution_ts', ARGV[6])
+redis.call('ZADD', KEYS[7], string.format('%.17g', n + tonumber(ARGV[7])), ARGV[2])
+redis.call('LPUSH', KEYS[6], ARGV[5] .. '|' .. ARGV[3] .. '|' .. ARGV[4])
+redis.call('LTRIM', KEYS[6], 0, tonumber(ARGV[9]) - 1)
+redis.call('HINCRBY', KEYS[3], 'updates_accepted', 1)
+if ARGV[8] == '1' then redis.call('HINCRBY', KEYS[3], 'late_updates', 1) end
+return 'OK:uploading'
 """
 
 
@@ -109,19 +148,11 @@ class TaskRecord:
 
 class TaskStore:
     def __init__(self, redis: Redis, prefix: str) -> None:
-        self.r: Any = redis  # decode_responses=True: str in, str out
-        self.p = prefix
+        self._r: Any = redis  # Redis, decode_responses=True (redis-py types bytes | str)
+        self._k = Keys(prefix)
         self._transition = redis.register_script(_TRANSITION)
         self._claim_in_round = redis.register_script(_CLAIM_IN_ROUND)
-
-    def key(self, task_id: str) -> str:
-        return f"{self.p}task:{task_id}"
-
-    def leases_key(self, job_id: str) -> str:
-        return f"{self.p}leases:{job_id}"
-
-    def round_key(self, job_id: str) -> str:
-        return f"{self.p}round:{job_id}"
+        self._confirm = redis.register_script(_CONFIRM_UPLOAD)
 
     async def create(
         self,
@@ -144,15 +175,16 @@ class TaskStore:
         }  # fmt: skip
         if round_no:
             mapping["round"] = str(round_no)
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(self.key(task_id), mapping=mapping)
-        pipe.expire(self.key(task_id), int(keep_s))
-        pipe.zadd(self.leases_key(job_id), {task_id: deadline_ts})
-        pipe.hincrby(f"{self.p}jobstats:{job_id}", "tasks_issued", 1)
+        k = self._k
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hset(k.task(task_id), mapping=mapping)
+        pipe.expire(k.task(task_id), int(keep_s))
+        pipe.zadd(k.leases(job_id), {task_id: deadline_ts})
+        pipe.hincrby(k.jobstats(job_id), "tasks_issued", 1)
         await pipe.execute()
 
     async def get(self, task_id: str) -> TaskRecord | None:
-        h = await self.r.hgetall(self.key(task_id))
+        h = await self._r.hgetall(self._k.task(task_id))
         return TaskRecord.from_hash(h) if h else None
 
     async def transition(
@@ -163,7 +195,7 @@ class TaskStore:
         for k, v in fields.items():
             args += [k, v]
         res = await self._transition(
-            keys=[self.key(rec.task_id), self.leases_key(rec.job_id)], args=args
+            keys=[self._k.task(rec.task_id), self._k.leases(rec.job_id)], args=args
         )
         res = res.decode() if isinstance(res, bytes) else str(res)
         if res.startswith("OK:"):
@@ -181,7 +213,7 @@ class TaskStore:
         was not offered/accepted any more (the second value is its state; decide again).
         """
         res = await self._claim_in_round(
-            keys=[self.key(rec.task_id), self.leases_key(rec.job_id), self.round_key(rec.job_id)],
+            keys=[self._k.task(rec.task_id), self._k.leases(rec.job_id), self._k.round(rec.job_id)],
             args=[update_id, repr(now)],
         )
         res = res.decode() if isinstance(res, bytes) else str(res)
@@ -191,16 +223,31 @@ class TaskStore:
             return "round_closed", res[7:]
         return "moved", res
 
+    async def confirm_upload(self, rec: TaskRecord, now: float, *, late: bool) -> bool:
+        """``uploading`` -> ``uploaded`` in one script, with the device released (current
+        task cleared, contributions + 1, history ``uploaded``/``late_upload``, last
+        contribution time, ``contrib`` score) and ``updates_accepted`` (+ ``late_updates``)
+        bumped. False: the task was not ``uploading`` (a concurrent retry confirmed it)."""
+        k, dev, ts = self._k, rec.device_id, time.time()
+        res = await self._confirm(
+            keys=[k.task(rec.task_id), k.leases(rec.job_id), k.jobstats(rec.job_id), k.sels,
+                  k.device(dev), k.history(dev), k.contrib],
+            args=[repr(now), dev, rec.task_id, "late_upload" if late else "uploaded",
+                  f"{ts:.3f}", repr(ts), repr(frac(dev)), "1" if late else "0", HISTORY],
+        )  # fmt: skip
+        res = res.decode() if isinstance(res, bytes) else str(res)
+        return res.startswith("OK:")
+
     async def active_count(self, job_id: str) -> int:
-        return int(await self.r.zcard(self.leases_key(job_id)))
+        return int(await self._r.zcard(self._k.leases(job_id)))
+
+    async def leased(self, job_id: str) -> list[str]:
+        """Task ids holding a lease of ``job_id``."""
+        return list(await self._r.zrange(self._k.leases(job_id), 0, -1))
+
+    async def drop_lease(self, job_id: str, task_id: str) -> None:
+        await self._r.zrem(self._k.leases(job_id), task_id)
 
     async def expired(self, job_id: str, now: float | None = None) -> list[str]:
         now = time.time() if now is None else now
-        return list(await self.r.zrangebyscore(self.leases_key(job_id), "-inf", now))
-
-    async def bump(self, job_id: str, field: str, n: int = 1) -> None:
-        await self.r.hincrby(f"{self.p}jobstats:{job_id}", field, n)
-
-    async def stats(self, job_id: str) -> dict[str, int]:
-        h = await self.r.hgetall(f"{self.p}jobstats:{job_id}")
-        return {k: int(v) for k, v in h.items()}
+        return list(await self._r.zrangebyscore(self._k.leases(job_id), "-inf", now))

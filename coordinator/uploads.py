@@ -15,6 +15,11 @@ Tasks of a synchronous round (``TaskRecord.round_no``) are claimed with
 ``TaskStore.claim_in_round``, which counts the upload against its round in the same atomic
 step: a round admits at most its ``target`` uploads; the rest are refused
 (``round_closed``) and their tasks expired, so nothing beyond ``K`` reaches Kafka.
+
+Redis round trips of an accepted upload (the job spec is cached in memory): read the task,
+claim it (``uploading``, one script), produce to Kafka, confirm (one script: task
+``uploaded``, device released, job counters) — 3 (``tests/test_coordinator_ingest.py``
+counts them).
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol
 
-from coordinator.errors import UploadRejected
+from coordinator.errors import NotFound, UploadRejected
 from coordinator.fleet import FleetStore
 from coordinator.jobs import JobStore
+from coordinator.jobstats import JobStatsStore
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.tasks import TaskRecord, TaskStore, token_matches
 from schemas import codec
@@ -148,6 +154,7 @@ class UploadHandler:
         tasks: TaskStore,
         jobs: JobStore,
         fleet: FleetStore,
+        stats: JobStatsStore,
         producer: ShardProducer,
         updates_topic: str,
         publish: Publish,
@@ -158,6 +165,7 @@ class UploadHandler:
         self.tasks = tasks
         self.jobs = jobs
         self.fleet = fleet
+        self.stats = stats
         self.producer = producer
         self.topic = updates_topic
         self.publish = publish
@@ -168,8 +176,11 @@ class UploadHandler:
 
     async def _job_spec(self, job_id: str) -> JobSpec | None:
         spec = self._specs.get(job_id)
-        if spec is None and await self.jobs.exists(job_id):
-            spec = self._specs[job_id] = (await self.jobs.get(job_id)).spec
+        if spec is None:
+            try:
+                spec = self._specs[job_id] = (await self.jobs.get(job_id)).spec
+            except NotFound:
+                return None
         return spec
 
     async def _admit(self, rec: TaskRecord, upd: Update, spec: JobSpec) -> list[int] | None:
@@ -205,7 +216,7 @@ class UploadHandler:
             rec, "aborted", LATE_OK, reason=f"upload {exc.code}: {exc.detail}"[:200]
         )
         if ok:
-            await self.tasks.bump(rec.job_id, f"updates_{exc.code}")
+            await self.stats.bump(rec.job_id, f"updates_{exc.code}")
             await self.fleet.release_task(
                 rec.device_id, rec.task_id, contributed=False, outcome=f"upload_{exc.code}"
             )
@@ -213,8 +224,7 @@ class UploadHandler:
     async def _round_closed(self, rec: TaskRecord, upd: Update) -> str:
         """The task's round had no slot left: its task is now expired; refuse the upload."""
         self.metrics.rejected.labels(source="update", reason="round_closed").inc()
-        await self.tasks.bump(rec.job_id, "updates_rejected")
-        await self.tasks.bump(rec.job_id, "tasks_round_closed")
+        await self.stats.bump_many(rec.job_id, "updates_rejected", "tasks_round_closed")
         await self.fleet.release_task(
             rec.device_id, rec.task_id, contributed=False, outcome="round_closed"
         )
@@ -238,7 +248,7 @@ class UploadHandler:
         except UploadRejected as exc:
             self.metrics.rejected.labels(source="update", reason=exc.code).inc()
             if rec is not None:
-                await self.tasks.bump(rec.job_id, "updates_rejected")
+                await self.stats.bump(rec.job_id, "updates_rejected")
             if exc.code == "device_mismatch":
                 return "dropped"  # never answer on a topic the sender does not own
             if rec is not None and verdict == "accept":  # refused on content: the task ends
@@ -272,17 +282,11 @@ class UploadHandler:
             )
             futs.append(fut)
         await asyncio.gather(*futs)  # every record acked by Kafka (acks=all)
-        ok, _ = await self.tasks.transition(rec, "uploaded", ("uploading",), uploaded_ts=repr(now))
-        if not ok:
+        # one script: task uploaded, device released (history uploaded / late_upload),
+        # updates_accepted (+ late_updates) bumped
+        if not await self.tasks.confirm_upload(rec, now, late=rec.state == "expired"):
             await self._ack(upd, "duplicate")  # a concurrent retry confirmed it first
             return "duplicate"
-        await self.fleet.release_task(
-            upd.device_id, rec.task_id, contributed=True,
-            outcome="late_upload" if rec.state == "expired" else "uploaded",
-        )  # fmt: skip
-        await self.tasks.bump(rec.job_id, "updates_accepted")
-        if rec.state == "expired":
-            await self.tasks.bump(rec.job_id, "late_updates")
         await self._ack(upd, "accepted")
         if self.on_uploaded is not None:
             self.on_uploaded(rec.job_id)

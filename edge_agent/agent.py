@@ -1,9 +1,11 @@
 """``EdgeAgent``: MQTT session, telemetry, task execution, outbox and on-device inference.
 
 Lifecycle (aiokafka-style): ``start()``/``stop()`` are idempotent, ``async with`` calls them,
-``await agent.run()`` blocks until ``stop()``. The MQTT session (last will = retained
-``offline`` status) reconnects with exponential backoff and jitter; a task in progress and
-the outbox survive reconnects. See ``docs/edge_agent.md``.
+``await agent.run()`` blocks until ``stop()``. The session with the broker is a
+``DeviceLink`` (default ``MqttLink``; last will = retained ``offline`` status) that
+reconnects with exponential backoff and jitter; a task in progress and the outbox survive
+reconnects. Collaborators, each injectable: the link, the ``Uploader`` (outbox re-send,
+acks) and the ``ModelStore`` (pull, verify, ONNX swap, predict). See ``docs/edge_agent.md``.
 """
 
 from __future__ import annotations
@@ -18,36 +20,36 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-import aiomqtt
 import httpx
-import numpy as np
 import numpy.typing as npt
 
-from edge_agent.crash import crash_point
+from edge_agent.crash import CrashPoints
 from edge_agent.data import Dataset
 from edge_agent.errors import Aborted, AgentError, NoModelError
 from edge_agent.execution import Encoded, train_and_encode
 from edge_agent.gate import gate_reason
-from edge_agent.inference import OnnxModel
-from edge_agent.models import ModelClient, VerifiedModel
+from edge_agent.link import DeviceLink, LinkCallbacks, LinkConfig, Message
+from edge_agent.model_cache import ModelCache, ModelStore
+from edge_agent.models import VerifiedModel
+from edge_agent.mqtt_link import MqttLink
 from edge_agent.outbox import FileOutbox, MemoryOutbox, Outbox
 from edge_agent.probe import DeviceProbe, ProbeReading
-from edge_agent.session import DeviceSession, cancel_all
+from edge_agent.session import cancel_all
 from edge_agent.settings import AgentSettings
 from edge_agent.stats import AgentStats
 from edge_agent.trainer_factory import make_trainer
 from edge_agent.trainers import Trainer
+from edge_agent.uploader import Uploader
 from schemas.errors import SchemaError
 from schemas.messages import (
+    DeviceStatus,
     Pace,
     Task,
     TaskResponse,
     Telemetry,
-    UploadAck,
     decode,
     encode,
 )
-from schemas.modelspec import forward
 from schemas.types import F32
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,58 @@ _SEEN_TASKS = 256
 _MAX_PACE_S = 3600.0
 
 
+def agent_link_config(settings: AgentSettings) -> LinkConfig:
+    """The agent's session: its topics, retained online/offline status and last will."""
+    s = settings
+    status_topic = s.topic("status")
+
+    def status(state: str, reason: str = "") -> Message:
+        msg = DeviceStatus(
+            device_id=s.device_id,
+            state=state,  # type: ignore[arg-type]
+            ts=time.time(),
+            reason=reason,
+        )
+        return Message(status_topic, encode(msg), 1, True)
+
+    return LinkConfig(
+        client_id=f"fedfleet-agent-{s.device_id}",
+        subscriptions=((s.topic("task"), 1), (s.topic("ack"), 1), (s.topic("pace"), 0)),
+        will=lambda: status("offline", "lost"),
+        hello=lambda: status("online"),
+        farewell=lambda: status("offline", "shutdown"),
+        keepalive_s=s.mqtt_keepalive_s,
+        reconnect_min_s=s.reconnect_min_s,
+        reconnect_max_s=s.reconnect_max_s,
+        persistent=True,  # QoS 1 tasks/acks queued while we are away
+    )
+
+
+def agent_rng(settings: AgentSettings) -> random.Random:
+    """The agent's default random source (jitter of telemetry, re-sends, reconnects)."""
+    return random.Random(zlib.crc32(settings.device_id.encode()) ^ settings.seed)
+
+
+def mqtt_link(settings: AgentSettings, rng: random.Random | None = None) -> MqttLink:
+    """The default link: aiomqtt to ``settings.mqtt_host:mqtt_port``."""
+    s = settings
+    return MqttLink(
+        agent_link_config(s),
+        host=s.mqtt_host,
+        port=s.mqtt_port,
+        username=s.mqtt_username,
+        password=s.mqtt_password,
+        rng=rng,
+    )
+
+
 class EdgeAgent:
-    """One device's agent. ``dataset`` is its local training data."""
+    """One device's agent. ``dataset`` is its local training data.
+
+    ``link`` (default ``mqtt_link(settings)``), ``models`` (default ``ModelCache``) and
+    ``crash`` (default ``CrashPoints.from_settings``) are collaborators a simulator or a
+    test may inject or wrap; ``uploader`` is built on the agent's outbox and stats.
+    """
 
     def __init__(
         self,
@@ -68,6 +120,9 @@ class EdgeAgent:
         http: httpx.AsyncClient | None = None,
         outbox: Outbox | None = None,
         rng: random.Random | None = None,
+        link: DeviceLink | None = None,
+        models: ModelStore | None = None,
+        crash: CrashPoints | None = None,
     ) -> None:
         self.settings = settings
         self.probe = probe
@@ -82,17 +137,21 @@ class EdgeAgent:
             else:
                 outbox = MemoryOutbox()
         self.outbox = outbox
-        self._rng = rng or random.Random(zlib.crc32(settings.device_id.encode()) ^ settings.seed)
-        self._models: ModelClient | None = None
-        self._mqtt = DeviceSession(
-            settings,
-            self._rng,
-            on_connect=self._on_connect,
-            on_message=self._on_message,
-            loops=[self._telemetry_loop, self._resend_loop],
-            on_error=self._on_session_error,
+        self._rng = rng or agent_rng(settings)
+        self.models: ModelStore = models or ModelCache(settings)
+        self.crash = crash or CrashPoints.from_settings(settings)
+        self.uploader = Uploader(
+            settings, self.outbox, self.stats, self._publish, rng=self._rng, emit=self._emit
         )
-        self._session: asyncio.Task[None] | None = None
+        self.link: DeviceLink = link or mqtt_link(settings, self._rng)
+        self.link.bind(
+            LinkCallbacks(
+                on_connect=self._on_connect,
+                on_message=self._on_message,
+                loops=(self._telemetry_loop, self.uploader.resend_loop),
+                on_error=self._on_session_error,
+            )
+        )
         self._work: asyncio.Task[None] | None = None
         self._current: Task | None = None
         self._bg: set[asyncio.Task[Any]] = set()
@@ -101,35 +160,21 @@ class EdgeAgent:
         self._closed = False
         self._resumed = False
         self._seen: OrderedDict[str, None] = OrderedDict()
-        self._last_sent: dict[str, float] = {}
         self._pace_until = 0.0
         self._seq = 0
-        self._model: VerifiedModel | None = None
-        self._onnx: OnnxModel | None = None
-        self._onnx_version = -1
         self.on_event: Callable[[str, Any], None] | None = None  # test/simulator hook
 
     # ----------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        """Open the HTTP client and launch the MQTT session (idempotent)."""
+        """Open the HTTP client and start the link (idempotent)."""
         if self._started:
             return
         self._started = True
         if self._http is None:
             self._http = httpx.AsyncClient(timeout=self.settings.http_timeout_s)
-        s = self.settings
-        cache = s.state_dir / "models" if s.durable and s.state_dir is not None else None
-        self._models = ModelClient(
-            self._http,
-            s.api_url,
-            cache_dir=cache,
-            public_key_hex=s.public_key_hex,
-            max_bytes=s.max_model_bytes,
-        )
-        self._session = asyncio.create_task(
-            self._mqtt.run(self._stopping), name=f"agent:{s.device_id}"
-        )
+        self.models.open(self._http)
+        await self.link.start()
 
     async def stop(self) -> None:
         """Abort training, publish ``offline``, disconnect, close owned clients (idempotent)."""
@@ -143,8 +188,7 @@ class EdgeAgent:
                 self.outbox.remove_task(task.task_id)
                 await self._respond(task, "aborted", "shutdown")
         self._stopping.set()
-        if self._session is not None:
-            await asyncio.gather(self._session, return_exceptions=True)
+        await self.link.stop()
         await cancel_all(list(self._bg))
         if self._owns_http and self._http is not None:
             await self._http.aclose()
@@ -153,8 +197,7 @@ class EdgeAgent:
         """Start (if needed) and run until ``stop()`` is called."""
         await self.start()
         await self._stopping.wait()
-        if self._session is not None:
-            await asyncio.gather(self._session, return_exceptions=True)
+        await self.link.stop()
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if getattr(self, "_started", False) and not getattr(self, "_closed", True):
@@ -168,11 +211,11 @@ class EdgeAgent:
         await self.stop()
 
     async def wait_connected(self, timeout: float | None = None) -> None:
-        await asyncio.wait_for(self._mqtt.connected.wait(), timeout)
+        await self.link.wait_connected(timeout)
 
     @property
     def connected(self) -> bool:
-        return self._mqtt.connected.is_set()
+        return self.link.connected
 
     @property
     def busy(self) -> bool:
@@ -180,23 +223,24 @@ class EdgeAgent:
 
     # ----------------------------------------------------------------- MQTT session
 
-    async def _on_connect(self, client: aiomqtt.Client) -> None:
+    async def _on_connect(self) -> None:
         self.stats.connects += 1
         self._emit("connected", None)
         if not self._resumed:
             self._resumed = True
             await self._resume_tasks()
 
-    async def _on_message(self, leaf: str, payload: bytes) -> None:
+    async def _on_message(self, message: Message) -> None:
+        leaf, payload = message.leaf, message.payload
         if leaf == "task":
             await self._on_task(payload)
         elif leaf == "ack":
-            self._on_ack(payload)
+            self.uploader.on_ack(payload)
         elif leaf == "pace":
             self._on_pace(payload)
 
     async def _publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> bool:
-        if await self._mqtt.publish(topic, payload, qos, retain):
+        if await self.link.publish(topic, payload, qos, retain):
             self.stats.bytes_sent += len(payload)
             return True
         return False
@@ -220,9 +264,9 @@ class EdgeAgent:
             seq=self._seq,
         )
 
-    async def _telemetry_loop(self, client: aiomqtt.Client) -> None:
+    async def _telemetry_loop(self) -> None:
         interval = self.settings.telemetry_interval_s
-        while self._mqtt.client is client:
+        while self.link.connected:
             if await self._publish(self.settings.topic("telemetry"), encode(self.telemetry()), 0):
                 self.stats.telemetry_sent += 1
             wait = interval * self._rng.uniform(0.9, 1.1)
@@ -270,7 +314,7 @@ class EdgeAgent:
         if task.task_id in self._seen or task.task_id in self.outbox:
             self.stats.tasks_duplicate += 1  # redelivery: never train twice for one task
             if task.task_id in self.outbox:
-                await self._resend_one(task.task_id)
+                await self.uploader.send(task.task_id)
             return
         self._seen[task.task_id] = None
         while len(self._seen) > _SEEN_TASKS:
@@ -342,14 +386,14 @@ class EdgeAgent:
             return
         update, data = enc.update, encode(enc.update)
         self.outbox.put(update.update_id, data)  # first: an accepted update is never lost
-        crash_point(self.settings, "after_outbox")
+        self.crash.hit("after_outbox")
         self.outbox.save_residual(task.job_id, enc.residual)
         self.outbox.remove_task(task.task_id)
-        crash_point(self.settings, "before_publish")
+        self.crash.hit("before_publish")
         self.stats.tasks_completed += 1
         self._current = None
         self._emit("completed", update.update_id)
-        await self._resend_one(update.update_id, data)
+        await self.uploader.send(update.update_id, data)
 
     async def _train_and_encode(self, task: Task, start: ProbeReading) -> Encoded:
         model = await self._pull(task.model_name, abort=True)
@@ -362,56 +406,15 @@ class EdgeAgent:
             probe=self.probe,
             settings=self.settings,
             residual=self.outbox.load_residual(task.job_id) if task.codec.error_feedback else None,
+            crash=self.crash,
         )
-
-    # ----------------------------------------------------------------- outbox
-
-    async def _resend_one(self, update_id: str, data: bytes | None = None) -> None:
-        if data is None:
-            data = dict(self.outbox.pending()).get(update_id)
-            if data is None:
-                return
-        if await self._publish(self.settings.topic("update"), data, 1):
-            self.stats.updates_sent += 1
-            self._last_sent[update_id] = time.monotonic()
-
-    async def _resend_loop(self, client: aiomqtt.Client) -> None:
-        period = self.settings.resend_interval_s
-        first = True
-        while self._mqtt.client is client:
-            now = time.monotonic()
-            for update_id, data in self.outbox.pending():
-                if first or now - self._last_sent.get(update_id, -1e18) >= period:
-                    await self._resend_one(update_id, data)
-            first = False
-            await asyncio.sleep(period * self._rng.uniform(0.5, 1.0))
-
-    def _on_ack(self, payload: bytes) -> None:
-        try:
-            ack = decode(payload, UploadAck)
-        except SchemaError as exc:
-            self._count_error(f"ack_{exc.reason}")
-            return
-        if ack.update_id not in self.outbox:
-            self.stats.acks_stale += 1
-            return
-        self.outbox.remove(ack.update_id)
-        self._last_sent.pop(ack.update_id, None)
-        if ack.status == "rejected":
-            self.stats.updates_rejected += 1
-            log.warning(
-                "%s: update %s rejected: %s", self.settings.device_id, ack.update_id, ack.reason
-            )
-        else:
-            self.stats.updates_acked += 1
-        self._emit(f"ack_{ack.status}", ack.update_id)
 
     # ----------------------------------------------------------------- models & inference
 
     async def _pull(self, name: str, *, abort: bool = False) -> VerifiedModel:
-        assert self._models is not None, "agent not started"
+        prev = self.models.version
         try:
-            model = await self._models.pull(name)
+            model = await self.models.pull(name)
         except AgentError as exc:
             self.stats.model_errors += 1
             self._count_error(f"model_{exc.reason}")
@@ -420,9 +423,7 @@ class EdgeAgent:
                 raise Aborted(f"model_{exc.reason}") from None
             raise
         self.stats.model_pulls += 1
-        prev = self._model
-        self._model = model
-        new_version = prev is None or prev.manifest.version != model.manifest.version
+        new_version = prev is None or prev != model.manifest.version
         if self.settings.inference and new_version:
             t = asyncio.create_task(self._refresh_onnx(name, model.manifest.version))
             self._bg.add(t)
@@ -430,14 +431,11 @@ class EdgeAgent:
         return model
 
     async def _refresh_onnx(self, name: str, version: int) -> None:
-        assert self._models is not None
         try:
-            art = await self._models.onnx(name, version)
-            if art.version != self._onnx_version:
-                onnx_model = await asyncio.to_thread(OnnxModel.load, art.data)
-                self._onnx, self._onnx_version = onnx_model, art.version  # hot swap
+            swapped = await self.models.refresh_onnx(name, version)
+            if swapped is not None:
                 self.stats.onnx_swaps += 1
-                self._emit("onnx", art.version)
+                self._emit("onnx", swapped)
         except AgentError as exc:
             self.stats.model_errors += 1
             self._count_error(f"onnx_{exc.reason}")
@@ -456,7 +454,7 @@ class EdgeAgent:
 
     @property
     def model_version(self) -> int | None:
-        return None if self._model is None else self._model.manifest.version
+        return self.models.version
 
     def predict(self, x: npt.ArrayLike) -> F32:
         """Logits for ``x[n, n_features]`` from the latest verified model.
@@ -464,12 +462,7 @@ class EdgeAgent:
         Uses onnxruntime when a verified ONNX artifact is loaded, else the numpy reference
         forward pass on the verified weights.
         """
-        arr = np.atleast_2d(np.asarray(x, dtype=np.float32))
-        if self._onnx is not None:
-            return self._onnx.run(arr)
-        if self._model is not None:
-            return forward(self._model.manifest.spec, self._model.params, arr)
-        raise NoModelError("no_model", "no verified model loaded yet")
+        return self.models.predict(x)
 
     # ----------------------------------------------------------------- misc
 
@@ -479,7 +472,7 @@ class EdgeAgent:
         self._count_error(reason)
 
     def _count_error(self, reason: str) -> None:
-        self.stats.errors[reason] = self.stats.errors.get(reason, 0) + 1
+        self.stats.count_error(reason)
 
     def _emit(self, event: str, data: Any) -> None:
         if self.on_event is not None:

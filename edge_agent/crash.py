@@ -1,7 +1,9 @@
 """Test-only crash points: die like a device losing power at a chosen point.
 
-``AgentSettings.crash_at`` (env ``FEDFLEET_AGENT_CRASH_AT``) names one of
-``settings.CRASH_POINTS``; when the agent reaches it, the process prints one line
+``CrashPoints(at)`` is the hook object the agent calls at each point (``hit(point)``);
+``EdgeAgent(crash=...)`` injects one, the default is ``CrashPoints.from_settings`` with
+``AgentSettings.crash_at`` (env ``FEDFLEET_AGENT_CRASH_AT``), one of
+``settings.CRASH_POINTS``. When the agent reaches ``at``, the process prints one line
 ``fedfleet-agent: crash point <name>`` to stdout and sends itself ``SIGKILL``: no ``finally``
 blocks, no MQTT DISCONNECT (the broker fires the last will), no flush of anything that is
 not already on disk. Empty (the default) makes every call a no-op.
@@ -18,13 +20,33 @@ import os
 import signal
 import sys
 
-from edge_agent.settings import AgentSettings
+from edge_agent.errors import SettingsError
+from edge_agent.settings import CRASH_POINTS, AgentSettings
+
+
+class CrashPoints:
+    """``hit(point)`` SIGKILLs this process at ``at`` (``""``: never, the default)."""
+
+    def __init__(self, at: str = "") -> None:
+        if at and at not in CRASH_POINTS:
+            raise SettingsError("crash_at", f"unknown crash point {at!r}")
+        self.at = at
+
+    @classmethod
+    def from_settings(cls, settings: AgentSettings) -> CrashPoints:
+        return cls(settings.crash_at)
+
+    def hit(self, point: str) -> None:
+        if self.at and self.at == point:
+            _die(point)
 
 
 def crash_point(settings: AgentSettings, point: str) -> None:
     """SIGKILL this process if ``settings.crash_at == point`` (else return at once)."""
-    if not settings.crash_at or settings.crash_at != point:
-        return
+    CrashPoints.from_settings(settings).hit(point)
+
+
+def _die(point: str) -> None:
     sys.stdout.write(f"fedfleet-agent: crash point {point}\n")
     sys.stdout.flush()
     sigkill = getattr(signal, "SIGKILL", None)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_agent.crash import crash_point
+from edge_agent.crash import CrashPoints
 from edge_agent.data import Dataset
 from edge_agent.errors import Aborted
 from edge_agent.gate import abort_reason
@@ -66,6 +66,7 @@ async def train_and_encode(
     probe: DeviceProbe,
     settings: AgentSettings,
     residual: F32 | None,
+    crash: CrashPoints | None = None,
 ) -> Encoded:
     """Train in slices (yielding to the loop, re-checking the gate), wait out the simulated
     compute time of slow devices, then encode ``new - base`` (+ residual) per shard."""
@@ -83,7 +84,8 @@ async def train_and_encode(
         except ValueError as exc:
             raise Aborted(f"data:{exc}"[:120]) from None
         while not _step(run, settings.batches_per_step):
-            crash_point(settings, "during_training")
+            if crash is not None:
+                crash.hit("during_training")
             await asyncio.sleep(0)
             check(task, start, probe)
         check(task, start, probe)

@@ -309,7 +309,16 @@ class SimulatedProbe:
     def _event(self, rate_per_h: float, dt_h: float) -> bool:
         return rate_per_h > 0 and self._rng.random() < 1.0 - math.exp(-rate_per_h * dt_h)
 
+    def before_advance(self) -> None:
+        """Hook for subclasses, called before each state advance (e.g. to vary the rates
+        with the simulated time of day); does nothing here."""
+
+    def now(self) -> float:
+        """The probe's clock (real seconds; ``time_scale`` applies on top)."""
+        return self._clock()
+
     def _advance(self) -> None:
+        self.before_advance()
         now = self._clock()
         dt_h = max(0.0, now - self._last) * self.time_scale / 3600.0
         self._last = now

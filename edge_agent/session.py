@@ -1,8 +1,10 @@
-"""One device's MQTT session: last will, online/offline status, subscriptions, reconnect.
+"""``SessionLink``: the reconnecting session shared by every ``DeviceLink`` adapter.
 
-The agent plugs in its behaviour as callbacks: ``on_connect(client)`` after the session is
-up, ``on_message(leaf, payload)`` for ``fleet/{id}/<leaf>``, and per-connection ``loops``
-(telemetry, outbox re-send) that run while connected and are cancelled on disconnect.
+One task connects through a ``Connector``, subscribes, publishes ``hello``, runs the
+owner's ``on_connect``, reads messages into ``on_message`` and runs the per-connection
+``loops`` until the connection drops or ``stop()`` is called; after a drop it waits an
+exponential backoff with jitter and connects again. On ``stop()`` it publishes
+``farewell`` (the will is not sent on a clean disconnect) and leaves.
 """
 
 from __future__ import annotations
@@ -11,141 +13,153 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
-
-import aiomqtt
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
 
 from edge_agent.execution import backoff_delay
-from edge_agent.settings import AgentSettings
-from schemas.messages import DeviceStatus, encode
+from edge_agent.link import LinkCallbacks, LinkConfig, LinkError, Message
 
 log = logging.getLogger(__name__)
 
-ClientCallback = Callable[[aiomqtt.Client], Coroutine[Any, Any, None]]
+
+class Connection(Protocol):
+    """One live connection of an adapter; every failure is a ``LinkError``."""
+
+    async def subscribe(self, subscriptions: Sequence[tuple[str, int]]) -> None: ...
+
+    async def publish(self, message: Message) -> None: ...
+
+    def messages(self) -> AsyncIterator[Message]: ...
+
+    def abort(self) -> bool:
+        """Drop abruptly, without DISCONNECT (the broker sends the will)."""
 
 
-class DeviceSession:
+class Connector(Protocol):
+    def connect(self, config: LinkConfig) -> AbstractAsyncContextManager[Connection]:
+        """Connect (raising ``LinkError``); leaving the context disconnects cleanly."""
+
+
+class SessionLink:
+    """A ``DeviceLink`` over any ``Connector`` (see the module docstring)."""
+
     def __init__(
-        self,
-        settings: AgentSettings,
-        rng: random.Random,
-        *,
-        on_connect: ClientCallback,
-        on_message: Callable[[str, bytes], Awaitable[None]],
-        loops: list[ClientCallback],
-        on_error: Callable[[str], None],
+        self, config: LinkConfig, connector: Connector, *, rng: random.Random | None = None
     ) -> None:
-        self.settings = settings
-        self._rng = rng
-        self._on_connect = on_connect
-        self._on_message = on_message
-        self._loops = loops
-        self._on_error = on_error
-        self.client: aiomqtt.Client | None = None
-        self.connected = asyncio.Event()
+        self.config = config
+        self.connector = connector
+        self.callbacks = LinkCallbacks()
+        self.connects = 0  # successful connections so far
+        self._rng = rng or random.Random()
+        self._conn: Connection | None = None
+        self._connected = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
 
-    def _status(self, state: str, reason: str = "") -> bytes:
-        return encode(
-            DeviceStatus(
-                device_id=self.settings.device_id,
-                state=state,  # type: ignore[arg-type]
-                ts=time.time(),
-                reason=reason,
-            )
-        )
+    def bind(self, callbacks: LinkCallbacks) -> None:
+        self.callbacks = callbacks
 
-    def _make_client(self) -> aiomqtt.Client:
-        s = self.settings
-        return aiomqtt.Client(
-            s.mqtt_host,
-            s.mqtt_port,
-            username=s.mqtt_username or None,
-            password=s.mqtt_password or None,
-            identifier=f"fedfleet-agent-{s.device_id}",
-            will=aiomqtt.Will(s.topic("status"), self._status("offline", "lost"), 1, True),
-            clean_session=False,  # QoS 1 tasks/acks queued while we are away
-            keepalive=s.mqtt_keepalive_s,
-            timeout=10.0,
-        )
+    # ----------------------------------------------------------------- lifecycle
 
-    async def run(self, stopping: asyncio.Event) -> None:
-        """Connect, serve, reconnect with backoff + jitter, until ``stopping`` is set."""
-        s = self.settings
+    async def start(self) -> None:
+        if self._task is None and not self._stopping.is_set():
+            self._task = asyncio.create_task(self._run(), name=f"link:{self.config.client_id}")
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def __aenter__(self) -> SessionLink:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self._connected.wait(), timeout)
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> bool:
+        conn = self._conn
+        if conn is None:
+            return False
+        try:
+            await conn.publish(Message(topic, payload, qos, retain))
+        except LinkError as exc:
+            self.callbacks.on_error("publish")
+            log.info("%s: publish to %s failed: %s", self.config.client_id, topic, exc)
+            return False
+        return True
+
+    def cut(self) -> bool:
+        conn = self._conn
+        return conn is not None and conn.abort()
+
+    # ----------------------------------------------------------------- the session task
+
+    async def _run(self) -> None:
+        c, cb = self.config, self.callbacks
         attempt = 0
-        while not stopping.is_set():
+        while not self._stopping.is_set():
             try:
-                async with self._make_client() as client:
+                async with self.connector.connect(c) as conn:
                     attempt = 0
-                    await client.subscribe(
-                        [(s.topic("task"), 1), (s.topic("ack"), 1), (s.topic("pace"), 0)]
-                    )
-                    await client.publish(s.topic("status"), self._status("online"), 1, True)
-                    self.client = client
-                    self.connected.set()
-                    await self._on_connect(client)
-                    await self._serve(client, stopping)
-            except aiomqtt.MqttError as exc:
-                self._on_error("mqtt")
-                log.info("%s: MQTT session lost: %s", s.device_id, exc)
+                    if c.subscriptions:
+                        await conn.subscribe(c.subscriptions)
+                    if c.hello is not None:
+                        await conn.publish(c.hello())
+                    self._conn = conn
+                    self.connects += 1
+                    self._connected.set()
+                    await cb.on_connect()
+                    await self._serve(conn)
+            except LinkError as exc:
+                cb.on_error("mqtt")
+                log.info("%s: session lost: %s", c.client_id, exc)
             except Exception:  # never let the session die on a bug in a handler
-                self._on_error("internal")
-                log.exception("%s: session error", s.device_id)
+                cb.on_error("internal")
+                log.exception("%s: session error", c.client_id)
             finally:
-                self.client = None
-                self.connected.clear()
-            if stopping.is_set():
+                self._conn = None
+                self._connected.clear()
+            if self._stopping.is_set():
                 break
-            delay = backoff_delay(attempt, s.reconnect_min_s, s.reconnect_max_s, self._rng)
+            delay = backoff_delay(attempt, c.reconnect_min_s, c.reconnect_max_s, self._rng)
             attempt = min(attempt + 1, 30)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), delay)
+                await asyncio.wait_for(self._stopping.wait(), delay)
 
-    async def _serve(self, client: aiomqtt.Client, stopping: asyncio.Event) -> None:
-        loops = [asyncio.create_task(self._read(client))]
-        loops += [asyncio.create_task(loop(client)) for loop in self._loops]
-        stop = asyncio.create_task(stopping.wait())
+    async def _serve(self, conn: Connection) -> None:
+        loops = [asyncio.create_task(self._read(conn))]
+        loops += [asyncio.create_task(loop()) for loop in self.callbacks.loops]
+        stop = asyncio.create_task(self._stopping.wait())
         try:
             done, _ = await asyncio.wait([*loops, stop], return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 exc = None if t is stop else t.exception()
                 if exc is not None:
                     raise exc
-            if stop in done:  # clean shutdown: the will is not sent, say offline ourselves
-                with contextlib.suppress(aiomqtt.MqttError):
-                    await client.publish(
-                        self.settings.topic("status"), self._status("offline", "shutdown"), 1, True
-                    )
+            farewell = self.config.farewell
+            if stop in done and farewell is not None:  # clean shutdown: no will, say so
+                with contextlib.suppress(LinkError):
+                    await conn.publish(farewell())
         finally:
-            self.client = None
+            self._conn = None
             await cancel_all([*loops, stop])
 
-    async def _read(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            payload = message.payload
-            if not isinstance(payload, bytes | bytearray):
-                self._on_error("malformed")
-                continue
-            leaf = message.topic.value.rsplit("/", 1)[-1]
+    async def _read(self, conn: Connection) -> None:
+        async for message in conn.messages():
             try:
-                await self._on_message(leaf, bytes(payload))
+                await self.callbacks.on_message(message)
             except Exception:
-                self._on_error("internal")
-                log.exception("%s: handler for %s failed", self.settings.device_id, leaf)
-
-    async def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> bool:
-        """Publish on the current connection; ``False`` when down or failed (never raises)."""
-        client = self.client
-        if client is None:
-            return False
-        try:
-            await client.publish(topic, payload, qos=qos, retain=retain)
-        except aiomqtt.MqttError as exc:
-            self._on_error("publish")
-            log.info("%s: publish to %s failed: %s", self.settings.device_id, topic, exc)
-            return False
-        return True
+                self.callbacks.on_error("internal")
+                log.exception("%s: handler for %s failed", self.config.client_id, message.topic)
 
 
 async def cancel_all(tasks: list[asyncio.Task[Any]]) -> None:

@@ -30,5 +30,8 @@ class AgentStats:
     onnx_swaps: int = 0
     errors: dict[str, int] = field(default_factory=dict)  # reason -> count
 
+    def count_error(self, reason: str) -> None:
+        self.errors[reason] = self.errors.get(reason, 0) + 1
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

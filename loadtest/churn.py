@@ -26,6 +26,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from coordinator.keys import Keys
 from loadtest.runner import Env, Progress, Timeline
 from loadtest.train import TrainSettings, job_body
 from sim.fleet import FleetSpec
@@ -50,7 +51,7 @@ class ChurnSettings:
 
 
 async def task_records(redis: Redis, prefix: str, job_id: str) -> list[dict[str, str]]:
-    keys = [k async for k in redis.scan_iter(match=f"{prefix}task:*", count=1000)]
+    keys = [k async for k in redis.scan_iter(match=Keys(prefix).task_pattern, count=1000)]
     out: list[dict[str, str]] = []
     for i in range(0, len(keys), 1000):
         pipe = redis.pipeline(transaction=False)

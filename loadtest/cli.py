@@ -181,5 +181,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in headline:
         print(line, file=sys.stderr)
     if args.json:
-        print(json.dumps(report._clean(summary)))
+        print(json.dumps(report.clean(summary)))
     return 0 if summary.get("ok", True) else 1

@@ -103,13 +103,13 @@ def plot_lag_hist(lags: list[float], path: Path) -> Path:
     )
 
 
-def _clean(obj: Any) -> Any:
+def clean(obj: Any) -> Any:
     if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
         return None
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): clean(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
+        return [clean(v) for v in obj]
     return obj
 
 
@@ -142,7 +142,7 @@ def _flat_list(v: Any) -> bool:
 def write(out_dir: Path, summary: dict[str, Any], headline: list[str], plots: list[Path]) -> None:
     """Write ``summary.json`` and ``summary.md`` (headline lines, plots, every figure)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = _clean(summary)
+    summary = clean(summary)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     md = [f"# fedfleet load test: {summary.get('scenario')}", ""]
     md += [f"- {line.strip()}" for line in headline] + [""]

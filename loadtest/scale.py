@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from redis.asyncio import Redis
 
+from coordinator.keys import Keys
 from loadtest.runner import Env, ProcWatch, Progress, Timeline
 from sim.fleet import FleetSpec
 from sim.pool import FleetPool
@@ -48,7 +49,7 @@ class LagReader:
 
     def __init__(self, redis: Redis, prefix: str, ids: list[str]) -> None:
         self.r = redis
-        self.keys = [f"{prefix}dev:{d}" for d in ids]
+        self.keys = [Keys(prefix).device(d) for d in ids]
         self.seen: dict[str, float] = {}
         self.lags: list[float] = []
         self.phase_lags: dict[str, list[float]] = {}
@@ -71,7 +72,7 @@ class LagReader:
         return new
 
     async def online(self, prefix: str) -> int:
-        return int(await self.r.zcard(f"{prefix}seen"))
+        return int(await self.r.zcard(Keys(prefix).seen))
 
 
 async def rest_sampler(env: Env, ids: list[str], out: list[float], stop: asyncio.Event) -> None:

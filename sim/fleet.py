@@ -11,10 +11,8 @@ several processes can share the work (`sim.pool`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +23,7 @@ from edge_agent.agent import EdgeAgent
 from edge_agent.data import Dataset, partition_dirichlet
 from edge_agent.session import cancel_all
 from edge_agent.settings import AgentSettings
-from sim.hetero import DiurnalProbe, SimAgent
+from sim.hetero import DiurnalProbe, SimLink, sim_agent
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +74,7 @@ class SimulatedFleet:
         self.public_key_hex = public_key_hex
         self.agents: list[EdgeAgent] = []
         self.probes: list[DiurnalProbe] = []
+        self.links: list[SimLink] = []  # of every agent made (current and retired)
         self.acked: set[str] = set()  # update ids acked ``accepted`` or ``duplicate``
         self.affected: set[int] = set()  # devices dropped/flapped by churn
         self.churn_events: dict[str, int] = {"vanish": 0, "flap": 0, "vanish_busy": 0,
@@ -102,9 +101,10 @@ class SimulatedFleet:
         g = s.first + i
         rng = random.Random(s.seed * 1_000_003 + g)
         network = "cellular" if rng.random() < s.cellular_share else "wifi"
+        hour = rng.uniform(0.0, 24.0)  # devices live in different time zones
         probe = DiurnalProbe(
             seed=s.seed * 100_003 + g,
-            start_hour=rng.uniform(0.0, 24.0),  # devices live in different time zones
+            start_hour=hour if s.diurnal else 12.0,  # no diurnal cycle: noon everywhere
             charging=rng.random() < s.charging_share,
             network=network,
             compute_speed=rng.lognormvariate(0.0, s.speed_sigma),
@@ -113,8 +113,6 @@ class SimulatedFleet:
             dropout_share=s.dropout_share,
             diurnal=s.diurnal,
         )
-        if not s.diurnal:
-            probe._start_hour = 12.0
         settings = AgentSettings(
             device_id=f"{s.id_prefix}-{g:06d}",
             mqtt_host=self.mqtt_host,
@@ -128,8 +126,10 @@ class SimulatedFleet:
             reconnect_max_s=s.reconnect_max_s,
             resend_interval_s=10.0,
         )
-        agent = SimAgent(settings, probe, data, http=self._http)
-        agent.time_scale = s.time_scale if s.transfer else 0.0
+        agent, link = sim_agent(
+            settings, probe, data, http=self._http, time_scale=s.time_scale if s.transfer else 0.0
+        )
+        self.links.append(link)
         agent.on_event = self._hook
         if i < len(self.probes):
             self.probes[i] = probe
@@ -202,7 +202,7 @@ class SimulatedFleet:
                     total[k] = total.get(k, 0) + v
             if st.get("updates_acked", 0) > 0:
                 participated += 1
-            total["update_bytes"] = total.get("update_bytes", 0) + getattr(a, "update_bytes", 0)
+        total["update_bytes"] = sum(link.update_bytes for link in self.links)
         out: dict[str, Any] = dict(total)
         out["devices_participated"] = participated
         out["acked_unique"] = len(self.acked)
@@ -212,16 +212,9 @@ class SimulatedFleet:
 
     @staticmethod
     def abort_socket(agent: EdgeAgent) -> bool:
-        """Cut the agent's TCP connection without an MQTT DISCONNECT (the broker then sends
+        """Cut the agent's connection without an MQTT DISCONNECT (the broker then sends
         its last will), as a phone losing its radio would."""
-        client = agent._mqtt.client
-        paho = getattr(client, "_client", None) if client is not None else None
-        sock = getattr(paho, "_sock", None) if paho is not None else None
-        if sock is None:
-            return False
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        return True
+        return agent.link.cut()
 
     def abort_network(self, share: float) -> int:
         """Reconnect storm: cut the connections of ``share`` of the agents at once."""

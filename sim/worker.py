@@ -21,8 +21,8 @@ import sys
 import time
 from typing import Any
 
+from edge_agent import mqtt_patch
 from edge_agent.data import load_digits_split
-from sim import mqtt_patch
 from sim.fleet import FleetSpec, SimulatedFleet
 
 

@@ -102,8 +102,20 @@ class StackInfo:
         return cls(**d)
 
 
+SCHEMES = {"MQTT": ("mqtt", "tcp"), "Kafka": ("kafka", "tcp", "plaintext")}
+
+
 def parse_host_port(url: str, default_port: int, what: str) -> tuple[str, int]:
+    """``host:port`` or ``scheme://host:port``; a scheme this server cannot speak is refused
+    (``mqtts://``: TLS is not supported yet, and silently connecting in plain TCP would
+    be worse than failing)."""
     u = urlparse(url if "://" in url else f"x://{url}")
+    allowed = SCHEMES.get(what)
+    if "://" in url and allowed is not None and u.scheme.lower() not in allowed:
+        hint = " (TLS is not supported yet)" if u.scheme.lower().endswith("s") else ""
+        raise ConfigError(
+            f"{what}: scheme {u.scheme!r} in {url!r} is not one of {', '.join(allowed)}{hint}"
+        )
     if not u.hostname:
         raise ConfigError(f"{what}: cannot parse address {url!r} (expected host:port)")
     try:

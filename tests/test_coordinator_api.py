@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import zstandard
+from redis.asyncio import Redis
 
 from coordinator.api import AppState, create_app
 from coordinator.errors import JobError
@@ -45,11 +46,12 @@ async def api(
     redis_url: str,  # noqa: F811
     tmp_path: Path,
 ) -> AsyncIterator[tuple[httpx.AsyncClient, AppState, list[Any]]]:
-    state, published = await make_state(redis_url, tmp_path, f"t{uuid.uuid4().hex[:8]}:")
+    redis: Any = Redis.from_url(redis_url, decode_responses=True)
+    state, published = await make_state(redis, tmp_path, f"t{uuid.uuid4().hex[:8]}:")
     app = create_app(state)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         yield c, state, published
-    await state.fleet.r.aclose()
+    await redis.aclose()
 
 
 def test_build_job_validation() -> None:

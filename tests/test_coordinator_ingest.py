@@ -7,14 +7,17 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
 import pytest
+from redis.asyncio import Redis
 
 from coordinator.api import AppState
 from coordinator.ingest import Router, TelemetryBatcher
 from coordinator.jobs import build_job
+from coordinator.keys import Keys
 from coordinator.metrics import counter_value
 from coordinator.selector import Selector
 from coordinator.uploads import UploadHandler
@@ -36,7 +39,9 @@ from schemas.messages import (
 from tests.test_coordinator_support import (  # noqa: F401
     FakeProducer,
     Published,
+    RoundTrips,
     frame,
+    make_selector,
     make_state,
     redis_url,
 )
@@ -51,22 +56,17 @@ class Rig:
     selector: Selector
     uploads: UploadHandler
     newest: dict[str, list[int]]  # the shard versions this coordinator "knows", per job
+    redis: Any  # the test's own client (decode_responses=True)
+    keys: Keys
 
 
 @pytest.fixture
 async def rig(redis_url: str, tmp_path: Path) -> AsyncIterator[Rig]:  # noqa: F811
-    state, _ = await make_state(redis_url, tmp_path, f"t{uuid.uuid4().hex[:8]}:")
+    redis: Any = Redis.from_url(redis_url, decode_responses=True)
+    state, _ = await make_state(redis, tmp_path, f"t{uuid.uuid4().hex[:8]}:")
     producer, published = FakeProducer(), Published()
     s = state.settings.replace(pace_retry_s=5.0)
-    selector = Selector(
-        settings=s,
-        fleet=state.fleet,
-        tasks=state.tasks,
-        jobs=state.jobs,
-        producer=producer,
-        publish=published,
-        metrics=state.metrics,
-    )
+    selector = make_selector(state, redis, settings=s, producer=producer, publish=published)
     newest: dict[str, list[int]] = {}
 
     async def newest_versions(spec: JobSpec) -> list[int] | None:
@@ -76,6 +76,7 @@ async def rig(redis_url: str, tmp_path: Path) -> AsyncIterator[Rig]:  # noqa: F8
         tasks=state.tasks,
         jobs=state.jobs,
         fleet=state.fleet,
+        stats=state.stats,
         producer=producer,
         updates_topic=s.updates_topic,
         publish=published,
@@ -87,12 +88,14 @@ async def rig(redis_url: str, tmp_path: Path) -> AsyncIterator[Rig]:  # noqa: F8
     router = Router(
         fleet=state.fleet,
         tasks=state.tasks,
+        stats=state.stats,
         uploads=uploads,
         batcher=batcher,
         metrics=state.metrics,
     )
-    yield Rig(state, producer, published, router, selector, uploads, newest)
-    await state.fleet.r.aclose()
+    keys = Keys(state.settings.key_prefix)
+    yield Rig(state, producer, published, router, selector, uploads, newest, redis, keys)
+    await redis.aclose()
 
 
 def tel(dev: str, **kw: object) -> bytes:
@@ -236,7 +239,7 @@ async def test_selection_upload_ack_duplicate_and_reject(rig: Rig) -> None:
     unknown = update_for(task, bounds, task_id="t-unknown")
     await rig.router.handle(f"fleet/{task.device_id}/update", encode(unknown))
     assert acks(rig, task.device_id)[-1].reason == "unknown_task"
-    stats = await rig.state.tasks.stats(jid)
+    stats = await rig.state.stats.stats(jid)
     assert stats["updates_accepted"] == 1 and stats["tasks_issued"] == 2
 
     # the freed slot is refilled (by the waiting device: fewest contributions)
@@ -260,13 +263,13 @@ async def test_expired_lease_is_reissued_to_another_device(rig: Rig) -> None:
     rec2 = await rig.state.tasks.get(t2.task_id)
     assert rec1 is not None and rec1.state == "expired"
     assert rec2 is not None and rec2.reissue_of == t1.task_id
-    assert (await rig.state.tasks.stats(jid))["tasks_expired"] == 1
+    assert (await rig.state.stats.stats(jid))["tasks_expired"] == 1
     # a late update for the expired task is still taken (once); staleness is the
     # aggregator's business
     bounds = (await rig.state.jobs.get(jid)).spec.shard_bounds
     await rig.router.handle(f"fleet/{t1.device_id}/update", encode(update_for(t1, bounds)))
     assert acks(rig, t1.device_id)[-1].status == "accepted"
-    assert (await rig.state.tasks.stats(jid))["late_updates"] == 1
+    assert (await rig.state.stats.stats(jid))["late_updates"] == 1
 
 
 async def test_kafka_failure_means_no_ack_and_retry_succeeds(rig: Rig) -> None:
@@ -322,6 +325,40 @@ async def make_sync_job(rig: Rig) -> tuple[str, list[int]]:
     return jid, (await rig.state.jobs.get(jid)).spec.shard_bounds
 
 
+async def test_an_accepted_upload_costs_at_most_three_redis_round_trips(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Happy path, async and sync jobs (job spec cached, scripts loaded by a first upload):
+    read the task, claim it, confirm it (task uploaded + device released + stats)."""
+    await add_devices(rig, 6)
+    jid = await make_job(rig, concurrency=3)
+    sjid, sbounds = await make_sync_job(rig)
+    issued = await rig.selector.select_once()
+    t1, t2, t3 = issued[jid]
+    s1, s2, _ = issued[sjid]
+    bounds = (await rig.state.jobs.get(jid)).spec.shard_bounds
+    assert await rig.uploads.handle(update_for(t1, bounds), t1.device_id) == "accepted"
+    assert await rig.uploads.handle(update_for(s1, sbounds), s1.device_id) == "accepted"
+    trips = RoundTrips(monkeypatch)
+    assert await rig.uploads.handle(update_for(t2, bounds), t2.device_id) == "accepted"
+    assert trips.take() <= 3
+    assert await rig.uploads.handle(update_for(s2, sbounds), s2.device_id) == "accepted"
+    assert trips.take() <= 3
+    # and the confirm did all of the bookkeeping
+    dev = await rig.state.fleet.get(t2.device_id)
+    assert dev is not None and dev["current_task"] is None and dev["contributions"] == 1
+    assert "last_contribution_ts" in dev and dev["history"][0]["outcome"] == "uploaded"
+    assert dev["tasks_today"] == 1 and dev["cooldown_until"] is None  # kept as they were
+    # the contrib order moved like FleetStore.release_task's: t2's device is now behind
+    # every device that never contributed
+    fresh, _ = await rig.state.fleet.candidates(10, lambda d: d.contributions == 0)
+    assert t2.device_id not in {d.device_id for d in fresh} and len(fresh) == 2
+    assert (await rig.state.tasks.get(t2.task_id)).state == "uploaded"  # type: ignore[union-attr]
+    assert await rig.state.tasks.leased(jid) == [t3.task_id]
+    assert (await rig.state.stats.stats(jid))["updates_accepted"] == 2
+    assert (await rig.state.stats.stats(sjid))["updates_accepted"] == 2
+
+
 async def test_sync_rounds_over_select_and_close(rig: Rig) -> None:
     await add_devices(rig, 6)
     jid, bounds = await make_sync_job(rig)
@@ -336,7 +373,7 @@ async def test_sync_rounds_over_select_and_close(rig: Rig) -> None:
     assert len(r2) == 3
     left = await rig.state.tasks.get(r1[2].task_id)
     assert left is not None and left.state == "expired"
-    assert (await rig.state.tasks.stats(jid))["tasks_round_closed"] == 1
+    assert (await rig.state.stats.stats(jid))["tasks_round_closed"] == 1
     # the deadline closes a round that did not reach its target
     r3 = (await rig.selector.select_once(now + 51.0))[jid]
     assert len(r3) == 3 and {t.task_id for t in r3}.isdisjoint({t.task_id for t in r2})
@@ -358,8 +395,8 @@ async def test_sync_round_slot_held_by_a_claim_kafka_did_not_confirm(rig: Rig) -
     assert await rig.uploads.handle(update_for(t3, bounds), t3.device_id) == "rejected"
     assert acks(rig, t3.device_id)[-1].reason == "round_closed"
     assert await rig.uploads.handle(update_for(t1, bounds), t1.device_id) == "accepted"
-    key = rig.state.tasks.round_key(jid)
-    assert (await rig.state.tasks.r.hget(key, "taken")) == "2"
+    key = rig.keys.round(jid)
+    assert (await rig.redis.hget(key, "taken")) == "2"
     states = [(await rig.state.tasks.get(t.task_id)).state for t in (t1, t2, t3)]  # type: ignore[union-attr]
     assert states == ["uploaded", "uploaded", "expired"]
 
@@ -378,10 +415,10 @@ async def test_sync_round_closed_at_deadline_refuses_late_uploads(rig: Rig) -> N
     late = r1[1]
     assert await rig.uploads.handle(update_for(late, bounds), late.device_id) == "rejected"
     assert acks(rig, late.device_id)[-1].reason == "round_closed"
-    rnd = await rig.state.tasks.r.hgetall(rig.state.tasks.round_key(jid))
+    rnd = await rig.redis.hgetall(rig.keys.round(jid))
     assert (rnd["round"], rnd["taken"]) == ("2", "0")
     assert await rig.uploads.handle(update_for(r2[0], bounds), r2[0].device_id) == "accepted"
-    assert (await rig.state.tasks.r.hget(rig.state.tasks.round_key(jid), "taken")) == "1"
+    assert (await rig.redis.hget(rig.keys.round(jid), "taken")) == "1"
 
 
 async def test_dispatcher_pushes_tasks_and_skips_stale_or_bad() -> None:
@@ -402,13 +439,13 @@ async def test_dispatcher_pushes_tasks_and_skips_stale_or_bad() -> None:
 async def test_selection_lock_lets_one_process_select(rig: Rig) -> None:
     await add_devices(rig, 3)
     jid = await make_job(rig, concurrency=2)
-    key = f"{rig.state.tasks.p}selector-lock"
-    await rig.state.tasks.r.set(key, "other-process", px=60_000)
+    key = rig.keys.selector_lock
+    await rig.redis.set(key, "other-process", px=60_000)
     assert await rig.selector.locked_pass() is None  # another coordinator is selecting
-    await rig.state.tasks.r.delete(key)
+    await rig.redis.delete(key)
     out = await rig.selector.locked_pass()
     assert out is not None and len(out[jid]) == 2
-    assert await rig.state.tasks.r.get(key) is None  # released after the pass
+    assert await rig.redis.get(key) is None  # released after the pass
 
 
 async def test_telemetry_in_flight_does_not_revive_a_device_that_said_offline(rig: Rig) -> None:
@@ -454,7 +491,7 @@ async def test_stale_or_bad_uploads_are_refused_before_the_ack(rig: Rig) -> None
     assert (ack.status, ack.reason) == ("rejected", "too_stale")
     rec = await rig.state.tasks.get(stale.task_id)
     assert rec is not None and rec.state == "aborted"
-    reason = await rig.state.tasks.r.hget(rig.state.tasks.key(stale.task_id), "reason")
+    reason = await rig.redis.hget(rig.keys.task(stale.task_id), "reason")
     assert "too_stale" in reason and "shard 1" in reason
     assert (await rig.state.fleet.get(stale.device_id))["current_task"] in ("", None)  # type: ignore[index]
 
@@ -477,7 +514,7 @@ async def test_stale_or_bad_uploads_are_refused_before_the_ack(rig: Rig) -> None
     assert acks(rig, good.device_id)[-1].status == "accepted"
     recs = [decode(v, ShardUpdate) for _, v, _, _ in rig.producer.sent[n0:]]
     assert sorted((r.shard, r.seen_version) for r in recs) == [(0, 2), (1, bound)]
-    stats = await rig.state.tasks.stats(jid)
+    stats = await rig.state.stats.stats(jid)
     assert stats["updates_too_stale"] == 1 and stats["updates_non_finite"] == 1
     assert stats["updates_rejected"] == 2 and stats["updates_accepted"] == 1
 

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import zstandard
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from redis.asyncio import Redis
 
 from coordinator.ingest import TelemetryBatcher
 from coordinator.jobs import Job, build_job
-from coordinator.selector import Selector
+from coordinator.keys import Keys
 from coordinator.service import Coordinator
 from coordinator.settings import CoordinatorSettings
 from schemas.messages import (
@@ -34,7 +35,13 @@ from schemas.messages import (
     decode,
     encode,
 )
-from tests.test_coordinator_support import FakeProducer, frame, make_state, redis_url  # noqa: F401
+from tests.test_coordinator_support import (  # noqa: F401
+    FakeProducer,
+    frame,
+    make_selector,
+    make_state,
+    redis_url,
+)
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": "Bearer adm"}
@@ -355,7 +362,7 @@ async def test_two_coordinators_share_the_fleet(
         for _ in range(3):
             await c1.selector.locked_pass()
             await c2.selector.locked_pass()
-        assert (await c2.tasks.stats(jid))["tasks_issued"] == 3
+        assert (await c2.stats.stats(jid))["tasks_issued"] == 3
 
 
 def _shard_version(spec: JobSpec, shard: int, version: int) -> ShardVersion:
@@ -374,15 +381,15 @@ async def test_sync_round_opens_only_after_the_model_moved(
     """Redis only: a closed FedAvg round holds the next one until every shard of the
     newest published model advanced (the real registry + ``latest_shard_versions``), and
     a round that never moves the model is given up after the grace period."""
-    state, _ = await make_state(redis_url, tmp_path, f"g{time.time_ns()}:")
+    r: Any = Redis.from_url(redis_url, decode_responses=True)
+    state, _ = await make_state(r, tmp_path, f"g{time.time_ns()}:")
+    keys = Keys(state.settings.key_prefix)
     shim: Any = type("Shim", (), {"registry": state.registry})()
 
     async def latest(job: Job) -> list[int] | None:
         return await Coordinator.latest_shard_versions(shim, job)
 
-    sel = Selector(settings=state.settings, fleet=state.fleet, tasks=state.tasks,
-                   jobs=state.jobs, producer=FakeProducer(), publish=None,
-                   metrics=state.metrics, latest_versions=latest)  # fmt: skip
+    sel = make_selector(state, r, producer=FakeProducer(), latest_versions=latest)
     batcher = TelemetryBatcher(state.fleet, state.metrics, batch=100, interval_s=0.01)
 
     async def heartbeat(ts: float) -> None:  # keep the 8 devices online at the test's clock
@@ -391,7 +398,7 @@ async def test_sync_round_opens_only_after_the_model_moved(
                                   network="wifi", metered=False))  # fmt: skip
         await batcher.flush()
         # the store stamps arrival time; move "last seen" to the test's (future) clock
-        await state.fleet.r.zadd(f"{state.fleet.p}seen", {f"d{i}": ts for i in range(8)})
+        await r.zadd(keys.seen, {f"d{i}": ts for i in range(8)})
 
     job = build_job({
         "model_name": "m", "shards": 2, "concurrency": 2,
@@ -405,25 +412,25 @@ async def test_sync_round_opens_only_after_the_model_moved(
     state.registry.create_initial(spec)
     now = time.time()
     await heartbeat(now)
-    key = f"{state.tasks.p}round:{jid}"
+    key = keys.round(jid)
 
     async def admitted(n: int) -> None:  # as n uploads' claim_in_round would count them
-        await state.tasks.r.hincrby(key, "taken", n)
+        await r.hincrby(key, "taken", n)
 
     try:
         r1 = (await sel.select_once(now))[jid]
         assert len(r1) == 3  # K = buffer_size 2, x 1.5 invited
-        h = await state.tasks.r.hgetall(key)
+        h = await r.hgetall(key)
         assert h["versions0"] == "0,0" and h["target"] == "2" and h["taken"] == "0"
         await admitted(2)  # round 1 closes on count
         assert (await sel.select_once(now))[jid] == []  # aggregators not flushed yet
-        assert (await state.tasks.r.hgetall(key))["closed"]
+        assert (await r.hgetall(key))["closed"]
         state.registry.apply(spec, _shard_version(spec, 0, 1))
         assert (await sel.select_once(now + 1))[jid] == []  # half-updated model
         state.registry.apply(spec, _shard_version(spec, 1, 1))
         r2 = (await sel.select_once(now + 2))[jid]  # every shard moved: round 2
         assert len(r2) == 3
-        h = await state.tasks.r.hgetall(key)
+        h = await r.hgetall(key)
         assert h["round"] == "2" and h["versions0"] == "1,1"
         # round 2 closes on count but its updates are lost: open after deadline + grace
         await admitted(2)
@@ -432,7 +439,7 @@ async def test_sync_round_opens_only_after_the_model_moved(
         await heartbeat(now + 2 + 50 + 20)
         r3 = (await sel.select_once(now + 2 + 50 + 20))[jid]
         assert len(r3) == 3
-        stats = await state.tasks.stats(jid)
+        stats = await state.stats.stats(jid)
         assert stats["rounds_opened_advanced"] == 1 and stats["rounds_opened_grace"] == 1
         # round 3 closes at its deadline with 1 of 2 updates: the aggregator will not flush
         # on its own, so round 4 opens at once and only needs the missing update
@@ -440,7 +447,7 @@ async def test_sync_round_opens_only_after_the_model_moved(
         await heartbeat(now + 2 + 70 + 50)
         r4 = (await sel.select_once(now + 2 + 70 + 50))[jid]
         assert len(r4) == 2  # over_select(1, 1.5)
-        h = await state.tasks.r.hgetall(key)
+        h = await r.hgetall(key)
         assert h["carry"] == "1" and h["target"] == "1"
     finally:
-        await state.tasks.r.aclose()
+        await r.aclose()

@@ -20,8 +20,13 @@ from redis.asyncio import Redis
 from coordinator.api import AppState
 from coordinator.fleet import FleetStore
 from coordinator.jobs import JobStore
+from coordinator.jobstats import JobStatsStore
+from coordinator.keys import Keys
+from coordinator.lock import RedisLock
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.registry import ModelRegistry
+from coordinator.rounds import RoundStore
+from coordinator.selector import Selector
 from coordinator.settings import CoordinatorSettings
 from coordinator.signing import Signer
 from coordinator.tasks import TaskStore
@@ -104,13 +109,15 @@ class Published:
         return [p for t, p, _ in self.items if t.endswith(suffix)]
 
 
-async def make_state(redis_url: str, tmp: Path, prefix: str) -> tuple[AppState, list[JobSpec]]:
+async def make_state(redis: Redis | str, tmp: Path, prefix: str) -> tuple[AppState, list[JobSpec]]:
+    """The REST state on stores over ``redis``: the caller's client (it closes it), or a
+    URL (a new client; the caller closes it through ``state.fleet.r`` — transitional)."""
+    r: Any = Redis.from_url(redis, decode_responses=True) if isinstance(redis, str) else redis
     settings = CoordinatorSettings(
-        redis_url=redis_url, redis_prefix=prefix, admin_token="secret",
+        redis_prefix=prefix, admin_token="secret",
         model_store_dir=tmp / "models", signing_key_path=tmp / "key", max_shards=4,
         telemetry_ttl_s=60.0, lease_s=30.0,
     )  # fmt: skip
-    r: Any = Redis.from_url(redis_url, decode_responses=True)
     signer = Signer.load_or_create(settings.signing_key_path)
     published: list[JobSpec] = []
 
@@ -122,12 +129,46 @@ async def make_state(redis_url: str, tmp: Path, prefix: str) -> tuple[AppState, 
         fleet=FleetStore(r, prefix, settings.telemetry_ttl_s),
         jobs=JobStore(r, prefix),
         tasks=TaskStore(r, prefix),
+        stats=JobStatsStore(r, prefix),
         registry=ModelRegistry(settings.model_store_dir, signer, retention=5),
         signer=signer,
         metrics=metrics(),
         publish_job=publish_job,
     )
     return state, published
+
+
+class RoundTrips:
+    """Counts Redis round trips of every client in the process while active: each
+    ``send_packed_command`` is one request on the wire (a pipeline or MULTI is one)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from redis.asyncio.connection import AbstractConnection
+
+        self.n = 0
+        orig = AbstractConnection.send_packed_command
+
+        async def counted(conn: Any, *a: Any, **kw: Any) -> None:
+            self.n += 1
+            await orig(conn, *a, **kw)
+
+        monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
+
+    def take(self) -> int:
+        n, self.n = self.n, 0
+        return n
+
+
+def make_selector(state: AppState, r: Redis, **kw: Any) -> Selector:
+    """A ``Selector`` over ``state``'s stores (``kw``: producer, publish, settings, ...)."""
+    p = state.settings.key_prefix
+    args: dict[str, Any] = dict(
+        settings=state.settings, fleet=state.fleet, tasks=state.tasks, jobs=state.jobs,
+        rounds=RoundStore(r, p), stats=state.stats, lock=RedisLock(r, Keys(p).selector_lock),
+        publish=None, metrics=state.metrics,
+    )  # fmt: skip
+    args.update(kw)
+    return Selector(**args)
 
 
 def frame(length: int, seed: int = 0) -> bytes:

@@ -226,3 +226,40 @@ def test_no_private_names_taken_across_packages() -> None:
     ]
 
     assert bad == []
+
+
+def private_attribute_uses(source: str) -> Iterator[tuple[int, str]]:
+    """``(line, text)`` of every ``x._name`` whose ``x`` is not ``self``/``cls`` (``super()``
+    included: overriding a private of a base class counts)."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and is_private(node.attr):
+            owner = node.value
+            if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
+                continue
+            yield node.lineno, ast.unparse(node)
+
+
+def test_private_attribute_scan_sees_through_chains_and_super() -> None:
+    source = (
+        "self._ok = 1\n"
+        "agent._mqtt.client._client\n"
+        "super()._publish()\n"
+        "obj.public.__dict__\n"
+    )
+
+    got = sorted(text for _, text in private_attribute_uses(source))
+
+    assert got == ["agent._mqtt", "agent._mqtt.client._client", "super()._publish"]
+
+
+def test_harnesses_use_no_private_attributes() -> None:
+    """The simulator and the load tests drive the services through public interfaces
+    (``EdgeAgent.link``, ``SimLink``, ``SimModels``, probe hooks), never their internals."""
+    bad = [
+        f"{module_name(path)[0]}:{line} {text}"
+        for package in ("sim", "loadtest")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for line, text in private_attribute_uses(path.read_text(encoding="utf-8"))
+    ]
+
+    assert bad == []

@@ -145,3 +145,41 @@ def test_three_node_kafka_survives_a_broker_kill() -> None:
     finally:
         launcher.stop()
     assert not any(pid_alive(p) for p in info.pids)
+
+
+def test_redis_keeps_its_data_across_kill9_and_restart(tmp_path: object) -> None:
+    """The stack's Redis is durable by default (AOF, everysec): kill -9, start again on the
+    same port and directory, and every acknowledged write is back."""
+    import signal
+    from pathlib import Path
+
+    import redis
+
+    from stack.redis import RedisServer, redis_binary
+
+    if redis_binary() is None:
+        if os.environ.get("FEDFLEET_REQUIRE_REAL") == "1":
+            pytest.fail("redis-server is required")
+        pytest.skip("no redis-server")
+    srv = RedisServer(Path(str(tmp_path)))
+    srv.start()
+    try:
+        srv.wait_ready()
+        r = redis.Redis.from_url(srv.url)
+        r.hset("ff:job:j1", mapping={"spec": "x", "status": "running"})
+        for _ in range(1000):
+            r.incr("ff:counter")
+        assert r.config_get("appendonly") == {"appendonly": "yes"}
+        assert r.config_get("appendfsync") == {"appendfsync": "everysec"}
+        r.close()
+        assert srv.proc is not None and srv.proc.pid is not None
+        os.kill(srv.proc.pid, signal.SIGKILL)
+        srv.proc.proc.wait(timeout=10)  # type: ignore[union-attr]
+        srv.start()
+        srv.wait_ready()
+        r = redis.Redis.from_url(srv.url, decode_responses=True)
+        assert r.hgetall("ff:job:j1") == {"spec": "x", "status": "running"}
+        assert r.get("ff:counter") == "1000"
+        r.close()
+    finally:
+        srv.stop()

@@ -21,8 +21,10 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
 
 from coordinator.errors import UploadRejected
+from coordinator.keys import Keys
 from coordinator.metrics import CoordinatorMetrics, counter_value
 from coordinator.service import Coordinator
 from coordinator.settings import CoordinatorSettings
@@ -112,7 +114,12 @@ async def shard_updates(s: CoordinatorSettings) -> list[ShardUpdate]:
 
 def reason_of(coord: Coordinator, task_id: str) -> Callable[[], Awaitable[str]]:
     async def read() -> str:
-        return str(await coord.tasks.r.hget(coord.tasks.key(task_id), "reason") or "")
+        r: Any = Redis.from_url(coord.settings.redis_url, decode_responses=True)
+        try:  # the test's own client: the reason is not part of TaskRecord
+            key = Keys(coord.settings.key_prefix).task(task_id)
+            return str(await r.hget(key, "reason") or "")
+        finally:
+            await r.aclose()
 
     return read
 
@@ -154,7 +161,7 @@ async def test_sync_round_accepts_k_uploads_and_refuses_the_rest(
         assert r.status_code == 201, r.text
         jid, bounds = r.json()["job_id"], r.json()["shard_bounds"]
         tasks = {d.id: (await first(d, "task", Task))[0] for d in devs}  # all 5 invited
-        rnd = await coord.tasks.r.hgetall(coord.tasks.round_key(jid))
+        rnd = await coord.rounds.get(jid)
         assert (rnd["round"], rnd["target"], rnd["invited"], rnd["taken"]) == ("1", "3", "5", "0")
 
         updates = {d.id: update_for(tasks[d.id], bounds) for d in devs}
@@ -186,7 +193,7 @@ async def test_sync_round_accepts_k_uploads_and_refuses_the_rest(
         assert await coord.tasks.active_count(jid) == 0
 
         async def closed() -> dict[str, str] | None:
-            h: dict[str, str] = await coord.tasks.r.hgetall(coord.tasks.round_key(jid))
+            h: dict[str, str] = await coord.rounds.get(jid)
             return h if h.get("closed") else None
 
         rnd = await eventually(closed)
@@ -237,10 +244,9 @@ async def test_round_slots_are_race_free_across_coordinators_and_a_restart(
             for u in updates[:2]:
                 assert await c0.uploads.handle(u, u.device_id) == "accepted"
 
-        key = f"{s.key_prefix}round:{jid}"
         m1, m2 = isolated_metrics(), isolated_metrics()
         async with Coordinator(s, metrics=m1) as c1, Coordinator(s, metrics=m2) as c2:
-            assert (await c1.tasks.r.hgetall(key))["taken"] == "2"  # survived the restart
+            assert (await c1.rounds.get(jid))["taken"] == "2"  # survived the restart
             calls = [(c1 if i % 2 else c2).uploads.handle(u, u.device_id)
                      for i, u in enumerate(updates + updates)]  # fmt: skip
             results = await asyncio.gather(*calls)
@@ -260,10 +266,10 @@ async def test_round_slots_are_race_free_across_coordinators_and_a_restart(
                 counter_value(m.rejected, source="update", reason="round_closed") for m in (m1, m2)
             )
             assert n_refused == 12
-            assert (await c1.tasks.r.hgetall(key))["taken"] == "4"
+            assert (await c1.rounds.get(jid))["taken"] == "4"
             states = Counter([(await c1.tasks.get(t.task_id)).state for t in tasks])  # type: ignore[union-attr]
             assert states == {"uploaded": 4, "expired": 6}
             assert await c1.tasks.active_count(jid) == 0
             on_kafka = {u.update_id for u in await shard_updates(s)}
             assert on_kafka == {u.update_id for u in updates[:2]} | ok
-            assert (await c1.tasks.stats(jid))["updates_accepted"] == 4
+            assert (await c1.stats.stats(jid))["updates_accepted"] == 4

@@ -26,7 +26,7 @@ async def fleet(state: State) -> dict[str, Any]:
     out = fleet_summary(views, len(views), policy, now)
     accepted = 0
     for j in await state.jobs.ids():
-        accepted += (await state.tasks.stats(j)).get("updates_accepted", 0)
+        accepted += (await state.stats.stats(j)).get("updates_accepted", 0)
     out["updates_accepted"] = accepted
     return out
 

@@ -31,7 +31,7 @@ async def healthz() -> dict[str, bool]:
 async def readyz(state: Annotated[AppState, Depends(app_state)]) -> JSONResponse:
     ok = True
     try:
-        await state.fleet.r.ping()
+        await state.fleet.ping()
     except Exception:
         ok = False
     if ok and state.ready is not None:

@@ -19,7 +19,7 @@ JobId = Annotated[str, Path(max_length=128)]
 
 
 async def job_out(state: AppState, job: Job) -> dict[str, Any]:
-    stats = await state.tasks.stats(job.spec.job_id)
+    stats = await state.stats.stats(job.spec.job_id)
     stats["active_leases"] = await state.tasks.active_count(job.spec.job_id)
     cur = None
     try:

@@ -9,6 +9,7 @@ from fastapi import Request
 
 from coordinator.fleet import FleetStore
 from coordinator.jobs import JobStore
+from coordinator.jobstats import JobStatsStore
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.registry import ModelRegistry
 from coordinator.settings import CoordinatorSettings
@@ -23,6 +24,7 @@ class AppState:
     fleet: FleetStore
     jobs: JobStore
     tasks: TaskStore
+    stats: JobStatsStore
     registry: ModelRegistry
     signer: Signer
     metrics: CoordinatorMetrics

@@ -7,8 +7,10 @@ scheduled ``add_writer`` can run after its socket was closed and its fd number w
 reused by another client's new socket: that client's writer callback is replaced and its
 publishes stall (uvloop also logs ``Bad file descriptor``). The patch registers a
 callback only if the socket is still the client's current one, and removes both reader
-and writer on close. Applied by ``sim.worker`` only; one device per process (the
-real agent) does not hit the race in the same way.
+and writer on close. It patches aiomqtt's private socket callbacks, so it lives here,
+next to ``MqttLink``, the adapter of that library. Applied by ``sim.worker`` only
+(``apply()``); one device per process (the real agent) does not hit the race in the same
+way.
 """
 
 from __future__ import annotations

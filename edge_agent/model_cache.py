@@ -1,0 +1,90 @@
+"""``ModelCache``: the agent's current model — pull (ETag cache), verify, ONNX swap, predict.
+
+No counters and no events here: ``pull``/``refresh_onnx`` raise ``AgentError`` and return
+what changed; ``EdgeAgent`` counts and reports. ``ModelStore`` is the interface the agent
+uses, so a simulator can wrap a cache (e.g. to add download time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.errors import NoModelError
+from edge_agent.inference import OnnxModel
+from edge_agent.models import ModelClient, VerifiedModel
+from edge_agent.settings import AgentSettings
+from schemas.modelspec import forward
+from schemas.types import F32
+
+
+class ModelStore(Protocol):
+    def open(self, http: httpx.AsyncClient) -> None:
+        """Bind the HTTP client (``EdgeAgent.start()`` calls it once)."""
+
+    async def pull(self, name: str) -> VerifiedModel:
+        """Pull and verify the latest version of ``name``; it becomes the current model."""
+
+    async def refresh_onnx(self, name: str, version: int) -> int | None:
+        """Pull the ONNX artifact; hot-swap it in. The new version, or None if unchanged."""
+
+    @property
+    def version(self) -> int | None: ...
+
+    def predict(self, x: npt.ArrayLike) -> F32: ...
+
+
+class ModelCache:
+    """The default ``ModelStore``: a ``ModelClient`` plus the current model and ONNX runtime."""
+
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.client: ModelClient | None = None
+        self.model: VerifiedModel | None = None
+        self.onnx: OnnxModel | None = None
+        self.onnx_version = -1
+
+    def open(self, http: httpx.AsyncClient) -> None:
+        s = self.settings
+        cache = s.state_dir / "models" if s.durable and s.state_dir is not None else None
+        self.client = ModelClient(
+            http,
+            s.api_url,
+            cache_dir=cache,
+            public_key_hex=s.public_key_hex,
+            max_bytes=s.max_model_bytes,
+        )
+
+    def _client(self) -> ModelClient:
+        assert self.client is not None, "agent not started"
+        return self.client
+
+    async def pull(self, name: str) -> VerifiedModel:
+        self.model = await self._client().pull(name)
+        return self.model
+
+    async def refresh_onnx(self, name: str, version: int) -> int | None:
+        art = await self._client().onnx(name, version)
+        if art.version == self.onnx_version:
+            return None
+        onnx_model = await asyncio.to_thread(OnnxModel.load, art.data)
+        self.onnx, self.onnx_version = onnx_model, art.version  # hot swap
+        return art.version
+
+    @property
+    def version(self) -> int | None:
+        return None if self.model is None else self.model.manifest.version
+
+    def predict(self, x: npt.ArrayLike) -> F32:
+        """Logits for ``x[n, n_features]``: onnxruntime when a verified ONNX artifact is
+        loaded, else the numpy reference forward pass on the verified weights."""
+        arr = np.atleast_2d(np.asarray(x, dtype=np.float32))
+        if self.onnx is not None:
+            return self.onnx.run(arr)
+        if self.model is not None:
+            return forward(self.model.manifest.spec, self.model.params, arr)
+        raise NoModelError("no_model", "no verified model loaded yet")
