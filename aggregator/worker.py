@@ -32,11 +32,13 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from aggregator import checkpoint as ck
+from aggregator import clients
 from aggregator.checkpoint import CheckpointStore, FileCheckpointStore
 from aggregator.errors import CheckpointError, ConfigError, UpdateRejected
+from aggregator.job_shard import JobShard
 from aggregator.metrics import AggregatorMetrics
 from aggregator.settings import AggregatorSettings
-from aggregator.shard import Decoded, JobShard, Outcome, PartitionState, predecode
+from aggregator.shard import Decoded, Outcome, PartitionState, predecode
 from schemas.errors import SchemaError
 from schemas.messages import JobSpec, ShardVersion, decode, encode
 
@@ -138,41 +140,15 @@ class AggregatorWorker:
             from prometheus_client import start_http_server
 
             start_http_server(s.metrics_port, registry=self.metrics.registry)
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=s.kafka_bootstrap,
-            client_id=s.client_id,
-            acks="all",
-            enable_idempotence=True,
-            max_request_size=s.max_message_bytes,
-            linger_ms=5,
-        )
+        self._producer = clients.models_producer(s)
         await self._producer.start()
-        self._jobs_consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap,
-            client_id=f"{s.client_id}-jobs",
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-        )
+        self._jobs_consumer = clients.jobs_consumer(s)
         await self._jobs_consumer.start()
         await self._wait_for_topics()
         self._jobs_consumer.assign([self._jobs_tp])
         await self._jobs_consumer.seek_to_beginning(self._jobs_tp)
         await self.catch_up_jobs()
-        fetch = s.max_update_bytes + (1 << 20)
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap,
-            client_id=s.client_id,
-            group_id=s.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=s.session_timeout_ms,
-            heartbeat_interval_ms=s.heartbeat_interval_ms,
-            max_partition_fetch_bytes=fetch,
-            fetch_max_bytes=max(fetch, 52428800),
-            max_poll_records=s.max_poll_records,
-            isolation_level="read_committed",
-        )
+        self._consumer = clients.updates_consumer(s)
         await self._consumer.start()
         self._consumer.subscribe([s.updates_topic], listener=_Listener(self))
 
@@ -428,11 +404,8 @@ class AggregatorWorker:
                 m.staleness.observe(out.staleness)
         else:
             m.rejected.labels(shard=str(part.shard), reason=out.reason).inc()
-            if out.reason != "duplicate":
-                log.warning(
-                    "%s@%d: update %s of job %s rejected: %s",
-                    part.key, offset, out.update_id, out.job_id, out.reason,
-                )  # fmt: skip
+            if out.reason != "duplicate":  # after the ack: lost on this shard
+                log.warning("%s@%d: %s rejected: %s", part.key, offset, out.update_id, out.reason)
         return out
 
     def _start_builds(self, part: PartitionState) -> None:

@@ -51,8 +51,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aggregator.checkpoint import FileCheckpointStore  # noqa: E402
+from aggregator.job_shard import Cadence  # noqa: E402
 from aggregator.settings import AggregatorSettings  # noqa: E402
-from aggregator.shard import Cadence, PartitionState  # noqa: E402
+from aggregator.shard import PartitionState  # noqa: E402
 from aggregator.strategies import StrategyOptions, Update, build_strategy  # noqa: E402
 from aggregator.worker import AggregatorWorker  # noqa: E402
 from schemas import codec  # noqa: E402

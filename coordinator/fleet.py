@@ -144,13 +144,6 @@ class FleetStore:
         self.ttl = ttl_s
         self._mark_live: Any = redis.register_script(_MARK_LIVE)
 
-    @property
-    def r(self) -> Any:
-        """Transitional, for ``tests/test_agent_coordinator.py`` only (it closes the client
-        ``make_state`` built through it; owned by the edge-agent work). Remove once that
-        test closes its own client; nothing in the coordinator uses it."""
-        return self._r
-
     async def ping(self) -> bool:
         """Readiness: Redis answers (raises if it does not)."""
         return bool(await self._r.ping())

@@ -26,7 +26,9 @@ class Snapshot:
     version: int = -1
     shard_versions: list[int] = field(default_factory=list)
     accuracy: float = 0.0
-    updates_applied: int = 0
+    updates_applied: int = 0  # applied on every shard (the fewest any shard applied)
+    updates_accepted: int = 0  # acknowledged to devices
+    updates_lost: int = 0  # refused by a shard after the ack (should stay 0)
     mean_staleness: float = 0.0
     fleet: dict[str, Any] = field(default_factory=dict)
     t: float = 0.0
@@ -78,6 +80,8 @@ class ModelMonitor:
             snap.version = man.version
             snap.shard_versions = list(man.shard_versions)
         snap.updates_applied = int(job.get("updates_applied", 0))
+        snap.updates_accepted = int(job.get("updates_accepted", 0))
+        snap.updates_lost = int(job.get("updates_rejected_by_shards", 0))
         snap.mean_staleness = float(job.get("mean_staleness", 0.0))
         snap.fleet = fleet
         self.snap = snap
@@ -85,7 +89,10 @@ class ModelMonitor:
         return snap
 
     async def drain(self, *, quiet_s: float, timeout_s: float) -> Snapshot:
-        """Poll until no new model version appears for ``quiet_s`` (or ``timeout_s``)."""
+        """Poll until every shard has applied (or refused) every acknowledged update and no
+        new model version appeared for ``quiet_s``, or ``timeout_s`` passed. (A busy
+        shard's last announcement can come seconds after the others': quiet versions
+        alone are not enough.)"""
         start = last_change = time.monotonic()
         version = self.snap.version
         while True:
@@ -93,7 +100,8 @@ class ModelMonitor:
             now = time.monotonic()
             if snap.version != version:
                 version, last_change = snap.version, now
-            if now - last_change >= quiet_s or now - start >= timeout_s:
+            settled = snap.updates_applied + snap.updates_lost >= snap.updates_accepted
+            if (settled and now - last_change >= quiet_s) or now - start >= timeout_s:
                 return snap
             await asyncio.sleep(0.25)
 

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from redis.asyncio import Redis
 
 from coordinator.api import AppState, create_app
 from edge_agent.errors import ModelVerifyError
@@ -33,13 +34,14 @@ JOB = {
 async def coord_api(
     redis_url: str, tmp_path: Path
 ) -> AsyncIterator[tuple[httpx.AsyncClient, AppState]]:
-    state, _ = await make_state(redis_url, tmp_path, f"a{uuid.uuid4().hex[:8]}:")
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    state, _ = await make_state(redis, tmp_path, f"a{uuid.uuid4().hex[:8]}:")
     app = create_app(state)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://c") as c:
         r = await c.post("/v1/jobs", json=JOB, headers={"Authorization": "Bearer secret"})
         assert r.status_code == 201, r.text
         yield c, state
-    await state.fleet.r.aclose()
+    await redis.aclose()
 
 
 async def test_pull_verify_cache_and_onnx_from_real_coordinator(

@@ -109,10 +109,9 @@ class Published:
         return [p for t, p, _ in self.items if t.endswith(suffix)]
 
 
-async def make_state(redis: Redis | str, tmp: Path, prefix: str) -> tuple[AppState, list[JobSpec]]:
-    """The REST state on stores over ``redis``: the caller's client (it closes it), or a
-    URL (a new client; the caller closes it through ``state.fleet.r`` — transitional)."""
-    r: Any = Redis.from_url(redis, decode_responses=True) if isinstance(redis, str) else redis
+async def make_state(redis: Redis, tmp: Path, prefix: str) -> tuple[AppState, list[JobSpec]]:
+    """The REST state on stores over the caller's ``redis`` client (the caller closes it)."""
+    r: Any = redis
     settings = CoordinatorSettings(
         redis_prefix=prefix, admin_token="secret",
         model_store_dir=tmp / "models", signing_key_path=tmp / "key", max_shards=4,

@@ -19,7 +19,9 @@ async def test_small_fleet_trains_end_to_end(stack: StackInfo, tmp_path: Path) -
     settings = DemoSettings(
         devices=40,
         concurrency=12,
-        target_accuracy=0.80,
+        # stop at 0.85, assert 0.80: the in-flight updates folded in after the stop may
+        # move the drained model a little either way
+        target_accuracy=0.85,
         time_budget_s=150.0,
         out_dir=tmp_path / "run",
         as_json=True,

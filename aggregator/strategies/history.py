@@ -20,7 +20,7 @@ class VersionHistory:
     the newest kept one are dropped early: no admissible update can use them.
 
     Two optional hooks make the history a cache in front of a slower tier (what an
-    aggregator shard does, ``aggregator.shard.JobShard``): ``on_evict(version, slice)`` sees
+    aggregator shard does, ``aggregator.job_shard.JobShard``): ``on_evict(version, slice)`` sees
     every slice leaving memory, and ``fallback(version)`` is asked for a version memory
     does not hold; a slice it returns is kept again (most recently used).
     """

@@ -74,7 +74,7 @@ def _clip(delta: list[float], c: float) -> list[float]:
 
 
 class RefCadence:
-    """The announcement rule, written out independently of ``aggregator.shard.Cadence``."""
+    """The announcement rule, written out independently of ``aggregator.job_shard.Cadence``."""
 
     def __init__(self, every: int, min_interval: float = 0.0) -> None:
         self.every, self.min_interval = every, min_interval
