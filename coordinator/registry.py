@@ -27,7 +27,7 @@ import zstandard
 
 from coordinator.errors import NotFound, RegistryError
 from coordinator.signing import Signer
-from schemas.atomic import atomic_write
+from schemas.atomic import atomic_write, check_writable_dir
 from schemas.messages import JobSpec, ModelManifest, ShardVersion
 from schemas.modelspec import init_params, num_params
 from schemas.onnx_export import export
@@ -89,10 +89,7 @@ class ModelRegistry:
         self._blobs: dict[str, bytes] = {}
         try:
             for sub in ("blobs", "onnx", "models"):
-                (self.dir / sub).mkdir(parents=True, exist_ok=True)
-            probe = self.dir / f".write-test.{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
+                check_writable_dir(self.dir / sub)
         except OSError as exc:
             raise RegistryError("model_store", f"cannot use {self.dir}: {exc}") from None
 

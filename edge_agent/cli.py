@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ import numpy as np
 
 from edge_agent.errors import AgentError
 from edge_agent.settings import AgentSettings
+from schemas.atomic import check_writable_dir
 from schemas.errors import FedfleetError
 
 log = logging.getLogger("edge_agent")
@@ -92,10 +92,7 @@ def settings_from(ns: argparse.Namespace, **extra: Any) -> AgentSettings:
 def writable_dir(path: Path) -> None:
     """Create ``path`` if needed and prove it is writable, or say why not (one line)."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        check_writable_dir(path)
     except OSError as exc:
         raise AgentError("state_dir", f"cannot use {path}: {exc}") from None
 

@@ -37,3 +37,12 @@ def sync_dir(path: str | os.PathLike[str]) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def check_writable_dir(path: str | os.PathLike[str]) -> None:
+    """Create ``path`` if needed and prove a file can be written in it (``OSError`` if not)."""
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
+    probe = d / f".write-test.{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()

@@ -55,6 +55,17 @@ def _stamped(ups: list[ShardUpdate], seen: list[int]) -> list[ShardUpdate]:
     return [msgspec.structs.replace(u, seen_version=s) for u, s in zip(ups, seen, strict=True)]
 
 
+def _write_checkpoint(st: PartitionState, store: MemoryCheckpointStore) -> None:
+    """What the worker does: blobs, then the checkpoint, then drop obsolete blobs."""
+    ckpt, blobs, obsolete = st.checkpoint()
+    for k, b in blobs.items():
+        store.save(k, b)
+    store.save(st.key, ck.dumps(ckpt))
+    for k in obsolete:
+        store.delete(k)
+    st.saved()
+
+
 def test_shard_serves_old_bases_across_checkpoints_and_restarts() -> None:
     """2 slices in memory, stale bases, checkpoint + restart every 7 records: the shard
     equals the reference that keeps every announced slice (no rejection)."""
@@ -77,13 +88,7 @@ def test_shard_serves_old_bases_across_checkpoints_and_restarts() -> None:
         out = st.handle(u, i, lookup)
         assert out.status == "applied", out
         if i % 7 == 6:
-            ckpt, blobs, obsolete = st.checkpoint()
-            for k, b in blobs.items():
-                store.save(k, b)
-            store.save(st.key, ck.dumps(ckpt))
-            for k in obsolete:
-                store.delete(k)
-            st.saved()
+            _write_checkpoint(st, store)
             st = fresh()
             st.restore(ck.loads(store.blobs[st.key]), store.load)
             st.activate(job)  # what the worker does on assignment
@@ -112,13 +117,7 @@ def test_blobs_below_the_floor_are_deleted() -> None:
     lookup = {job.job_id: job}.get
     for i, u in enumerate(_stamped(ups, [u.base_version for u in ups])):
         st.handle(u, i, lookup)
-        ckpt, blobs, obsolete = st.checkpoint()
-        for k, b in blobs.items():
-            store.save(k, b)
-        store.save(st.key, ck.dumps(ckpt))
-        for k in obsolete:
-            store.delete(k)
-        st.saved()
+        _write_checkpoint(st, store)
     kept = sorted(int(k.rsplit(".h", 1)[1]) for k in store.blobs if ".h" in k)
     # records of the last 5 s saw versions >= 24; max_staleness 2 -> 22 and up
     assert kept and min(kept) >= 21 and kept[-1] == 30, kept
