@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from coordinator.settings import CoordinatorSettings
 
@@ -24,9 +25,29 @@ def make_producer(s: CoordinatorSettings) -> AIOKafkaProducer:
     )
 
 
-def make_consumer(s: CoordinatorSettings, topic: str, group: str) -> AIOKafkaConsumer:
+async def start_consumer(s: CoordinatorSettings, topic: str, group: str) -> AIOKafkaConsumer:
+    """A started group consumer of ``topic``. The subscription is made after ``start`` so
+    starting never waits for the group to settle (aiokafka's ``start`` blocks until a
+    first assignment when topics are given up front, and a rebalance that waits on a
+    departed member can hold that for minutes); the loop that reads it gets its
+    partitions whenever the group assigns them."""
+    c = make_consumer(s, group)
+    await c.start()
+    c.subscribe([topic])
+    return c
+
+
+async def stop_quietly(c: AIOKafkaConsumer | AIOKafkaProducer, timeout_s: float = 30.0) -> None:
+    """Stop a client, bounded: a broker that no longer answers (LeaveGroup timing out)
+    must not hold a coordinator's shutdown."""
+    try:
+        await asyncio.wait_for(c.stop(), timeout_s)
+    except (TimeoutError, KafkaError) as exc:
+        log.warning("kafka client did not stop cleanly: %r", exc)
+
+
+def make_consumer(s: CoordinatorSettings, group: str) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
-        topic,
         bootstrap_servers=s.kafka_bootstrap,
         group_id=group,
         client_id=f"{s.client_id}-{group}",

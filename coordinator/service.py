@@ -33,7 +33,7 @@ from coordinator.fleet import FleetStore
 from coordinator.ingest import Router, TelemetryBatcher, subscriptions
 from coordinator.jobs import Job, JobStore
 from coordinator.jobstats import JobStatsStore
-from coordinator.kafka import ensure_topics, make_consumer, make_producer
+from coordinator.kafka import ensure_topics, make_producer, start_consumer, stop_quietly
 from coordinator.keys import Keys
 from coordinator.lock import RedisLock
 from coordinator.metrics import CoordinatorMetrics, default_metrics
@@ -116,7 +116,7 @@ class Coordinator:
             await ensure_topics(s)
         self.producer = make_producer(s)
         await self.producer.start()
-        stack.push_async_callback(self.producer.stop)
+        stack.push_async_callback(stop_quietly, self.producer)
 
         if s.admin_token in ("", "change-me"):
             log.warning("admin_token is the default: set FEDFLEET_ADMIN_TOKEN")
@@ -169,14 +169,12 @@ class Coordinator:
             self._spawn("mqtt", self._mqtt_loop)
             await asyncio.wait_for(self._mqtt_up.wait(), 30)
         if s.run_dispatcher:
-            consumer = make_consumer(s, s.tasks_topic, f"{s.topic_prefix}coord-dispatcher")
-            await consumer.start()
-            stack.push_async_callback(consumer.stop)
+            consumer = await start_consumer(s, s.tasks_topic, f"{s.topic_prefix}coord-dispatcher")
+            stack.push_async_callback(stop_quietly, consumer)
             self._spawn("dispatcher", lambda: run_dispatcher(consumer, self.publish, self.metrics))
         if s.run_registry:
-            mconsumer = make_consumer(s, s.models_topic, f"{s.topic_prefix}coord-registry")
-            await mconsumer.start()
-            stack.push_async_callback(mconsumer.stop)
+            mconsumer = await start_consumer(s, s.models_topic, f"{s.topic_prefix}coord-registry")
+            stack.push_async_callback(stop_quietly, mconsumer)
             self._spawn("registry", lambda: self._registry_loop(mconsumer))
         if s.run_selector:
             self._spawn("selector", self.selector.run)

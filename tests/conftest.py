@@ -8,7 +8,11 @@ and key prefixes (`unique_prefix`).
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
+import sys
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -41,3 +45,35 @@ def stack() -> Iterator[StackInfo]:
 def unique_prefix() -> str:
     """A fresh prefix for Kafka topics / Redis keys / job ids, e.g. 't3f9a1c.'."""
     return f"t{uuid.uuid4().hex[:8]}."
+
+
+def _dump_asyncio_tasks(test_id: str) -> None:
+    """Print every unfinished asyncio task's stack: pytest-timeout shows threads only, and
+    a hung async test is one coroutine awaiting something (found via gc: no private API)."""
+    tasks = [o for o in gc.get_objects() if isinstance(o, asyncio.Task) and not o.done()]
+    print(f"+++ {test_id}: {len(tasks)} unfinished asyncio tasks +++", file=sys.stderr)
+    for t in tasks:
+        try:
+            t.print_stack(limit=12, file=sys.stderr)
+        except Exception as exc:  # a frame changing under us: keep dumping the rest
+            print(f"  {t.get_name()}: {exc!r}", file=sys.stderr)
+
+
+@pytest.fixture(autouse=True)
+def asyncio_task_dump_before_timeout(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Shortly before pytest-timeout fires, dump the asyncio tasks of a hung test."""
+    marker = request.node.get_closest_marker("timeout")
+    limit = float(marker.args[0]) if marker and marker.args else float(
+        request.config.getini("timeout") or 0
+    )
+    if limit <= 0:
+        yield
+        return
+    timer = threading.Timer(max(limit - 30.0, limit * 0.9), _dump_asyncio_tasks,
+                            args=(request.node.nodeid,))  # fmt: skip
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
