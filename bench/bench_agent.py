@@ -238,7 +238,7 @@ def training_bench(repeats: int) -> dict[str, Any]:
         created_ts=1.0,
     )
     model = VerifiedModel(manifest, base)
-    settings = AgentSettings(device_id="b", simulate_compute=False)
+    settings = AgentSettings(device_id="b")  # no pacer below: no simulated compute time
     probe = SimulatedProbe(seed=0, battery=90, charging=True, network="wifi")
     now = time.time()
     task = Task(

@@ -30,13 +30,17 @@ from typing import Any, Literal
 import aiomqtt
 import httpx
 import numpy as np
+from redis.asyncio import Redis
 
+from coordinator.core import build_core
 from coordinator.jobs import build_job
+from coordinator.link import MemoryFleetLink
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.policy import EligibilityPolicy
 from coordinator.selector import Selector
 from coordinator.service import Coordinator
 from coordinator.settings import CoordinatorSettings
+from coordinator.task_sink import DirectTaskSink, KafkaTaskSink
 from schemas.messages import Telemetry, encode
 
 
@@ -83,8 +87,7 @@ async def bench_ingest(info: Any, tmp: Path, n_msgs: int, n_devices: int) -> dic
     s = CoordinatorSettings(
         kafka_bootstrap=info.kafka_bootstrap, mqtt_host=info.mqtt_host, mqtt_port=info.mqtt_port,
         redis_url=info.redis_url, topic_prefix=prefix, model_store_dir=tmp / "m",
-        signing_key_path=tmp / "k", run_selector=False, run_dispatcher=False,
-        run_registry=False, create_topics=False,
+        signing_key_path=tmp / "k",
     )  # fmt: skip
     payloads = [
         (f"fleet/b{i % n_devices}/telemetry",
@@ -162,8 +165,6 @@ def _registry() -> Any:
 
 
 async def bench_selection(redis_url: str, devices: int, passes: int) -> dict[str, Any]:
-    from redis.asyncio import Redis
-
     from coordinator.fleet import FleetStore
     from coordinator.jobs import JobStore
     from coordinator.jobstats import JobStatsStore
@@ -217,7 +218,7 @@ async def bench_selection(redis_url: str, devices: int, passes: int) -> dict[str
         rounds=RoundStore(r, prefix),
         stats=JobStatsStore(r, prefix),
         lock=RedisLock(r, Keys(prefix).selector_lock),
-        producer=_NullProducer(),
+        task_sink=KafkaTaskSink(_NullProducer(), s.tasks_topic),
         publish=None,
         metrics=metrics,
     )
@@ -259,15 +260,18 @@ async def bench_uploads(info: Any, tmp: Path, n: int) -> dict[str, Any]:
     s = CoordinatorSettings(
         kafka_bootstrap=info.kafka_bootstrap, mqtt_host=info.mqtt_host, mqtt_port=info.mqtt_port,
         redis_url=info.redis_url, topic_prefix=prefix, model_store_dir=tmp / "um",
-        signing_key_path=tmp / "k", run_selector=False, run_dispatcher=False,
-        run_registry=False, run_mqtt=False, create_topics=False, pace_enabled=False,
+        signing_key_path=tmp / "k", pace_enabled=False,
         telemetry_ttl_s=3600.0, lease_s=3600.0,
     )  # fmt: skip
     levels = (1, 32)
     out: dict[str, Any] = {"uploads_per_level": n, "shards": 2}
-    async with Coordinator(s, metrics=CoordinatorMetrics(registry=_registry())) as coord:
-        coord.selector.producer = _NullProducer()
-        coord.uploads.producer = _NullProducer()
+    # only the parts the upload path uses: no loops, no broker; Kafka "acks" at once
+    redis: Any = Redis.from_url(s.redis_url, decode_responses=True)
+    link = MemoryFleetLink()
+    metrics = CoordinatorMetrics(registry=_registry())
+    coord = build_core(s, redis, metrics=metrics, producer=_NullProducer(),
+                       task_sink=DirectTaskSink(link.publish, metrics), publish=link.publish)
+    try:
         warm = max(levels)
         total = n * len(levels) + warm
         job = build_job({
@@ -323,6 +327,8 @@ async def bench_uploads(info: Any, tmp: Path, n: int) -> dict[str, Any]:
             out[f"c{conc}_accepted"] = ok
             out[f"c{conc}_uploads_per_s"] = round(ok / dt)
             out[f"c{conc}_round_trips_per_upload"] = round(rt.n / max(ok, 1), 2)
+    finally:
+        await redis.aclose()
     return out
 
 
@@ -331,11 +337,13 @@ async def bench_pulls(info: Any, tmp: Path, requests: int, conc: int) -> dict[st
     s = CoordinatorSettings(
         kafka_bootstrap=info.kafka_bootstrap, mqtt_host=info.mqtt_host, mqtt_port=info.mqtt_port,
         redis_url=info.redis_url, topic_prefix=prefix, model_store_dir=tmp / "pm",
-        signing_key_path=tmp / "k", run_selector=False, run_dispatcher=False,
-        run_registry=False, run_mqtt=False, create_topics=False, admin_token="b",
+        signing_key_path=tmp / "k", admin_token="b",
     )  # fmt: skip
     out: dict[str, Any] = {"requests": requests, "concurrency": conc}
-    async with Coordinator(s, metrics=CoordinatorMetrics(registry=_registry())) as coord:
+    async with Coordinator(
+        s, metrics=CoordinatorMetrics(registry=_registry()), link=MemoryFleetLink(),
+        task_sink=DirectTaskSink,
+    ) as coord:
         coord.app_state.publish_job = _noop_publish
         async with httpx.AsyncClient(
             base_url=coord.rest_url, timeout=30, limits=httpx.Limits(max_connections=conc)

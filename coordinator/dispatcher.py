@@ -6,6 +6,7 @@ task id as a no-op). Malformed records are counted and skipped.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -13,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from aiokafka import AIOKafkaConsumer
 
 from coordinator.metrics import CoordinatorMetrics
+from schemas.aio import cancelling
 from schemas.errors import SchemaError
 from schemas.messages import Task, decode
 
@@ -48,5 +50,7 @@ async def run_dispatcher(
                 await dispatch_record(rec.value, publish, metrics)
             await consumer.commit()
         except Exception:
+            if cancelling():
+                raise asyncio.CancelledError from None
             metrics.errors.labels(loop="dispatcher").inc()
             log.exception("dispatch failed; the task's lease will expire and be re-issued")

@@ -13,9 +13,11 @@ import time
 
 from coordinator.fleet import FleetStore
 from coordinator.jobstats import JobStatsStore
+from coordinator.link import INGEST_LEAVES
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.tasks import TaskStore
 from coordinator.uploads import UploadHandler
+from schemas.aio import cancelling
 from schemas.errors import SchemaError
 from schemas.messages import (
     UPDATE_MAX_BYTES,
@@ -27,24 +29,6 @@ from schemas.messages import (
 )
 
 log = logging.getLogger(__name__)
-
-SUBSCRIPTIONS = ("telemetry", "status", "task_status", "update")
-
-
-def subscriptions(share_group: str) -> list[tuple[str, int]]:
-    """Topic filters: shared groups split load across coordinators.
-
-    ``status`` is not shared because brokers do not deliver retained messages to shared
-    subscriptions (and every coordinator may apply it: the write is idempotent).
-    """
-    share = f"$share/{share_group}/" if share_group else ""
-    return [
-        (f"{share}fleet/+/telemetry", 0),
-        ("fleet/+/status", 1),
-        (f"{share}fleet/+/task_status", 1),
-        (f"{share}fleet/+/update", 1),
-    ]
-
 
 class TelemetryBatcher:
     """Latest telemetry per device, flushed to Redis in one pipeline per batch."""
@@ -85,6 +69,8 @@ class TelemetryBatcher:
             try:
                 await self.flush()
             except Exception:  # Redis hiccup: keep the loop alive, count it
+                if cancelling():
+                    raise asyncio.CancelledError from None
                 self.metrics.errors.labels(loop="telemetry").inc()
                 log.exception("telemetry flush failed")
                 await asyncio.sleep(self.interval)
@@ -113,7 +99,7 @@ class Router:
 
     async def handle(self, topic: str, payload: bytes) -> None:
         parts = topic.split("/")
-        if len(parts) != 3 or parts[0] != "fleet" or parts[2] not in SUBSCRIPTIONS:
+        if len(parts) != 3 or parts[0] != "fleet" or parts[2] not in INGEST_LEAVES:
             self._reject("topic", "unknown_topic")
             return
         dev, kind = parts[1], parts[2]

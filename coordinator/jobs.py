@@ -37,7 +37,7 @@ from schemas.messages import (
 )
 from schemas.modelspec import even_bounds, num_params
 
-_ALLOWED = {
+JOB_FIELDS = {  # every field a job request may carry (the OpenAPI body is built from it)
     "job_id", "model_name", "spec", "shards", "strategy", "train", "codec", "concurrency",
     "target_accuracy", "init_seed", "publish_every", "eligibility", "selection",
 }  # fmt: skip
@@ -70,7 +70,7 @@ def build_job(
     """
     if not isinstance(body, dict):
         raise JobError("validation", "body must be a JSON object")
-    unknown = set(body) - _ALLOWED
+    unknown = set(body) - JOB_FIELDS
     if unknown:
         raise JobError("validation", f"unknown fields {sorted(unknown)}")
     for req in ("model_name", "spec"):
@@ -160,13 +160,14 @@ def job_json(job: Job, stats: dict[str, int], current_version: int | None) -> di
 
 
 class JobStore:
-    """``{p}job:{{id}}`` hash (spec JSON, eligibility JSON, status), ``{p}jobs`` zset."""
+    """``{p}job:{{id}}`` hash (spec JSON, eligibility JSON, selection JSON, status, the
+    journal ``revision`` it was written at), ``{p}jobs`` zset."""
 
     def __init__(self, redis: Redis, prefix: str) -> None:
         self._r: Any = redis  # Redis, decode_responses=True (redis-py types bytes | str)
         self._k = Keys(prefix)
 
-    async def put(self, job: Job) -> None:
+    async def put(self, job: Job, *, revision: int = 0) -> None:
         pipe = self._r.pipeline(transaction=True)
         pipe.hset(
             self._k.job(job.spec.job_id),
@@ -175,6 +176,7 @@ class JobStore:
                 "eligibility": msgspec.json.encode(job.eligibility.to_dict()).decode(),
                 "selection": msgspec.json.encode(job.selection.to_dict()).decode(),
                 "status": job.spec.status,
+                "revision": str(revision),
             },
         )
         pipe.zadd(self._k.jobs, {job.spec.job_id: job.spec.created_ts})
@@ -193,6 +195,17 @@ class JobStore:
         elig = EligibilityPolicy.from_dict(msgspec.json.decode(h["eligibility"]))
         sel = SelectionConfig.from_dict(msgspec.json.decode(h.get("selection") or "{}"))
         return Job(spec, elig, sel)
+
+    async def revisions(self, job_ids: list[str]) -> dict[str, int]:
+        """The journal revision each job was last written at (absent: Redis lacks it)."""
+        pipe = self._r.pipeline(transaction=False)
+        for jid in job_ids:
+            pipe.hmget(self._k.job(jid), ["spec", "revision"])
+        out: dict[str, int] = {}
+        for jid, (spec, rev) in zip(job_ids, await pipe.execute(), strict=True):
+            if spec is not None:
+                out[jid] = int(rev) if rev and rev.isdigit() else 0
+        return out
 
     async def ids(self) -> list[str]:
         return list(await self._r.zrange(self._k.jobs, 0, -1))

@@ -9,6 +9,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from coordinator.errors import CoordinatorError
 from coordinator.settings import CoordinatorSettings
 
 log = logging.getLogger(__name__)
@@ -55,17 +56,34 @@ def make_consumer(s: CoordinatorSettings, group: str) -> AIOKafkaConsumer:
         enable_auto_commit=False,
         fetch_max_bytes=80 << 20,
         max_partition_fetch_bytes=80 << 20,
+        # a topic created just before the group formed may be missing from the first
+        # metadata (an empty assignment): look again every few seconds, not every 5 min
+        metadata_max_age_ms=5000,
     )
 
 
+async def wait_for_topics(producer: AIOKafkaProducer, topics: list[str], timeout_s: float) -> None:
+    """Return once the cluster's metadata lists every topic (freshly created ones take a
+    moment to get leaders); a ``CoordinatorError`` after ``timeout_s``."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            for topic in topics:
+                await producer.partitions_for(topic)
+    except TimeoutError:
+        raise CoordinatorError(
+            "kafka", f"topics {topics} not available after {timeout_s:g}s"
+        ) from None
+
+
 async def ensure_topics(s: CoordinatorSettings) -> None:
-    """Create the four topics if missing (existing topics are left as they are)."""
+    """Create the five topics if missing (existing topics are left as they are)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, client_id=s.client_id)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         wanted = [
             NewTopic(s.jobs_topic, 1, 1, topic_configs={"cleanup.policy": "compact"}),
+            NewTopic(s.journal_topic, 1, 1, topic_configs={"cleanup.policy": "compact"}),
             NewTopic(s.tasks_topic, s.task_partitions, 1),
             NewTopic(
                 s.updates_topic, s.max_shards, 1, topic_configs={"max.message.bytes": str(80 << 20)}

@@ -53,6 +53,11 @@ class CoordinatorMetrics:
         self.training_now = Gauge(
             "fedfleet_coord_training_now", "Active task leases", registry=registry
         )
+        self.jobs_restored = Counter(
+            "fedfleet_coord_jobs_restored_total",
+            "Jobs restored into Redis from the job journal (Redis lost or rolled them back)",
+            registry=registry,
+        )
         self.errors = Counter(
             "fedfleet_coord_loop_errors_total",
             "Unexpected errors caught in loops",

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+import msgspec
+
 from coordinator.errors import JobError
 
 
@@ -72,9 +74,9 @@ class EligibilityPolicy:
         unknown = set(data) - known
         if unknown:
             raise JobError("eligibility", f"unknown eligibility fields {sorted(unknown)}")
-        try:
-            return cls(**dict(data))
-        except TypeError as exc:
+        try:  # typed: a string field given a number is refused here, not in a pass
+            return msgspec.convert(dict(data), cls, strict=True)
+        except msgspec.ValidationError as exc:
             raise JobError("eligibility", str(exc)) from None
 
     def to_dict(self) -> dict[str, Any]:
@@ -152,9 +154,9 @@ class SelectionConfig:
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise JobError("selection", f"unknown selection fields {sorted(unknown)}")
-        try:
-            return cls(**dict(data))
-        except TypeError as exc:
+        try:  # typed: a string field given a number is refused here, not in a pass
+            return msgspec.convert(dict(data), cls, strict=True)
+        except msgspec.ValidationError as exc:
             raise JobError("selection", str(exc)) from None
 
     def to_dict(self) -> dict[str, Any]:

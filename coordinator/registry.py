@@ -36,6 +36,7 @@ from schemas.types import F32
 
 BLOB_CACHE_ENTRIES = 4
 BLOB_CACHE_MAX_BYTES = 64 << 20
+DISK_RECHECK_S = 0.5  # how stale another coordinator's newer shard versions may be seen
 
 
 @dataclass(slots=True)
@@ -87,6 +88,7 @@ class ModelRegistry:
         self._manifests: dict[tuple[str, int], ModelManifest] = {}
         self._lock = threading.Lock()
         self._blobs: dict[str, bytes] = {}
+        self._on_disk: dict[str, tuple[float, list[int]]] = {}
         try:
             for sub in ("blobs", "onnx", "models"):
                 check_writable_dir(self.dir / sub)
@@ -222,15 +224,31 @@ class ModelRegistry:
         self._jobs[job.job_id] = st
         return st
 
-    def cached_shard_versions(self, job_id: str) -> list[int] | None:
-        """Newest known version of each shard, if the job's state is in memory (no I/O)."""
-        st = self._jobs.get(job_id)
-        return None if st is None else list(st.shard_versions)
-
-    def shard_versions(self, job: JobSpec) -> list[int]:
-        """Newest known version of each shard (may read the newest manifest from disk)."""
+    def newest_shard_versions(self, job: JobSpec) -> list[int]:
+        """Newest version of each shard of ``job``: what this process assembled, or newer
+        from a manifest another coordinator wrote to the shared store (the disk is
+        re-read at most every ``DISK_RECHECK_S`` per job: uploads ask this per message)."""
+        now = time.monotonic()
         with self._lock:
-            return list(self._state(job).shard_versions)
+            mine = list(self._state(job).shard_versions)
+            hit = self._on_disk.get(job.job_id)
+        if hit is None or now - hit[0] >= DISK_RECHECK_S:
+            hit = (now, self._manifest_shard_versions(job))
+            self._on_disk[job.job_id] = hit
+        disk = hit[1]
+        if len(disk) != len(mine):
+            return mine
+        return [max(a, b) for a, b in zip(mine, disk, strict=True)]
+
+    def _manifest_shard_versions(self, job: JobSpec) -> list[int]:
+        for v in reversed(self.versions(job.model_name)):
+            try:
+                m = self.manifest(job.model_name, v)
+            except NotFound:  # pruned between the scan and the read
+                continue
+            if m.job_id == job.job_id:
+                return list(m.shard_versions)
+        return []
 
     def apply(self, job: JobSpec, sv: ShardVersion) -> ModelManifest | None:
         """Fold one ``ShardVersion`` event in; returns the new manifest or None if stale."""

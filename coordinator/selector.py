@@ -24,7 +24,6 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from coordinator.fleet import FleetStore
 from coordinator.jobs import Job, JobStore
@@ -48,7 +47,9 @@ from coordinator.policy import (
 )
 from coordinator.rounds import RoundStore
 from coordinator.settings import CoordinatorSettings
+from coordinator.task_sink import TaskSink
 from coordinator.tasks import TaskStore, new_token
+from schemas.aio import cancelling
 from schemas.messages import Pace, Task, encode
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class Selector:
         rounds: RoundStore,
         stats: JobStatsStore,
         lock: RedisLock,
-        producer: Any,
+        task_sink: TaskSink,
         publish: Publish | None,
         metrics: CoordinatorMetrics,
         latest_versions: LatestVersions | None = None,
@@ -85,7 +86,7 @@ class Selector:
         self.rounds = rounds
         self.stats = stats
         self.lock = lock
-        self.producer = producer
+        self.task_sink = task_sink
         self.publish = publish
         self.metrics = metrics
         self.latest_versions = latest_versions
@@ -160,9 +161,7 @@ class Selector:
         )  # fmt: skip
         await self.fleet.assign_task(device.device_id, task.task_id, now)
         try:
-            await self.producer.send_and_wait(
-                self.s.tasks_topic, value=encode(task), key=device.device_id.encode()
-            )
+            await self.task_sink.send(task)
         except Exception:
             # Never leave a lease for a task nobody will receive: roll it back.
             rec = await self.tasks.get(task.task_id)
@@ -389,6 +388,8 @@ class Selector:
             try:
                 await self.locked_pass()
             except Exception:
+                if cancelling():  # a pass that failed because it was cancelled: stop
+                    raise asyncio.CancelledError from None
                 self.metrics.errors.labels(loop="selector").inc()
                 log.exception("selection pass failed")
             try:

@@ -1,12 +1,16 @@
-"""The coordinator service: every loop and the REST server composed in one AsyncExitStack.
+"""The coordinator service: the I/O shell around ``coordinator.core`` in one AsyncExitStack.
 
     async with Coordinator(CoordinatorSettings.from_env()) as coord:
         print(coord.rest_url)
         await coord.wait_closed()
 
 Loops (each supervised: an unexpected error is counted, logged and the loop restarted):
-MQTT ingest (with reconnect), telemetry flusher, selector, dispatcher (``fl.tasks``),
-registry (``fl.models``), and uvicorn serving ``coordinator.api``.
+fleet-link ingest (``FleetLink.serve``, reconnecting), telemetry flusher, selector,
+dispatcher (``fl.tasks`` -> the link; only with the default Kafka task sink), registry
+(``fl.models``), and uvicorn serving ``coordinator.api``. The link and the task sink are
+ports: ``Coordinator(s, link=MemoryFleetLink(), task_sink=DirectTaskSink)`` runs without
+an MQTT broker and without ``fl.tasks``; a test that drives one part by hand builds only
+that part with ``coordinator.core.build_core``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -22,30 +25,38 @@ from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any
 
-import aiomqtt
 import uvicorn
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from coordinator.api import AppState, create_app
+from coordinator.core import build_core
 from coordinator.dispatcher import run_dispatcher
-from coordinator.errors import CoordinatorError, NotFound
-from coordinator.fleet import FleetStore
-from coordinator.ingest import Router, TelemetryBatcher, subscriptions
-from coordinator.jobs import Job, JobStore
-from coordinator.jobstats import JobStatsStore
-from coordinator.kafka import ensure_topics, make_producer, start_consumer, stop_quietly
-from coordinator.keys import Keys
-from coordinator.lock import RedisLock
+from coordinator.errors import CoordinatorError
+from coordinator.jobs import Job
+from coordinator.journal import (
+    KafkaJobJournal,
+    journal_unrecorded_jobs,
+    restore_lost_jobs,
+    run_recovery,
+)
+from coordinator.kafka import (
+    ensure_topics,
+    make_producer,
+    start_consumer,
+    stop_quietly,
+    wait_for_topics,
+)
+from coordinator.link import FleetLink
 from coordinator.metrics import CoordinatorMetrics, default_metrics
-from coordinator.registry import ModelRegistry
-from coordinator.rounds import RoundStore
-from coordinator.selector import Selector
+from coordinator.mqtt_link import MqttFleetLink
 from coordinator.settings import CoordinatorSettings
-from coordinator.signing import Signer
-from coordinator.tasks import TaskStore
-from coordinator.uploads import UploadHandler
-from schemas.errors import SchemaError
-from schemas.messages import UPDATE_MAX_BYTES, JobSpec, ShardVersion, decode, encode
+from coordinator.task_sink import KafkaTaskSink, TaskSink, TaskSinkFactory
+from schemas.aio import cancel_all, cancelling
+from schemas.messages import JobSpec, encode
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +65,31 @@ class Coordinator:
     """Async context manager; ``start``/``stop`` are idempotent."""
 
     def __init__(
-        self, settings: CoordinatorSettings, *, metrics: CoordinatorMetrics | None = None
+        self,
+        settings: CoordinatorSettings,
+        *,
+        metrics: CoordinatorMetrics | None = None,
+        link: FleetLink | None = None,
+        task_sink: TaskSinkFactory | None = None,
     ) -> None:
+        """``link``: the device link (default: ``MqttFleetLink`` on ``settings``' broker).
+        ``task_sink``: builds where leased tasks go (default: ``fl.tasks`` on Kafka plus
+        the dispatcher loop that pushes them over the link; ``DirectTaskSink`` pushes them
+        over the link at once, with no dispatcher)."""
         self.settings = settings
         self.metrics = metrics or default_metrics()
+        self.link: FleetLink = link or MqttFleetLink(
+            settings.mqtt_host, settings.mqtt_port,
+            client_id=settings.client_id, share_group=settings.share_group,
+        )  # fmt: skip
+        self._task_sink_factory = task_sink
         self._stack: AsyncExitStack | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = asyncio.Event()
-        self._mqtt: aiomqtt.Client | None = None
-        self._mqtt_up = asyncio.Event()
         self._server: uvicorn.Server | None = None
         self._rest_url = ""
         self._pending: set[asyncio.Task[Any]] = set()
         self._upload_slots = asyncio.Semaphore(settings.upload_concurrency)
-        self._instance = secrets.token_hex(3)  # MQTT ids must differ per live session
         self.redis: Any = None
         self.producer: Any = None
 
@@ -109,81 +131,58 @@ class Coordinator:
         # bind the REST port first: a port in use or an unroutable host fails at once
         rest_sock = bind_rest(s.http_host, s.http_port)
         stack.callback(rest_sock.close)
-        self.redis = Redis.from_url(s.redis_url, decode_responses=True)
+        self.redis = redis_client(s.redis_url)
         stack.push_async_callback(self.redis.aclose)
         await self.redis.ping()
-        if s.create_topics:
-            await ensure_topics(s)
+        await ensure_topics(s)
         self.producer = make_producer(s)
         await self.producer.start()
         stack.push_async_callback(stop_quietly, self.producer)
+        await wait_for_topics(self.producer, [s.jobs_topic, s.journal_topic, s.tasks_topic,
+                                              s.updates_topic, s.models_topic], 30)  # fmt: skip
 
         if s.admin_token in ("", "change-me"):
             log.warning("admin_token is the default: set FEDFLEET_ADMIN_TOKEN")
-        self.signer = Signer.load_or_create(s.signing_key_path)
-        self.registry = ModelRegistry(s.model_store_dir, self.signer, retention=s.retention)
-        self.fleet = FleetStore(self.redis, s.key_prefix, s.telemetry_ttl_s)
-        self.tasks = TaskStore(self.redis, s.key_prefix)
-        self.jobs = JobStore(self.redis, s.key_prefix)
-        self.stats = JobStatsStore(self.redis, s.key_prefix)
-        self.rounds = RoundStore(self.redis, s.key_prefix)
-        self.batcher = TelemetryBatcher(
-            self.fleet, self.metrics, batch=s.telemetry_batch, interval_s=s.telemetry_flush_s
-        )
-        self.selector = Selector(
-            settings=s,
-            fleet=self.fleet,
-            tasks=self.tasks,
-            jobs=self.jobs,
-            rounds=self.rounds,
-            stats=self.stats,
-            lock=RedisLock(self.redis, Keys(s.key_prefix).selector_lock),
-            producer=self.producer,
-            publish=self.publish,
-            metrics=self.metrics,
-            latest_versions=self.latest_shard_versions,
-        )
-        self.uploads = UploadHandler(
-            tasks=self.tasks,
-            jobs=self.jobs,
-            fleet=self.fleet,
-            stats=self.stats,
-            producer=self.producer,
-            updates_topic=s.updates_topic,
-            publish=self.publish,
-            metrics=self.metrics,
-            on_uploaded=self.selector.wake,
-            newest_versions=self.known_shard_versions,
-        )
-        self.router = Router(
-            fleet=self.fleet,
-            tasks=self.tasks,
-            stats=self.stats,
-            uploads=self.uploads,
-            batcher=self.batcher,
-            metrics=self.metrics,
-        )
+        if self._task_sink_factory is None:
+            sink: TaskSink = KafkaTaskSink(self.producer, s.tasks_topic)
+        else:
+            sink = self._task_sink_factory(self.publish, self.metrics)
+        core = build_core(s, self.redis, metrics=self.metrics, producer=self.producer,
+                          task_sink=sink, publish=self.publish)  # fmt: skip
+        self.core = core
+        self.signer, self.registry, self.fleet, self.tasks = (
+            core.signer, core.registry, core.fleet, core.tasks)  # fmt: skip
+        self.jobs, self.stats, self.rounds, self.batcher = (
+            core.jobs, core.stats, core.rounds, core.batcher)  # fmt: skip
+        self.selector, self.uploads, self.router = core.selector, core.uploads, core.router
+        # the job journal: read to its end, then Redis is made to agree with it before
+        # anything is served (a Redis that came back empty or rolled back gets its jobs)
+        self.journal = KafkaJobJournal(s, self.producer)
+        await self.journal.start()
+        stack.push_async_callback(self.journal.stop)
+        await journal_unrecorded_jobs(self.journal, self.jobs)
+        await restore_lost_jobs(self.journal, self.jobs, self.metrics)
 
         self._spawn("telemetry", self.batcher.run)
-        if s.run_mqtt:
-            self._spawn("mqtt", self._mqtt_loop)
-            await asyncio.wait_for(self._mqtt_up.wait(), 30)
-        if s.run_dispatcher:
+        self._spawn("mqtt", lambda: self.link.serve(self._on_message))
+        await self.link.wait_ready(30)
+        if isinstance(sink, KafkaTaskSink):  # fl.tasks -> the link
             consumer = await start_consumer(s, s.tasks_topic, f"{s.topic_prefix}coord-dispatcher")
             stack.push_async_callback(stop_quietly, consumer)
             self._spawn("dispatcher", lambda: run_dispatcher(consumer, self.publish, self.metrics))
-        if s.run_registry:
-            mconsumer = await start_consumer(s, s.models_topic, f"{s.topic_prefix}coord-registry")
-            stack.push_async_callback(stop_quietly, mconsumer)
-            self._spawn("registry", lambda: self._registry_loop(mconsumer))
-        if s.run_selector:
-            self._spawn("selector", self.selector.run)
+        mconsumer = await start_consumer(s, s.models_topic, f"{s.topic_prefix}coord-registry")
+        stack.push_async_callback(stop_quietly, mconsumer)
+        self._spawn("registry", lambda: self._registry_loop(mconsumer))
+        self._spawn("selector", self.selector.run)
+        self._spawn("journal", self.journal.run)
+        self._spawn("recovery", lambda: run_recovery(
+            self.journal, self.jobs, self.metrics, s.recovery_check_s))  # fmt: skip
         stack.push_async_callback(self._cancel_tasks)
 
         self.app_state = AppState(
             settings=s, fleet=self.fleet, jobs=self.jobs, tasks=self.tasks, stats=self.stats,
             registry=self.registry, signer=self.signer, metrics=self.metrics,
-            publish_job=self.publish_job, ready=self._ready,
+            publish_job=self.publish_job, ready=self._ready, journal=self.journal,
         )  # fmt: skip
         self.app = create_app(self.app_state)
         config = uvicorn.Config(
@@ -228,43 +227,23 @@ class Coordinator:
 
     # ------------------------------------------------------------------ helpers
     def _spawn(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
-        async def supervised() -> None:
-            delay = 0.1
-            while True:
-                try:
-                    await factory()
-                    return
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    self.metrics.errors.labels(loop=name).inc()
-                    log.exception("coordinator loop %s failed; restarting", name)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-
-        self._tasks.append(asyncio.create_task(supervised(), name=f"coord-{name}"))
+        self._tasks.append(
+            asyncio.create_task(supervise(name, factory, self.metrics), name=f"coord-{name}")
+        )
 
     async def _cancel_tasks(self) -> None:
         tasks = self._tasks + list(self._pending)
         self._tasks = []
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_all(tasks)
         with contextlib.suppress(Exception):
             await self.batcher.flush()
 
     async def _ready(self) -> bool:
-        return (not self.settings.run_mqtt) or self._mqtt_up.is_set()
+        return self.link.ready()
 
     async def publish(self, topic: str, payload: bytes, qos: int) -> None:
-        """Publish over MQTT (waits up to 10 s for the session to come back)."""
-        if not self.settings.run_mqtt:
-            return
-        await asyncio.wait_for(self._mqtt_up.wait(), 10)
-        assert self._mqtt is not None
-        await self._mqtt.publish(topic, payload, qos=qos)
+        """Publish to a device over the link (waits up to 10 s for a lost session)."""
+        await self.link.publish(topic, payload, qos)
 
     async def publish_job(self, spec: JobSpec) -> None:
         await self.producer.send_and_wait(
@@ -272,43 +251,17 @@ class Coordinator:
         )
 
     # ------------------------------------------------------------------ loops
-    async def _mqtt_loop(self) -> None:
-        s = self.settings
-        delay = 0.2
-        while True:
-            try:
-                async with aiomqtt.Client(
-                    s.mqtt_host,
-                    s.mqtt_port,
-                    identifier=f"{s.client_id}-mqtt-{self._instance}",
-                    protocol=aiomqtt.ProtocolVersion.V5,
-                    keepalive=30,
-                    max_queued_incoming_messages=100_000,
-                ) as client:
-                    for flt, qos in subscriptions(s.share_group):
-                        await client.subscribe(flt, qos=qos)
-                    self._mqtt = client
-                    self._mqtt_up.set()
-                    delay = 0.2
-                    async for msg in client.messages:
-                        payload = msg.payload
-                        data = payload if isinstance(payload, bytes | bytearray) else b""
-                        topic = str(msg.topic)
-                        if topic.endswith("/update"):
-                            await self._upload_slots.acquire()  # bounded concurrency
-                            t = asyncio.create_task(self._guarded(topic, bytes(data)))
-                            t.add_done_callback(lambda _t: self._upload_slots.release())
-                            self._pending.add(t)
-                            t.add_done_callback(self._pending.discard)
-                        else:
-                            await self._guarded(topic, bytes(data))
-            except aiomqtt.MqttError as exc:
-                log.warning("MQTT session lost (%s); reconnecting in %.1fs", exc, delay)
-            finally:
-                self._mqtt_up.clear()
-                self._mqtt = None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    async def _on_message(self, topic: str, payload: bytes) -> None:
+        """One device message from the link. Uploads run concurrently (bounded: each waits
+        for Kafka acks); everything else in arrival order."""
+        if topic.endswith("/update"):
+            await self._upload_slots.acquire()
+            t = asyncio.create_task(self._guarded(topic, payload))
+            t.add_done_callback(lambda _t: self._upload_slots.release())
+            self._pending.add(t)
+            t.add_done_callback(self._pending.discard)
+        else:
+            await self._guarded(topic, payload)
 
     async def _guarded(self, topic: str, payload: bytes) -> None:
         try:
@@ -319,57 +272,49 @@ class Coordinator:
 
     async def _registry_loop(self, consumer: Any) -> None:
         async for rec in consumer:
-            await self.apply_shard_version(rec.value or b"")
+            await self.core.apply_shard_version(rec.value or b"")
             await consumer.commit()
 
-    async def latest_shard_versions(self, job: Job) -> list[int] | None:
-        """Shard versions of ``job``'s newest published model (what ``/latest`` serves
-        unless pinned); None when the newest version is not this job's or there is none.
-        The model directory is shared, so every coordinator process sees the writer's."""
-
-        def read() -> list[int] | None:
-            name = job.spec.model_name
-            v = self.registry.newest_version(name)
-            if v is None:
-                return None
-            try:
-                m = self.registry.manifest(name, v)
-            except NotFound:  # pruned between the scan and the read
-                return None
-            return list(m.shard_versions) if m.job_id == job.spec.job_id else None
-
-        return await asyncio.to_thread(read)
-
-    async def known_shard_versions(self, spec: JobSpec) -> list[int] | None:
-        """The newest version of each shard of ``spec`` this coordinator has assembled."""
-        got = self.registry.cached_shard_versions(spec.job_id)
-        if got is not None:
-            return got
-        return await asyncio.to_thread(self.registry.shard_versions, spec)
+    async def shard_versions(self, job: Job | JobSpec) -> list[int] | None:
+        return await self.core.shard_versions(job)
 
     async def apply_shard_version(self, value: bytes) -> int | None:
-        """Fold one ``fl.models`` record in; returns the new global version, if any."""
+        return await self.core.apply_shard_version(value)
+
+
+def redis_client(url: str) -> Any:
+    """The coordinator's Redis client. After a Redis restart every pooled connection is
+    dead: an idle one is checked with a PING before use (``health_check_interval``) and a
+    command that finds its connection closed is sent once more on a new one, so a restart
+    costs a retry instead of a 503 per stale connection. (A command is re-sent only on a
+    connection error; the upload path's scripts are idempotent state transitions.)"""
+    return Redis.from_url(
+        url, decode_responses=True, health_check_interval=2,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )  # fmt: skip
+
+
+async def supervise(
+    name: str, factory: Callable[[], Awaitable[None]], metrics: CoordinatorMetrics
+) -> None:
+    """Run a loop until it returns; an unexpected error is counted, logged and the loop
+    restarted with backoff. A loop that fails while it is being cancelled (a client's
+    shutdown raising its own error) stops: cancelling always ends it."""
+    delay = 0.1
+    while True:
         try:
-            sv = decode(value, ShardVersion, max_bytes=UPDATE_MAX_BYTES)
-            job = await self.jobs.get(sv.job_id)
-            m = await asyncio.to_thread(self.registry.apply, job.spec, sv)
-            shards = len(job.spec.shard_bounds) - 1
-        except SchemaError as exc:
-            self.metrics.rejected.labels(source="fl.models", reason=exc.reason).inc()
-            return None
-        except NotFound:
-            self.metrics.rejected.labels(source="fl.models", reason="unknown_job").inc()
-            return None
-        except CoordinatorError as exc:
-            self.metrics.rejected.labels(source="fl.models", reason=exc.code).inc()
-            return None
-        # per-shard figures (shard.{s}.*) and the job's updates_applied / mean staleness
-        await self.stats.record_shard(sv, shards)
-        if m is None:
-            return None
-        self.metrics.versions.inc()
-        self.selector.wake(sv.job_id)  # a sync round may be waiting for this version
-        return m.version
+            await factory()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if cancelling():
+                raise asyncio.CancelledError from None
+            metrics.errors.labels(loop=name).inc()
+            log.exception("coordinator loop %s failed; restarting", name)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def bind_rest(host: str, port: int) -> socket.socket:

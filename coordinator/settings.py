@@ -55,12 +55,9 @@ class CoordinatorSettings:
     upload_concurrency: int = 64  # uploads handled at once (each waits for Kafka acks)
     # registry
     retention: int = 20
-    # behaviour switches (tests turn loops off to drive them by hand)
-    run_selector: bool = True
-    run_dispatcher: bool = True
-    run_registry: bool = True
-    run_mqtt: bool = True
-    create_topics: bool = True
+    # recovery: how often Redis is checked for jobs it lost (restart without its data,
+    # restored from an older snapshot); they are restored from the job journal
+    recovery_check_s: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("kafka_bootstrap", "mqtt_host", "redis_url", "http_host", "topic_prefix"):
@@ -71,7 +68,7 @@ class CoordinatorSettings:
         check(self.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url",
               f"{self.redis_url!r} is not a redis:// URL")  # fmt: skip
         for name in ("selection_tick_s", "lease_s", "telemetry_ttl_s", "pace_retry_s",
-                     "telemetry_flush_s"):  # fmt: skip
+                     "telemetry_flush_s", "recovery_check_s"):  # fmt: skip
             v = getattr(self, name)
             check(v > 0, name, f"must be > 0, got {v}")
         for name in ("pace_max_per_tick", "pace_per_pass", "candidate_factor",
@@ -85,6 +82,11 @@ class CoordinatorSettings:
     @property
     def jobs_topic(self) -> str:
         return f"{self.topic_prefix}jobs"
+
+    @property
+    def journal_topic(self) -> str:
+        """The coordinators' durable job record (compacted; see ``coordinator.journal``)."""
+        return f"{self.topic_prefix}jobjournal"
 
     @property
     def tasks_topic(self) -> str:

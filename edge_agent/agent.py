@@ -5,7 +5,8 @@ Lifecycle (aiokafka-style): ``start()``/``stop()`` are idempotent, ``async with`
 ``DeviceLink`` (default ``MqttLink``; last will = retained ``offline`` status) that
 reconnects with exponential backoff and jitter; a task in progress and the outbox survive
 reconnects. Collaborators, each injectable: the link, the ``Uploader`` (outbox re-send,
-acks) and the ``ModelStore`` (pull, verify, ONNX swap, predict). See ``docs/edge_agent.md``.
+acks), the ``ModelStore`` (pull, verify, ONNX swap, predict), the ``ComputePacer``
+(simulated compute time) and the ``CrashPoints`` (tests). See ``docs/edge_agent.md``.
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ from edge_agent.model_cache import ModelCache, ModelStore
 from edge_agent.models import VerifiedModel
 from edge_agent.mqtt_link import MqttLink
 from edge_agent.outbox import FileOutbox, MemoryOutbox, Outbox
+from edge_agent.pacing import ComputePacer, RealCompute
 from edge_agent.probe import DeviceProbe, ProbeReading
-from edge_agent.session import cancel_all
 from edge_agent.settings import AgentSettings
 from edge_agent.stats import AgentStats
 from edge_agent.trainer_factory import make_trainer
 from edge_agent.trainers import Trainer
 from edge_agent.uploader import Uploader
+from schemas.aio import cancel_all
 from schemas.errors import SchemaError
 from schemas.messages import (
     DeviceStatus,
@@ -105,9 +107,10 @@ def mqtt_link(settings: AgentSettings, rng: random.Random | None = None) -> Mqtt
 class EdgeAgent:
     """One device's agent. ``dataset`` is its local training data.
 
-    ``link`` (default ``mqtt_link(settings)``), ``models`` (default ``ModelCache``) and
-    ``crash`` (default ``CrashPoints.from_settings``) are collaborators a simulator or a
-    test may inject or wrap; ``uploader`` is built on the agent's outbox and stats.
+    ``link`` (default ``mqtt_link(settings)``), ``models`` (default ``ModelCache``),
+    ``pacer`` (default ``RealCompute``: no simulated compute time) and ``crash`` (default
+    ``CrashPoints()``: none) are collaborators a simulator or a test may inject or wrap;
+    ``uploader`` is built on the agent's outbox and stats.
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class EdgeAgent:
         link: DeviceLink | None = None,
         models: ModelStore | None = None,
         crash: CrashPoints | None = None,
+        pacer: ComputePacer | None = None,
     ) -> None:
         self.settings = settings
         self.probe = probe
@@ -139,7 +143,8 @@ class EdgeAgent:
         self.outbox = outbox
         self._rng = rng or agent_rng(settings)
         self.models: ModelStore = models or ModelCache(settings)
-        self.crash = crash or CrashPoints.from_settings(settings)
+        self.crash = crash or CrashPoints()
+        self.pacer: ComputePacer = pacer or RealCompute()
         self.uploader = Uploader(
             settings, self.outbox, self.stats, self._publish, rng=self._rng, emit=self._emit
         )
@@ -182,16 +187,18 @@ class EdgeAgent:
             return
         self._closed = True
         work, task = self._work, self._current
-        if work is not None and not work.done():
-            await cancel_all([work])
-            if task is not None:
-                self.outbox.remove_task(task.task_id)
-                await self._respond(task, "aborted", "shutdown")
-        self._stopping.set()
-        await self.link.stop()
-        await cancel_all(list(self._bg))
-        if self._owns_http and self._http is not None:
-            await self._http.aclose()
+        try:
+            if work is not None and not work.done():
+                await cancel_all([work])
+                if task is not None:
+                    self.outbox.remove_task(task.task_id)
+                    await self._respond(task, "aborted", "shutdown")
+        finally:  # even when this stop is cancelled: never leave the session running
+            self._stopping.set()
+            await self.link.stop()
+            await cancel_all(list(self._bg))
+            if self._owns_http and self._http is not None:
+                await self._http.aclose()
 
     async def run(self) -> None:
         """Start (if needed) and run until ``stop()`` is called."""
@@ -407,6 +414,7 @@ class EdgeAgent:
             settings=self.settings,
             residual=self.outbox.load_residual(task.job_id) if task.codec.error_feedback else None,
             crash=self.crash,
+            pacer=self.pacer,
         )
 
     # ----------------------------------------------------------------- models & inference

@@ -4,7 +4,8 @@
     fedfleet agent predict --api URL --model NAME --input FILE.(npz|csv) [--logits]
 
 Flags override ``FEDFLEET_AGENT_*`` environment variables, which override ``--config``
-(TOML with an ``[agent]`` table, or JSON).
+(TOML with an ``[agent]`` table, or JSON). ``build_agent`` is the agent this command runs;
+``main(argv, crash=...)`` runs it with collaborators injected (``tests/crashing_agent.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +27,11 @@ from edge_agent.errors import AgentError
 from edge_agent.settings import AgentSettings
 from schemas.atomic import check_writable_dir
 from schemas.errors import FedfleetError
+
+if TYPE_CHECKING:
+    from edge_agent.agent import EdgeAgent
+    from edge_agent.crash import CrashPoints
+    from edge_agent.pacing import ComputePacer
 
 log = logging.getLogger("edge_agent")
 
@@ -97,9 +103,19 @@ def writable_dir(path: Path) -> None:
         raise AgentError("state_dir", f"cannot use {path}: {exc}") from None
 
 
-async def _run(settings: AgentSettings, probe_kind: str) -> int:
+def build_agent(
+    settings: AgentSettings,
+    *,
+    probe_kind: str = "linux",
+    crash: CrashPoints | None = None,
+    pacer: ComputePacer | None = None,
+) -> EdgeAgent:
+    """The agent ``fedfleet agent`` runs: its data from ``settings.data_path``, the probe
+    named by ``probe_kind`` and the collaborators given. ``simulated``: a ``SimulatedProbe``
+    whose compute time ``SimulatedCompute`` waits out, unless ``pacer`` is given."""
     from edge_agent.agent import EdgeAgent
     from edge_agent.data import load_dataset
+    from edge_agent.pacing import SimulatedCompute
     from edge_agent.probe import DeviceProbe, LinuxProbe, SimulatedProbe
 
     if settings.data_path is None:
@@ -109,16 +125,21 @@ async def _run(settings: AgentSettings, probe_kind: str) -> int:
     data = load_dataset(
         settings.data_path, label_col=settings.label_col, feature_cols=settings.feature_cols
     )
-    probe: DeviceProbe = (
-        SimulatedProbe(seed=settings.seed)
-        if probe_kind == "simulated"
-        else LinuxProbe(
+    probe: DeviceProbe
+    if probe_kind == "simulated":
+        probe = SimulatedProbe(seed=settings.seed)
+        pacer = pacer or SimulatedCompute(probe)
+    else:
+        probe = LinuxProbe(
             metered=settings.metered,
             idle_max_load=settings.idle_max_load,
             idle_input_s=settings.idle_input_s,
         )
-    )
-    agent = EdgeAgent(settings, probe, data)
+    return EdgeAgent(settings, probe, data, crash=crash, pacer=pacer)
+
+
+async def _run(settings: AgentSettings, probe_kind: str, crash: CrashPoints | None) -> int:
+    agent = build_agent(settings, probe_kind=probe_kind, crash=crash)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -126,7 +147,7 @@ async def _run(settings: AgentSettings, probe_kind: str) -> int:
     log.info(
         "agent %s: %d samples, mqtt %s:%d, api %s",
         settings.device_id,
-        len(data),
+        len(agent.dataset),
         settings.mqtt_host,
         settings.mqtt_port,
         settings.api_url,
@@ -168,7 +189,7 @@ async def _predict(settings: AgentSettings, input_path: str, label_col: str, log
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, crash: CrashPoints | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     predict = bool(args) and args[0] == "predict"
     if args and args[0] in ("predict", "run"):
@@ -182,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if predict:
             settings = settings_from(ns, device_id=ns.device_id or "predict", inference=True)
             return asyncio.run(_predict(settings, ns.input, ns.label_col, ns.logits))
-        return asyncio.run(_run(settings_from(ns), ns.probe))
+        return asyncio.run(_run(settings_from(ns), ns.probe, crash))
     except FedfleetError as exc:  # settings, data, model, server: one line
         print(f"fedfleet agent: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from edge_agent.data import Dataset
 from edge_agent.errors import Aborted
 from edge_agent.gate import abort_reason
 from edge_agent.models import VerifiedModel
+from edge_agent.pacing import ComputePacer
 from edge_agent.probe import DeviceProbe, ProbeReading
 from edge_agent.settings import AgentSettings
 from edge_agent.trainers import Trainer, TrainRun
@@ -67,9 +68,11 @@ async def train_and_encode(
     settings: AgentSettings,
     residual: F32 | None,
     crash: CrashPoints | None = None,
+    pacer: ComputePacer | None = None,
 ) -> Encoded:
-    """Train in slices (yielding to the loop, re-checking the gate), wait out the simulated
-    compute time of slow devices, then encode ``new - base`` (+ residual) per shard."""
+    """Train in slices (yielding to the loop, re-checking the gate), let ``pacer`` wait
+    (simulated compute time; default: none), then encode ``new - base`` (+ residual) per
+    shard."""
     manifest = model.manifest
     if manifest.job_id != task.job_id:
         raise Aborted("job_mismatch")
@@ -89,13 +92,8 @@ async def train_and_encode(
             await asyncio.sleep(0)
             check(task, start, probe)
         check(task, start, probe)
-        if settings.simulate_compute:
-            remaining = probe.compute_delay(run.samples_seen)
-            while remaining > 0:
-                step = min(remaining, settings.gate_check_s)
-                await asyncio.sleep(step)
-                remaining -= step
-                check(task, start, probe)
+        if pacer is not None:
+            await pacer.after_training(run.samples_seen, lambda: check(task, start, probe))
     finally:
         probe.set_training(False)
     train_seconds = time.monotonic() - t0

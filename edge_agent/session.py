@@ -5,6 +5,11 @@ owner's ``on_connect``, reads messages into ``on_message`` and runs the per-conn
 ``loops`` until the connection drops or ``stop()`` is called; after a drop it waits an
 exponential backoff with jitter and connects again. On ``stop()`` it publishes
 ``farewell`` (the will is not sent on a clean disconnect) and leaves.
+
+Shutdown is cancellation-safe: a cancelled ``stop()`` does not cancel the session's own
+shutdown, and ``cancel_all`` retrieves the outcome of every task it cancels, also of one
+that finishes only after its caller gave up (a reader ending with ``LinkError`` once the
+connection closes under it), so asyncio never logs "Task exception was never retrieved".
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ import logging
 import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import Protocol
 
 from edge_agent.execution import backoff_delay
 from edge_agent.link import LinkCallbacks, LinkConfig, LinkError, Message
+from schemas.aio import cancel_all, cancelling
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +75,8 @@ class SessionLink:
     async def stop(self) -> None:
         self._stopping.set()
         if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
+            # not gather(): cancelling this stop() must not cancel the session's shutdown
+            await asyncio.wait([self._task])
 
     async def __aenter__(self) -> SessionLink:
         await self.start()
@@ -120,9 +127,13 @@ class SessionLink:
                     await cb.on_connect()
                     await self._serve(conn)
             except LinkError as exc:
+                if cancelling():  # the disconnect of a cancelled session failed: stop
+                    raise asyncio.CancelledError from exc
                 cb.on_error("mqtt")
                 log.info("%s: session lost: %s", c.client_id, exc)
             except Exception:  # never let the session die on a bug in a handler
+                if cancelling():
+                    raise asyncio.CancelledError from None
                 cb.on_error("internal")
                 log.exception("%s: session error", c.client_id)
             finally:
@@ -160,16 +171,3 @@ class SessionLink:
             except Exception:
                 self.callbacks.on_error("internal")
                 log.exception("%s: handler for %s failed", self.config.client_id, message.topic)
-
-
-async def cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
-    """Cancel and await tasks, re-cancelling: on Python 3.11 ``asyncio.wait_for`` (used by
-    aiomqtt) can swallow a cancellation that races with its inner future completing."""
-    pending = {t for t in tasks if not t.done()}
-    while pending:
-        for t in pending:
-            t.cancel()
-        _, pending = await asyncio.wait(pending, timeout=1.0)
-    for t in tasks:
-        if not t.cancelled():
-            t.exception()  # retrieve, so asyncio does not log "never retrieved"

@@ -20,8 +20,6 @@ from schemas import settings
 
 ENV_PREFIX = "FEDFLEET_AGENT_"
 AGENT_VERSION = "0.1.0"
-# Test-only crash points (``FEDFLEET_AGENT_CRASH_AT``), see ``edge_agent.crash``.
-CRASH_POINTS = ("during_training", "after_outbox", "before_publish")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -49,8 +47,6 @@ class AgentSettings:
     outbox: Literal["auto", "file", "memory"] = "auto"  # auto: file iff state_dir is set
     metered: bool = False  # LinuxProbe: is the current network metered
     batches_per_step: int = 4  # training batches between gate checks / event-loop yields
-    gate_check_s: float = 0.25  # gate re-check period while waiting out simulated compute
-    simulate_compute: bool = True  # wait probe.compute_delay() after real training
     label_col: str = "label"
     feature_cols: tuple[str, ...] = ()
     data_path: Path | None = None
@@ -58,7 +54,6 @@ class AgentSettings:
     trainer: Literal["numpy", "torch"] = "numpy"  # torch needs the ``fedfleet[torch]`` extra
     idle_max_load: float = 0.5  # LinuxProbe: idle iff 1-min load average per CPU <= this
     idle_input_s: float = 300.0  # LinuxProbe: and no user input for this long (0: ignore)
-    crash_at: str = ""  # test only: SIGKILL the process at this point (CRASH_POINTS)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -78,8 +73,6 @@ class AgentSettings:
             raise SettingsError("trainer", f"bad trainer {self.trainer!r}")
         if self.idle_max_load < 0 or self.idle_input_s < 0:
             raise SettingsError("idle", "idle thresholds must be >= 0")
-        if self.crash_at and self.crash_at not in CRASH_POINTS:
-            raise SettingsError("crash_at", f"unknown crash point {self.crash_at!r}")
 
     @property
     def durable(self) -> bool:

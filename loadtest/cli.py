@@ -37,7 +37,7 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from loadtest.churn import ChurnSettings
-    from loadtest.failover import FailoverSettings
+    from loadtest.failover import FAULTS, FailoverSettings
     from loadtest.scale import ScaleSettings
     from loadtest.train import TrainSettings
 
@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--processes", type=int, default=c.processes)
     _server_flags(ch)
 
-    fo = sub.add_parser("failover", help="kill -9 aggregators mid-job; exactly once per shard")
+    fo = sub.add_parser(
+        "failover", help="kill -9 aggregators (or Redis) mid-job; exactly once per shard"
+    )
     f = FailoverSettings()
     fo.add_argument("--devices", type=int, default=f.devices)
     fo.add_argument("--concurrency", type=int, default=f.concurrency)
@@ -94,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     fo.add_argument("--down", type=float, default=f.down_s, help="seconds a victim stays down")
     fo.add_argument("--between", type=float, default=f.between_s, help="seconds after a restart")
     fo.add_argument("--session-timeout-ms", type=int, default=f.session_timeout_ms)
+    fo.add_argument("--fault", choices=FAULTS, default=f.fault,
+                    help="what is killed: aggregators in turn, or redis-server (redis-wipe: "
+                         "it also loses its data and comes back empty)")  # fmt: skip
     _server_flags(fo)
     return p
 
@@ -142,6 +147,7 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], lis
             devices=args.devices, concurrency=args.concurrency, aggregators=args.aggregators,
             kills=args.kills, warmup_updates=args.warmup_updates, down_s=args.down,
             between_s=args.between, session_timeout_ms=args.session_timeout_ms, seed=args.seed,
+            fault=args.fault,
         )  # fmt: skip
         async with environment(
             _stack(args), aggregators=fs.aggregators, log=log,

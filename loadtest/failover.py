@@ -1,5 +1,12 @@
-"""``failover``: ``kill -9`` of aggregators mid-job; every acknowledged update is applied
-exactly once on every shard.
+"""``failover``: ``kill -9`` of aggregators (or of Redis) mid-job; every acknowledged
+update is applied exactly once on every shard.
+
+``--fault aggregator`` (default) kills aggregators in turn; ``--fault redis`` kills
+redis-server and starts it again on the same port and directory (it comes back with its
+append-only file); ``--fault redis-wipe`` also deletes its data, so Redis comes back
+empty and the coordinator must restore the job from its journal. For Redis faults each
+row also says how long after Redis came up the job was served again (``job_back_s``) and
+new updates were accepted again (``resumed_s``).
 
 Phases: warm-up until the job has applied ``warmup_updates`` on every shard; then
 ``kills`` times: ``kill -9`` one aggregator (round robin), leave it down ``down_s`` (longer
@@ -20,9 +27,12 @@ its distinct ids; every shard must hold the same set.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +49,7 @@ from sim.fleet import FleetSpec
 from sim.load_services import wait_quiet
 from sim.pool import FleetPool
 from stack.errors import StackError
+from stack.redis import RedisServer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,7 +62,15 @@ class FailoverSettings:
     down_s: float = 20.0  # a killed aggregator stays down this long
     between_s: float = 15.0  # after a restart, before the next kill / the end
     session_timeout_ms: int = 6000
+    fault: str = "aggregator"  # aggregator | redis | redis-wipe
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fault not in FAULTS:
+            raise StackError(f"failover: --fault must be one of {', '.join(FAULTS)}")
+
+
+FAULTS = ("aggregator", "redis", "redis-wipe")
 
 
 def aggregator_args(s: FailoverSettings) -> tuple[str, ...]:
@@ -171,7 +190,14 @@ async def run_failover(env: Env, s: FailoverSettings, *, quiet: bool) -> dict[st
                 return view
 
             async def tick(phase: str) -> dict[str, Any]:
-                view = await job_view()
+                try:
+                    view = await job_view()
+                except Exception as exc:  # a Redis fault: the API answers 503 meanwhile
+                    if s.fault == "aggregator" or not phase.startswith(("down", "up")):
+                        raise
+                    bar.update(time.monotonic() - t0, f"{phase}: API unavailable "
+                               f"({str(exc)[:60]})", phase)  # fmt: skip
+                    return {}
                 applied = [sh["updates_applied"] for sh in view.get("shards", [])]
                 timeline.add(phase=phase, accepted=view.get("updates_accepted", 0),
                              applied_min=min(applied, default=0),
@@ -199,19 +225,12 @@ async def run_failover(env: Env, s: FailoverSettings, *, quiet: bool) -> dict[st
                     raise StackError(f"failover: warm-up never reached {s.warmup_updates}")
                 await asyncio.sleep(0.5)
             for k in range(s.kills):
-                i = k % len(svc.aggregators)
                 before = (await job_view())["updates_accepted"]
-                victim = svc.aggregators[i]
-                if victim.pid is None:
-                    raise StackError(f"aggregator {i} is not running")
-                os.kill(victim.pid, signal.SIGKILL)
-                t_kill = time.monotonic()
-                await phase(f"down{k}", s.down_s)
-                down = time.monotonic() - t_kill
-                svc.restart_aggregator(i)
-                await phase(f"up{k}", s.between_s)
-                kills.append({"aggregator": i, "down_s": round(down, 1),
-                              "accepted_before": before})  # fmt: skip
+                if s.fault == "aggregator":
+                    row = await kill_aggregator(env, k, s, phase)
+                else:
+                    row = await kill_redis(env, k, s, phase, job_view, before)
+                kills.append({**row, "accepted_before": before})
                 svc.check_alive()
             await env.api.stop_job(job_id)
             await pool.stop()
@@ -231,6 +250,7 @@ async def run_failover(env: Env, s: FailoverSettings, *, quiet: bool) -> dict[st
     result = {
         "devices": s.devices,
         "aggregators": s.aggregators,
+        "fault": s.fault,
         "kills": kills,
         "updates_accepted": int(view.get("updates_accepted", 0)),
         "refused_before_ack": refused(stats),
@@ -242,6 +262,64 @@ async def run_failover(env: Env, s: FailoverSettings, *, quiet: bool) -> dict[st
           and all(r["rejected_after_ack"] == 0 and r["applied_not_logged"] == 0
                   for r in led["shards"]))  # fmt: skip
     return {"scenario": "failover", "ok": ok, "result": result, "timeline": timeline.rows}
+
+
+Phase = Callable[[str, float], Awaitable[None]]
+
+
+async def kill_aggregator(env: Env, k: int, s: FailoverSettings, phase: Phase) -> dict[str, Any]:
+    svc = env.services
+    i = k % len(svc.aggregators)
+    victim = svc.aggregators[i]
+    if victim.pid is None:
+        raise StackError(f"aggregator {i} is not running")
+    os.kill(victim.pid, signal.SIGKILL)
+    t_kill = time.monotonic()
+    await phase(f"down{k}", s.down_s)
+    down = time.monotonic() - t_kill
+    svc.restart_aggregator(i)
+    await phase(f"up{k}", s.between_s)
+    return {"fault": "aggregator", "aggregator": i, "down_s": round(down, 1)}
+
+
+async def kill_redis(
+    env: Env, k: int, s: FailoverSettings, phase: Phase,
+    job_view: Callable[[], Awaitable[dict[str, Any]]], before: int,
+) -> dict[str, Any]:  # fmt: skip
+    srv = env.launcher.local(RedisServer)
+    if srv is None or srv.proc is None or srv.proc.pid is None:
+        raise StackError("failover --fault redis needs the embedded stack's redis-server")
+    os.kill(srv.proc.pid, signal.SIGKILL)
+    t_kill = time.monotonic()
+    popen = srv.proc.proc
+    if popen is not None:
+        await asyncio.to_thread(popen.wait, 10)
+    if s.fault == "redis-wipe":  # the disk is gone too: Redis comes back empty
+        shutil.rmtree(srv.workdir, ignore_errors=True)
+        srv.workdir.mkdir(parents=True)
+    await phase(f"down{k}", s.down_s)
+    down = time.monotonic() - t_kill
+    srv.start()
+    await asyncio.to_thread(srv.wait_ready)
+    t_up = time.monotonic()
+    back = resumed = None
+    while time.monotonic() - t_up < max(60.0, s.between_s):
+        with contextlib.suppress(Exception):  # 503 while the job is not back yet
+            view = await job_view()
+            if back is None and view.get("job_id"):
+                back = time.monotonic() - t_up
+            if back is not None and view.get("updates_accepted", 0) > 0 and (
+                s.fault == "redis-wipe" or view["updates_accepted"] > before
+            ):
+                resumed = time.monotonic() - t_up
+                break
+        await asyncio.sleep(0.2)
+    rest = s.between_s - (time.monotonic() - t_up)
+    if rest > 0:
+        await phase(f"up{k}", rest)
+    return {"fault": s.fault, "down_s": round(down, 1),
+            "job_back_s": None if back is None else round(back, 2),
+            "resumed_s": None if resumed is None else round(resumed, 2)}  # fmt: skip
 
 
 def failover_report(
@@ -266,9 +344,14 @@ def failover_report(
         f"{x['rejected_after_ack']}"
         for x in r["shards"]
     )
+    fault = r.get("fault", "aggregator")
+    victims = f"{r['aggregators']} aggregators" if fault == "aggregator" else fault
+    backs = [f"back {x['job_back_s']} s, resumed {x['resumed_s']} s after Redis was up"
+             for x in r["kills"] if "job_back_s" in x]  # fmt: skip
     headline = [
-        f"failover: {len(r['kills'])} kill -9 of {r['aggregators']} aggregators; updates "
-        f"accepted {r['updates_accepted']}, acked to devices {r['acked']}",
+        f"failover: {len(r['kills'])} kill -9 of {victims}; updates accepted "
+        f"{r['updates_accepted']}, acked to devices {r['acked']}"
+        + (f"; {'; '.join(backs)}" if backs else ""),
         f"{per}; shards agree: {r['shards_agree']}; ok={res['ok']}",
     ]
     report.write(out_dir, summary, headline, plots)

@@ -128,6 +128,7 @@ class Env:
     api: Api
     workdir: Path
     run_id: str
+    launcher: LocalStack
 
 
 @asynccontextmanager
@@ -158,4 +159,5 @@ async def environment(
         http = await stack.enter_async_context(
             httpx.AsyncClient(base_url=services.rest_url, timeout=30.0)
         )
-        yield Env(info, services, http, Api(http, services.admin_token), workdir, run_id)
+        yield Env(info, services, http, Api(http, services.admin_token), workdir, run_id,
+                  launcher)

@@ -21,8 +21,8 @@ import numpy as np
 
 from edge_agent.agent import EdgeAgent
 from edge_agent.data import Dataset, partition_dirichlet
-from edge_agent.session import cancel_all
 from edge_agent.settings import AgentSettings
+from schemas.aio import cancel_all
 from sim.hetero import DiurnalProbe, SimLink, sim_agent
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,8 @@
 """Heterogeneity models of the fleet simulator (documented in ``docs/loadtest.md``).
 
 * compute speed: lognormal(0, sigma) per device (FedScale, Papaya), drawn by the fleet;
+  after real training the agent waits the probe's ``compute_delay`` (``SimulatedCompute``,
+  the agent's injected ``ComputePacer``);
 * bandwidth per network type: ``NETWORK_KBPS`` means, uniform ×[0.3, 1.5) per device
   (``SimulatedProbe``); model download and update upload take ``bytes / bandwidth`` of
   simulated time (``SimLink``, ``SimModels``: wrappers of the agent's link and model store);
@@ -28,6 +30,7 @@ from edge_agent.data import Dataset
 from edge_agent.link import DeviceLink, LinkCallbacks, LinkConfig
 from edge_agent.model_cache import ModelCache, ModelStore
 from edge_agent.models import VerifiedModel
+from edge_agent.pacing import SimulatedCompute
 from edge_agent.probe import DeviceProbe, SimulatedProbe
 from edge_agent.settings import AgentSettings
 from schemas.types import F32
@@ -170,7 +173,8 @@ def sim_agent(
     link: DeviceLink | None = None,
 ) -> tuple[EdgeAgent, SimLink]:
     """The real ``EdgeAgent`` with simulated transfer time (``time_scale`` 0: none) for
-    model pulls and uploads, using the probe's current bandwidth; also its ``SimLink``."""
+    model pulls and uploads, using the probe's current bandwidth, and simulated compute
+    time (``SimulatedCompute``: the probe's ``compute_delay``); also its ``SimLink``."""
 
     def kbps() -> float:
         return float(probe.read().bandwidth_kbps)
@@ -178,5 +182,8 @@ def sim_agent(
     rng = agent_rng(settings)  # one source for agent and link, as in a default agent
     sim_link = SimLink(link or mqtt_link(settings, rng), kbps, time_scale)
     models = SimModels(ModelCache(settings), kbps, time_scale)
-    agent = EdgeAgent(settings, probe, dataset, http=http, rng=rng, link=sim_link, models=models)
+    pacer = SimulatedCompute(probe)
+    agent = EdgeAgent(
+        settings, probe, dataset, http=http, rng=rng, link=sim_link, models=models, pacer=pacer
+    )
     return agent, sim_link

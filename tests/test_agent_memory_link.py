@@ -10,12 +10,13 @@ from collections.abc import Callable
 import pytest
 
 from edge_agent.agent import EdgeAgent, agent_link_config
-from edge_agent.crash import CrashPoints
+from edge_agent.crash import CRASH_POINTS, CrashPoints
 from edge_agent.data import Dataset, load_digits_split
 from edge_agent.errors import SettingsError
 from edge_agent.link import LinkCallbacks, LinkConfig, Message
 from edge_agent.memory_link import MemoryBroker, MemoryLink
 from edge_agent.model_cache import ModelCache
+from edge_agent.pacing import RealCompute
 from edge_agent.probe import SimulatedProbe
 from edge_agent.settings import AgentSettings
 from edge_agent.testing import FakeModelServer
@@ -167,11 +168,11 @@ async def test_sim_wrappers_count_update_bytes_and_wait_transfer_time(
         assert link.config.client_id == "fedfleet-agent-m2"
 
 
-def test_crash_points_validate_and_default_to_never() -> None:
+def test_crash_points_validate_and_default_to_never(digits: tuple[Dataset, Dataset]) -> None:
     CrashPoints().hit("after_outbox")  # no-op
-    assert (
-        CrashPoints.from_settings(AgentSettings(device_id="d", crash_at="before_publish")).at
-        == "before_publish"
-    )
-    with pytest.raises(SettingsError):
+    assert [CrashPoints(p).at for p in CRASH_POINTS] == list(CRASH_POINTS)
+    with pytest.raises(SettingsError) as err:
         CrashPoints("nowhere")
+    assert err.value.code == "crash_point" and "nowhere" in str(err.value)
+    agent = EdgeAgent(AgentSettings(device_id="d"), _probe(), digits[0])
+    assert agent.crash.at == "" and isinstance(agent.pacer, RealCompute)  # nothing injected

@@ -24,6 +24,7 @@ import pytest
 
 from edge_agent.agent import EdgeAgent
 from edge_agent.data import Dataset, load_digits_split, partition_dirichlet
+from edge_agent.pacing import SimulatedCompute
 from edge_agent.probe import SimulatedProbe
 from edge_agent.settings import AgentSettings
 from edge_agent.testing import FakeModelServer
@@ -182,7 +183,8 @@ def make_agent(
     probe = probe or SimulatedProbe(
         seed=1, battery=90, charging=True, network="wifi", compute_speed=1e6
     )
-    return EdgeAgent(settings, probe, data, http=srv.client())
+    # a simulated device: its compute time is waited out as the simulator does
+    return EdgeAgent(settings, probe, data, http=srv.client(), pacer=SimulatedCompute(probe))
 
 
 def _server() -> FakeModelServer:

@@ -190,14 +190,23 @@ def test_linux_probe_without_loadavg_reads_idle(tmp_path: Path) -> None:
     assert probe.load_per_cpu() is None and probe.read().idle
 
 
-def test_idle_thresholds_and_crash_point_come_from_settings() -> None:
-    env = {"FEDFLEET_AGENT_IDLE_MAX_LOAD": "0.8", "FEDFLEET_AGENT_CRASH_AT": "after_outbox"}
+def test_idle_thresholds_come_from_settings() -> None:
+    env = {"FEDFLEET_AGENT_IDLE_MAX_LOAD": "0.8"}
     s = AgentSettings.load({"device_id": "d", "idle_input_s": "0"}, env=env)
-    assert (s.idle_max_load, s.idle_input_s, s.crash_at) == (0.8, 0.0, "after_outbox")
-    with pytest.raises(SettingsError):
-        AgentSettings.load({"device_id": "d", "crash_at": "nowhere"}, env={})
+    assert (s.idle_max_load, s.idle_input_s) == (0.8, 0.0)
     with pytest.raises(SettingsError):
         AgentSettings.load({"device_id": "d", "idle_max_load": "-1"}, env={})
+
+
+@pytest.mark.parametrize("name", ["crash_at", "simulate_compute", "gate_check_s"])
+def test_test_and_simulation_switches_are_not_settings(name: str) -> None:
+    # crash points and simulated compute are injected collaborators (CrashPoints,
+    # ComputePacer), never settings: a value is refused, an env var means nothing
+    with pytest.raises(SettingsError) as err:
+        AgentSettings.load({"device_id": "d", name: "1"}, env={})
+    assert name in str(err.value)
+    s = AgentSettings.load({"device_id": "d"}, env={f"FEDFLEET_AGENT_{name.upper()}": "1"})
+    assert not hasattr(s, name)
 
 
 def test_trainer_is_chosen_by_flag_and_validated() -> None:
@@ -210,15 +219,46 @@ def test_trainer_is_chosen_by_flag_and_validated() -> None:
         AgentSettings.load({"device_id": "d", "trainer": "jax"}, env={})
 
 
+def test_build_agent_injects_simulated_compute_only_for_a_simulated_probe(
+    tmp_path: Path,
+) -> None:
+    from edge_agent.cli import build_agent
+    from edge_agent.crash import CrashPoints
+    from edge_agent.errors import AgentError
+    from edge_agent.pacing import RealCompute, SimulatedCompute
+
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.zeros((4, 3), np.float32), y=np.array([0, 1, 0, 1]))
+    s = AgentSettings(device_id="d", data_path=data)
+    sim = build_agent(s, probe_kind="simulated")
+    assert isinstance(sim.pacer, SimulatedCompute) and sim.pacer.probe is sim.probe
+    assert isinstance(sim.probe, SimulatedProbe) and sim.crash.at == ""
+    crash = CrashPoints("before_publish")
+    real = build_agent(s, crash=crash)
+    assert isinstance(real.probe, LinuxProbe) and isinstance(real.pacer, RealCompute)
+    assert real.crash is crash and len(real.dataset) == 4
+    with pytest.raises(AgentError):
+        build_agent(AgentSettings(device_id="d"))  # no data
+
+
+def test_crashing_agent_refuses_a_missing_or_unknown_point(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tests.crashing_agent import main
+
+    assert main([]) == 2 and "usage" in capsys.readouterr().err
+    assert main(["nowhere", "--device-id", "d"]) == 2
+    assert "crash_point: unknown crash point 'nowhere'" in capsys.readouterr().err
+
+
 def test_crash_point_kills_the_process_only_at_its_point() -> None:
     code = (
-        "from edge_agent.crash import crash_point\n"
-        "from edge_agent.settings import AgentSettings\n"
-        "s = AgentSettings(device_id='d', crash_at='after_outbox')\n"
-        "crash_point(AgentSettings(device_id='d'), 'after_outbox')\n"
-        "crash_point(s, 'before_publish')\n"
+        "from edge_agent.crash import CrashPoints\n"
+        "c = CrashPoints('after_outbox')\n"
+        "CrashPoints().hit('after_outbox')\n"
+        "c.hit('before_publish')\n"
         "print('alive', flush=True)\n"
-        "crash_point(s, 'after_outbox')\n"
+        "c.hit('after_outbox')\n"
         "print('not reached')\n"
     )
     root = Path(__file__).resolve().parents[1]

@@ -1,184 +1,31 @@
-"""Ingest, leases, selection and uploads on a real Redis with in-memory Kafka/MQTT stand-ins."""
+"""Uploads on the ``update`` topic (token, device, shape, duplicates, staleness and NaN
+refused before the ack, Kafka failures, Redis round trips), on a real Redis with in-memory
+Kafka/MQTT stand-ins. Telemetry, status and leases: ``test_coordinator_ingest_fleet.py``;
+sync rounds: ``test_coordinator_ingest_rounds.py``."""
 
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import msgspec
 import numpy as np
 import pytest
-from redis.asyncio import Redis
 
-from coordinator.api import AppState
-from coordinator.ingest import Router, TelemetryBatcher
-from coordinator.jobs import build_job
-from coordinator.keys import Keys
-from coordinator.metrics import counter_value
-from coordinator.selector import Selector
-from coordinator.uploads import UploadHandler
 from schemas.codec import frame as fr
-from schemas.messages import (
-    DeviceStatus,
-    JobSpec,
-    Pace,
-    ShardUpdate,
-    Task,
-    TaskResponse,
-    Telemetry,
-    Update,
-    UpdateChunk,
-    UploadAck,
-    decode,
-    encode,
+from schemas.messages import Pace, ShardUpdate, TaskResponse, Update, UpdateChunk, decode, encode
+from tests.test_coordinator_ingest_support import (
+    Rig,
+    acks,
+    add_devices,
+    make_job,
+    make_sync_job,
+    rig,
+    tasks_sent,
+    update_for,
 )
-from tests.test_coordinator_support import (  # noqa: F401
-    FakeProducer,
-    Published,
-    RoundTrips,
-    frame,
-    make_selector,
-    make_state,
-    redis_url,
-)
+from tests.test_coordinator_support import RoundTrips, frame, redis_url
 
-
-@dataclass
-class Rig:
-    state: AppState
-    producer: FakeProducer
-    published: Published
-    router: Router
-    selector: Selector
-    uploads: UploadHandler
-    newest: dict[str, list[int]]  # the shard versions this coordinator "knows", per job
-    redis: Any  # the test's own client (decode_responses=True)
-    keys: Keys
-
-
-@pytest.fixture
-async def rig(redis_url: str, tmp_path: Path) -> AsyncIterator[Rig]:  # noqa: F811
-    redis: Any = Redis.from_url(redis_url, decode_responses=True)
-    state, _ = await make_state(redis, tmp_path, f"t{uuid.uuid4().hex[:8]}:")
-    producer, published = FakeProducer(), Published()
-    s = state.settings.replace(pace_retry_s=5.0)
-    selector = make_selector(state, redis, settings=s, producer=producer, publish=published)
-    newest: dict[str, list[int]] = {}
-
-    async def newest_versions(spec: JobSpec) -> list[int] | None:
-        return newest.get(spec.job_id)
-
-    uploads = UploadHandler(
-        tasks=state.tasks,
-        jobs=state.jobs,
-        fleet=state.fleet,
-        stats=state.stats,
-        producer=producer,
-        updates_topic=s.updates_topic,
-        publish=published,
-        metrics=state.metrics,
-        on_uploaded=selector.wake,
-        newest_versions=newest_versions,
-    )
-    batcher = TelemetryBatcher(state.fleet, state.metrics, batch=100, interval_s=0.01)
-    router = Router(
-        fleet=state.fleet,
-        tasks=state.tasks,
-        stats=state.stats,
-        uploads=uploads,
-        batcher=batcher,
-        metrics=state.metrics,
-    )
-    keys = Keys(state.settings.key_prefix)
-    yield Rig(state, producer, published, router, selector, uploads, newest, redis, keys)
-    await redis.aclose()
-
-
-def tel(dev: str, **kw: object) -> bytes:
-    base: dict[str, object] = dict(
-        ts=time.time(), battery=90.0, charging=False, network="wifi", metered=False
-    )
-    base.update(kw)
-    return encode(Telemetry(device_id=dev, **base))  # type: ignore[arg-type]
-
-
-async def add_devices(rig: Rig, n: int, **kw: object) -> None:
-    for i in range(n):
-        await rig.router.handle(f"fleet/d{i}/telemetry", tel(f"d{i}", **kw))
-    await rig.router.batcher.flush()
-
-
-async def make_job(
-    rig: Rig, concurrency: int = 2, shards: int = 2, selection: dict[str, object] | None = None
-) -> str:
-    job = build_job(
-        {
-            "model_name": "m",
-            "shards": shards,
-            "concurrency": concurrency,
-            "spec": {"family": "softmax", "n_features": 4, "n_classes": 2},
-            "selection": selection or {},
-        }
-    )
-    await rig.state.jobs.put(job)
-    return job.spec.job_id
-
-
-def tasks_sent(rig: Rig) -> list[Task]:
-    return [decode(v, Task) for t, v, _, _ in rig.producer.sent if t.endswith("tasks")]
-
-
-def update_for(task: Task, bounds: list[int], **kw: object) -> Update:
-    chunks = [
-        UpdateChunk(
-            shard=s,
-            start=bounds[s],
-            stop=bounds[s + 1],
-            base_version=0,
-            payload=frame(bounds[s + 1] - bounds[s], s),
-        )
-        for s in range(len(bounds) - 1)
-    ]
-    base: dict[str, object] = dict(
-        update_id=f"u-{task.task_id}",
-        task_id=task.task_id,
-        job_id=task.job_id,
-        device_id=task.device_id,
-        upload_token=task.upload_token,
-        num_samples=10,
-        chunks=chunks,
-        sent_ts=time.time(),
-    )
-    base.update(kw)
-    return Update(**base)  # type: ignore[arg-type]
-
-
-def acks(rig: Rig, dev: str) -> list[UploadAck]:
-    return [decode(p, UploadAck) for p in rig.published.on(f"{dev}/ack")]
-
-
-async def test_telemetry_status_and_bad_input(rig: Rig) -> None:
-    m = rig.state.metrics
-    before = counter_value(m.rejected, source="telemetry", reason="device_mismatch")
-    await add_devices(rig, 3)
-    assert len(await rig.state.fleet.live_ids()) == 3
-    await rig.router.handle("fleet/d9/telemetry", tel("d0"))  # topic/payload mismatch
-    await rig.router.handle("fleet/d0/telemetry", b"\x93garbage")
-    await rig.router.handle("fleet/d0/telemetry", tel("d0", battery=150.0))
-    await rig.router.handle("fleet/d0/nonsense", b"")
-    assert counter_value(m.rejected, source="telemetry", reason="device_mismatch") == before + 1
-    assert counter_value(m.rejected, source="telemetry", reason="range") >= 1
-    # LWT: offline at once, and a buffered telemetry of that device is dropped
-    await rig.router.handle("fleet/d1/telemetry", tel("d1"))
-    off = DeviceStatus(device_id="d1", state="offline", ts=time.time())
-    await rig.router.handle("fleet/d1/status", encode(off))
-    await rig.router.batcher.flush()
-    assert (await rig.state.fleet.get("d1"))["state"] == "offline"  # type: ignore[index]
-    assert sorted(await rig.state.fleet.live_ids()) == ["d0", "d2"]
+__all__ = ["redis_url", "rig"]  # fixtures
 
 
 async def test_selection_upload_ack_duplicate_and_reject(rig: Rig) -> None:
@@ -247,31 +94,6 @@ async def test_selection_upload_ack_duplicate_and_reject(rig: Rig) -> None:
     assert [t.device_id for t in refill] == [waiting]
 
 
-async def test_expired_lease_is_reissued_to_another_device(rig: Rig) -> None:
-    await add_devices(rig, 2)
-    jid = await make_job(rig, concurrency=1)
-    now = time.time()
-    (t1,) = (await rig.selector.select_once(now))[jid]
-    later = now + rig.state.settings.lease_s + 1
-    # keep both devices fresh in Redis at the later time
-    await rig.state.fleet.write_telemetry(
-        [decode(tel(d), Telemetry) for d in ("d0", "d1")], now=later
-    )
-    (t2,) = (await rig.selector.select_once(later))[jid]
-    assert t2.device_id != t1.device_id and t2.task_id != t1.task_id
-    rec1 = await rig.state.tasks.get(t1.task_id)
-    rec2 = await rig.state.tasks.get(t2.task_id)
-    assert rec1 is not None and rec1.state == "expired"
-    assert rec2 is not None and rec2.reissue_of == t1.task_id
-    assert (await rig.state.stats.stats(jid))["tasks_expired"] == 1
-    # a late update for the expired task is still taken (once); staleness is the
-    # aggregator's business
-    bounds = (await rig.state.jobs.get(jid)).spec.shard_bounds
-    await rig.router.handle(f"fleet/{t1.device_id}/update", encode(update_for(t1, bounds)))
-    assert acks(rig, t1.device_id)[-1].status == "accepted"
-    assert (await rig.state.stats.stats(jid))["late_updates"] == 1
-
-
 async def test_kafka_failure_means_no_ack_and_retry_succeeds(rig: Rig) -> None:
     await add_devices(rig, 1)
     jid = await make_job(rig, concurrency=1)
@@ -292,37 +114,6 @@ async def test_kafka_failure_means_no_ack_and_retry_succeeds(rig: Rig) -> None:
     rig.producer.fail = False
     assert await rig.uploads.handle(upd, task.device_id) == "accepted"
     assert acks(rig, task.device_id)[-1].status == "accepted"
-
-
-async def test_declined_and_aborted_free_the_slot(rig: Rig) -> None:
-    await add_devices(rig, 2)
-    jid = await make_job(rig, concurrency=1)
-    (task,) = (await rig.selector.select_once())[jid]
-    resp = TaskResponse(
-        task_id=task.task_id,
-        device_id=task.device_id,
-        status="declined",
-        reason="battery",
-        ts=time.time(),
-    )
-    await rig.router.handle(f"fleet/{task.device_id}/task_status", encode(resp))
-    assert await rig.state.tasks.active_count(jid) == 0
-    (t2,) = (await rig.selector.select_once())[jid]
-    abort = TaskResponse(
-        task_id=t2.task_id, device_id=t2.device_id, status="aborted", ts=time.time()
-    )
-    await rig.router.handle(f"fleet/{t2.device_id}/task_status", encode(abort))
-    assert (await rig.state.tasks.get(t2.task_id)).state == "aborted"  # type: ignore[union-attr]
-    bounds = (await rig.state.jobs.get(jid)).spec.shard_bounds
-    await rig.router.handle(f"fleet/{t2.device_id}/update", encode(update_for(t2, bounds)))
-    assert acks(rig, t2.device_id)[-1].reason == "task_aborted"
-
-
-async def make_sync_job(rig: Rig) -> tuple[str, list[int]]:
-    """A sync job: rounds of 2, over-selection 1.5 (3 invited), 50 s deadline."""
-    sel = {"mode": "sync", "over_selection": 1.5, "round_deadline_s": 50.0}
-    jid = await make_job(rig, concurrency=2, selection=sel)
-    return jid, (await rig.state.jobs.get(jid)).spec.shard_bounds
 
 
 async def test_an_accepted_upload_costs_at_most_three_redis_round_trips(
@@ -357,120 +148,6 @@ async def test_an_accepted_upload_costs_at_most_three_redis_round_trips(
     assert await rig.state.tasks.leased(jid) == [t3.task_id]
     assert (await rig.state.stats.stats(jid))["updates_accepted"] == 2
     assert (await rig.state.stats.stats(sjid))["updates_accepted"] == 2
-
-
-async def test_sync_rounds_over_select_and_close(rig: Rig) -> None:
-    await add_devices(rig, 6)
-    jid, bounds = await make_sync_job(rig)
-    now = time.time()
-    r1 = (await rig.selector.select_once(now))[jid]
-    assert len(r1) == 3  # 2 * 1.5 invited
-    assert all(t.deadline_ts == pytest.approx(now + 50.0) for t in r1)
-    assert (await rig.selector.select_once(now))[jid] == []  # round still open
-    for t in r1[:2]:
-        await rig.router.handle(f"fleet/{t.device_id}/update", encode(update_for(t, bounds)))
-    r2 = (await rig.selector.select_once(now))[jid]  # target reached: next round
-    assert len(r2) == 3
-    left = await rig.state.tasks.get(r1[2].task_id)
-    assert left is not None and left.state == "expired"
-    assert (await rig.state.stats.stats(jid))["tasks_round_closed"] == 1
-    # the deadline closes a round that did not reach its target
-    r3 = (await rig.selector.select_once(now + 51.0))[jid]
-    assert len(r3) == 3 and {t.task_id for t in r3}.isdisjoint({t.task_id for t in r2})
-    hist = await rig.state.fleet.history(r1[0].device_id)
-    assert hist[0]["outcome"] == "uploaded" and hist[0]["task_id"] == r1[0].task_id
-
-
-async def test_sync_round_slot_held_by_a_claim_kafka_did_not_confirm(rig: Rig) -> None:
-    """A claimed upload that Kafka failed keeps its round slot: the round is full after one
-    more, a third is refused, and the device's re-send of the first is still accepted."""
-    await add_devices(rig, 3)
-    jid, bounds = await make_sync_job(rig)
-    t1, t2, t3 = (await rig.selector.select_once())[jid]
-    rig.producer.fail = True
-    with pytest.raises(RuntimeError):
-        await rig.uploads.handle(update_for(t1, bounds), t1.device_id)
-    rig.producer.fail = False
-    assert await rig.uploads.handle(update_for(t2, bounds), t2.device_id) == "accepted"
-    assert await rig.uploads.handle(update_for(t3, bounds), t3.device_id) == "rejected"
-    assert acks(rig, t3.device_id)[-1].reason == "round_closed"
-    assert await rig.uploads.handle(update_for(t1, bounds), t1.device_id) == "accepted"
-    key = rig.keys.round(jid)
-    assert (await rig.redis.hget(key, "taken")) == "2"
-    states = [(await rig.state.tasks.get(t.task_id)).state for t in (t1, t2, t3)]  # type: ignore[union-attr]
-    assert states == ["uploaded", "uploaded", "expired"]
-
-
-async def test_sync_round_closed_at_deadline_refuses_late_uploads(rig: Rig) -> None:
-    """A round closed by its deadline takes no more uploads (the count read at close is
-    the aggregator's), and they never count in the next round."""
-    await add_devices(rig, 6)
-    jid, bounds = await make_sync_job(rig)
-    now = time.time()
-    r1 = (await rig.selector.select_once(now))[jid]
-    assert await rig.uploads.handle(update_for(r1[0], bounds), r1[0].device_id) == "accepted"
-    await add_devices(rig, 6)  # still online at the later clock
-    r2 = (await rig.selector.select_once(now + 51.0))[jid]  # deadline: close, open round 2
-    assert len(r2) == 3
-    late = r1[1]
-    assert await rig.uploads.handle(update_for(late, bounds), late.device_id) == "rejected"
-    assert acks(rig, late.device_id)[-1].reason == "round_closed"
-    rnd = await rig.redis.hgetall(rig.keys.round(jid))
-    assert (rnd["round"], rnd["taken"]) == ("2", "0")
-    assert await rig.uploads.handle(update_for(r2[0], bounds), r2[0].device_id) == "accepted"
-    assert (await rig.redis.hget(rig.keys.round(jid), "taken")) == "1"
-
-
-async def test_dispatcher_pushes_tasks_and_skips_stale_or_bad() -> None:
-    from coordinator.dispatcher import dispatch_record
-    from tests.test_coordinator_support import metrics
-
-    pub = Published()
-    now = time.time()
-    task = Task(task_id="t1", job_id="j", device_id="d7", model_name="m", upload_token="x",
-                issued_ts=now, deadline_ts=now + 10)  # fmt: skip
-    assert await dispatch_record(encode(task), pub, metrics(), now)
-    assert pub.items == [("fleet/d7/task", encode(task), 1)]
-    assert not await dispatch_record(encode(task), pub, metrics(), now + 11)
-    assert not await dispatch_record(b"\xc1", pub, metrics(), now)
-    assert len(pub.items) == 1
-
-
-async def test_selection_lock_lets_one_process_select(rig: Rig) -> None:
-    await add_devices(rig, 3)
-    jid = await make_job(rig, concurrency=2)
-    key = rig.keys.selector_lock
-    await rig.redis.set(key, "other-process", px=60_000)
-    assert await rig.selector.locked_pass() is None  # another coordinator is selecting
-    await rig.redis.delete(key)
-    out = await rig.selector.locked_pass()
-    assert out is not None and len(out[jid]) == 2
-    assert await rig.redis.get(key) is None  # released after the pass
-
-
-async def test_telemetry_in_flight_does_not_revive_a_device_that_said_offline(rig: Rig) -> None:
-    """Telemetry flushed just after a device's ``offline`` status (it was in flight in MQTT
-    or the ingest batch) must not make the departed device selectable again; telemetry
-    after the grace period does (and an ``online`` status always does)."""
-    from coordinator.fleet import OFFLINE_GRACE_S
-
-    fleet = rig.state.fleet
-    await add_devices(rig, 2)
-    now = time.time()
-    assert sorted(await fleet.live_ids(now)) == ["d0", "d1"]
-    await fleet.write_status(DeviceStatus(device_id="d0", state="offline", ts=now), now=now)
-    late = [decode(tel(d), Telemetry) for d in ("d0", "d1")]
-    await fleet.write_telemetry(late, now=now + 0.05)
-    assert await fleet.live_ids(now + 0.05) == ["d1"]
-    jid = await make_job(rig, concurrency=2)
-    issued = (await rig.selector.select_once(now + 0.1))[jid]
-    assert [t.device_id for t in issued] == ["d1"]  # the departed device gets no task
-    # telemetry well after the goodbye means the device is back
-    again = now + OFFLINE_GRACE_S + 1
-    await fleet.write_telemetry([decode(tel("d0"), Telemetry)], now=again)
-    assert "d0" in await fleet.live_ids(again)
-    view = (await fleet.views(["d0"], again))[0]
-    assert view.online
 
 
 async def test_stale_or_bad_uploads_are_refused_before_the_ack(rig: Rig) -> None:

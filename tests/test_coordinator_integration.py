@@ -266,7 +266,7 @@ async def test_restart_keeps_jobs_and_registry_state(
         kafka_bootstrap=stack.kafka_bootstrap, mqtt_host=stack.mqtt_host,
         mqtt_port=stack.mqtt_port, redis_url=stack.redis_url, topic_prefix=unique_prefix,
         model_store_dir=tmp_path / "models", signing_key_path=tmp_path / "key",
-        admin_token="adm", max_shards=2, run_selector=False,
+        admin_token="adm", max_shards=2,
     )  # fmt: skip
     name = f"{unique_prefix}r"
     job = {"model_name": name, "shards": 2, "concurrency": 1,
@@ -379,15 +379,14 @@ async def test_sync_round_opens_only_after_the_model_moved(
     tmp_path: Path,
 ) -> None:
     """Redis only: a closed FedAvg round holds the next one until every shard of the
-    newest published model advanced (the real registry + ``latest_shard_versions``), and
+    newest published model advanced (the real registry's ``newest_shard_versions``), and
     a round that never moves the model is given up after the grace period."""
     r: Any = Redis.from_url(redis_url, decode_responses=True)
     state, _ = await make_state(r, tmp_path, f"g{time.time_ns()}:")
     keys = Keys(state.settings.key_prefix)
-    shim: Any = type("Shim", (), {"registry": state.registry})()
 
-    async def latest(job: Job) -> list[int] | None:
-        return await Coordinator.latest_shard_versions(shim, job)
+    async def latest(job: Job) -> list[int] | None:  # as Coordinator.shard_versions reads it
+        return state.registry.newest_shard_versions(job.spec)
 
     sel = make_selector(state, r, producer=FakeProducer(), latest_versions=latest)
     batcher = TelemetryBatcher(state.fleet, state.metrics, batch=100, interval_s=0.01)

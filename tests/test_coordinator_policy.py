@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from coordinator.errors import JobError
@@ -179,3 +181,23 @@ def test_versions_round_trip_and_grace_validation() -> None:
     assert SelectionConfig.from_dict({"mode": "sync"}).round_grace_s == 30.0
     with pytest.raises(JobError):
         SelectionConfig(round_grace_s=-1.0)
+
+
+@pytest.mark.parametrize(
+    ("cls", "body", "where"),
+    [
+        (EligibilityPolicy, {"min_agent_version": 5}, "min_agent_version"),
+        (EligibilityPolicy, {"min_battery": "high"}, "min_battery"),
+        (EligibilityPolicy, {"allow_metered": 1}, "allow_metered"),
+        (SelectionConfig, {"mode": "bogus"}, "mode"),
+        (SelectionConfig, {"over_selection": "2"}, "over_selection"),
+    ],
+)
+def test_policy_bodies_are_typed_at_job_creation(
+    cls: Any, body: dict[str, Any], where: str
+) -> None:
+    """A wrongly typed field is a JobError naming it (422), never a value that breaks a
+    later selection pass (``min_agent_version: 5`` used to be stored and crash it)."""
+    with pytest.raises(JobError) as e:
+        cls.from_dict(body)
+    assert where in str(e.value)

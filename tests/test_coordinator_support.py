@@ -29,6 +29,7 @@ from coordinator.rounds import RoundStore
 from coordinator.selector import Selector
 from coordinator.settings import CoordinatorSettings
 from coordinator.signing import Signer
+from coordinator.task_sink import KafkaTaskSink
 from coordinator.tasks import TaskStore
 from schemas.messages import JobSpec
 
@@ -159,8 +160,13 @@ class RoundTrips:
 
 
 def make_selector(state: AppState, r: Redis, **kw: Any) -> Selector:
-    """A ``Selector`` over ``state``'s stores (``kw``: producer, publish, settings, ...)."""
+    """A ``Selector`` over ``state``'s stores (``kw``: producer, publish, settings, ...);
+    a ``producer`` (e.g. ``FakeProducer``) becomes the ``KafkaTaskSink`` it writes to."""
     p = state.settings.key_prefix
+    producer = kw.pop("producer", None)
+    if producer is not None:
+        s = kw.get("settings", state.settings)
+        kw["task_sink"] = KafkaTaskSink(producer, s.tasks_topic)
     args: dict[str, Any] = dict(
         settings=state.settings, fleet=state.fleet, tasks=state.tasks, jobs=state.jobs,
         rounds=RoundStore(r, p), stats=state.stats, lock=RedisLock(r, Keys(p).selector_lock),

@@ -103,7 +103,7 @@ SERVICE_CASES = [
     (["coordinator", "--lease-s", "-1"], {}, "lease_s"),
     (["coordinator", "--max-shards", "0"], {}, "max_shards"),
     (["coordinator", "--telemetry-ttl-s", "0"], {}, "telemetry_ttl_s"),
-    (["coordinator"], {"FEDFLEET_RUN_SELECTOR": "sometimes"}, "run_selector"),
+    (["coordinator"], {"FEDFLEET_PACE_ENABLED": "sometimes"}, "pace_enabled"),
     # a bad --mqtt is reported as such, before the Kafka preflight
     (["coordinator", "--kafka", "127.0.0.1:1", "--mqtt", "http://x:1"], {}, "MQTT: scheme"),
     (["coordinator", "--kafka", "127.0.0.1:1", "--mqtt", "mqtts://x:1"], {}, "TLS"),

@@ -28,6 +28,7 @@ def _err(code: int, description: str) -> Responses:
     return {code: {"model": ErrorBody, "description": description}}
 
 
+R400 = _err(400, "the body could not be read as JSON text (not UTF-8)")
 R401 = _err(401, "missing or wrong admin bearer token")
 R404 = _err(404, "unknown job, device or model version")
 R409 = _err(409, "the job exists")

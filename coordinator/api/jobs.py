@@ -8,7 +8,8 @@ from typing import Annotated, Any
 import msgspec
 from fastapi import APIRouter, Body, Depends, HTTPException, Path
 
-from coordinator.api.common import R401, R404, R409, R422, R503, admin
+from coordinator.api.bodies import JOB_EXAMPLE, JOB_REQUEST, json_body
+from coordinator.api.common import R400, R401, R404, R409, R422, R503, admin
 from coordinator.api.state import AppState, app_state
 from coordinator.errors import NotFound
 from coordinator.jobs import Job, build_job, job_json
@@ -34,21 +35,45 @@ async def job_out(state: AppState, job: Job) -> dict[str, Any]:
 
 @router.post(
     "/v1/jobs", status_code=201, dependencies=[Depends(admin)],
-    responses={**R401, **R409, **R422, **R503},
+    responses={**R400, **R401, **R409, **R422, **R503},
+    openapi_extra=json_body(JOB_REQUEST, JOB_EXAMPLE),
 )  # fmt: skip
 async def create_job(state: State, body: Annotated[Any, Body()]) -> dict[str, Any]:
     s = state.settings
     job = build_job(body, max_shards=s.max_shards, max_params=s.max_params)
-    if await state.jobs.exists(job.spec.job_id):
-        raise HTTPException(409, f"job {job.spec.job_id} exists")
+    jid, name = job.spec.job_id, job.spec.model_name
+    known = state.journal.latest()  # also jobs a lost Redis no longer holds
+    if jid in known or await state.jobs.exists(jid):
+        raise HTTPException(409, f"job {jid} exists")  # never re-initialise its model
+    holder = await running_job_of(state, name, known)
+    if holder is not None:
+        raise HTTPException(409, f"model {name!r} is being trained by running job {holder}: "
+                                 "stop it first or use another model_name")  # fmt: skip
+    try:
+        rev = await state.journal.append(job)  # the durable record first
+    except Exception as exc:
+        raise HTTPException(503, f"could not record the job in Kafka: {exc}") from None
     await asyncio.to_thread(state.registry.create_initial, job.spec)
-    await state.jobs.put(job)
+    await state.jobs.put(job, revision=rev)
     try:
         await state.publish_job(job.spec)
     except Exception as exc:
-        await state.jobs.set_status(job.spec.job_id, "stopped")
+        await state.jobs.set_status(jid, "stopped")
         raise HTTPException(503, f"could not publish job to Kafka: {exc}") from None
     return await job_out(state, job)
+
+
+async def running_job_of(
+    state: AppState, model_name: str, known: dict[str, tuple[int, Job]]
+) -> str | None:
+    """The running job that trains ``model_name`` (in Redis or only in the journal)."""
+    for rjob in await state.jobs.running():
+        if rjob.spec.model_name == model_name:
+            return rjob.spec.job_id
+    for jid, (_, kjob) in known.items():
+        if kjob.spec.model_name == model_name and kjob.spec.status == "running":
+            return jid
+    return None
 
 
 @router.get("/v1/jobs")
@@ -74,7 +99,12 @@ async def get_job(state: State, job_id: JobId) -> dict[str, Any]:
 async def stop_job(state: State, job_id: JobId) -> dict[str, Any]:
     job = await state.jobs.get(job_id)
     spec = msgspec.structs.replace(job.spec, status="stopped")
-    await state.jobs.set_status(job_id, "stopped")
+    stopped = Job(spec, job.eligibility, job.selection)
+    try:
+        rev = await state.journal.append(stopped)
+    except Exception as exc:
+        raise HTTPException(503, f"could not record the stop in Kafka: {exc}") from None
+    await state.jobs.put(stopped, revision=rev)
     try:
         await state.publish_job(spec)
     except Exception as exc:

@@ -9,9 +9,11 @@ from typing import Annotated, Any
 import msgspec
 from fastapi import APIRouter, Body, Depends, Header, Path, Response
 
+from coordinator.api.bodies import ROLLBACK_EXAMPLE, ROLLBACK_REQUEST, RollbackBody, json_body
 from coordinator.api.common import (
     BINARY,
     R304,
+    R400,
     R401,
     R404,
     R422,
@@ -110,11 +112,13 @@ async def latest_onnx(state: State, name: Name, if_none_match: IfNoneMatch = Non
 
 
 @router.post("/v1/models/{name}/rollback", dependencies=[Depends(admin)],
-             responses={**R401, **R404, **R422})  # fmt: skip
+             responses={**R400, **R401, **R404, **R422},
+             openapi_extra=json_body(ROLLBACK_REQUEST, ROLLBACK_EXAMPLE))  # fmt: skip
 async def rollback(state: State, name: Name, body: Annotated[Any, Body()]) -> dict[str, Any]:
-    v = body.get("version") if isinstance(body, dict) else None
-    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 31:
-        raise JobError("validation", 'body must be {"version": <int >= 0>}')
+    try:
+        v = msgspec.convert(body, RollbackBody, strict=True).version
+    except msgspec.ValidationError:
+        raise JobError("validation", 'body must be {"version": <int >= 0>}') from None
     m = await asyncio.to_thread(state.registry.rollback, name, v)
     return {"model_name": name, "pinned": m.version, "digest": m.digest}
 

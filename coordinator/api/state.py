@@ -10,6 +10,7 @@ from fastapi import Request
 from coordinator.fleet import FleetStore
 from coordinator.jobs import JobStore
 from coordinator.jobstats import JobStatsStore
+from coordinator.journal import JobJournal, MemoryJobJournal
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.registry import ModelRegistry
 from coordinator.settings import CoordinatorSettings
@@ -30,6 +31,8 @@ class AppState:
     metrics: CoordinatorMetrics
     publish_job: Callable[[JobSpec], Awaitable[None]]
     ready: Callable[[], Awaitable[bool]] | None = None
+    # the durable job record (the service passes its Kafka journal)
+    journal: JobJournal = field(default_factory=MemoryJobJournal)
     onnx_cache: dict[tuple[str, int, str], tuple[bytes, str, str]] = field(default_factory=dict)
 
 

@@ -1,0 +1,135 @@
+"""The coordinator's parts, wired but not running: stores, registry, selector, uploads.
+
+``build_core`` is the one place that wires them; ``Coordinator`` (``coordinator.service``)
+adds the I/O shell around it (Redis and Kafka clients, the fleet link, the loops, REST).
+Tests and benchmarks that drive one part by hand build a core over their own Redis client
+and in-memory adapters (``MemoryFleetLink``, ``DirectTaskSink``, a fake producer) instead
+of starting a whole service and switching its loops off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from coordinator.dispatcher import Publish
+from coordinator.errors import CoordinatorError, NotFound
+from coordinator.fleet import FleetStore
+from coordinator.ingest import Router, TelemetryBatcher
+from coordinator.jobs import Job, JobStore
+from coordinator.jobstats import JobStatsStore
+from coordinator.keys import Keys
+from coordinator.lock import RedisLock
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.registry import ModelRegistry
+from coordinator.rounds import RoundStore
+from coordinator.selector import Selector
+from coordinator.settings import CoordinatorSettings
+from coordinator.signing import Signer
+from coordinator.task_sink import TaskSink
+from coordinator.tasks import TaskStore
+from coordinator.uploads import ShardProducer, UploadHandler
+from schemas.errors import SchemaError
+from schemas.messages import UPDATE_MAX_BYTES, JobSpec, ShardVersion, decode
+
+log = logging.getLogger(__name__)
+
+
+async def shard_versions(registry: ModelRegistry, job: Job | JobSpec) -> list[int] | None:
+    """The newest version of each shard of ``job`` known to any coordinator: what this
+    process assembled, or newer from the shared model directory (another process may own
+    the ``fl.models`` consumer group). The selector asks it (has the model moved since the
+    round opened?) and so do uploads (is a base too stale?)."""
+    spec = job.spec if isinstance(job, Job) else job
+    return await asyncio.to_thread(registry.newest_shard_versions, spec)
+
+
+@dataclass
+class CoordinatorCore:
+    settings: CoordinatorSettings
+    metrics: CoordinatorMetrics
+    signer: Signer
+    registry: ModelRegistry
+    fleet: FleetStore
+    tasks: TaskStore
+    jobs: JobStore
+    stats: JobStatsStore
+    rounds: RoundStore
+    batcher: TelemetryBatcher
+    selector: Selector
+    uploads: UploadHandler
+    router: Router
+
+    async def shard_versions(self, job: Job | JobSpec) -> list[int] | None:
+        return await shard_versions(self.registry, job)
+
+    async def apply_shard_version(self, value: bytes) -> int | None:
+        """Fold one ``fl.models`` record in; returns the new global version, if any."""
+        try:
+            sv = decode(value, ShardVersion, max_bytes=UPDATE_MAX_BYTES)
+            job = await self.jobs.get(sv.job_id)
+            m = await asyncio.to_thread(self.registry.apply, job.spec, sv)
+            shards = len(job.spec.shard_bounds) - 1
+        except SchemaError as exc:
+            self.metrics.rejected.labels(source="fl.models", reason=exc.reason).inc()
+            return None
+        except NotFound:
+            self.metrics.rejected.labels(source="fl.models", reason="unknown_job").inc()
+            return None
+        except CoordinatorError as exc:
+            self.metrics.rejected.labels(source="fl.models", reason=exc.code).inc()
+            return None
+        # per-shard figures (shard.{s}.*) and the job's updates_applied / mean staleness
+        await self.stats.record_shard(sv, shards)
+        if m is None:
+            return None
+        self.metrics.versions.inc()
+        self.selector.wake(sv.job_id)  # a sync round may be waiting for this version
+        return m.version
+
+
+def build_core(
+    s: CoordinatorSettings,
+    redis: Any,
+    *,
+    metrics: CoordinatorMetrics,
+    producer: ShardProducer,
+    task_sink: TaskSink,
+    publish: Publish,
+) -> CoordinatorCore:
+    """Wire every part over ``redis`` (a ``decode_responses=True`` client the caller owns).
+    ``producer`` takes accepted uploads (``fl.updates``), ``task_sink`` leased tasks;
+    ``publish`` reaches devices."""
+    signer = Signer.load_or_create(s.signing_key_path)
+    registry = ModelRegistry(s.model_store_dir, signer, retention=s.retention)
+    fleet = FleetStore(redis, s.key_prefix, s.telemetry_ttl_s)
+    tasks = TaskStore(redis, s.key_prefix)
+    jobs = JobStore(redis, s.key_prefix)
+    stats = JobStatsStore(redis, s.key_prefix)
+    rounds = RoundStore(redis, s.key_prefix)
+    batcher = TelemetryBatcher(
+        fleet, metrics, batch=s.telemetry_batch, interval_s=s.telemetry_flush_s
+    )
+
+    async def versions(job: Job | JobSpec) -> list[int] | None:
+        return await shard_versions(registry, job)
+
+    selector = Selector(
+        settings=s, fleet=fleet, tasks=tasks, jobs=jobs, rounds=rounds, stats=stats,
+        lock=RedisLock(redis, Keys(s.key_prefix).selector_lock), task_sink=task_sink,
+        publish=publish, metrics=metrics, latest_versions=versions,
+    )  # fmt: skip
+    uploads = UploadHandler(
+        tasks=tasks, jobs=jobs, fleet=fleet, stats=stats, producer=producer,
+        updates_topic=s.updates_topic, publish=publish, metrics=metrics,
+        on_uploaded=selector.wake, newest_versions=versions,
+    )  # fmt: skip
+    router = Router(fleet=fleet, tasks=tasks, stats=stats, uploads=uploads, batcher=batcher,
+                    metrics=metrics)  # fmt: skip
+    return CoordinatorCore(
+        settings=s, metrics=metrics, signer=signer, registry=registry, fleet=fleet,
+        tasks=tasks, jobs=jobs, stats=stats, rounds=rounds, batcher=batcher,
+        selector=selector, uploads=uploads, router=router,
+    )  # fmt: skip

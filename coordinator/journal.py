@@ -1,0 +1,224 @@
+"""The job journal: the durable record of every job, so a coordinator recovers from a
+Redis it finds empty or rolled back.
+
+Redis holds the working copy of a job (``JobStore``); the journal holds every version of
+it that was ever acknowledged to a user (create, stop), each with a ``revision``. It is a
+port with two adapters held to one contract (``tests/test_journal.py``):
+
+- ``KafkaJobJournal``: the compacted topic ``{topic_prefix}jobjournal`` keyed by job id
+  (acks=all), read to its end at start and tailed by every coordinator;
+- ``MemoryJobJournal``: a list shared by instances, for tests.
+
+``restore_lost_jobs`` compares the two: a job the journal knows and Redis lacks (or holds
+at an older revision) is written back, counted (``fedfleet_coord_jobs_restored_total``)
+and logged. ``fl.jobs`` stays what the aggregators read (``JobSpec`` only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Protocol
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from coordinator.jobs import Job, JobStore
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.policy import EligibilityPolicy, SelectionConfig
+from coordinator.settings import CoordinatorSettings
+from schemas.errors import FedfleetError
+from schemas.messages import JobSpec
+
+log = logging.getLogger(__name__)
+
+CATCH_UP_TIMEOUT_S = 30.0
+
+
+class JournalError(FedfleetError):
+    code = "journal"
+    retriable = True
+
+
+class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
+    spec: JobSpec
+    eligibility: dict[str, Any]
+    selection: dict[str, Any]
+    revision: int
+
+
+def encode_record(job: Job, revision: int) -> bytes:
+    return msgspec.json.encode(
+        JobRecord(spec=job.spec, eligibility=job.eligibility.to_dict(),
+                  selection=job.selection.to_dict(), revision=revision)
+    )  # fmt: skip
+
+
+def decode_record(value: bytes) -> tuple[int, Job]:
+    r = msgspec.json.decode(value, type=JobRecord)
+    job = Job(r.spec, EligibilityPolicy.from_dict(r.eligibility),
+              SelectionConfig.from_dict(r.selection))  # fmt: skip
+    return r.revision, job
+
+
+class JobJournal(Protocol):
+    async def append(self, job: Job) -> int:
+        """Record ``job`` durably; returns its revision (greater than any before it)."""
+        ...
+
+    def latest(self) -> dict[str, tuple[int, Job]]:
+        """The newest revision of every job read so far."""
+        ...
+
+
+class _Index:
+    def __init__(self) -> None:
+        self.jobs: dict[str, tuple[int, Job]] = {}
+        self.bad = 0
+
+    def fold(self, value: bytes | None) -> None:
+        if value is None:
+            return
+        try:
+            rev, job = decode_record(value)
+        except (msgspec.DecodeError, msgspec.ValidationError, FedfleetError, ValueError):
+            self.bad += 1  # a record this version cannot read: skipped, counted
+            return
+        cur = self.jobs.get(job.spec.job_id)
+        if cur is None or rev >= cur[0]:
+            self.jobs[job.spec.job_id] = (rev, job)
+
+    def next_revision(self, job_id: str) -> int:
+        cur = self.jobs.get(job_id)
+        return max(time.time_ns(), cur[0] + 1 if cur else 0)
+
+
+class MemoryJobJournal:
+    """In-process journal; instances built over the same ``log`` list see each other."""
+
+    def __init__(self, log: list[bytes] | None = None) -> None:
+        self.log: list[bytes] = [] if log is None else log
+        self._index = _Index()
+        self._read = 0
+
+    def _catch_up(self) -> None:
+        for value in self.log[self._read :]:
+            self._index.fold(value)
+        self._read = len(self.log)
+
+    async def append(self, job: Job) -> int:
+        self._catch_up()
+        rev = self._index.next_revision(job.spec.job_id)
+        self.log.append(encode_record(job, rev))
+        self._catch_up()
+        return rev
+
+    def latest(self) -> dict[str, tuple[int, Job]]:
+        self._catch_up()
+        return dict(self._index.jobs)
+
+
+class KafkaJobJournal:
+    """The journal on its compacted topic. ``start`` reads it to its end (so a job created
+    before this process started is known before REST serves); ``run`` tails it."""
+
+    def __init__(self, s: CoordinatorSettings, producer: Any) -> None:
+        self.s = s
+        self.producer = producer
+        self.topic = s.journal_topic
+        self._index = _Index()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._tp = TopicPartition(self.topic, 0)
+
+    async def start(self) -> None:
+        c = AIOKafkaConsumer(
+            bootstrap_servers=self.s.kafka_bootstrap, group_id=None, enable_auto_commit=False,
+            client_id=f"{self.s.client_id}-journal",
+        )  # fmt: skip
+        await c.start()
+        self._consumer = c
+        c.assign([self._tp])
+        await c.seek_to_beginning(self._tp)
+        await self.catch_up()
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            c, self._consumer = self._consumer, None
+            await asyncio.wait_for(c.stop(), 30)
+
+    async def catch_up(self) -> None:
+        """Read every record written so far (bounded: ``JournalError`` if Kafka stalls)."""
+        c = self._consumer
+        assert c is not None, "start() first"
+        end = (await c.end_offsets([self._tp]))[self._tp]
+        deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
+        while await c.position(self._tp) < end:
+            if time.monotonic() > deadline:
+                raise JournalError("catch_up", f"could not read {self.topic} to offset {end}")
+            for recs in (await c.getmany(self._tp, timeout_ms=200)).values():
+                for r in recs:
+                    self._index.fold(r.value)
+
+    async def run(self) -> None:
+        c = self._consumer
+        assert c is not None, "start() first"
+        while True:
+            for recs in (await c.getmany(self._tp, timeout_ms=1000)).values():
+                for r in recs:
+                    self._index.fold(r.value)
+
+    async def append(self, job: Job) -> int:
+        rev = self._index.next_revision(job.spec.job_id)
+        value = encode_record(job, rev)
+        await self.producer.send_and_wait(self.topic, value=value, key=job.spec.job_id.encode())
+        self._index.fold(value)  # our own write is known at once (the tail sees it again)
+        return rev
+
+    def latest(self) -> dict[str, tuple[int, Job]]:
+        return dict(self._index.jobs)
+
+
+async def restore_lost_jobs(
+    journal: JobJournal, jobs: JobStore, metrics: CoordinatorMetrics
+) -> list[str]:
+    """Write back every job Redis lacks or holds at an older revision; returns their ids."""
+    latest = journal.latest()
+    if not latest:
+        return []
+    have = await jobs.revisions(list(latest))
+    restored = []
+    for jid, (rev, job) in latest.items():
+        if have.get(jid, -1) < rev:
+            await jobs.put(job, revision=rev)
+            restored.append(jid)
+    if restored:
+        metrics.jobs_restored.inc(len(restored))
+        log.warning("restored %d job(s) from the journal (Redis lacked them or held an "
+                    "older revision): %s", len(restored), ", ".join(sorted(restored)))  # fmt: skip
+    return restored
+
+
+async def journal_unrecorded_jobs(journal: JobJournal, jobs: JobStore) -> list[str]:
+    """Jobs Redis holds that the journal does not (created before it existed): record them."""
+    known = journal.latest()
+    added = []
+    for jid in await jobs.ids():
+        if jid in known:
+            continue
+        try:
+            job = await jobs.get(jid)
+        except FedfleetError:
+            continue
+        rev = await journal.append(job)
+        await jobs.put(job, revision=rev)
+        added.append(jid)
+    return added
+
+
+async def run_recovery(
+    journal: JobJournal, jobs: JobStore, metrics: CoordinatorMetrics, every_s: float
+) -> None:
+    while True:
+        await restore_lost_jobs(journal, jobs, metrics)
+        await asyncio.sleep(every_s)

@@ -1,0 +1,99 @@
+"""``MqttFleetLink``: the ``FleetLink`` on a real MQTT broker (aiomqtt, MQTT 5).
+
+One session per coordinator instance, re-established with backoff when lost. Telemetry,
+task_status and update use a shared subscription (``$share/<group>/...``) so several
+coordinators split the load; ``status`` is not shared because brokers do not deliver
+retained messages to shared subscriptions (and applying it twice is harmless).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+
+import aiomqtt
+
+from coordinator.link import PUBLISH_WAIT_S, Handler, wait_event
+from schemas.aio import cancelling
+
+log = logging.getLogger(__name__)
+
+
+def subscriptions(share_group: str) -> list[tuple[str, int]]:
+    """Topic filters and their QoS (shared where several coordinators split the load)."""
+    share = f"$share/{share_group}/" if share_group else ""
+    return [
+        (f"{share}fleet/+/telemetry", 0),
+        ("fleet/+/status", 1),
+        (f"{share}fleet/+/task_status", 1),
+        (f"{share}fleet/+/update", 1),
+    ]
+
+
+class MqttFleetLink:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        client_id: str,
+        share_group: str,
+        keepalive_s: int = 30,
+        max_queued: int = 100_000,
+    ) -> None:
+        self.host, self.port = host, port
+        # MQTT ids must differ per live session (a restart must not take over the old one)
+        self.identifier = f"{client_id}-mqtt-{secrets.token_hex(3)}"
+        self.filters = subscriptions(share_group)
+        self.keepalive_s = keepalive_s
+        self.max_queued = max_queued
+        self._client: aiomqtt.Client | None = None
+        self._up = asyncio.Event()
+
+    def ready(self) -> bool:
+        return self._up.is_set()
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        await wait_event(self._up, timeout_s, f"mqtt://{self.host}:{self.port}")
+
+    async def serve(self, handler: Handler) -> None:
+        delay = 0.2
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    self.host,
+                    self.port,
+                    identifier=self.identifier,
+                    protocol=aiomqtt.ProtocolVersion.V5,
+                    keepalive=self.keepalive_s,
+                    max_queued_incoming_messages=self.max_queued,
+                ) as client:
+                    for flt, qos in self.filters:
+                        await client.subscribe(flt, qos=qos)
+                    self._client = client
+                    self._up.set()
+                    delay = 0.2
+                    async for msg in client.messages:
+                        payload = msg.payload
+                        data = payload if isinstance(payload, bytes | bytearray) else b""
+                        await handler(str(msg.topic), bytes(data))
+            except aiomqtt.MqttError as exc:
+                if cancelling():  # the disconnect of a cancelled session failed: stop anyway
+                    raise asyncio.CancelledError from exc
+                log.warning("MQTT session lost (%s); reconnecting in %.1fs", exc, delay)
+            finally:
+                self._up.clear()
+                self._client = None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def publish(self, topic: str, payload: bytes, qos: int) -> None:
+        await wait_event(self._up, PUBLISH_WAIT_S, f"publish to {topic}")
+        client = self._client
+        if client is None:  # lost between the wake-up and here: wait for the next session
+            await wait_event(self._up, PUBLISH_WAIT_S, f"publish to {topic}")
+            client = self._client
+            if client is None:
+                raise aiomqtt.MqttError(f"no MQTT session for {topic}")
+        await client.publish(topic, payload, qos=qos)

@@ -1,0 +1,52 @@
+"""The task sink: where the selector puts a task it has leased, as a port.
+
+- ``KafkaTaskSink``: produce to ``fl.tasks`` keyed by device (acks=all); the dispatcher
+  loop (``coordinator.dispatcher``) consumes the topic and pushes each task over the
+  fleet link, so a coordinator that dies between the two loses nothing.
+- ``DirectTaskSink``: push straight over the fleet link (``dispatch_record``), no Kafka in
+  between: for tests and benchmarks that drive the selector without a broker.
+
+Both hold one contract (``tests/test_coord_link_contract.py``): a task sent reaches its
+device's ``fleet/<id>/task`` topic once, as the encoded ``Task``; a task whose lease is
+already over is not pushed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from coordinator.dispatcher import Publish, dispatch_record
+from coordinator.metrics import CoordinatorMetrics
+from schemas.messages import Task, encode
+
+
+class TaskSink(Protocol):
+    async def send(self, task: Task) -> None:
+        """Hand ``task`` on for delivery; raises if it could not be (the caller rolls the
+        lease back)."""
+        ...
+
+
+# builds a sink from what pushes to devices; ``DirectTaskSink`` itself is one
+TaskSinkFactory = Callable[[Publish, CoordinatorMetrics], TaskSink]
+
+
+class KafkaTaskSink:
+    def __init__(self, producer: Any, topic: str) -> None:
+        self.producer = producer
+        self.topic = topic
+
+    async def send(self, task: Task) -> None:
+        await self.producer.send_and_wait(
+            self.topic, value=encode(task), key=task.device_id.encode()
+        )
+
+
+class DirectTaskSink:
+    def __init__(self, publish: Publish, metrics: CoordinatorMetrics) -> None:
+        self.publish = publish
+        self.metrics = metrics
+
+    async def send(self, task: Task) -> None:
+        await dispatch_record(encode(task), self.publish, self.metrics)
