@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from coordinator.aborts import AbortHandler, FailJob
 from coordinator.dispatcher import Publish
 from coordinator.errors import CoordinatorError, NotFound
 from coordinator.fleet import FleetStore
@@ -98,10 +99,12 @@ def build_core(
     producer: ShardProducer,
     task_sink: TaskSink,
     publish: Publish,
+    fail_job: FailJob | None = None,
 ) -> CoordinatorCore:
     """Wire every part over ``redis`` (a ``decode_responses=True`` client the caller owns).
     ``producer`` takes accepted uploads (``fl.updates``), ``task_sink`` leased tasks;
-    ``publish`` reaches devices."""
+    ``publish`` reaches devices; ``fail_job(job_id, reason)`` ends a job whose tasks all
+    abort for one data reason (``coordinator.aborts``)."""
     signer = Signer.load_or_create(s.signing_key_path)
     registry = ModelRegistry(s.model_store_dir, signer, retention=s.retention)
     fleet = FleetStore(redis, s.key_prefix, s.telemetry_ttl_s)
@@ -126,8 +129,10 @@ def build_core(
         updates_topic=s.updates_topic, publish=publish, metrics=metrics,
         on_uploaded=selector.wake, newest_versions=versions,
     )  # fmt: skip
+    aborts = AbortHandler(fleet=fleet, stats=stats, metrics=metrics, hold_s=s.data_hold_s,
+                          fail_after=s.fail_after_aborts, fail_job=fail_job)  # fmt: skip
     router = Router(fleet=fleet, tasks=tasks, stats=stats, uploads=uploads, batcher=batcher,
-                    metrics=metrics)  # fmt: skip
+                    metrics=metrics, aborts=aborts)  # fmt: skip
     return CoordinatorCore(
         settings=s, metrics=metrics, signer=signer, registry=registry, fleet=fleet,
         tasks=tasks, jobs=jobs, stats=stats, rounds=rounds, batcher=batcher,

@@ -335,6 +335,20 @@ class FleetStore:
             pipe.ltrim(hist, 0, HISTORY - 1)
         await pipe.execute()
 
+    async def hold(self, job_id: str, device_id: str, until: float) -> None:
+        """Keep ``device_id`` out of ``job_id``'s selection until ``until`` (a device whose
+        data cannot train this job is not re-issued at once: no abort storm)."""
+        await self._r.zadd(self._k.holds(job_id), {device_id: until})
+
+    async def held(self, job_id: str, now: float) -> set[str]:
+        """Devices held off ``job_id`` at ``now`` (expired holds are dropped)."""
+        key = self._k.holds(job_id)
+        pipe = self._r.pipeline(transaction=False)
+        pipe.zremrangebyscore(key, "-inf", now)
+        pipe.zrange(key, 0, -1)
+        _, ids = await pipe.execute()
+        return set(ids)
+
     async def history(self, device_id: str) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for item in await self._r.lrange(self._k.history(device_id), 0, HISTORY - 1):

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 
+from coordinator.aborts import AbortHandler
 from coordinator.fleet import FleetStore
 from coordinator.jobstats import JobStatsStore
 from coordinator.link import INGEST_LEAVES
@@ -86,6 +87,7 @@ class Router:
         uploads: UploadHandler,
         batcher: TelemetryBatcher,
         metrics: CoordinatorMetrics,
+        aborts: AbortHandler | None = None,
     ) -> None:
         self.fleet = fleet
         self.tasks = tasks
@@ -93,6 +95,7 @@ class Router:
         self.uploads = uploads
         self.batcher = batcher
         self.metrics = metrics
+        self.aborts = aborts
 
     def _reject(self, kind: str, reason: str) -> None:
         self.metrics.rejected.labels(source=kind, reason=reason).inc()
@@ -145,7 +148,11 @@ class Router:
                 rec, r.status, ("offered", "accepted"), reason=r.reason[:200]
             )
             if ok:
-                await self.fleet.release_task(dev, rec.task_id, contributed=False, outcome=r.status)
+                outcome: str = r.status
+                if r.status == "aborted" and self.aborts is not None:
+                    code = await self.aborts.on_abort(rec.job_id, dev, r.reason, time.time())
+                    outcome = f"aborted:{code}"
+                await self.fleet.release_task(dev, rec.task_id, contributed=False, outcome=outcome)
                 await self.stats.bump(rec.job_id, f"tasks_{r.status}")
         if not ok:
             self._reject("task_status", "bad_transition")

@@ -145,7 +145,9 @@ def job_json(job: Job, stats: dict[str, int], current_version: int | None) -> di
             "updates_rejected": stats.get(p + "rejected", 0),
             "mean_staleness": stats.get(p + "staleness_milli", 0) / 1000.0,
         })  # fmt: skip
-    out["stats"] = {k: v for k, v in stats.items() if not k.startswith("shard.")}
+    out["stats"] = {k: v for k, v in stats.items() if not k.startswith(("shard.", "aborts."))}
+    # tasks devices aborted, by reason code (data_features, data_labels, deadline, ...)
+    out["aborts"] = {k[len("aborts."):]: v for k, v in stats.items() if k.startswith("aborts.")}
     out["shards"] = shards
     out["updates_accepted"] = stats.get("updates_accepted", 0)
     # applied on every shard (the fewest any shard applied); per shard in ``shards``

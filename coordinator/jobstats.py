@@ -29,8 +29,13 @@ class JobStatsStore:
         self._r: Redis = redis  # decode_responses=True
         self._k = Keys(prefix)
 
-    async def bump(self, job_id: str, field: str, n: int = 1) -> None:
-        await self._r.hincrby(self._k.jobstats(job_id), field, n)
+    async def bump(self, job_id: str, field: str, n: int = 1) -> int:
+        """Add ``n`` to ``field``; returns the new value."""
+        return int(await self._r.hincrby(self._k.jobstats(job_id), field, n))
+
+    async def get(self, job_id: str, field: str) -> int:
+        v = await self._r.hget(self._k.jobstats(job_id), field)
+        return int(v) if v else 0
 
     async def bump_many(self, job_id: str, *fields: str) -> None:
         """Add 1 to each of ``fields`` in one round trip."""

@@ -19,6 +19,7 @@ hash to one slot::
     {p}leases:{{job}}       zset    TaskStore            active task -> deadline
     {p}round:{{job}}        hash    RoundStore, claim    the sync round (``taken`` by claims)
     {p}jobstats:{{job}}     hash    JobStatsStore (+ the task scripts' counters)
+    {p}holds:{{job}}        zset    FleetStore           device held off the job -> until
     {p}selector-lock        string  RedisLock            one selector pass at a time
 
 (``{{job}}`` is the job id inside literal braces, e.g. ``ff:fl.round:{job-1a2b}``.)
@@ -95,6 +96,9 @@ class Keys:
 
     def jobstats(self, job_id: str) -> str:
         return f"{self.p}jobstats:{{{job_id}}}"
+
+    def holds(self, job_id: str) -> str:
+        return f"{self.p}holds:{{{job_id}}}"
 
     @property
     def selector_lock(self) -> str:

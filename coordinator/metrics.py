@@ -53,6 +53,12 @@ class CoordinatorMetrics:
         self.training_now = Gauge(
             "fedfleet_coord_training_now", "Active task leases", registry=registry
         )
+        self.task_aborts = Counter(
+            "fedfleet_coord_task_aborts_total",
+            "Tasks devices aborted, by job and reason code",
+            ["job", "reason"],
+            registry=registry,
+        )
         self.jobs_restored = Counter(
             "fedfleet_coord_jobs_restored_total",
             "Jobs restored into Redis from the job journal (Redis lost or rolled them back)",

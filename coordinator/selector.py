@@ -221,7 +221,8 @@ class Selector:
             policy = job.eligibility
             cands: list[DeviceView] = []
             if want:
-                cands, _ = await self.fleet.candidates(want, _acceptor(policy, taken, now), now)
+                skip = taken | await self.fleet.held(job.spec.job_id, now)  # data holds
+                cands, _ = await self.fleet.candidates(want, _acceptor(policy, skip, now), now)
             picks = select(cands, free, policy=policy, now=now,
                            salt=f"{job.spec.job_id}:{int(now)}")  # fmt: skip
             out = await self._issue_all(job, picks, now, taken)
@@ -311,8 +312,9 @@ class Selector:
             carry = round_carry(decision, pending)
         target = round_target(k, carry)
         invite = over_select(target, job.selection.over_selection)
+        skip = taken | await self.fleet.held(job.spec.job_id, now)  # data holds
         cands, _ = await self.fleet.candidates(
-            invite * self.s.candidate_factor, _acceptor(job.eligibility, taken, now), now
+            invite * self.s.candidate_factor, _acceptor(job.eligibility, skip, now), now
         )
         picks = select(cands, invite, policy=job.eligibility, now=now, salt=f"{jid}:{int(now)}")
         if not picks:

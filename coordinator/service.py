@@ -50,6 +50,7 @@ from coordinator.kafka import (
     stop_quietly,
     wait_for_topics,
 )
+from coordinator.lifecycle import set_status
 from coordinator.link import FleetLink
 from coordinator.metrics import CoordinatorMetrics, default_metrics
 from coordinator.mqtt_link import MqttFleetLink
@@ -147,19 +148,19 @@ class Coordinator:
             sink: TaskSink = KafkaTaskSink(self.producer, s.tasks_topic)
         else:
             sink = self._task_sink_factory(self.publish, self.metrics)
+        # the job journal: read to its end, then Redis is made to agree with it before
+        # anything is served (a Redis that came back empty or rolled back gets its jobs)
+        self.journal = KafkaJobJournal(s, self.producer)
+        await self.journal.start()
+        stack.push_async_callback(self.journal.stop)
         core = build_core(s, self.redis, metrics=self.metrics, producer=self.producer,
-                          task_sink=sink, publish=self.publish)  # fmt: skip
+                          task_sink=sink, publish=self.publish, fail_job=self.fail_job)  # fmt: skip
         self.core = core
         self.signer, self.registry, self.fleet, self.tasks = (
             core.signer, core.registry, core.fleet, core.tasks)  # fmt: skip
         self.jobs, self.stats, self.rounds, self.batcher = (
             core.jobs, core.stats, core.rounds, core.batcher)  # fmt: skip
         self.selector, self.uploads, self.router = core.selector, core.uploads, core.router
-        # the job journal: read to its end, then Redis is made to agree with it before
-        # anything is served (a Redis that came back empty or rolled back gets its jobs)
-        self.journal = KafkaJobJournal(s, self.producer)
-        await self.journal.start()
-        stack.push_async_callback(self.journal.stop)
         await journal_unrecorded_jobs(self.journal, self.jobs)
         await restore_lost_jobs(self.journal, self.jobs, self.metrics)
 
@@ -244,6 +245,13 @@ class Coordinator:
     async def publish(self, topic: str, payload: bytes, qos: int) -> None:
         """Publish to a device over the link (waits up to 10 s for a lost session)."""
         await self.link.publish(topic, payload, qos)
+
+    async def fail_job(self, job_id: str, reason: str) -> None:
+        """End a running job with ``reason`` (journal, Redis, ``fl.jobs``)."""
+        if (await self.jobs.get(job_id)).spec.status != "running":
+            return
+        await set_status(job_id, "failed", reason, journal=self.journal, jobs=self.jobs,
+                         publish_job=self.publish_job)  # fmt: skip
 
     async def publish_job(self, spec: JobSpec) -> None:
         await self.producer.send_and_wait(

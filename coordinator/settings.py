@@ -58,6 +58,11 @@ class CoordinatorSettings:
     # recovery: how often Redis is checked for jobs it lost (restart without its data,
     # restored from an older snapshot); they are restored from the job journal
     recovery_check_s: float = 2.0
+    # task aborts: a device whose data cannot train a job (reason data_*) is held off that
+    # job this long; a job with no accepted update and this many aborts for one data
+    # reason fails with that reason
+    data_hold_s: float = 600.0
+    fail_after_aborts: int = 20
 
     def __post_init__(self) -> None:
         for name in ("kafka_bootstrap", "mqtt_host", "redis_url", "http_host", "topic_prefix"):
@@ -68,12 +73,12 @@ class CoordinatorSettings:
         check(self.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url",
               f"{self.redis_url!r} is not a redis:// URL")  # fmt: skip
         for name in ("selection_tick_s", "lease_s", "telemetry_ttl_s", "pace_retry_s",
-                     "telemetry_flush_s", "recovery_check_s"):  # fmt: skip
+                     "telemetry_flush_s", "recovery_check_s", "data_hold_s"):  # fmt: skip
             v = getattr(self, name)
             check(v > 0, name, f"must be > 0, got {v}")
         for name in ("pace_max_per_tick", "pace_per_pass", "candidate_factor",
                      "task_partitions", "max_shards", "max_params", "telemetry_batch",
-                     "upload_concurrency", "retention"):  # fmt: skip
+                     "upload_concurrency", "retention", "fail_after_aborts"):  # fmt: skip
             v = getattr(self, name)
             check(v >= 1, name, f"must be >= 1, got {v}")
         check(bool(self.admin_token), "admin_token", "must not be empty")

@@ -25,8 +25,8 @@ import httpx
 import numpy.typing as npt
 
 from edge_agent.crash import CrashPoints
-from edge_agent.data import Dataset
-from edge_agent.errors import Aborted, AgentError, NoModelError
+from edge_agent.data import Dataset, data_abort_reason
+from edge_agent.errors import Aborted, AgentError, DataError, NoModelError
 from edge_agent.execution import Encoded, train_and_encode
 from edge_agent.gate import gate_reason
 from edge_agent.link import DeviceLink, LinkCallbacks, LinkConfig, Message
@@ -127,10 +127,14 @@ class EdgeAgent:
         models: ModelStore | None = None,
         crash: CrashPoints | None = None,
         pacer: ComputePacer | None = None,
+        data_problem: DataError | None = None,
     ) -> None:
         self.settings = settings
         self.probe = probe
         self.dataset = dataset
+        # data that could not be loaded: the agent still runs and aborts every task with
+        # this reason, so the coordinator shows it (a device with no usable data is visible)
+        self.data_problem = data_problem
         self.trainer: Trainer = trainer or make_trainer(settings.trainer)
         self.stats = AgentStats()
         self._http = http
@@ -403,6 +407,8 @@ class EdgeAgent:
         await self.uploader.send(update.update_id, data)
 
     async def _train_and_encode(self, task: Task, start: ProbeReading) -> Encoded:
+        if self.data_problem is not None:
+            raise Aborted(data_abort_reason(self.data_problem))
         model = await self._pull(task.model_name, abort=True)
         return await train_and_encode(
             task,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_agent.errors import AgentError
+from edge_agent.errors import AgentError, DataError
 from edge_agent.settings import AgentSettings
 from schemas.atomic import check_writable_dir
 from schemas.errors import FedfleetError
@@ -114,7 +114,7 @@ def build_agent(
     named by ``probe_kind`` and the collaborators given. ``simulated``: a ``SimulatedProbe``
     whose compute time ``SimulatedCompute`` waits out, unless ``pacer`` is given."""
     from edge_agent.agent import EdgeAgent
-    from edge_agent.data import load_dataset
+    from edge_agent.data import Dataset, load_dataset
     from edge_agent.pacing import SimulatedCompute
     from edge_agent.probe import DeviceProbe, LinuxProbe, SimulatedProbe
 
@@ -122,9 +122,18 @@ def build_agent(
         raise AgentError("data", "--data is required")
     if settings.state_dir is not None:
         writable_dir(settings.state_dir)
-    data = load_dataset(
-        settings.data_path, label_col=settings.label_col, feature_cols=settings.feature_cols
-    )
+    problem: DataError | None = None
+    try:
+        data = load_dataset(
+            settings.data_path, label_col=settings.label_col, feature_cols=settings.feature_cols
+        )
+    except DataError as exc:  # run anyway: every task is aborted with this reason, so the
+        # coordinator shows it per job (REST, /metrics) instead of a device that never came
+        if not Path(settings.data_path).exists():
+            raise  # a path that does not exist is a typo: one line, exit 2
+        log.warning("agent %s: data unusable (%s); tasks will be refused with this reason",
+                    settings.device_id, exc)  # fmt: skip
+        data, problem = Dataset.none(), exc
     probe: DeviceProbe
     if probe_kind == "simulated":
         probe = SimulatedProbe(seed=settings.seed)
@@ -135,7 +144,7 @@ def build_agent(
             idle_max_load=settings.idle_max_load,
             idle_input_s=settings.idle_input_s,
         )
-    return EdgeAgent(settings, probe, data, crash=crash, pacer=pacer)
+    return EdgeAgent(settings, probe, data, crash=crash, pacer=pacer, data_problem=problem)
 
 
 async def _run(settings: AgentSettings, probe_kind: str, crash: CrashPoints | None) -> int:

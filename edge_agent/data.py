@@ -37,6 +37,31 @@ class Dataset:
     def subset(self, idx: npt.NDArray[np.integer]) -> Dataset:
         return Dataset(self.x[idx], self.y[idx])
 
+    @classmethod
+    def none(cls) -> Dataset:
+        """No rows (an agent whose data could not be loaded still runs and reports why)."""
+        return cls(np.zeros((0, 0), np.float32), np.zeros(0, np.int64))
+
+
+def check_dataset(ds: Dataset, *, n_features: int, n_classes: int) -> None:
+    """Can ``ds`` train a model of this shape? A ``DataError`` says why not (code:
+    ``empty``, ``features``, ``labels``) before any training starts, so a wrong job spec
+    is a visible reason, never a trainer traceback."""
+    if len(ds) == 0:
+        raise DataError("empty", "no rows to train on")
+    if ds.x.shape[1] != n_features:
+        raise DataError("features", f"data has {ds.x.shape[1]} features, the job's model "
+                                    f"takes {n_features}")  # fmt: skip
+    top = int(ds.y.max())
+    if top >= n_classes:
+        raise DataError("labels", f"label {top} is outside the job's {n_classes} classes "
+                                  f"(0..{n_classes - 1})")  # fmt: skip
+
+
+def data_abort_reason(exc: DataError) -> str:
+    """The ``TaskResponse`` reason of a data problem: ``data_<code>: <detail>``."""
+    return f"data_{exc.code}: {exc.detail}"[:160]
+
 
 def _labels(raw: npt.ArrayLike) -> Labels:
     arr = np.asarray(raw)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_agent.crash import CrashPoints
-from edge_agent.data import Dataset
-from edge_agent.errors import Aborted
+from edge_agent.data import Dataset, check_dataset, data_abort_reason
+from edge_agent.errors import Aborted, DataError
 from edge_agent.gate import abort_reason
 from edge_agent.models import VerifiedModel
 from edge_agent.pacing import ComputePacer
@@ -80,6 +80,11 @@ async def train_and_encode(
     probe.set_training(True)
     try:
         seed = settings.seed ^ zlib.crc32(task.task_id.encode())
+        try:
+            check_dataset(dataset, n_features=manifest.spec.n_features,
+                          n_classes=manifest.spec.n_classes)  # fmt: skip
+        except DataError as exc:
+            raise Aborted(data_abort_reason(exc)) from None
         try:
             run = trainer.start(
                 manifest.spec, model.params, dataset.x, dataset.y, task.train, seed=seed

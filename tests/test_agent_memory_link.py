@@ -176,3 +176,36 @@ def test_crash_points_validate_and_default_to_never(digits: tuple[Dataset, Datas
     assert err.value.code == "crash_point" and "nowhere" in str(err.value)
     agent = EdgeAgent(AgentSettings(device_id="d"), _probe(), digits[0])
     assert agent.crash.at == "" and isinstance(agent.pacer, RealCompute)  # nothing injected
+
+
+@pytest.mark.parametrize("case", ["features", "labels", "unloadable"])
+async def test_data_that_cannot_train_the_job_aborts_with_a_typed_reason(
+    digits: tuple[Dataset, Dataset], case: str
+) -> None:
+    """No trainer traceback: the task is aborted with ``data_<code>: <detail>``."""
+    from edge_agent.errors import DataError
+
+    broker, srv = MemoryBroker(), _server()
+    coord = Coord(broker)
+    settings = _settings(srv, f"bad-{case}")
+    x, y = digits[0].x, digits[0].y
+    data, problem = {
+        "features": (Dataset(x[:, :10], y), None),  # 10 features, the job's model takes 64
+        "labels": (Dataset(x, y + 10), None),  # labels 10..19, the job has 10 classes
+        "unloadable": (Dataset.none(), DataError("non_finite", "features contain NaN")),
+    }[case]
+    link = MemoryLink(agent_link_config(settings), broker)
+    async with (
+        coord.link,
+        EdgeAgent(settings, _probe(), data, http=srv.client(), link=link,
+                  data_problem=problem) as agent,  # fmt: skip
+    ):
+        await agent.wait_connected(5)
+        await coord.task(settings.device_id, "t-bad")
+        await until(lambda: len(coord.got("task_status")) >= 2)
+    responses = [decode(b, TaskResponse) for b in coord.got("task_status")]
+    assert responses[-1].status == "aborted"
+    want = {"features": "data_features: data has 10 features",
+            "labels": "data_labels: label 19 is outside", "unloadable": "data_non_finite"}
+    assert responses[-1].reason.startswith(want[case]), responses[-1].reason
+    assert agent.stats.tasks_aborted == 1 and not coord.got("update")

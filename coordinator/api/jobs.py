@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-import msgspec
 from fastapi import APIRouter, Body, Depends, HTTPException, Path
+from redis.exceptions import RedisError
 
 from coordinator.api.bodies import JOB_EXAMPLE, JOB_REQUEST, json_body
 from coordinator.api.common import R400, R401, R404, R409, R422, R503, admin
 from coordinator.api.state import AppState, app_state
 from coordinator.errors import NotFound
 from coordinator.jobs import Job, build_job, job_json
+from coordinator.lifecycle import set_status
 
 router = APIRouter(tags=["jobs"])
 State = Annotated[AppState, Depends(app_state)]
@@ -97,16 +98,13 @@ async def get_job(state: State, job_id: JobId) -> dict[str, Any]:
     responses={**R401, **R404, **R422, **R503},
 )  # fmt: skip
 async def stop_job(state: State, job_id: JobId) -> dict[str, Any]:
-    job = await state.jobs.get(job_id)
-    spec = msgspec.structs.replace(job.spec, status="stopped")
-    stopped = Job(spec, job.eligibility, job.selection)
+    await state.jobs.get(job_id)  # 404 first
     try:
-        rev = await state.journal.append(stopped)
+        stopped = await set_status(job_id, "stopped", "stopped by request",
+                                   journal=state.journal, jobs=state.jobs,
+                                   publish_job=state.publish_job)  # fmt: skip
+    except RedisError:
+        raise
     except Exception as exc:
         raise HTTPException(503, f"could not record the stop in Kafka: {exc}") from None
-    await state.jobs.put(stopped, revision=rev)
-    try:
-        await state.publish_job(spec)
-    except Exception as exc:
-        raise HTTPException(503, f"stopped here, but could not publish to Kafka: {exc}") from None
-    return await job_out(state, Job(spec, job.eligibility, job.selection))
+    return await job_out(state, stopped)

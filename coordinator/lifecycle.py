@@ -1,0 +1,29 @@
+"""Job status changes, made durable in one order: the journal (what recovery rebuilds
+from), then Redis, then ``fl.jobs`` (what the aggregators read)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import msgspec
+
+from coordinator.jobs import Job, JobStore
+from coordinator.journal import JobJournal
+from schemas.messages import JobSpec
+
+PublishJob = Callable[[JobSpec], Awaitable[None]]
+
+
+async def set_status(
+    job_id: str, status: str, reason: str, *, journal: JobJournal, jobs: JobStore,
+    publish_job: PublishJob,
+) -> Job:  # fmt: skip
+    """Record ``job_id`` as ``status`` (with ``reason``); returns the new job. Raises what
+    the journal or Kafka raise (the caller answers 503 or retries)."""
+    job = await jobs.get(job_id)
+    spec = msgspec.structs.replace(job.spec, status=status, status_reason=reason[:200])
+    new = Job(spec, job.eligibility, job.selection)
+    rev = await journal.append(new)
+    await jobs.put(new, revision=rev)
+    await publish_job(spec)
+    return new
