@@ -27,6 +27,7 @@ from edge_agent.errors import AgentError, DataError
 from edge_agent.settings import AgentSettings
 from schemas.atomic import check_writable_dir
 from schemas.errors import FedfleetError
+from schemas.settings import parse_address
 
 if TYPE_CHECKING:
     from edge_agent.agent import EdgeAgent
@@ -37,13 +38,11 @@ log = logging.getLogger("edge_agent")
 
 
 def _hostport(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host:
-        return text, 1883
+    """``host:port`` or ``mqtt://host:port`` (as every other command takes it)."""
     try:
-        return host, int(port)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad host:port {text!r}") from None
+        return parse_address(text, 1883, "MQTT")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -59,7 +58,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedfleet agent", description=__doc__.split("\n")[0])
     _common(p)
-    p.add_argument("--mqtt", type=_hostport, help="MQTT broker host:port")
+    p.add_argument("--mqtt", type=_hostport, help="MQTT broker: host:port or mqtt://host:port")
     p.add_argument("--mqtt-username", dest="mqtt_username")
     p.add_argument("--mqtt-password", dest="mqtt_password")
     p.add_argument("--data", dest="data_path", help="local training data (.npz or .csv)")

@@ -17,6 +17,7 @@ import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
+from urllib.parse import urlparse
 
 from schemas.errors import SettingsError
 
@@ -128,3 +129,27 @@ def check(ok: bool, name: str, why: str) -> None:
     """Raise ``SettingsError(name, why)`` unless ``ok`` (for ``__post_init__`` checks)."""
     if not ok:
         raise SettingsError(name, why)
+
+
+# URL schemes each server address may carry (``host:port`` alone is always fine)
+SCHEMES = {"MQTT": ("mqtt", "tcp"), "Kafka": ("kafka", "tcp", "plaintext")}
+
+
+def parse_address(url: str, default_port: int, what: str) -> tuple[str, int]:
+    """``host:port`` or ``scheme://host:port`` -> ``(host, port)``; ``ValueError`` with a
+    one-line reason otherwise. A scheme the client cannot speak is refused (``mqtts://``:
+    TLS is not supported yet, and silently connecting in plain TCP would be worse)."""
+    u = urlparse(url if "://" in url else f"x://{url}")
+    allowed = SCHEMES.get(what)
+    if "://" in url and allowed is not None and u.scheme.lower() not in allowed:
+        hint = " (TLS is not supported yet)" if u.scheme.lower().endswith("s") else ""
+        raise ValueError(
+            f"{what}: scheme {u.scheme!r} in {url!r} is not one of {', '.join(allowed)}{hint}"
+        )
+    if not u.hostname:
+        raise ValueError(f"{what}: cannot parse address {url!r} (expected host:port)")
+    try:
+        port = u.port or default_port
+    except ValueError:
+        raise ValueError(f"{what}: bad port in {url!r}") from None
+    return u.hostname, port

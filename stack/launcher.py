@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlparse
 
+from schemas.settings import parse_address
 from stack.errors import ConfigError, FallbackRefused, ServerUnavailable, StackError
 from stack.kafka import ApacheKafka, TansuKafka, java_available, kafka_brokers
 from stack.mqtt import Amqtt, Mosquitto, mosquitto_binary, mqtt_ping
@@ -105,27 +105,12 @@ class StackInfo:
         return cls(**d)
 
 
-SCHEMES = {"MQTT": ("mqtt", "tcp"), "Kafka": ("kafka", "tcp", "plaintext")}
-
-
 def parse_host_port(url: str, default_port: int, what: str) -> tuple[str, int]:
-    """``host:port`` or ``scheme://host:port``; a scheme this server cannot speak is refused
-    (``mqtts://``: TLS is not supported yet, and silently connecting in plain TCP would
-    be worse than failing)."""
-    u = urlparse(url if "://" in url else f"x://{url}")
-    allowed = SCHEMES.get(what)
-    if "://" in url and allowed is not None and u.scheme.lower() not in allowed:
-        hint = " (TLS is not supported yet)" if u.scheme.lower().endswith("s") else ""
-        raise ConfigError(
-            f"{what}: scheme {u.scheme!r} in {url!r} is not one of {', '.join(allowed)}{hint}"
-        )
-    if not u.hostname:
-        raise ConfigError(f"{what}: cannot parse address {url!r} (expected host:port)")
+    """``schemas.settings.parse_address``, its refusal a ``ConfigError``."""
     try:
-        port = u.port or default_port
+        return parse_address(url, default_port, what)
     except ValueError as exc:
-        raise ConfigError(f"{what}: bad port in {url!r}") from exc
-    return u.hostname, port
+        raise ConfigError(str(exc)) from None
 
 
 class LocalStack:

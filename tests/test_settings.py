@@ -154,3 +154,19 @@ def test_agent_settings_use_the_same_grammar(tmp_path: Path) -> None:
     cfg.write_text('[agent]\ndevice_id = "d9"\nmqtt_port = 1884\n')
     got = AgentSettings.load({"config": str(cfg)}, env={"FEDFLEET_AGENT_MQTT_PORT": "1885"})
     assert (got.device_id, got.mqtt_port) == ("d9", 1885)
+
+
+def test_agent_takes_the_mqtt_address_as_every_command_does() -> None:
+    """``--mqtt mqtt://host:port`` (what ``stack up`` prints) is host and port, not a host
+    named ``mqtt://host`` retried forever; an unsupported scheme is a one-line refusal."""
+    import argparse
+
+    from edge_agent.cli import _hostport
+
+    assert _hostport("mqtt://127.0.0.1:2883") == ("127.0.0.1", 2883)
+    assert _hostport("10.0.0.5:1884") == ("10.0.0.5", 1884)
+    assert _hostport("broker") == ("broker", 1883)
+    for bad, why in [("mqtts://h:1", "TLS"), ("http://h:1", "scheme"), ("h:port", "port")]:
+        with pytest.raises(argparse.ArgumentTypeError) as e:
+            _hostport(bad)
+        assert why in str(e.value)
