@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +101,7 @@ def build_core(
     task_sink: TaskSink,
     publish: Publish,
     fail_job: FailJob | None = None,
+    complete_job: Callable[[Job, str], Awaitable[None]] | None = None,
 ) -> CoordinatorCore:
     """Wire every part over ``redis`` (a ``decode_responses=True`` client the caller owns).
     ``producer`` takes accepted uploads (``fl.updates``), ``task_sink`` leased tasks;
@@ -122,7 +124,7 @@ def build_core(
     selector = Selector(
         settings=s, fleet=fleet, tasks=tasks, jobs=jobs, rounds=rounds, stats=stats,
         lock=RedisLock(redis, Keys(s.key_prefix).selector_lock), task_sink=task_sink,
-        publish=publish, metrics=metrics, latest_versions=versions,
+        publish=publish, metrics=metrics, latest_versions=versions, on_complete=complete_job,
     )  # fmt: skip
     uploads = UploadHandler(
         tasks=tasks, jobs=jobs, fleet=fleet, stats=stats, producer=producer,

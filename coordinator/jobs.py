@@ -7,7 +7,10 @@ Request body of ``POST /v1/jobs`` (JSON)::
      "codec": {...CodecConfig}, "concurrency": 50, "target_accuracy": 0.9, "init_seed": 0,
      "publish_every": 5, "eligibility": {...EligibilityPolicy},
      "selection": {"mode": "async"|"sync", "over_selection": 1.3, "round_deadline_s": 120},
-     "job_id": optional}
+     "stop": {"max_updates": 0, "max_wall_s": 0}, "job_id": optional}
+
+``stop`` (0 = no limit) ends the job ``completed`` once that many updates are applied on
+every shard or that many seconds passed since it was created; its newest version is pinned.
 
 A ``sync`` job with the ``fedavg`` strategy must have ``concurrency == strategy.buffer_size``
 (the round size ``K``; ``policy.check_sync_round_size``).
@@ -25,7 +28,12 @@ from redis.asyncio import Redis
 
 from coordinator.errors import JobError, NotFound
 from coordinator.keys import Keys
-from coordinator.policy import EligibilityPolicy, SelectionConfig, check_sync_round_size
+from coordinator.policy import (
+    EligibilityPolicy,
+    SelectionConfig,
+    StopConfig,
+    check_sync_round_size,
+)
 from schemas.errors import SchemaError
 from schemas.messages import (
     UPDATE_MAX_BYTES,
@@ -39,7 +47,7 @@ from schemas.modelspec import even_bounds, num_params
 
 JOB_FIELDS = {  # every field a job request may carry (the OpenAPI body is built from it)
     "job_id", "model_name", "spec", "shards", "strategy", "train", "codec", "concurrency",
-    "target_accuracy", "init_seed", "publish_every", "eligibility", "selection",
+    "target_accuracy", "init_seed", "publish_every", "eligibility", "selection", "stop",
 }  # fmt: skip
 
 
@@ -48,6 +56,7 @@ class Job:
     spec: JobSpec
     eligibility: EligibilityPolicy
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
 
 
 def _conv(value: Any, typ: type[Any], name: str) -> Any:
@@ -115,9 +124,10 @@ def build_job(
     job_spec = _conv(raw, JobSpec, "job")
     elig = EligibilityPolicy.from_dict(_obj(body.get("eligibility"), "eligibility"))
     sel = SelectionConfig.from_dict(_obj(body.get("selection"), "selection"))
+    stop = StopConfig.from_dict(_obj(body.get("stop"), "stop"))
     strat = job_spec.strategy
     check_sync_round_size(sel.mode, strat.name, job_spec.concurrency, strat.buffer_size)
-    return Job(job_spec, elig, sel)
+    return Job(job_spec, elig, sel, stop)
 
 
 def _obj(v: Any, name: str) -> dict[str, Any]:
@@ -133,6 +143,7 @@ def job_json(job: Job, stats: dict[str, int], current_version: int | None) -> di
     out.pop("kind", None)
     out["eligibility"] = job.eligibility.to_dict()
     out["selection"] = job.selection.to_dict()
+    out["stop"] = job.stop.to_dict()
     out["alpha"] = job.spec.strategy.alpha
     out["staleness"] = job.spec.strategy.staleness
     shards: list[dict[str, Any]] = []
@@ -177,6 +188,7 @@ class JobStore:
                 "spec": msgspec.json.encode(job.spec).decode(),
                 "eligibility": msgspec.json.encode(job.eligibility.to_dict()).decode(),
                 "selection": msgspec.json.encode(job.selection.to_dict()).decode(),
+                "stop": msgspec.json.encode(job.stop.to_dict()).decode(),
                 "status": job.spec.status,
                 "revision": str(revision),
             },
@@ -196,7 +208,8 @@ class JobStore:
             spec = msgspec.structs.replace(spec, status=h["status"])
         elig = EligibilityPolicy.from_dict(msgspec.json.decode(h["eligibility"]))
         sel = SelectionConfig.from_dict(msgspec.json.decode(h.get("selection") or "{}"))
-        return Job(spec, elig, sel)
+        stop = StopConfig.from_dict(msgspec.json.decode(h.get("stop") or "{}"))
+        return Job(spec, elig, sel, stop)
 
     async def revisions(self, job_ids: list[str]) -> dict[str, int]:
         """The journal revision each job was last written at (absent: Redis lacks it)."""

@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from coordinator.jobs import Job, JobStore
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.policy import EligibilityPolicy, SelectionConfig
+from coordinator.policy import EligibilityPolicy, SelectionConfig, StopConfig
 from coordinator.settings import CoordinatorSettings
 from schemas.errors import FedfleetError
 from schemas.messages import JobSpec
@@ -46,19 +46,21 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     eligibility: dict[str, Any]
     selection: dict[str, Any]
     revision: int
+    stop: dict[str, Any] = {}
 
 
 def encode_record(job: Job, revision: int) -> bytes:
     return msgspec.json.encode(
         JobRecord(spec=job.spec, eligibility=job.eligibility.to_dict(),
-                  selection=job.selection.to_dict(), revision=revision)
+                  selection=job.selection.to_dict(), stop=job.stop.to_dict(),
+                  revision=revision)
     )  # fmt: skip
 
 
 def decode_record(value: bytes) -> tuple[int, Job]:
     r = msgspec.json.decode(value, type=JobRecord)
     job = Job(r.spec, EligibilityPolicy.from_dict(r.eligibility),
-              SelectionConfig.from_dict(r.selection))  # fmt: skip
+              SelectionConfig.from_dict(r.selection), StopConfig.from_dict(r.stop))  # fmt: skip
     return r.revision, job
 
 

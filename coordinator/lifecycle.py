@@ -22,7 +22,7 @@ async def set_status(
     the journal or Kafka raise (the caller answers 503 or retries)."""
     job = await jobs.get(job_id)
     spec = msgspec.structs.replace(job.spec, status=status, status_reason=reason[:200])
-    new = Job(spec, job.eligibility, job.selection)
+    new = Job(spec, job.eligibility, job.selection, job.stop)
     rev = await journal.append(new)
     await jobs.put(new, revision=rev)
     await publish_job(spec)

@@ -163,6 +163,42 @@ class SelectionConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StopConfig:
+    """When a job ends by itself (0 = no such limit). ``max_updates``: updates applied on
+    every shard; ``max_wall_s``: seconds since the job was created. The job then ends
+    ``completed`` with the condition as its reason and its final version pinned."""
+
+    max_updates: int = 0
+    max_wall_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_updates < 0 or self.max_wall_s < 0:
+            raise JobError("stop", "max_updates and max_wall_s must be >= 0 (0: no limit)")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StopConfig:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise JobError("stop", f"unknown stop fields {sorted(unknown)}")
+        try:
+            return msgspec.convert(dict(data), cls, strict=True)
+        except msgspec.ValidationError as exc:
+            raise JobError("stop", str(exc)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def stop_reason(stop: StopConfig, applied: int, created_ts: float, now: float) -> str | None:
+    """The condition that ends a job now, if any (pure)."""
+    if stop.max_updates and applied >= stop.max_updates:
+        return f"max_updates: {applied} updates applied on every shard (limit {stop.max_updates})"
+    if stop.max_wall_s and now - created_ts >= stop.max_wall_s:
+        return f"max_wall_s: ran {now - created_ts:.0f} s (limit {stop.max_wall_s:g} s)"
+    return None
+
+
 def round_closed(accepted_in_round: int, target: int, deadline_ts: float, now: float) -> bool:
     """A synchronous round ends when enough updates arrived or at its deadline."""
     return accepted_in_round >= target or now >= deadline_ts

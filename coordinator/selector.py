@@ -43,6 +43,7 @@ from coordinator.policy import (
     round_closed,
     round_target,
     select,
+    stop_reason,
     sync_round_size,
 )
 from coordinator.rounds import RoundStore
@@ -78,6 +79,7 @@ class Selector:
         publish: Publish | None,
         metrics: CoordinatorMetrics,
         latest_versions: LatestVersions | None = None,
+        on_complete: Callable[[Job, str], Awaitable[None]] | None = None,
     ) -> None:
         self.s = settings
         self.fleet = fleet
@@ -90,6 +92,7 @@ class Selector:
         self.publish = publish
         self.metrics = metrics
         self.latest_versions = latest_versions
+        self.on_complete = on_complete  # a job met a stop condition (StopConfig)
         self._wake = asyncio.Event()
         self._next_pace: dict[str, float] = {}
         self._reissue: dict[str, list[str]] = {}
@@ -207,6 +210,9 @@ class Selector:
         active_total = 0
         pacing = self.s.pace_enabled and self.publish is not None
         for job in jobs:
+            if await self._completed(job, now):
+                issued[job.spec.job_id] = []
+                continue
             if job.selection.mode == "sync":
                 out = await self.sync_round(job, now, taken)
                 issued[job.spec.job_id] = out
@@ -235,6 +241,17 @@ class Selector:
         if pacing and waiting:
             await self._pace([d for d in waiting if d not in taken], now, jobs)
         return issued
+
+    async def _completed(self, job: Job, now: float) -> bool:
+        """End ``job`` if one of its stop conditions holds (no task is issued for it)."""
+        if self.on_complete is None or not (job.stop.max_updates or job.stop.max_wall_s):
+            return False
+        applied = await self.stats.get(job.spec.job_id, "updates_applied")
+        reason = stop_reason(job.stop, applied, job.spec.created_ts, now)
+        if reason is None:
+            return False
+        await self.on_complete(job, reason)
+        return True
 
     async def _versions(self, job: Job) -> list[int] | None:
         if self.latest_versions is None:

@@ -154,7 +154,8 @@ class Coordinator:
         await self.journal.start()
         stack.push_async_callback(self.journal.stop)
         core = build_core(s, self.redis, metrics=self.metrics, producer=self.producer,
-                          task_sink=sink, publish=self.publish, fail_job=self.fail_job)  # fmt: skip
+                          task_sink=sink, publish=self.publish, fail_job=self.fail_job,
+                          complete_job=self.complete_job)  # fmt: skip
         self.core = core
         self.signer, self.registry, self.fleet, self.tasks = (
             core.signer, core.registry, core.fleet, core.tasks)  # fmt: skip
@@ -252,6 +253,24 @@ class Coordinator:
             return
         await set_status(job_id, "failed", reason, journal=self.journal, jobs=self.jobs,
                          publish_job=self.publish_job)  # fmt: skip
+
+    async def complete_job(self, job: Job, reason: str) -> None:
+        """A stop condition held: pin the job's newest version (what ``latest`` serves from
+        now on) and end it ``completed`` with ``reason``."""
+        name = job.spec.model_name
+
+        def pin() -> int | None:
+            v = self.registry.newest_version(name)
+            if v is None or self.registry.manifest(name, v).job_id != job.spec.job_id:
+                return None
+            self.registry.rollback(name, v)
+            return v
+
+        version = await asyncio.to_thread(pin)
+        log.info("job %s completed (%s); final version %s pinned", job.spec.job_id, reason,
+                 version)  # fmt: skip
+        await set_status(job.spec.job_id, "completed", reason, journal=self.journal,
+                         jobs=self.jobs, publish_job=self.publish_job)  # fmt: skip
 
     async def publish_job(self, spec: JobSpec) -> None:
         await self.producer.send_and_wait(

@@ -308,7 +308,7 @@ class JobSpec(Message, frozen=True, kw_only=True, tag="job"):
     init_seed: NonNegInt = 0
     publish_every: PosInt = 5  # shard publishes a version event every N applied updates
     created_ts: Timestamp
-    status: Literal["running", "stopped", "done", "failed"] = "running"
+    status: Literal["running", "stopped", "done", "completed", "failed"] = "running"
     status_reason: str = ""  # why a job stopped by itself (e.g. "data_features: ...")
 
     def __post_init__(self) -> None:

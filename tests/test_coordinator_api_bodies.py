@@ -39,7 +39,7 @@ async def test_openapi_declares_the_job_and_rollback_bodies(api: Api) -> None:
     job = body("/v1/jobs", JOB_EXAMPLE)
     assert job["type"] == "object" and job["additionalProperties"] is False
     assert job["required"] == ["model_name", "spec"]
-    assert set(job["properties"]) == {*JOB, "job_id", "selection"}
+    assert set(job["properties"]) == {*JOB, "job_id", "selection", "stop"}
     spec = job["properties"]["spec"]
     assert spec["type"] == "object"
     assert sorted(spec["required"]) == ["family", "n_classes", "n_features"]
@@ -71,9 +71,10 @@ def test_the_job_schema_is_what_build_job_accepts() -> None:
             build_job({**MINIMAL, name: "j-1" if name == "job_id" else _defaults(prop)})
     # additionalProperties: false where the validation refuses unknown fields
     assert [n for n, p in props.items() if p.get("additionalProperties") is False] == [
-        "eligibility", "selection"]  # fmt: skip
+        "eligibility", "selection", "stop"]  # fmt: skip
     for body in ({**MINIMAL, "extra": 1}, {**MINIMAL, "eligibility": {"extra": 1}},
-                 {**MINIMAL, "selection": {"extra": 1}}):  # fmt: skip
+                 {**MINIMAL, "selection": {"extra": 1}},
+                 {**MINIMAL, "stop": {"extra": 1}}):  # fmt: skip
         with pytest.raises(JobError, match="unknown"):
             build_job(body)
 

@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import msgspec
 
 from coordinator.jobs import JOB_FIELDS
-from coordinator.policy import EligibilityPolicy, SelectionConfig
+from coordinator.policy import EligibilityPolicy, SelectionConfig, StopConfig
 from schemas.messages import JobSpec
 
 Schema = dict[str, Any]
@@ -63,13 +63,16 @@ def _shards_schema() -> Schema:
 
 def job_request_schema() -> Schema:
     """The body of ``POST /v1/jobs``: what ``build_job`` accepts, nothing else."""
-    spec, eligibility, selection = schemas_of(JobSpec, EligibilityPolicy, SelectionConfig)
+    spec, eligibility, selection, stop = schemas_of(
+        JobSpec, EligibilityPolicy, SelectionConfig, StopConfig
+    )
     # the policies' from_dict refuses unknown fields, as build_job does; the msgspec
     # structs (spec, strategy, ...) ignore them, as every wire message does
     own = {
         "shards": _shards_schema(),
         "eligibility": {**eligibility, "additionalProperties": False},
         "selection": {**selection, "additionalProperties": False},
+        "stop": {**stop, "additionalProperties": False},
     }
     fields: Schema = spec["properties"]
     order = [n for n in fields if n in JOB_FIELDS] + sorted(JOB_FIELDS - fields.keys())
