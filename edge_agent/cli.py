@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edge_agent")
 
 
-def _hostport(text: str) -> tuple[str, int]:
+def mqtt_address(text: str) -> tuple[str, int]:
     """``host:port`` or ``mqtt://host:port`` (as every other command takes it)."""
     try:
         return parse_address(text, 1883, "MQTT")
@@ -58,7 +58,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedfleet agent", description=__doc__.split("\n")[0])
     _common(p)
-    p.add_argument("--mqtt", type=_hostport, help="MQTT broker: host:port or mqtt://host:port")
+    p.add_argument("--mqtt", type=mqtt_address, help="MQTT broker: host:port or mqtt://host:port")
     p.add_argument("--mqtt-username", dest="mqtt_username")
     p.add_argument("--mqtt-password", dest="mqtt_password")
     p.add_argument("--data", dest="data_path", help="local training data (.npz or .csv)")

@@ -161,12 +161,12 @@ def test_agent_takes_the_mqtt_address_as_every_command_does() -> None:
     named ``mqtt://host`` retried forever; an unsupported scheme is a one-line refusal."""
     import argparse
 
-    from edge_agent.cli import _hostport
+    from edge_agent.cli import mqtt_address
 
-    assert _hostport("mqtt://127.0.0.1:2883") == ("127.0.0.1", 2883)
-    assert _hostport("10.0.0.5:1884") == ("10.0.0.5", 1884)
-    assert _hostport("broker") == ("broker", 1883)
+    assert mqtt_address("mqtt://127.0.0.1:2883") == ("127.0.0.1", 2883)
+    assert mqtt_address("10.0.0.5:1884") == ("10.0.0.5", 1884)
+    assert mqtt_address("broker") == ("broker", 1883)
     for bad, why in [("mqtts://h:1", "TLS"), ("http://h:1", "scheme"), ("h:port", "port")]:
         with pytest.raises(argparse.ArgumentTypeError) as e:
-            _hostport(bad)
+            mqtt_address(bad)
         assert why in str(e.value)
