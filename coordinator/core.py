@@ -45,6 +45,9 @@ async def shard_versions(registry: ModelRegistry, job: Job | JobSpec) -> list[in
     the ``fl.models`` consumer group). The selector asks it (has the model moved since the
     round opened?) and so do uploads (is a base too stale?)."""
     spec = job.spec if isinstance(job, Job) else job
+    got = registry.newest_shard_versions(spec, io=False)  # the per-upload path: no thread
+    if got is not None:
+        return got
     return await asyncio.to_thread(registry.newest_shard_versions, spec)
 
 

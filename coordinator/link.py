@@ -60,12 +60,11 @@ class MemoryFleetLink:
     """In-process ``FleetLink``. Devices are played by the caller: ``send(topic, payload)``
     is a device publishing (only ingest topics reach the coordinator, as with the MQTT
     filters), ``received(device_id, leaf)`` what the coordinator sent that device.
-    ``down()`` / ``up()`` simulate a lost and a restored session."""
+    It is up while ``serve`` runs."""
 
     def __init__(self) -> None:
         self._inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
-        self._up = asyncio.Event()  # as with MQTT: up while ``serve`` runs (and not down())
-        self._down = False
+        self._up = asyncio.Event()  # as with MQTT: up while ``serve`` runs
         self._serving = 0
         self.published: list[tuple[str, bytes, int]] = []
 
@@ -78,8 +77,7 @@ class MemoryFleetLink:
 
     async def serve(self, handler: Handler) -> None:
         self._serving += 1
-        if not self._down:
-            self._up.set()
+        self._up.set()
         try:
             while True:
                 topic, payload = await self._inbox.get()
@@ -103,12 +101,3 @@ class MemoryFleetLink:
         """Payloads the coordinator published on ``fleet/<device_id>/<leaf>``, in order."""
         want = f"fleet/{device_id}/{leaf}"
         return [p for t, p, _ in self.published if t == want]
-
-    def down(self) -> None:
-        self._down = True
-        self._up.clear()
-
-    def up(self) -> None:
-        self._down = False
-        if self._serving:
-            self._up.set()

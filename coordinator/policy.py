@@ -13,11 +13,25 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
 from coordinator.errors import JobError
+
+P = TypeVar("P")
+
+
+def _from_dict(cls: type[P], data: Mapping[str, Any], what: str) -> P:
+    """A policy dataclass from a request body: unknown fields refused, every field typed
+    (a string field given a number is refused here, not in a later selection pass)."""
+    unknown = set(data) - {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    if unknown:
+        raise JobError(what, f"unknown {what} fields {sorted(unknown)}")
+    try:
+        return msgspec.convert(dict(data), cls, strict=True)
+    except msgspec.ValidationError as exc:
+        raise JobError(what, str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +84,7 @@ class EligibilityPolicy:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EligibilityPolicy:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise JobError("eligibility", f"unknown eligibility fields {sorted(unknown)}")
-        try:  # typed: a string field given a number is refused here, not in a pass
-            return msgspec.convert(dict(data), cls, strict=True)
-        except msgspec.ValidationError as exc:
-            raise JobError("eligibility", str(exc)) from None
+        return _from_dict(cls, data, "eligibility")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -151,13 +158,7 @@ class SelectionConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SelectionConfig:
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise JobError("selection", f"unknown selection fields {sorted(unknown)}")
-        try:  # typed: a string field given a number is refused here, not in a pass
-            return msgspec.convert(dict(data), cls, strict=True)
-        except msgspec.ValidationError as exc:
-            raise JobError("selection", str(exc)) from None
+        return _from_dict(cls, data, "selection")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -178,13 +179,7 @@ class StopConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StopConfig:
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise JobError("stop", f"unknown stop fields {sorted(unknown)}")
-        try:
-            return msgspec.convert(dict(data), cls, strict=True)
-        except msgspec.ValidationError as exc:
-            raise JobError("stop", str(exc)) from None
+        return _from_dict(cls, data, "stop")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -224,15 +224,20 @@ class ModelRegistry:
         self._jobs[job.job_id] = st
         return st
 
-    def newest_shard_versions(self, job: JobSpec) -> list[int]:
+    def newest_shard_versions(self, job: JobSpec, *, io: bool = True) -> list[int] | None:
         """Newest version of each shard of ``job``: what this process assembled, or newer
         from a manifest another coordinator wrote to the shared store (the disk is
-        re-read at most every ``DISK_RECHECK_S`` per job: uploads ask this per message)."""
+        re-read at most every ``DISK_RECHECK_S`` per job: uploads ask this per message).
+        ``io=False``: answer only from memory, None if that would need the disk."""
         now = time.monotonic()
         with self._lock:
-            mine = list(self._state(job).shard_versions)
+            st = self._jobs.get(job.job_id)
             hit = self._on_disk.get(job.job_id)
-        if hit is None or now - hit[0] >= DISK_RECHECK_S:
+            fresh = hit is not None and now - hit[0] < DISK_RECHECK_S
+            if not io and (st is None or not fresh):
+                return None
+            mine = list((st or self._state(job)).shard_versions)
+        if hit is None or not fresh:
             hit = (now, self._manifest_shard_versions(job))
             self._on_disk[job.job_id] = hit
         disk = hit[1]

@@ -302,9 +302,6 @@ class Coordinator:
             await self.core.apply_shard_version(rec.value or b"")
             await consumer.commit()
 
-    async def shard_versions(self, job: Job | JobSpec) -> list[int] | None:
-        return await self.core.shard_versions(job)
-
     async def apply_shard_version(self, value: bytes) -> int | None:
         return await self.core.apply_shard_version(value)
 

@@ -34,6 +34,15 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict
     return rc, json.loads(out[-1])
 
 
+def _assert_exactly_once(summary: dict[str, Any]) -> None:
+    """The failover ledgers: per shard, applied ids == logged ids ⊇ acked ids."""
+    for sh in summary["shards"]:
+        assert sh["lost_acked"] == sh["lost_logged"] == 0, sh
+        assert sh["doubled"] == 0 and sh["rejected_after_ack"] == 0, sh
+        assert sh["applied_not_logged"] == 0 and sh["applied"] == sh["logged"], sh
+    assert summary["shards_agree"] and summary["acked_not_logged"] == 0, summary
+
+
 def _files(out: Path, *names: str) -> None:
     for n in ("summary.json", "summary.md", *names):
         assert (out / n).is_file() and (out / n).stat().st_size > 0, n
@@ -145,11 +154,7 @@ def test_failover_kill9_applies_every_acked_update_on_every_shard(
                         "--warmup-updates", "40", "--down", "15", "--between", "8",
                         "--out", str(out), "--json", *_servers(stack)], capsys)  # fmt: skip
     assert summary["acked"] > 100, summary
-    for sh in summary["shards"]:
-        assert sh["lost_acked"] == sh["lost_logged"] == 0, sh
-        assert sh["doubled"] == 0 and sh["rejected_after_ack"] == 0, sh
-        assert sh["applied_not_logged"] == 0 and sh["applied"] == sh["logged"], sh
-    assert summary["shards_agree"] and summary["acked_not_logged"] == 0, summary
+    _assert_exactly_once(summary)
     # REST reports per shard, and every shard applied what was accepted
     assert [r["updates_applied"] for r in summary["rest_shards"]] == [
         summary["updates_accepted"]
@@ -177,9 +182,5 @@ def test_failover_kill9_of_redis_mid_job_loses_nothing_and_the_job_resumes(
     assert row["fault"] == fault and row["job_back_s"] is not None, row
     assert row["job_back_s"] < 10.0 and row["resumed_s"] is not None, row
     assert summary["acked"] > 50, summary
-    for sh in summary["shards"]:
-        assert sh["lost_acked"] == sh["lost_logged"] == 0, sh
-        assert sh["doubled"] == 0 and sh["rejected_after_ack"] == 0, sh
-        assert sh["applied_not_logged"] == 0 and sh["applied"] == sh["logged"], sh
-    assert summary["shards_agree"] and summary["acked_not_logged"] == 0, summary
+    _assert_exactly_once(summary)
     assert rc == 0, summary
