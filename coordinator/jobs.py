@@ -7,7 +7,11 @@ Request body of ``POST /v1/jobs`` (JSON)::
      "codec": {...CodecConfig}, "concurrency": 50, "target_accuracy": 0.9, "init_seed": 0,
      "publish_every": 5, "eligibility": {...EligibilityPolicy},
      "selection": {"mode": "async"|"sync", "over_selection": 1.3, "round_deadline_s": 120},
-     "stop": {"max_updates": 0, "max_wall_s": 0}, "job_id": optional}
+     "stop": {"max_updates": 0, "max_wall_s": 0}, "evaluation": {...EvalConfig},
+     "standardize": false, "job_id": optional}
+
+``spec`` may name ``labels`` (class names in index order: devices' string labels map to
+them); ``input_mean``/``input_std`` are fixed by a ``standardize`` job's statistics phase.
 
 ``stop`` (0 = no limit) ends the job ``completed`` once that many updates are applied on
 every shard or that many seconds passed since it was created; its newest version is pinned.
@@ -38,6 +42,7 @@ from schemas.errors import SchemaError
 from schemas.messages import (
     UPDATE_MAX_BYTES,
     CodecConfig,
+    EvalConfig,
     JobSpec,
     ModelSpecMsg,
     StrategyConfig,
@@ -48,6 +53,7 @@ from schemas.modelspec import even_bounds, num_params
 JOB_FIELDS = {  # every field a job request may carry (the OpenAPI body is built from it)
     "job_id", "model_name", "spec", "shards", "strategy", "train", "codec", "concurrency",
     "target_accuracy", "init_seed", "publish_every", "eligibility", "selection", "stop",
+    "evaluation", "standardize",
 }  # fmt: skip
 
 
@@ -116,9 +122,10 @@ def build_job(
         "strategy": _conv(body.get("strategy", {}), StrategyConfig, "strategy"),
         "train": _conv(body.get("train", {}), TrainConfig, "train"),
         "codec": _conv(body.get("codec", {}), CodecConfig, "codec"),
+        "evaluation": _conv(body.get("evaluation", {}), EvalConfig, "evaluation"),
         "created_ts": time.time() if now is None else now,
     }
-    for k in ("concurrency", "target_accuracy", "init_seed", "publish_every"):
+    for k in ("concurrency", "target_accuracy", "init_seed", "publish_every", "standardize"):
         if k in body:
             raw[k] = body[k]
     job_spec = _conv(raw, JobSpec, "job")

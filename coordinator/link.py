@@ -21,7 +21,7 @@ from coordinator.errors import CoordinatorError
 
 Handler = Callable[[str, bytes], Awaitable[None]]
 
-INGEST_LEAVES = ("telemetry", "status", "task_status", "update")
+INGEST_LEAVES = ("telemetry", "status", "task_status", "update", "report")
 PUBLISH_WAIT_S = 10.0  # how long a publish waits for a lost session to come back
 
 

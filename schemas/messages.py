@@ -151,6 +151,62 @@ class TaskResponse(Message, frozen=True, kw_only=True, tag="task_response"):
     ts: Timestamp
 
 
+class EvalReport(Message, frozen=True, kw_only=True, tag="eval_report"):
+    """A device's score of one model version on its local held-out split (an ``eval``
+    task), on ``fleet/{device_id}/report`` (QoS 1). Sums, not means, so the coordinator
+    combines reports example-weighted: loss = sum(loss_sum) / sum(num_examples)."""
+
+    task_id: Id
+    job_id: Id
+    device_id: Id
+    upload_token: str
+    model_version: NonNegInt  # the published version actually scored
+    num_examples: NonNegInt
+    loss_sum: NonNegFloat  # sum over examples of the cross-entropy (natural log)
+    correct: NonNegInt
+    class_examples: list[NonNegInt]  # held-out examples per true class (n_classes long)
+    class_correct: list[NonNegInt]  # of those, predicted right
+    ts: Timestamp
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.class_examples) != len(self.class_correct):
+            raise SchemaError("shape", "class_examples and class_correct differ in length")
+        if self.correct > self.num_examples:
+            raise SchemaError("range", "correct > num_examples")
+        if sum(self.class_examples) != self.num_examples:
+            raise SchemaError("range", "class_examples do not sum to num_examples")
+        if any(c > e for c, e in zip(self.class_correct, self.class_examples, strict=True)):
+            raise SchemaError("range", "class_correct > class_examples")
+
+
+class StatsReport(Message, frozen=True, kw_only=True, tag="stats_report"):
+    """A device's feature and label statistics over its training rows (a ``stats`` task),
+    on ``fleet/{device_id}/report`` (QoS 1). No row leaves the device: per-feature count,
+    sum and sum of squares, and the number of rows per raw label."""
+
+    task_id: Id
+    job_id: Id
+    device_id: Id
+    upload_token: str
+    num_rows: NonNegInt
+    feature_sum: list[float]  # n_features long
+    feature_sumsq: list[NonNegFloat]  # n_features long
+    # raw label as the device's data spells it ("3", "setosa") -> rows; labels the job does
+    # not know make the job fail before training starts
+    label_counts: dict[Annotated[str, msgspec.Meta(max_length=256)], NonNegInt]
+    ts: Timestamp
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.feature_sum) != len(self.feature_sumsq):
+            raise SchemaError("shape", "feature_sum and feature_sumsq differ in length")
+        if len(self.label_counts) > 1 << 16:
+            raise SchemaError("too_large", f"{len(self.label_counts)} distinct labels")
+        if sum(self.label_counts.values()) != self.num_rows:
+            raise SchemaError("range", "label_counts do not sum to num_rows")
+
+
 class UpdateChunk(msgspec.Struct, frozen=True, kw_only=True):
     """One shard's part of an update: codec frame for parameters [start, stop)."""
 
@@ -214,8 +270,17 @@ class CodecConfig(msgspec.Struct, frozen=True, kw_only=True):
     zstd_values: bool = True
 
 
+TaskKind = Literal["train", "eval", "stats"]
+
+
 class Task(Message, frozen=True, kw_only=True, tag="task"):
-    """Work for one device: produced to Kafka ``fl.tasks``, pushed to ``fleet/{id}/task``."""
+    """Work for one device: produced to Kafka ``fl.tasks``, pushed to ``fleet/{id}/task``.
+
+    ``task_kind``: ``train`` (answered by an ``Update``), ``eval`` (score ``model_version`` on
+    the local held-out split, answered by an ``EvalReport``) or ``stats`` (feature and
+    label statistics of the training rows, answered by a ``StatsReport``). Each is
+    accepted, declined or aborted with a ``TaskResponse`` as usual.
+    """
 
     task_id: Id
     job_id: Id
@@ -228,6 +293,8 @@ class Task(Message, frozen=True, kw_only=True, tag="task"):
     codec: CodecConfig = CodecConfig()
     allow_metered: bool = False
     min_battery: Percent = 20.0
+    task_kind: TaskKind = "train"
+    model_version: Annotated[int, msgspec.Meta(ge=-1)] = -1  # eval: version to score (-1: latest)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -262,6 +329,29 @@ class ModelSpecMsg(msgspec.Struct, frozen=True, kw_only=True):
     n_features: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)]
     n_classes: Annotated[int, msgspec.Meta(ge=2, le=1 << 16)]
     hidden: Annotated[int, msgspec.Meta(ge=0, le=1 << 16)] = 0
+    # Input standardisation, part of the model: x' = (x - input_mean) / input_std before the
+    # first layer, in training, in the ONNX graph and on-device inference (empty: none).
+    # Fixed by a ``standardize`` job's statistics phase; devices keep raw features.
+    input_mean: list[float] = []
+    input_std: list[Annotated[float, msgspec.Meta(gt=0.0)]] = []
+    # Class names in index order (string labels in device data map to their index);
+    # empty: labels are the integers 0..n_classes-1.
+    labels: list[Annotated[str, msgspec.Meta(min_length=1, max_length=256)]] = []
+
+    def __post_init__(self) -> None:
+        if len(self.input_mean) != len(self.input_std):
+            raise SchemaError("shape", "input_mean and input_std differ in length")
+        if self.input_mean and len(self.input_mean) != self.n_features:
+            raise SchemaError(
+                "shape", f"input_mean has {len(self.input_mean)} values, n_features is "
+                f"{self.n_features}",
+            )  # fmt: skip
+        if self.labels and len(self.labels) != self.n_classes:
+            raise SchemaError(
+                "shape", f"{len(self.labels)} labels for n_classes {self.n_classes}"
+            )
+        if len(set(self.labels)) != len(self.labels):
+            raise SchemaError("shape", "labels are not distinct")
 
 
 class StrategyConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -293,6 +383,21 @@ class StrategyConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise SchemaError("range", "dp_noise_multiplier > 0 needs clip_norm > 0")
 
 
+class EvalConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Federated evaluation of a job: devices score published versions on their held-out
+    split. An evaluation of version v asks ``devices`` eligible devices, counts once
+    ``min_reports`` reported, and closes after ``timeout_s`` with what it has."""
+
+    every_versions: PosInt = 5  # evaluate every N-th published version (and the final one)
+    devices: Annotated[int, msgspec.Meta(ge=0, le=1 << 16)] = 10  # 0 = federated eval off
+    min_reports: PosInt = 3
+    timeout_s: Annotated[float, msgspec.Meta(gt=0.0, le=86400.0)] = 120.0
+
+    def __post_init__(self) -> None:
+        if self.devices and self.min_reports > self.devices:
+            raise SchemaError("range", f"min_reports {self.min_reports} > devices {self.devices}")
+
+
 class JobSpec(Message, frozen=True, kw_only=True, tag="job"):
     """A training job, on the compacted topic ``fl.jobs`` keyed by ``job_id``."""
 
@@ -310,6 +415,10 @@ class JobSpec(Message, frozen=True, kw_only=True, tag="job"):
     created_ts: Timestamp
     status: Literal["running", "stopped", "done", "completed", "failed"] = "running"
     status_reason: str = ""  # why a job stopped by itself (e.g. "data_features: ...")
+    evaluation: EvalConfig = EvalConfig()
+    # a statistics phase fixes spec.input_mean/input_std before training starts (and
+    # fails the job on labels outside its classes); done once spec.input_mean is set
+    standardize: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -381,6 +490,8 @@ AnyMessage = (
     | DeviceStatus
     | TaskResponse
     | Update
+    | EvalReport
+    | StatsReport
     | Task
     | UploadAck
     | Pace

@@ -39,7 +39,8 @@ async def test_openapi_declares_the_job_and_rollback_bodies(api: Api) -> None:
     job = body("/v1/jobs", JOB_EXAMPLE)
     assert job["type"] == "object" and job["additionalProperties"] is False
     assert job["required"] == ["model_name", "spec"]
-    assert set(job["properties"]) == {*JOB, "job_id", "selection", "stop"}
+    extra = {"job_id", "selection", "stop", "evaluation", "standardize"}
+    assert set(job["properties"]) == {*JOB, *extra}
     spec = job["properties"]["spec"]
     assert spec["type"] == "object"
     assert sorted(spec["required"]) == ["family", "n_classes", "n_features"]

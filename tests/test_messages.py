@@ -45,6 +45,16 @@ SAMPLES: list[m.Message] = [
         train_seconds=12.5,
         sent_ts=TS,
     ),
+    m.EvalReport(
+        task_id="t2", job_id="j1", device_id="dev-1", upload_token="tok", model_version=7,
+        num_examples=5, loss_sum=2.5, correct=3, class_examples=[2, 3], class_correct=[1, 2],
+        ts=TS,
+    ),
+    m.StatsReport(
+        task_id="t3", job_id="j1", device_id="dev-1", upload_token="tok", num_rows=4,
+        feature_sum=[1.0, -2.0], feature_sumsq=[3.0, 4.0], label_counts={"0": 1, "x": 3},
+        ts=TS,
+    ),
     m.Task(
         task_id="t1",
         job_id="j1",
@@ -381,3 +391,37 @@ def test_bad_strategy_robust_or_dp_is_rejected(fields: dict[str, Any]) -> None:
     with pytest.raises(SchemaError) as err:
         m.decode(msgspec.msgpack.encode(data), m.JobSpec)
     assert err.value.reason in ("range", "type")
+
+
+@pytest.mark.parametrize(
+    ("kind", "patch"),
+    [
+        (m.EvalReport, {"correct": 9}),
+        (m.EvalReport, {"class_examples": [1, 1]}),
+        (m.EvalReport, {"class_correct": [3, 0]}),
+        (m.EvalReport, {"class_correct": [1]}),
+        (m.StatsReport, {"feature_sumsq": [1.0]}),
+        (m.StatsReport, {"label_counts": {"0": 1}}),
+        (m.StatsReport, {"feature_sum": [float("nan"), 1.0]}),
+    ],
+)
+def test_reports_must_be_consistent(kind: type[m.Message], patch: dict[str, Any]) -> None:
+    raw = {**_sample(kind), **patch}
+    with pytest.raises(SchemaError):
+        m.decode(msgspec.msgpack.encode(raw), kind)
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        {"input_mean": [0.0], "input_std": [1.0, 2.0]},
+        {"input_mean": [0.0], "input_std": [1.0]},  # n_features is 2
+        {"input_mean": [0.0, 1.0], "input_std": [1.0, 0.0]},
+        {"labels": ["a"]},
+        {"labels": ["a", "a"]},
+    ],
+)
+def test_model_spec_preprocessing_is_checked(patch: dict[str, Any]) -> None:
+    raw = {"family": "softmax", "n_features": 2, "n_classes": 2, **patch}
+    with pytest.raises((SchemaError, msgspec.ValidationError)):
+        msgspec.convert(raw, m.ModelSpecMsg)
