@@ -76,9 +76,17 @@ MAX_PARAMS = 64 << 20  # default cap: 64 Mi float32 parameters = 256 MiB per mod
 
 
 def build_job(
-    body: Any, *, now: float | None = None, max_shards: int = 1 << 16, max_params: int = MAX_PARAMS
+    body: Any,
+    *,
+    now: float | None = None,
+    max_shards: int = 1 << 16,
+    max_params: int = MAX_PARAMS,
+    default_shards: int = 1,
 ) -> Job:
     """Validate a job request and build its ``JobSpec``; any problem is a ``JobError``.
+
+    A body without ``shards`` gets ``default_shards`` (the REST API passes one per live
+    aggregator), at most one per parameter.
 
     Size caps: at most ``max_params`` parameters, and each shard's slice (an update chunk,
     a ``ShardVersion``) must fit one wire message (``UPDATE_MAX_BYTES``).
@@ -94,7 +102,7 @@ def build_job(
     spec = _conv(body["spec"], ModelSpecMsg, "spec")
     try:
         n = num_params(spec)
-        shards = body.get("shards", 1)
+        shards = body.get("shards", max(1, min(default_shards, n, max_shards)))
         if not isinstance(shards, int) or isinstance(shards, bool):
             raise JobError("validation", "shards must be an integer")
         if shards > max_shards:

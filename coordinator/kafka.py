@@ -75,6 +75,26 @@ async def wait_for_topics(producer: AIOKafkaProducer, topics: list[str], timeout
         ) from None
 
 
+async def group_members(s: CoordinatorSettings, group: str, timeout_s: float = 5.0) -> int:
+    """How many consumers are live members of ``group`` (0 for an empty or unknown group).
+    A ``CoordinatorError`` when the cluster does not answer within ``timeout_s``."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, client_id=s.client_id)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await admin.start()
+            responses = await admin.describe_consumer_groups([group])
+    except (TimeoutError, KafkaError, OSError) as exc:
+        raise CoordinatorError("kafka", f"could not describe group {group!r}: {exc!r}") from None
+    finally:
+        await admin.close()
+    members = 0
+    for resp in responses:
+        for g in resp.groups:  # (error_code, group_id, state, protocol_type, protocol, members)
+            if g[1] == group and g[2] not in ("Dead", "Empty"):
+                members += len(g[5])
+    return members
+
+
 async def ensure_topics(s: CoordinatorSettings) -> None:
     """Create the five topics if missing (existing topics are left as they are)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, client_id=s.client_id)

@@ -48,6 +48,9 @@ class CoordinatorSettings:
     # partitions the coordinator creates when the topics are missing
     task_partitions: int = 1
     max_shards: int = 8
+    # the aggregators' consumer group (AggregatorSettings.group_id): a job that names no
+    # ``shards`` gets one per live member, at most max_shards
+    aggregator_group: str = "fl-aggregators"
     max_params: int = 64 << 20  # largest model a job may have (parameters; 256 MiB float32)
     # telemetry batching
     telemetry_batch: int = 500
@@ -65,7 +68,8 @@ class CoordinatorSettings:
     fail_after_aborts: int = 20
 
     def __post_init__(self) -> None:
-        for name in ("kafka_bootstrap", "mqtt_host", "redis_url", "http_host", "topic_prefix"):
+        for name in ("kafka_bootstrap", "mqtt_host", "redis_url", "http_host", "topic_prefix",
+                     "aggregator_group"):
             check(bool(str(getattr(self, name)).strip()), name, "must not be empty")
         check(1 <= self.mqtt_port <= 65535, "mqtt_port", f"{self.mqtt_port} is not in 1..65535")
         check(0 <= self.http_port <= 65535, "http_port",

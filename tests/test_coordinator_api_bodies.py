@@ -67,8 +67,12 @@ def test_the_job_schema_is_what_build_job_accepts() -> None:
     for name in required:
         with pytest.raises(JobError, match=f"missing field '{name}'"):
             build_job({k: v for k, v in MINIMAL.items() if k != name})
+    assert build_job(MINIMAL, default_shards=3).spec.shard_bounds == [0, 3, 6, 10]
     for name, prop in props.items():  # every declared field is taken, at its declared default
-        if name not in required:
+        if name == "shards":  # no declared default: one per live aggregator
+            assert "default" not in prop
+            build_job({**MINIMAL, name: 2})
+        elif name not in required:
             build_job({**MINIMAL, name: "j-1" if name == "job_id" else _defaults(prop)})
     # additionalProperties: false where the validation refuses unknown fields
     assert [n for n, p in props.items() if p.get("additionalProperties") is False] == [

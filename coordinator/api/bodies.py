@@ -56,9 +56,10 @@ def schemas_of(*types: Any) -> list[Schema]:
 
 
 def _shards_schema() -> Schema:
-    return {"type": "integer", "minimum": 1, "default": 1,
+    return {"type": "integer", "minimum": 1,
             "description": "model slices, one aggregator shard each (at most the "
-                           "coordinator's max_shards, at most one per parameter)"}  # fmt: skip
+                           "coordinator's max_shards, at most one per parameter); "
+                           "default: one per live aggregator"}  # fmt: skip
 
 
 def job_request_schema() -> Schema:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Path
@@ -11,10 +12,13 @@ from redis.exceptions import RedisError
 from coordinator.api.bodies import JOB_EXAMPLE, JOB_REQUEST, json_body
 from coordinator.api.common import R400, R401, R404, R409, R422, R503, admin
 from coordinator.api.state import AppState, app_state
-from coordinator.errors import NotFound
+from coordinator.errors import CoordinatorError, NotFound
 from coordinator.jobs import Job, build_job, job_json
+from coordinator.kafka import group_members
 from coordinator.lifecycle import set_status
+from coordinator.settings import CoordinatorSettings
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["jobs"])
 State = Annotated[AppState, Depends(app_state)]
 JobId = Annotated[str, Path(max_length=128)]
@@ -41,7 +45,10 @@ async def job_out(state: AppState, job: Job) -> dict[str, Any]:
 )  # fmt: skip
 async def create_job(state: State, body: Annotated[Any, Body()]) -> dict[str, Any]:
     s = state.settings
-    job = build_job(body, max_shards=s.max_shards, max_params=s.max_params)
+    default = 1
+    if isinstance(body, dict) and "shards" not in body:
+        default = await live_aggregators(s)
+    job = build_job(body, max_shards=s.max_shards, max_params=s.max_params, default_shards=default)
     jid, name = job.spec.job_id, job.spec.model_name
     known = state.journal.latest()  # also jobs a lost Redis no longer holds
     if jid in known or await state.jobs.exists(jid):
@@ -62,6 +69,16 @@ async def create_job(state: State, body: Annotated[Any, Body()]) -> dict[str, An
         await state.jobs.set_status(jid, "stopped")
         raise HTTPException(503, f"could not publish job to Kafka: {exc}") from None
     return await job_out(state, job)
+
+
+async def live_aggregators(s: CoordinatorSettings) -> int:
+    """Live members of the aggregators' consumer group (1 when there are none yet, or
+    Kafka cannot say): the shards a job gets when its body names none."""
+    try:
+        return max(1, await group_members(s, s.aggregator_group))
+    except CoordinatorError as exc:
+        log.warning("a job without shards gets 1: %s", exc)
+        return 1
 
 
 async def running_job_of(
