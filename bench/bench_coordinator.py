@@ -87,7 +87,7 @@ async def bench_ingest(info: Any, tmp: Path, n_msgs: int, n_devices: int) -> dic
     s = CoordinatorSettings(
         kafka_bootstrap=info.kafka_bootstrap, mqtt_host=info.mqtt_host, mqtt_port=info.mqtt_port,
         redis_url=info.redis_url, topic_prefix=prefix, model_store_dir=tmp / "m",
-        signing_key_path=tmp / "k",
+        signing_key_path=tmp / "k", http_port=0,
     )  # fmt: skip
     payloads = [
         (f"fleet/b{i % n_devices}/telemetry",
@@ -176,7 +176,8 @@ async def bench_selection(redis_url: str, devices: int, passes: int) -> dict[str
     prefix = f"bsel{time.time_ns() % 10**8}:"
     r: Any = Redis.from_url(redis_url, decode_responses=True)
     s = CoordinatorSettings(
-        redis_url=redis_url, redis_prefix=prefix, pace_enabled=False, telemetry_ttl_s=3600.0
+        redis_url=redis_url, redis_prefix=prefix, pace_enabled=False, telemetry_ttl_s=3600.0,
+        http_port=0,
     )
     metrics = CoordinatorMetrics(registry=_registry())
     fleet = FleetStore(r, prefix, s.telemetry_ttl_s)
@@ -260,7 +261,7 @@ async def bench_uploads(info: Any, tmp: Path, n: int) -> dict[str, Any]:
     s = CoordinatorSettings(
         kafka_bootstrap=info.kafka_bootstrap, mqtt_host=info.mqtt_host, mqtt_port=info.mqtt_port,
         redis_url=info.redis_url, topic_prefix=prefix, model_store_dir=tmp / "um",
-        signing_key_path=tmp / "k", pace_enabled=False,
+        signing_key_path=tmp / "k", pace_enabled=False, http_port=0,
         telemetry_ttl_s=3600.0, lease_s=3600.0,
     )  # fmt: skip
     levels = (1, 32)
@@ -337,7 +338,7 @@ async def bench_pulls(info: Any, tmp: Path, requests: int, conc: int) -> dict[st
     s = CoordinatorSettings(
         kafka_bootstrap=info.kafka_bootstrap, mqtt_host=info.mqtt_host, mqtt_port=info.mqtt_port,
         redis_url=info.redis_url, topic_prefix=prefix, model_store_dir=tmp / "pm",
-        signing_key_path=tmp / "k", admin_token="b",
+        signing_key_path=tmp / "k", admin_token="b", http_port=0,
     )  # fmt: skip
     out: dict[str, Any] = {"requests": requests, "concurrency": conc}
     async with Coordinator(

@@ -1,4 +1,5 @@
-"""The coordinator's parts, wired but not running: stores, registry, selector, uploads.
+"""The coordinator's parts, wired but not running: stores, registry, selector, uploads,
+reports (federated evaluation and statistics).
 
 ``build_core`` is the one place that wires them; ``Coordinator`` (``coordinator.service``)
 adds the I/O shell around it (Redis and Kafka clients, the fleet link, the loops, REST).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 from coordinator.aborts import AbortHandler, FailJob
 from coordinator.dispatcher import Publish
 from coordinator.errors import CoordinatorError, NotFound
+from coordinator.evalstore import EvalStore
 from coordinator.fleet import FleetStore
 from coordinator.ingest import Router, TelemetryBatcher
 from coordinator.jobs import Job, JobStore
@@ -26,9 +29,11 @@ from coordinator.keys import Keys
 from coordinator.lock import RedisLock
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.registry import ModelRegistry
+from coordinator.reports import ReportHandler
 from coordinator.rounds import RoundStore
 from coordinator.selector import Selector
 from coordinator.settings import CoordinatorSettings
+from coordinator.sidetasks import SideTasks, WriteSpec
 from coordinator.signing import Signer
 from coordinator.task_sink import TaskSink
 from coordinator.tasks import TaskStore
@@ -66,6 +71,8 @@ class CoordinatorCore:
     selector: Selector
     uploads: UploadHandler
     router: Router
+    evals: EvalStore
+    side: SideTasks
 
     async def shard_versions(self, job: Job | JobSpec) -> list[int] | None:
         return await shard_versions(self.registry, job)
@@ -91,6 +98,12 @@ class CoordinatorCore:
         if m is None:
             return None
         self.metrics.versions.inc()
+        try:  # a version worth evaluating opens its evaluation (the selector asks devices)
+            await self.side.on_version(job, m.version, m.shard_versions, time.time())
+        except Exception:
+            self.metrics.errors.labels(loop="evaluation").inc()
+            log.warning("could not open the evaluation of %s v%d", sv.job_id, m.version,
+                        exc_info=True)  # fmt: skip
         self.selector.wake(sv.job_id)  # a sync round may be waiting for this version
         return m.version
 
@@ -105,11 +118,15 @@ def build_core(
     publish: Publish,
     fail_job: FailJob | None = None,
     complete_job: Callable[[Job, str], Awaitable[None]] | None = None,
+    write_spec: WriteSpec | None = None,
 ) -> CoordinatorCore:
     """Wire every part over ``redis`` (a ``decode_responses=True`` client the caller owns).
     ``producer`` takes accepted uploads (``fl.updates``), ``task_sink`` leased tasks;
     ``publish`` reaches devices; ``fail_job(job_id, reason)`` ends a job whose tasks all
-    abort for one data reason (``coordinator.aborts``)."""
+    abort for one data reason (``coordinator.aborts``) or whose statistics phase found labels
+    outside its classes; ``complete_job(job, reason)`` ends one whose stop condition held;
+    ``write_spec(job_id, model_spec)`` records a standardize job's fixed input
+    standardisation (``coordinator.lifecycle.set_spec``)."""
     signer = Signer.load_or_create(s.signing_key_path)
     registry = ModelRegistry(s.model_store_dir, signer, retention=s.retention)
     fleet = FleetStore(redis, s.key_prefix, s.telemetry_ttl_s)
@@ -124,10 +141,19 @@ def build_core(
     async def versions(job: Job | JobSpec) -> list[int] | None:
         return await shard_versions(registry, job)
 
+    async def republish(spec: JobSpec) -> None:
+        await asyncio.to_thread(registry.republish, spec)
+
+    evals = EvalStore(redis, s.key_prefix)
+    side = SideTasks(
+        settings=s, fleet=fleet, tasks=tasks, evals=evals, stats=stats, task_sink=task_sink,
+        metrics=metrics, write_spec=write_spec, republish=republish, fail_job=fail_job,
+    )  # fmt: skip
     selector = Selector(
         settings=s, fleet=fleet, tasks=tasks, jobs=jobs, rounds=rounds, stats=stats,
         lock=RedisLock(redis, Keys(s.key_prefix).selector_lock), task_sink=task_sink,
         publish=publish, metrics=metrics, latest_versions=versions, on_complete=complete_job,
+        side=side,
     )  # fmt: skip
     uploads = UploadHandler(
         tasks=tasks, jobs=jobs, fleet=fleet, stats=stats, producer=producer,
@@ -136,10 +162,12 @@ def build_core(
     )  # fmt: skip
     aborts = AbortHandler(fleet=fleet, stats=stats, metrics=metrics, hold_s=s.data_hold_s,
                           fail_after=s.fail_after_aborts, fail_job=fail_job)  # fmt: skip
+    reports = ReportHandler(tasks=tasks, jobs=jobs, fleet=fleet, stats=stats, evals=evals,
+                            metrics=metrics, on_report=selector.wake)  # fmt: skip
     router = Router(fleet=fleet, tasks=tasks, stats=stats, uploads=uploads, batcher=batcher,
-                    metrics=metrics, aborts=aborts)  # fmt: skip
+                    metrics=metrics, aborts=aborts, reports=reports)  # fmt: skip
     return CoordinatorCore(
         settings=s, metrics=metrics, signer=signer, registry=registry, fleet=fleet,
         tasks=tasks, jobs=jobs, stats=stats, rounds=rounds, batcher=batcher,
-        selector=selector, uploads=uploads, router=router,
+        selector=selector, uploads=uploads, router=router, evals=evals, side=side,
     )  # fmt: skip

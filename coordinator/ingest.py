@@ -1,4 +1,5 @@
-"""MQTT ingest: route device messages to the fleet store, task leases and upload handler.
+"""MQTT ingest: route device messages to the fleet store, task leases, the upload handler
+and the report handler (evaluation / statistics reports).
 
 ``Router.handle(topic, payload)`` is the whole per-message logic (no MQTT objects), so it
 can be driven directly in tests; ``TelemetryBatcher`` coalesces telemetry into Redis
@@ -16,6 +17,7 @@ from coordinator.fleet import FleetStore
 from coordinator.jobstats import JobStatsStore
 from coordinator.link import INGEST_LEAVES
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.reports import ReportHandler
 from coordinator.tasks import TaskStore
 from coordinator.uploads import UploadHandler
 from schemas.aio import cancelling
@@ -23,10 +25,13 @@ from schemas.errors import SchemaError
 from schemas.messages import (
     UPDATE_MAX_BYTES,
     DeviceStatus,
+    EvalReport,
+    StatsReport,
     TaskResponse,
     Telemetry,
     Update,
     decode,
+    decode_any,
 )
 
 log = logging.getLogger(__name__)
@@ -88,6 +93,7 @@ class Router:
         batcher: TelemetryBatcher,
         metrics: CoordinatorMetrics,
         aborts: AbortHandler | None = None,
+        reports: ReportHandler | None = None,
     ) -> None:
         self.fleet = fleet
         self.tasks = tasks
@@ -96,6 +102,7 @@ class Router:
         self.batcher = batcher
         self.metrics = metrics
         self.aborts = aborts
+        self.reports = reports
 
     def _reject(self, kind: str, reason: str) -> None:
         self.metrics.rejected.labels(source=kind, reason=reason).inc()
@@ -126,10 +133,21 @@ class Router:
                 await self.fleet.write_status(s)
             elif kind == "task_status":
                 await self._task_status(decode(payload, TaskResponse), dev)
+            elif kind == "report":
+                await self._report(decode_any(payload, max_bytes=UPDATE_MAX_BYTES), dev)
             else:
                 await self.uploads.handle(decode(payload, Update, max_bytes=UPDATE_MAX_BYTES), dev)
         except SchemaError as exc:
             self._reject(kind, exc.reason)
+
+    async def _report(self, msg: object, dev: str) -> None:
+        if not isinstance(msg, EvalReport | StatsReport):
+            self._reject("report", "kind")
+            return
+        if self.reports is None:
+            self._reject("report", "unsupported")
+            return
+        await self.reports.handle(msg, dev)
 
     async def _task_status(self, r: TaskResponse, dev: str) -> None:
         if r.device_id != dev:
@@ -149,10 +167,13 @@ class Router:
             )
             if ok:
                 outcome: str = r.status
-                if r.status == "aborted" and self.aborts is not None:
+                # an eval task's abort (no held-out split, ...) says nothing about the
+                # device's training data: no data hold, no failing the job
+                if r.status == "aborted" and self.aborts is not None and rec.kind != "eval":
                     code = await self.aborts.on_abort(rec.job_id, dev, r.reason, time.time())
                     outcome = f"aborted:{code}"
                 await self.fleet.release_task(dev, rec.task_id, contributed=False, outcome=outcome)
-                await self.stats.bump(rec.job_id, f"tasks_{r.status}")
+                side = "" if rec.kind == "train" else f"{rec.kind}_"  # tasks_eval_declined
+                await self.stats.bump(rec.job_id, f"tasks_{side}{r.status}")
         if not ok:
             self._reject("task_status", "bad_transition")

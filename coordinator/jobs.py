@@ -7,14 +7,16 @@ Request body of ``POST /v1/jobs`` (JSON)::
      "codec": {...CodecConfig}, "concurrency": 50, "target_accuracy": 0.9, "init_seed": 0,
      "publish_every": 5, "eligibility": {...EligibilityPolicy},
      "selection": {"mode": "async"|"sync", "over_selection": 1.3, "round_deadline_s": 120},
-     "stop": {"max_updates": 0, "max_wall_s": 0}, "evaluation": {...EvalConfig},
+     "stop": {...StopConfig}, "evaluation": {...EvalConfig},
      "standardize": false, "job_id": optional}
 
 ``spec`` may name ``labels`` (class names in index order: devices' string labels map to
 them); ``input_mean``/``input_std`` are fixed by a ``standardize`` job's statistics phase.
 
 ``stop`` (0 = no limit) ends the job ``completed`` once that many updates are applied on
-every shard or that many seconds passed since it was created; its newest version is pinned.
+every shard or that many seconds passed since it was created, or on its federated
+evaluations (``target_accuracy`` held ``target_hold`` times, a ``plateau_window``); its
+newest version is pinned. A ``standardize`` job may not set ``spec.input_mean``.
 
 A ``sync`` job with the ``fedavg`` strategy must have ``concurrency == strategy.buffer_size``
 (the round size ``K``; ``policy.check_sync_round_size``).
@@ -31,6 +33,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from coordinator.errors import JobError, NotFound
+from coordinator.evaluation import Evaluation
 from coordinator.keys import Keys
 from coordinator.policy import (
     EligibilityPolicy,
@@ -38,6 +41,7 @@ from coordinator.policy import (
     StopConfig,
     check_sync_round_size,
 )
+from coordinator.standardize import job_phase
 from schemas.errors import SchemaError
 from schemas.messages import (
     UPDATE_MAX_BYTES,
@@ -137,6 +141,9 @@ def build_job(
         if k in body:
             raw[k] = body[k]
     job_spec = _conv(raw, JobSpec, "job")
+    if job_spec.standardize and job_spec.spec.input_mean:
+        raise JobError("validation", "standardize: the statistics phase fixes spec.input_mean"
+                       "/input_std; a job that sets them cannot standardize")  # fmt: skip
     elig = EligibilityPolicy.from_dict(_obj(body.get("eligibility"), "eligibility"))
     sel = SelectionConfig.from_dict(_obj(body.get("selection"), "selection"))
     stop = StopConfig.from_dict(_obj(body.get("stop"), "stop"))
@@ -153,7 +160,11 @@ def _obj(v: Any, name: str) -> dict[str, Any]:
     return v
 
 
-def job_json(job: Job, stats: dict[str, int], current_version: int | None) -> dict[str, Any]:
+def job_json(
+    job: Job, stats: dict[str, int], current_version: int | None,
+    federated: Evaluation | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The job as REST shows it; ``federated``: its newest complete evaluation."""
     out: dict[str, Any] = msgspec.to_builtins(job.spec)
     out.pop("kind", None)
     out["eligibility"] = job.eligibility.to_dict()
@@ -184,6 +195,8 @@ def job_json(job: Job, stats: dict[str, int], current_version: int | None) -> di
     out["updates_rejected_by_shards"] = sum(s["updates_rejected"] for s in shards)
     out["mean_staleness"] = stats.get("mean_staleness_milli", 0) / 1000.0
     out["current_version"] = current_version
+    out["phase"] = job_phase(job.spec)  # statistics | training | ended
+    out["federated"] = None if federated is None else federated.to_json()
     return out
 
 

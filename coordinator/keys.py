@@ -20,6 +20,11 @@ hash to one slot::
     {p}round:{{job}}        hash    RoundStore, claim    the sync round (``taken`` by claims)
     {p}jobstats:{{job}}     hash    JobStatsStore (+ the task scripts' counters)
     {p}holds:{{job}}        zset    FleetStore           device held off the job -> until
+    {p}sideleases:{{job}}   zset    TaskStore            active eval/stats task -> deadline
+    {p}evals:{{job}}        zset    EvalStore            evaluated version -> version
+    {p}eval:{{job}}:{v}     hash    EvalStore, report    sums of the evaluation of version v
+    {p}fedstats:{{job}}     hash    StatsStore, report   sums of the statistics phase
+    {p}fedstatsdev:{{job}}  set     StatsStore, report   devices that reported statistics
     {p}selector-lock        string  RedisLock            one selector pass at a time
 
 (``{{job}}`` is the job id inside literal braces, e.g. ``ff:fl.round:{job-1a2b}``.)
@@ -99,6 +104,22 @@ class Keys:
 
     def holds(self, job_id: str) -> str:
         return f"{self.p}holds:{{{job_id}}}"
+
+    def side_leases(self, job_id: str) -> str:
+        """Active ``eval``/``stats`` tasks (they take no training slot)."""
+        return f"{self.p}sideleases:{{{job_id}}}"
+
+    def evals(self, job_id: str) -> str:
+        return f"{self.p}evals:{{{job_id}}}"
+
+    def evaluation(self, job_id: str, version: int) -> str:
+        return f"{self.p}eval:{{{job_id}}}:{version}"
+
+    def fedstats(self, job_id: str) -> str:
+        return f"{self.p}fedstats:{{{job_id}}}"
+
+    def fedstats_devices(self, job_id: str) -> str:
+        return f"{self.p}fedstatsdev:{{{job_id}}}"
 
     @property
     def selector_lock(self) -> str:

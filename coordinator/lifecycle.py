@@ -1,5 +1,7 @@
-"""Job status changes, made durable in one order: the journal (what recovery rebuilds
-from), then Redis, then ``fl.jobs`` (what the aggregators read)."""
+"""Job changes, made durable in one order: the journal (what recovery rebuilds from), then
+Redis, then ``fl.jobs`` (what the aggregators read). ``set_status`` ends a job;
+``set_spec`` fixes its model spec (a ``standardize`` job's input standardisation), each
+as a new journal revision."""
 
 from __future__ import annotations
 
@@ -9,9 +11,18 @@ import msgspec
 
 from coordinator.jobs import Job, JobStore
 from coordinator.journal import JobJournal
-from schemas.messages import JobSpec
+from schemas.messages import JobSpec, ModelSpecMsg
 
 PublishJob = Callable[[JobSpec], Awaitable[None]]
+
+
+async def _write(job: Job, spec: JobSpec, *, journal: JobJournal, jobs: JobStore,
+                 publish_job: PublishJob) -> Job:  # fmt: skip
+    new = Job(spec, job.eligibility, job.selection, job.stop)
+    rev = await journal.append(new)
+    await jobs.put(new, revision=rev)
+    await publish_job(spec)
+    return new
 
 
 async def set_status(
@@ -22,8 +33,15 @@ async def set_status(
     the journal or Kafka raise (the caller answers 503 or retries)."""
     job = await jobs.get(job_id)
     spec = msgspec.structs.replace(job.spec, status=status, status_reason=reason[:200])
-    new = Job(spec, job.eligibility, job.selection, job.stop)
-    rev = await journal.append(new)
-    await jobs.put(new, revision=rev)
-    await publish_job(spec)
-    return new
+    return await _write(job, spec, journal=journal, jobs=jobs, publish_job=publish_job)
+
+
+async def set_spec(
+    job_id: str, model: ModelSpecMsg, *, journal: JobJournal, jobs: JobStore,
+    publish_job: PublishJob,
+) -> Job:  # fmt: skip
+    """Record ``job_id`` with model spec ``model`` (same layout: the aggregators keep their
+    shard state, they key it by job id); returns the new job."""
+    job = await jobs.get(job_id)
+    spec = msgspec.structs.replace(job.spec, spec=model)
+    return await _write(job, spec, journal=journal, jobs=jobs, publish_job=publish_job)

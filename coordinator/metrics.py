@@ -59,6 +59,31 @@ class CoordinatorMetrics:
             ["job", "reason"],
             registry=registry,
         )
+        self.side_tasks_issued = Counter(
+            "fedfleet_coord_side_tasks_issued_total",
+            "Evaluation and statistics tasks issued (no training slot), by kind",
+            ["kind"],
+            registry=registry,
+        )
+        self.reports = Counter(
+            "fedfleet_coord_reports_total",
+            "Evaluation / statistics reports, by kind and outcome (accepted, duplicate, "
+            "closed: the evaluation had ended, rejected: see fedfleet_coord_rejected_total)",
+            ["kind", "outcome"],
+            registry=registry,
+        )
+        self.fed_accuracy = Gauge(
+            "fedfleet_coord_fed_accuracy",
+            "Federated accuracy of the job's newest complete evaluation",
+            ["job"],
+            registry=registry,
+        )
+        self.fed_loss = Gauge(
+            "fedfleet_coord_fed_loss",
+            "Federated loss (mean cross-entropy) of the job's newest complete evaluation",
+            ["job"],
+            registry=registry,
+        )
         self.jobs_restored = Counter(
             "fedfleet_coord_jobs_restored_total",
             "Jobs restored into Redis from the job journal (Redis lost or rolled them back)",

@@ -14,7 +14,7 @@ import secrets
 
 import aiomqtt
 
-from coordinator.link import PUBLISH_WAIT_S, Handler, wait_event
+from coordinator.link import INGEST_LEAVES, PUBLISH_WAIT_S, Handler, wait_event
 from schemas.aio import cancelling
 
 log = logging.getLogger(__name__)
@@ -23,11 +23,11 @@ log = logging.getLogger(__name__)
 def subscriptions(share_group: str) -> list[tuple[str, int]]:
     """Topic filters and their QoS (shared where several coordinators split the load)."""
     share = f"$share/{share_group}/" if share_group else ""
+    # every ingest leaf; status is retained and read by every coordinator (not shared),
+    # telemetry is QoS 0 (the next report replaces a lost one)
     return [
-        (f"{share}fleet/+/telemetry", 0),
-        ("fleet/+/status", 1),
-        (f"{share}fleet/+/task_status", 1),
-        (f"{share}fleet/+/update", 1),
+        (f"{'' if leaf == 'status' else share}fleet/+/{leaf}", 0 if leaf == "telemetry" else 1)
+        for leaf in INGEST_LEAVES
     ]
 
 

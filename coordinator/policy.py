@@ -11,13 +11,14 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal, TypeVar
 
 import msgspec
 
 from coordinator.errors import JobError
+from coordinator.stopping import plateau_reason, target_reason
 
 P = TypeVar("P")
 
@@ -131,6 +132,17 @@ class EligibilityPolicy:
         )  # fmt: skip
 
 
+def acceptor(
+    policy: EligibilityPolicy, skip: set[str], now: float
+) -> Callable[[DeviceView], bool]:
+    """The candidate filter of a selection pass: eligible now and not in ``skip``."""
+
+    def accept(d: DeviceView) -> bool:
+        return d.device_id not in skip and policy.eligible(d, now)
+
+    return accept
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SelectionConfig:
     """How a job fills its slots.
@@ -167,15 +179,36 @@ class SelectionConfig:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StopConfig:
     """When a job ends by itself (0 = no such limit). ``max_updates``: updates applied on
-    every shard; ``max_wall_s``: seconds since the job was created. The job then ends
-    ``completed`` with the condition as its reason and its final version pinned."""
+    every shard; ``max_wall_s``: seconds since the job was created; ``target_accuracy``:
+    the federated accuracy of ``target_hold`` consecutive complete evaluations reached it;
+    ``plateau_window`` W: the best accuracy of the last W complete evaluations does not
+    beat the best before them by more than ``plateau_delta`` (needs W + 1 evaluations).
+    The job then ends ``completed`` with the condition as its reason and its final
+    version pinned."""
 
     max_updates: int = 0
     max_wall_s: float = 0.0
+    target_accuracy: float = 0.0
+    target_hold: int = 1
+    plateau_window: int = 0
+    plateau_delta: float = 0.001
 
     def __post_init__(self) -> None:
         if self.max_updates < 0 or self.max_wall_s < 0:
             raise JobError("stop", "max_updates and max_wall_s must be >= 0 (0: no limit)")
+        if not 0.0 <= self.target_accuracy <= 1.0:
+            raise JobError("stop", "target_accuracy must be in [0, 1] (0: off)")
+        if self.target_hold < 1 or self.plateau_window < 0 or not self.plateau_delta >= 0:
+            raise JobError("stop", "target_hold >= 1, plateau_window >= 0, plateau_delta >= 0")
+
+    @property
+    def on_evaluations(self) -> bool:
+        """Whether a condition reads federated evaluations."""
+        return bool(self.target_accuracy or self.plateau_window)
+
+    @property
+    def any(self) -> bool:
+        return bool(self.max_updates or self.max_wall_s or self.on_evaluations)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StopConfig:
@@ -185,13 +218,19 @@ class StopConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def stop_reason(stop: StopConfig, applied: int, created_ts: float, now: float) -> str | None:
-    """The condition that ends a job now, if any (pure)."""
+def stop_reason(
+    stop: StopConfig, applied: int, created_ts: float, now: float,
+    accuracies: Sequence[float] = (),
+) -> str | None:  # fmt: skip
+    """The condition that ends a job now, if any (pure). ``accuracies``: the federated
+    accuracy of each complete evaluation, oldest first."""
     if stop.max_updates and applied >= stop.max_updates:
         return f"max_updates: {applied} updates applied on every shard (limit {stop.max_updates})"
     if stop.max_wall_s and now - created_ts >= stop.max_wall_s:
         return f"max_wall_s: ran {now - created_ts:.0f} s (limit {stop.max_wall_s:g} s)"
-    return None
+    return target_reason(accuracies, stop.target_accuracy, stop.target_hold) or plateau_reason(
+        accuracies, stop.plateau_window, stop.plateau_delta
+    )
 
 
 def round_closed(accepted_in_round: int, target: int, deadline_ts: float, now: float) -> bool:

@@ -3,7 +3,9 @@
 Disk layout under ``model_store_dir``::
 
     blobs/{sha256}.f32              float32 little-endian weights (content-addressed)
-    onnx/{weights_sha256}.onnx      ONNX artifact, built lazily and cached per digest
+    onnx/{weights_sha256}.{spec}.onnx   ONNX artifact, built lazily and cached per weights
+                                    digest and spec (``spec_tag``: a standardize job's
+                                    input mean/std are part of the graph, not the weights)
     models/{name}/v{version:010d}.json   ModelManifest (JSON)
     models/{name}/pin               pinned version (rollback); absent = newest is latest
 
@@ -28,7 +30,7 @@ import zstandard
 from coordinator.errors import NotFound, RegistryError
 from coordinator.signing import Signer
 from schemas.atomic import atomic_write, check_writable_dir
-from schemas.messages import JobSpec, ModelManifest, ShardVersion
+from schemas.messages import JobSpec, ModelManifest, ModelSpecMsg, ShardVersion
 from schemas.modelspec import init_params, num_params
 from schemas.onnx_export import export
 from schemas.signing import onnx_message, weights_message
@@ -45,6 +47,11 @@ class JobSlices:
 
     flat: F32
     shard_versions: list[int]
+
+
+def spec_tag(spec: ModelSpecMsg) -> str:
+    """Short digest of a model spec: names the ONNX artifact with the weights digest."""
+    return hashlib.sha256(msgspec.json.encode(spec)).hexdigest()[:16]
 
 
 def decode_params(sv: ShardVersion, max_bytes: int) -> F32:
@@ -163,7 +170,7 @@ class ModelRegistry:
 
     def onnx(self, m: ModelManifest) -> tuple[bytes, str, str]:
         """ONNX bytes of a version, its sha256 and signature (built once per digest)."""
-        path = self.dir / "onnx" / f"{m.digest}.onnx"
+        path = self.dir / "onnx" / f"{m.digest}.{spec_tag(m.spec)}.onnx"
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -208,6 +215,13 @@ class ModelRegistry:
             )
             self._jobs[job.job_id] = state
             return self._publish(job, state)
+
+    def republish(self, job: JobSpec) -> ModelManifest:
+        """A new version of ``job`` with its current weights and ``job.spec`` (the spec
+        changed: a standardize job's statistics fixed its input mean/std), so ``latest``
+        and its ONNX artifact carry the new spec."""
+        with self._lock:
+            return self._publish(job, self._state(job))
 
     def _state(self, job: JobSpec) -> JobSlices:
         st = self._jobs.get(job.job_id)
@@ -291,4 +305,5 @@ class ModelRegistry:
         for e in os.scandir(self.dir / "blobs"):
             if e.name.endswith(".f32") and e.name[:-4] not in live:
                 os.unlink(e.path)
-                (self.dir / "onnx" / f"{e.name[:-4]}.onnx").unlink(missing_ok=True)
+                for art in (self.dir / "onnx").glob(f"{e.name[:-4]}.*onnx"):
+                    art.unlink(missing_ok=True)

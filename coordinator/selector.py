@@ -8,6 +8,11 @@ Each pass (every ``selection_tick_s``, or sooner when an upload frees a slot):
 3. each pick gets a task (one-use token, lease in Redis) produced to ``fl.tasks``;
 4. eligible devices left waiting get a ``Pace`` (at most once per their delay).
 
+Before 2, per job: a met stop condition (``policy.stop_reason``, also on federated
+evaluations) ends it; ``SideTasks.run`` (``coordinator.sidetasks``) issues evaluation
+tasks to idle devices (no training slot) and, for a ``standardize`` job still in its
+statistics phase, only statistics tasks (the job does not train that pass).
+
 Jobs with ``selection.mode == "sync"`` run in rounds instead (``sync_round``): a round
 closes on count or deadline, and the next one opens only when ``policy.next_round``
 allows it — once the job's newest published model moved past the shard versions recorded
@@ -26,14 +31,15 @@ import time
 from collections.abc import Awaitable, Callable
 
 from coordinator.fleet import FleetStore
+from coordinator.issuing import issue_task
 from coordinator.jobs import Job, JobStore
 from coordinator.jobstats import JobStatsStore
 from coordinator.lock import RedisLock
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.policy import (
     DeviceView,
-    EligibilityPolicy,
     NextRound,
+    acceptor,
     decode_versions,
     encode_versions,
     next_round,
@@ -48,6 +54,7 @@ from coordinator.policy import (
 )
 from coordinator.rounds import RoundStore
 from coordinator.settings import CoordinatorSettings
+from coordinator.sidetasks import SideTasks
 from coordinator.task_sink import TaskSink
 from coordinator.tasks import TaskStore, new_token
 from schemas.aio import cancelling
@@ -80,6 +87,7 @@ class Selector:
         metrics: CoordinatorMetrics,
         latest_versions: LatestVersions | None = None,
         on_complete: Callable[[Job, str], Awaitable[None]] | None = None,
+        side: SideTasks | None = None,
     ) -> None:
         self.s = settings
         self.fleet = fleet
@@ -93,6 +101,7 @@ class Selector:
         self.metrics = metrics
         self.latest_versions = latest_versions
         self.on_complete = on_complete  # a job met a stop condition (StopConfig)
+        self.side = side  # evaluation and statistics tasks (coordinator.sidetasks)
         self._wake = asyncio.Event()
         self._next_pace: dict[str, float] = {}
         self._reissue: dict[str, list[str]] = {}
@@ -157,21 +166,8 @@ class Selector:
             allow_metered=job.eligibility.allow_metered,
             min_battery=job.eligibility.min_battery,
         )
-        await self.tasks.create(
-            task_id=task.task_id, job_id=spec.job_id, device_id=device.device_id, token=token,
-            issued_ts=now, deadline_ts=task.deadline_ts,
-            reissue_of=reissue.pop(0) if reissue else "", round_no=round_no,
-        )  # fmt: skip
-        await self.fleet.assign_task(device.device_id, task.task_id, now)
-        try:
-            await self.task_sink.send(task)
-        except Exception:
-            # Never leave a lease for a task nobody will receive: roll it back.
-            rec = await self.tasks.get(task.task_id)
-            if rec is not None:
-                await self.tasks.transition(rec, "aborted", ("offered",), reason="produce_failed")
-            await self.fleet.release_task(device.device_id, task.task_id, contributed=False)
-            raise
+        await issue_task(task, tasks=self.tasks, fleet=self.fleet, sink=self.task_sink,
+                         reissue_of=reissue.pop(0) if reissue else "", round_no=round_no)
         self.metrics.tasks_issued.inc()
         return task
 
@@ -213,6 +209,9 @@ class Selector:
             if await self._completed(job, now):
                 issued[job.spec.job_id] = []
                 continue
+            if self.side is not None and not await self.side.run(job, now, taken):
+                issued[job.spec.job_id] = []  # statistics phase: no training yet
+                continue
             if job.selection.mode == "sync":
                 out = await self.sync_round(job, now, taken)
                 issued[job.spec.job_id] = out
@@ -228,7 +227,7 @@ class Selector:
             cands: list[DeviceView] = []
             if want:
                 skip = taken | await self.fleet.held(job.spec.job_id, now)  # data holds
-                cands, _ = await self.fleet.candidates(want, _acceptor(policy, skip, now), now)
+                cands, _ = await self.fleet.candidates(want, acceptor(policy, skip, now), now)
             picks = select(cands, free, policy=policy, now=now,
                            salt=f"{job.spec.job_id}:{int(now)}")  # fmt: skip
             out = await self._issue_all(job, picks, now, taken)
@@ -244,13 +243,18 @@ class Selector:
 
     async def _completed(self, job: Job, now: float) -> bool:
         """End ``job`` if one of its stop conditions holds (no task is issued for it)."""
-        if self.on_complete is None or not (job.stop.max_updates or job.stop.max_wall_s):
+        if self.on_complete is None or not job.stop.any:
             return False
         applied = await self.stats.get(job.spec.job_id, "updates_applied")
-        reason = stop_reason(job.stop, applied, job.spec.created_ts, now)
+        accs: list[float] = []
+        if job.stop.on_evaluations and self.side is not None:
+            accs = await self.side.accuracies(job)
+        reason = stop_reason(job.stop, applied, job.spec.created_ts, now, accs)
         if reason is None:
             return False
         await self.on_complete(job, reason)
+        if self.side is not None:
+            await self.side.end(job, now)  # open evaluations close, side tasks expire
         return True
 
     async def _versions(self, job: Job) -> list[int] | None:
@@ -331,7 +335,7 @@ class Selector:
         invite = over_select(target, job.selection.over_selection)
         skip = taken | await self.fleet.held(job.spec.job_id, now)  # data holds
         cands, _ = await self.fleet.candidates(
-            invite * self.s.candidate_factor, _acceptor(job.eligibility, skip, now), now
+            invite * self.s.candidate_factor, acceptor(job.eligibility, skip, now), now
         )
         picks = select(cands, invite, policy=job.eligibility, now=now, salt=f"{jid}:{int(now)}")
         if not picks:
@@ -417,11 +421,3 @@ class Selector:
                 pass
             self._wake.clear()
 
-
-def _acceptor(
-    policy: EligibilityPolicy, taken: set[str], now: float
-) -> Callable[[DeviceView], bool]:
-    def accept(d: DeviceView) -> bool:
-        return d.device_id not in taken and policy.eligible(d, now)
-
-    return accept

@@ -50,14 +50,15 @@ from coordinator.kafka import (
     stop_quietly,
     wait_for_topics,
 )
-from coordinator.lifecycle import set_status
+from coordinator.lifecycle import set_spec, set_status
 from coordinator.link import FleetLink
 from coordinator.metrics import CoordinatorMetrics, default_metrics
 from coordinator.mqtt_link import MqttFleetLink
 from coordinator.settings import CoordinatorSettings
 from coordinator.task_sink import KafkaTaskSink, TaskSink, TaskSinkFactory
+from coordinator.uploads import replying
 from schemas.aio import cancel_all, cancelling
-from schemas.messages import JobSpec, encode
+from schemas.messages import JobSpec, ModelSpecMsg, encode
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,8 @@ class Coordinator:
         stack.push_async_callback(self.journal.stop)
         core = build_core(s, self.redis, metrics=self.metrics, producer=self.producer,
                           task_sink=sink, publish=self.publish, fail_job=self.fail_job,
-                          complete_job=self.complete_job)  # fmt: skip
+                          complete_job=self.complete_job,
+                          write_spec=self.write_spec)  # fmt: skip
         self.core = core
         self.signer, self.registry, self.fleet, self.tasks = (
             core.signer, core.registry, core.fleet, core.tasks)  # fmt: skip
@@ -185,6 +187,7 @@ class Coordinator:
             settings=s, fleet=self.fleet, jobs=self.jobs, tasks=self.tasks, stats=self.stats,
             registry=self.registry, signer=self.signer, metrics=self.metrics,
             publish_job=self.publish_job, ready=self._ready, journal=self.journal,
+            evals=core.evals, upload=replying(core.uploads, self._upload_slots),
         )  # fmt: skip
         self.app = create_app(self.app_state)
         config = uvicorn.Config(
@@ -253,6 +256,12 @@ class Coordinator:
             return
         await set_status(job_id, "failed", reason, journal=self.journal, jobs=self.jobs,
                          publish_job=self.publish_job)  # fmt: skip
+
+    async def write_spec(self, job_id: str, model: ModelSpecMsg) -> None:
+        """A standardize job's statistics fixed its input standardisation: record the new
+        model spec (journal, Redis, ``fl.jobs``); training tasks start on the next pass."""
+        await set_spec(job_id, model, journal=self.journal, jobs=self.jobs,
+                       publish_job=self.publish_job)  # fmt: skip
 
     async def complete_job(self, job: Job, reason: str) -> None:
         """A stop condition held: pin the job's newest version (what ``latest`` serves from

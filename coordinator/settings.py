@@ -28,7 +28,7 @@ class CoordinatorSettings:
     mqtt_port: int = 1883
     redis_url: str = "redis://127.0.0.1:6379/0"
     http_host: str = "127.0.0.1"
-    http_port: int = 0  # 0 = pick a free port; see Coordinator.rest_url
+    http_port: int = 8000  # what agents default to (api_url); 0 = pick a free port
     topic_prefix: str = "fl."
     redis_prefix: str = ""  # "" = "ff:" + topic_prefix (isolates deployments by topic prefix)
     mqtt_share_group: str = ""  # "" = "coord" (default prefix) or "coord-<topic_prefix>"
@@ -66,6 +66,10 @@ class CoordinatorSettings:
     # reason fails with that reason
     data_hold_s: float = 600.0
     fail_after_aborts: int = 20
+    # a standardize job's statistics phase ends once this many devices reported (or every
+    # device there was to ask), or stats_timeout_s after it opened with at least one report
+    stats_min_reports: int = 100  # enough devices for fleet-wide mean/std (non-IID)
+    stats_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         for name in ("kafka_bootstrap", "mqtt_host", "redis_url", "http_host", "topic_prefix",
@@ -77,12 +81,14 @@ class CoordinatorSettings:
         check(self.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url",
               f"{self.redis_url!r} is not a redis:// URL")  # fmt: skip
         for name in ("selection_tick_s", "lease_s", "telemetry_ttl_s", "pace_retry_s",
-                     "telemetry_flush_s", "recovery_check_s", "data_hold_s"):  # fmt: skip
+                     "telemetry_flush_s", "recovery_check_s", "data_hold_s",
+                     "stats_timeout_s"):  # fmt: skip
             v = getattr(self, name)
             check(v > 0, name, f"must be > 0, got {v}")
         for name in ("pace_max_per_tick", "pace_per_pass", "candidate_factor",
                      "task_partitions", "max_shards", "max_params", "telemetry_batch",
-                     "upload_concurrency", "retention", "fail_after_aborts"):  # fmt: skip
+                     "upload_concurrency", "retention", "fail_after_aborts",
+                     "stats_min_reports"):  # fmt: skip
             v = getattr(self, name)
             check(v >= 1, name, f"must be >= 1, got {v}")
         check(bool(self.admin_token), "admin_token", "must not be empty")

@@ -5,6 +5,8 @@ Keys (named in ``coordinator.keys``)::
     {p}task:{task_id}    hash   job_id, device_id, token_sha, state, issued_ts, deadline_ts,
                                 update_id, reissue_of, round (sync rounds only)
     {p}leases:{{job}}    zset   task_id -> deadline for tasks offered/accepted/uploading
+    {p}sideleases:{{job}} zset  the same for ``eval``/``stats`` tasks (``kind``): they take
+                                no training slot (``active_count`` counts training only)
     {p}round:{{job}}     hash   the open sync round (``rounds.RoundStore``); ``taken``
                                 counts the uploads it admitted (``claim_in_round``)
 
@@ -117,6 +119,18 @@ def token_matches(token: str, stored_sha: str) -> bool:
     return hmac.compare_digest(token_sha(token), stored_sha)
 
 
+def _int(v: str | None, default: int) -> int:
+    try:
+        return int(v) if v is not None else default
+    except ValueError:
+        return default
+
+
+def issued_field(kind: str) -> str:
+    """The job-stats counter of issued tasks of ``kind`` (training: ``tasks_issued``)."""
+    return "tasks_issued" if kind == "train" else f"tasks_{kind}_issued"
+
+
 @dataclass(frozen=True, slots=True)
 class TaskRecord:
     task_id: str
@@ -129,6 +143,8 @@ class TaskRecord:
     update_id: str = ""
     reissue_of: str = ""
     round_no: int = 0  # sync round the task was issued for (0: async job)
+    kind: str = "train"  # Task.task_kind: train / eval / stats
+    model_version: int = -1  # eval: the version to score
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> TaskRecord:
@@ -143,6 +159,8 @@ class TaskRecord:
             update_id=h.get("update_id", ""),
             reissue_of=h.get("reissue_of", ""),
             round_no=int(h.get("round", 0) or 0),
+            kind=h.get("kind", "train") or "train",
+            model_version=_int(h.get("model_version"), -1),
         )
 
 
@@ -165,8 +183,12 @@ class TaskStore:
         deadline_ts: float,
         reissue_of: str = "",
         round_no: int = 0,
+        kind: str = "train",
+        model_version: int = -1,
         keep_s: float = 7 * 86400,
     ) -> None:
+        """A new ``offered`` task with its lease. ``eval``/``stats`` tasks (``kind``) lease
+        in ``side_leases`` and count in ``tasks_<kind>_issued``: no training slot."""
         mapping = {
             "task_id": task_id, "job_id": job_id, "device_id": device_id,
             "token_sha": token_sha(token), "state": "offered",
@@ -175,13 +197,19 @@ class TaskStore:
         }  # fmt: skip
         if round_no:
             mapping["round"] = str(round_no)
+        if kind != "train":
+            mapping["kind"] = kind
+            mapping["model_version"] = str(model_version)
         k = self._k
         pipe = self._r.pipeline(transaction=True)
         pipe.hset(k.task(task_id), mapping=mapping)
         pipe.expire(k.task(task_id), int(keep_s))
-        pipe.zadd(k.leases(job_id), {task_id: deadline_ts})
-        pipe.hincrby(k.jobstats(job_id), "tasks_issued", 1)
+        pipe.zadd(self._lease_key(job_id, kind), {task_id: deadline_ts})
+        pipe.hincrby(k.jobstats(job_id), issued_field(kind), 1)
         await pipe.execute()
+
+    def _lease_key(self, job_id: str, kind: str) -> str:
+        return self._k.leases(job_id) if kind == "train" else self._k.side_leases(job_id)
 
     async def get(self, task_id: str) -> TaskRecord | None:
         h = await self._r.hgetall(self._k.task(task_id))
@@ -195,7 +223,7 @@ class TaskStore:
         for k, v in fields.items():
             args += [k, v]
         res = await self._transition(
-            keys=[self._k.task(rec.task_id), self._k.leases(rec.job_id)], args=args
+            keys=[self._k.task(rec.task_id), self._lease_key(rec.job_id, rec.kind)], args=args
         )
         res = res.decode() if isinstance(res, bytes) else str(res)
         if res.startswith("OK:"):
@@ -245,9 +273,14 @@ class TaskStore:
         """Task ids holding a lease of ``job_id``."""
         return list(await self._r.zrange(self._k.leases(job_id), 0, -1))
 
-    async def drop_lease(self, job_id: str, task_id: str) -> None:
-        await self._r.zrem(self._k.leases(job_id), task_id)
+    async def drop_lease(self, job_id: str, task_id: str, kind: str = "train") -> None:
+        await self._r.zrem(self._lease_key(job_id, kind), task_id)
 
     async def expired(self, job_id: str, now: float | None = None) -> list[str]:
         now = time.time() if now is None else now
         return list(await self._r.zrangebyscore(self._k.leases(job_id), "-inf", now))
+
+    async def side_leased(self, job_id: str) -> list[tuple[str, float]]:
+        """Active ``eval``/``stats`` tasks of ``job_id`` with their deadlines."""
+        got = await self._r.zrange(self._k.side_leases(job_id), 0, -1, withscores=True)
+        return [(t, float(d)) for t, d in got]

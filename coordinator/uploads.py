@@ -64,6 +64,8 @@ def check_upload(
         raise UploadRejected("wrong_job", "task belongs to another job")
     if not token_matches(upd.upload_token, rec.token_sha):
         raise UploadRejected("bad_token", "upload token does not match the task")
+    if rec.kind != "train":
+        raise UploadRejected("wrong_kind", f"an {rec.kind} task is answered by a report")
     if rec.state in ("uploaded", "uploading"):
         if rec.update_id != upd.update_id:
             raise UploadRejected("token_used", "task already has an upload")
@@ -87,7 +89,16 @@ def check_upload(
             raise UploadRejected("shape", f"chunk {c.shard} bounds do not match the job")
     if len(upd.chunks) != shards:  # chunk shards are unique (schema) and < shards
         raise UploadRejected("shape", f"{len(upd.chunks)} chunks for {shards} shards")
+    size, bound = sum(len(c.payload) for c in upd.chunks), max_update_bytes(bounds)
+    if size > bound:
+        raise UploadRejected("too_large", f"{size} payload bytes > {bound} for this job")
     return "accept"
+
+
+def max_update_bytes(bounds: list[int]) -> int:
+    """The per-job bound on an update's frames: every codec setting stays below 5 bytes a
+    parameter (dense float32 is 4; top-k adds its index planes) plus headers per shard."""
+    return 5 * bounds[-1] + 4096 * (len(bounds) - 1)
 
 
 def check_bases(upd: Update, newest: list[int], max_staleness: int) -> None:
@@ -143,6 +154,9 @@ class ShardProducer(Protocol):
 
 
 Publish = Callable[[str, bytes, int], Awaitable[None]]
+# where an upload's answer goes: None = MQTT ``fleet/{device}/ack``; the HTTP upload route
+# passes its own, so the ack is the response body
+Reply = Callable[[UploadAck], Awaitable[None]] | None
 # the newest announced version of each shard of a job this coordinator knows (None: none)
 NewestVersions = Callable[[JobSpec], Awaitable[list[int] | None]]
 
@@ -199,7 +213,7 @@ class UploadHandler:
             return newest
         return None
 
-    async def _ack(self, upd: Update, status: str, reason: str = "") -> None:
+    async def _ack(self, upd: Update, status: str, reason: str = "", reply: Reply = None) -> None:
         ack = UploadAck(
             update_id=upd.update_id,
             task_id=upd.task_id,
@@ -207,7 +221,10 @@ class UploadHandler:
             reason=reason,
         )
         self.metrics.uploads.labels(status=status).inc()
-        await self.publish(f"fleet/{upd.device_id}/ack", encode(ack), 1)
+        if reply is not None:
+            await reply(ack)
+        else:
+            await self.publish(f"fleet/{upd.device_id}/ack", encode(ack), 1)
 
     async def _refused(self, rec: TaskRecord, exc: UploadRejected) -> None:
         """An upload refused for its content (too stale, bad frame): abort its task, with
@@ -221,20 +238,21 @@ class UploadHandler:
                 rec.device_id, rec.task_id, contributed=False, outcome=f"upload_{exc.code}"
             )
 
-    async def _round_closed(self, rec: TaskRecord, upd: Update) -> str:
+    async def _round_closed(self, rec: TaskRecord, upd: Update, reply: Reply) -> str:
         """The task's round had no slot left: its task is now expired; refuse the upload."""
         self.metrics.rejected.labels(source="update", reason="round_closed").inc()
         await self.stats.bump_many(rec.job_id, "updates_rejected", "tasks_round_closed")
         await self.fleet.release_task(
             rec.device_id, rec.task_id, contributed=False, outcome="round_closed"
         )
-        await self._ack(upd, "rejected", "round_closed")
+        await self._ack(upd, "rejected", "round_closed", reply)
         if self.on_uploaded is not None:
             self.on_uploaded(rec.job_id)  # the round is full: let the selector close it
         return "rejected"
 
-    async def handle(self, upd: Update, topic_device: str) -> str:
-        """Process one decoded update; returns the ack status sent (or 'dropped')."""
+    async def handle(self, upd: Update, topic_device: str, reply: Reply = None) -> str:
+        """Process one decoded update; returns the ack status sent (or 'dropped'). The ack
+        goes to ``reply`` when given (HTTP), else to the device's MQTT ack topic."""
         rec = await self.tasks.get(upd.task_id)
         spec = await self._job_spec(upd.job_id) if rec is not None else None
         seen: list[int] | None = None
@@ -253,11 +271,11 @@ class UploadHandler:
                 return "dropped"  # never answer on a topic the sender does not own
             if rec is not None and verdict == "accept":  # refused on content: the task ends
                 await self._refused(rec, exc)
-            await self._ack(upd, "rejected", exc.code)
+            await self._ack(upd, "rejected", exc.code, reply)
             return "rejected"
         assert rec is not None
         if verdict == "duplicate":
-            await self._ack(upd, "duplicate")
+            await self._ack(upd, "duplicate", reply=reply)
             return "duplicate"
         now = time.time()
         if rec.state != "uploading":
@@ -266,7 +284,7 @@ class UploadHandler:
             if rec.round_no:
                 claim, _ = await self.tasks.claim_in_round(rec, upd.update_id, now)
                 if claim == "round_closed":
-                    return await self._round_closed(rec, upd)
+                    return await self._round_closed(rec, upd, reply)
                 ok = claim == "ok"
             else:
                 ok, _ = await self.tasks.transition(
@@ -274,7 +292,7 @@ class UploadHandler:
                     late=str(rec.state == "expired"),
                 )  # fmt: skip
             if not ok:
-                return await self.handle(upd, topic_device)  # state moved: decide again
+                return await self.handle(upd, topic_device, reply)  # state moved: decide again
         futs = []
         for su in split_update(upd, now, seen):
             fut = await self.producer.send(
@@ -285,9 +303,32 @@ class UploadHandler:
         # one script: task uploaded, device released (history uploaded / late_upload),
         # updates_accepted (+ late_updates) bumped
         if not await self.tasks.confirm_upload(rec, now, late=rec.state == "expired"):
-            await self._ack(upd, "duplicate")  # a concurrent retry confirmed it first
+            await self._ack(upd, "duplicate", reply=reply)  # a concurrent retry confirmed it
             return "duplicate"
-        await self._ack(upd, "accepted")
+        await self._ack(upd, "accepted", reply=reply)
         if self.on_uploaded is not None:
             self.on_uploaded(rec.job_id)
         return "accepted"
+
+
+def replying(
+    handler: UploadHandler, slots: asyncio.Semaphore
+) -> Callable[[Update], Awaitable[UploadAck]]:
+    """An upload path whose ack is returned instead of published (``POST /v1/uploads``),
+    sharing the MQTT path's bound on uploads in flight (``slots``)."""
+
+    async def upload(upd: Update) -> UploadAck:
+        got: list[UploadAck] = []
+
+        async def reply(ack: UploadAck) -> None:
+            got.append(ack)
+
+        async with slots:
+            await handler.handle(upd, upd.device_id, reply)
+        if not got:  # pragma: no cover - only a topic/device mismatch is dropped unanswered
+            return UploadAck(update_id=upd.update_id, task_id=upd.task_id, status="rejected",
+                             reason="dropped")  # fmt: skip
+        return got[-1]
+
+    return upload
+

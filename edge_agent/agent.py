@@ -1,5 +1,10 @@
 """``EdgeAgent``: MQTT session, telemetry, task execution, outbox and on-device inference.
 
+Tasks: ``train`` (``execution.train_and_encode`` on the training rows, the update through the
+outbox), ``eval`` and ``stats`` (``evaluation.build_report`` on the held-out / training rows
+of ``holdout.split_holdout``, one ``EvalReport``/``StatsReport`` on ``fleet/{id}/report``,
+never in the outbox).
+
 Lifecycle (aiokafka-style): ``start()``/``stop()`` are idempotent, ``async with`` calls them,
 ``await agent.run()`` blocks until ``stop()``. The session with the broker is a
 ``DeviceLink`` (default ``MqttLink``; last will = retained ``offline`` status) that
@@ -27,8 +32,10 @@ import numpy.typing as npt
 from edge_agent.crash import CrashPoints
 from edge_agent.data import Dataset, data_abort_reason
 from edge_agent.errors import Aborted, AgentError, DataError, NoModelError
-from edge_agent.execution import Encoded, train_and_encode
+from edge_agent.evaluation import build_report, publish_until
+from edge_agent.execution import Encoded, check, train_and_encode
 from edge_agent.gate import gate_reason
+from edge_agent.holdout import split_holdout
 from edge_agent.link import DeviceLink, LinkCallbacks, LinkConfig, Message
 from edge_agent.model_cache import ModelCache, ModelStore
 from edge_agent.models import VerifiedModel
@@ -40,12 +47,14 @@ from edge_agent.settings import AgentSettings
 from edge_agent.stats import AgentStats
 from edge_agent.trainer_factory import make_trainer
 from edge_agent.trainers import Trainer
-from edge_agent.uploader import Uploader
+from edge_agent.uploader import HttpUploads, Uploader
 from schemas.aio import cancel_all
 from schemas.errors import SchemaError
 from schemas.messages import (
     DeviceStatus,
+    EvalReport,
     Pace,
+    StatsReport,
     Task,
     TaskResponse,
     Telemetry,
@@ -105,7 +114,8 @@ def mqtt_link(settings: AgentSettings, rng: random.Random | None = None) -> Mqtt
 
 
 class EdgeAgent:
-    """One device's agent. ``dataset`` is its local training data.
+    """One device's agent. ``dataset`` is its local data: ``split`` cuts it into training
+    rows and the held-out rows of ``eval`` tasks (``settings.eval_fraction``).
 
     ``link`` (default ``mqtt_link(settings)``), ``models`` (default ``ModelCache``),
     ``pacer`` (default ``RealCompute``: no simulated compute time) and ``crash`` (default
@@ -132,6 +142,7 @@ class EdgeAgent:
         self.settings = settings
         self.probe = probe
         self.dataset = dataset
+        self.split = split_holdout(dataset, settings.eval_fraction, settings.device_id)
         # data that could not be loaded: the agent still runs and aborts every task with
         # this reason, so the coordinator shows it (a device with no usable data is visible)
         self.data_problem = data_problem
@@ -149,10 +160,12 @@ class EdgeAgent:
         self.models: ModelStore = models or ModelCache(settings)
         self.crash = crash or CrashPoints()
         self.pacer: ComputePacer = pacer or RealCompute()
-        self.uploader = Uploader(
-            settings, self.outbox, self.stats, self._publish, rng=self._rng, emit=self._emit
-        )
         self.link: DeviceLink = link or mqtt_link(settings, self._rng)
+        self._http_uploads = HttpUploads(settings, self.stats)
+        self.uploader = Uploader(
+            settings, self.outbox, self.stats, self._publish, rng=self._rng, emit=self._emit,
+            http=self._http_uploads, connected=lambda: self.link.connected,
+        )  # fmt: skip
         self.link.bind(
             LinkCallbacks(
                 on_connect=self._on_connect,
@@ -183,7 +196,12 @@ class EdgeAgent:
         if self._http is None:
             self._http = httpx.AsyncClient(timeout=self.settings.http_timeout_s)
         self.models.open(self._http)
+        self._http_uploads.open(self._http)
         await self.link.start()
+        if self.uploader.http is not None:  # MQTT down: pending updates go over HTTP
+            t = asyncio.create_task(self.uploader.offline_loop(), name="agent-offline-uploads")
+            self._bg.add(t)
+            t.add_done_callback(self._bg.discard)
 
     async def stop(self) -> None:
         """Abort training, publish ``offline``, disconnect, close owned clients (idempotent)."""
@@ -336,7 +354,8 @@ class EdgeAgent:
             await self._respond(task, "declined", reason)
             return
         self.stats.tasks_accepted += 1
-        self.outbox.put_task(task.task_id, payload)  # survives a crash during training
+        if task.task_kind == "train":  # eval/stats are cheap: a crash loses them, no resume
+            self.outbox.put_task(task.task_id, payload)  # survives a crash during training
         await self._respond(task, "accepted")
         self._begin(task)
 
@@ -376,8 +395,12 @@ class EdgeAgent:
         return gate_reason(r, min_battery=task.min_battery, allow_metered=task.allow_metered)
 
     async def _execute(self, task: Task, start: ProbeReading) -> None:
+        result: Encoded | EvalReport | StatsReport
         try:
-            enc = await self._train_and_encode(task, start)
+            if task.task_kind == "train":
+                result = await self._train_and_encode(task, start)
+            else:
+                result = await self._report(task, start)
         except Aborted as exc:
             self.stats.tasks_aborted += 1
             self._current = None
@@ -395,6 +418,12 @@ class EdgeAgent:
             log.exception("%s: task %s failed", self.settings.device_id, task.task_id)
             await self._respond(task, "aborted", f"error:{type(exc).__name__}")
             return
+        if isinstance(result, Encoded):
+            await self._deliver(task, result)
+        else:
+            await self._send_report(task, result)
+
+    async def _deliver(self, task: Task, enc: Encoded) -> None:
         update, data = enc.update, encode(enc.update)
         self.outbox.put(update.update_id, data)  # first: an accepted update is never lost
         self.crash.hit("after_outbox")
@@ -415,13 +444,38 @@ class EdgeAgent:
             model,
             start,
             trainer=self.trainer,
-            dataset=self.dataset,
+            dataset=self.split.train,
             probe=self.probe,
             settings=self.settings,
             residual=self.outbox.load_residual(task.job_id) if task.codec.error_feedback else None,
             crash=self.crash,
             pacer=self.pacer,
         )
+
+    async def _report(self, task: Task, start: ProbeReading) -> EvalReport | StatsReport:
+        if self.data_problem is not None:
+            raise Aborted(data_abort_reason(self.data_problem))
+        try:
+            report = await build_report(
+                task, models=self.models, split=self.split, device_id=self.settings.device_id
+            )
+        except Aborted:
+            raise
+        except AgentError as exc:  # model pull or verification
+            raise self._model_failed(exc) from None
+        self.stats.model_pulls += 1
+        check(task, start, self.probe)  # the deadline and the gate, as for training
+        return report
+
+    async def _send_report(self, task: Task, report: EvalReport | StatsReport) -> None:
+        self._current = None
+        data, topic = encode(report), self.settings.topic("report")
+        if await publish_until(lambda: self._publish(topic, data, 1), self.link, task.deadline_ts):
+            self.stats.reports_sent += 1
+            self._emit("reported", (task.task_id, task.task_kind))
+        else:
+            self.stats.reports_unsent += 1
+            self._count_error("report_unsent")
 
     # ----------------------------------------------------------------- models & inference
 
@@ -430,11 +484,9 @@ class EdgeAgent:
         try:
             model = await self.models.pull(name)
         except AgentError as exc:
-            self.stats.model_errors += 1
-            self._count_error(f"model_{exc.reason}")
-            log.warning("%s: model pull failed: %s", self.settings.device_id, exc)
+            aborted = self._model_failed(exc)
             if abort:
-                raise Aborted(f"model_{exc.reason}") from None
+                raise aborted from None
             raise
         self.stats.model_pulls += 1
         new_version = prev is None or prev != model.manifest.version
@@ -443,6 +495,13 @@ class EdgeAgent:
             self._bg.add(t)
             t.add_done_callback(self._bg.discard)
         return model
+
+    def _model_failed(self, exc: AgentError) -> Aborted:
+        """Count a failed model pull; the abort it means for a task."""
+        self.stats.model_errors += 1
+        self._count_error(f"model_{exc.reason}")
+        log.warning("%s: model pull failed: %s", self.settings.device_id, exc)
+        return Aborted(f"model_{exc.reason}")
 
     async def _refresh_onnx(self, name: str, version: int) -> None:
         try:

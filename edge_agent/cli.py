@@ -2,6 +2,7 @@
 
     fedfleet agent --device-id D --mqtt HOST:PORT --api URL --data FILE.npz [options]
     fedfleet agent predict --api URL --model NAME --input FILE.(npz|csv) [--logits]
+        [--label-column NAME]   # with labels in the input: also the accuracy (on stderr)
 
 Flags override ``FEDFLEET_AGENT_*`` environment variables, which override ``--config``
 (TOML with an ``[agent]`` table, or JSON). ``build_agent`` is the agent this command runs;
@@ -22,11 +23,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
+from edge_agent.data import Dataset
 from edge_agent.errors import AgentError, DataError
+from edge_agent.labels import class_names, to_classes
 from edge_agent.settings import AgentSettings
 from schemas.atomic import check_writable_dir
 from schemas.errors import FedfleetError
+from schemas.messages import ModelSpecMsg
 from schemas.settings import parse_address
 
 if TYPE_CHECKING:
@@ -52,6 +57,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", dest="model_name")
     p.add_argument("--public-key", dest="public_key_hex", help="pinned Ed25519 key (hex)")
     p.add_argument("--state-dir", dest="state_dir", help="outbox, residual and model cache")
+    p.add_argument(
+        "--label-column",
+        "--label-col",
+        dest="label_column",
+        help="CSV column of the labels (default: label); .npz: the key (y)",
+    )
+    p.add_argument("--features", dest="feature_cols", help="comma-separated feature columns")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -62,8 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt-username", dest="mqtt_username")
     p.add_argument("--mqtt-password", dest="mqtt_password")
     p.add_argument("--data", dest="data_path", help="local training data (.npz or .csv)")
-    p.add_argument("--label-col", dest="label_col")
-    p.add_argument("--features", dest="feature_cols", help="comma-separated feature columns")
+    p.add_argument(
+        "--eval-fraction",
+        dest="eval_fraction",
+        type=float,
+        help="share of local rows held out for eval tasks, 0 <= f < 1 (0.2)",
+    )
+    p.add_argument(
+        "--http-upload-min-bytes",
+        dest="http_upload_min_bytes",
+        type=int,
+        help="updates of at least this size go over HTTP, smaller over MQTT (524288; 0: all)",
+    )
+    p.add_argument("--no-http-uploads", dest="http_uploads", action="store_const", const=False,
+                   help="MQTT only (also while MQTT is down)")  # fmt: skip
     p.add_argument("--telemetry-interval", dest="telemetry_interval_s", type=float)
     p.add_argument("--metered", action="store_const", const=True, default=None)
     p.add_argument("--no-inference", dest="inference", action="store_const", const=False)
@@ -77,7 +101,6 @@ def build_predict_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedfleet agent predict")
     _common(p)
     p.add_argument("--input", required=True, help=".npz (key x) or .csv (features)")
-    p.add_argument("--label-col", dest="label_col", default="label")
     p.add_argument("--logits", action="store_true", help="print logits, not classes")
     return p
 
@@ -113,7 +136,7 @@ def build_agent(
     named by ``probe_kind`` and the collaborators given. ``simulated``: a ``SimulatedProbe``
     whose compute time ``SimulatedCompute`` waits out, unless ``pacer`` is given."""
     from edge_agent.agent import EdgeAgent
-    from edge_agent.data import Dataset, load_dataset
+    from edge_agent.data import load_dataset
     from edge_agent.pacing import SimulatedCompute
     from edge_agent.probe import DeviceProbe, LinuxProbe, SimulatedProbe
 
@@ -124,7 +147,7 @@ def build_agent(
     problem: DataError | None = None
     try:
         data = load_dataset(
-            settings.data_path, label_col=settings.label_col, feature_cols=settings.feature_cols
+            settings.data_path, label_col=settings.label_column, feature_cols=settings.feature_cols
         )
     except DataError as exc:  # run anyway: every task is aborted with this reason, so the
         # coordinator shows it per job (REST, /metrics) instead of a device that never came
@@ -153,9 +176,10 @@ async def _run(settings: AgentSettings, probe_kind: str, crash: CrashPoints | No
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(agent.stop()))
     log.info(
-        "agent %s: %d samples, mqtt %s:%d, api %s",
+        "agent %s: %d samples (%d held out for eval), mqtt %s:%d, api %s",
         settings.device_id,
         len(agent.dataset),
+        len(agent.split.holdout),
         settings.mqtt_host,
         settings.mqtt_port,
         settings.api_url,
@@ -166,35 +190,65 @@ async def _run(settings: AgentSettings, probe_kind: str, crash: CrashPoints | No
     return 0
 
 
-async def _predict(settings: AgentSettings, input_path: str, label_col: str, logits: bool) -> int:
+async def _predict(settings: AgentSettings, input_path: str, logits: bool) -> int:
     import httpx
 
-    from edge_agent.data import load_features
+    from edge_agent.data import load_predict_input
     from edge_agent.inference import OnnxModel
     from edge_agent.models import ModelClient
     from schemas.modelspec import forward
 
     if not settings.model_name:
         raise AgentError("model", "--model is required")
-    x = load_features(input_path, label_col=label_col, feature_cols=settings.feature_cols)
+    x, labelled = load_predict_input(
+        input_path, label_col=settings.label_column, feature_cols=settings.feature_cols
+    )
     cache = settings.state_dir / "models" if settings.state_dir is not None else None
     async with httpx.AsyncClient(timeout=settings.http_timeout_s) as http:
         mc = ModelClient(
             http, settings.api_url, cache_dir=cache, public_key_hex=settings.public_key_hex
         )
         model = await mc.pull(settings.model_name)
+        spec = model.manifest.spec
+        if x.shape[1] != spec.n_features:
+            have, want = x.shape[1], spec.n_features
+            raise DataError("features", f"{input_path} has {have} features, the model takes {want}")
         try:
             art = await mc.onnx(settings.model_name, model.manifest.version)
             out = OnnxModel.load(art.data).run(x)
             how = f"onnx v{art.version}"
         except AgentError as exc:
             log.warning("ONNX unavailable (%s); using the verified weights", exc)
-            out = forward(model.manifest.spec, model.params, x)
+            out = forward(spec, model.params, x)
             how = f"weights v{model.manifest.version}"
     log.info("predicted %d rows with %s", len(x), how)
-    for row in out:
-        print(json.dumps(row.tolist()) if logits else int(np.argmax(row)))
+    names = class_names(spec.labels, spec.n_classes)
+    pred = out.argmax(axis=1) if len(out) else np.zeros(0, np.int64)
+    for row, cls in zip(out, pred, strict=True):
+        print(json.dumps(row.tolist()) if logits else names[int(cls)])
+    if labelled is not None:
+        print(accuracy_line(labelled, pred, spec), file=sys.stderr)
     return 0
+
+
+def accuracy_line(labelled: Dataset, pred: npt.NDArray[np.integer], spec: ModelSpecMsg) -> str:
+    """``accuracy 0.9333 (14/15 rows)``; rows whose label is none of the model's classes
+    count as wrong and are named."""
+    want = np.full(len(labelled), -1, np.int64)
+    unknown = 0
+    for code in np.unique(labelled.y).tolist():
+        rows = labelled.y == code
+        try:
+            want[rows] = to_classes(np.asarray([code], np.int64), labelled.names,
+                                    n_classes=spec.n_classes, labels=spec.labels)[0]  # fmt: skip
+        except DataError:
+            unknown += int(rows.sum())
+    right = int(np.sum(want == pred))
+    n = len(labelled)
+    line = f"accuracy {right / n:.4f} ({right}/{n} rows)" if n else "accuracy - (0 rows)"
+    if unknown:
+        line += f"; {unknown} rows have a label that is not one of the model's classes"
+    return line
 
 
 def main(argv: Sequence[str] | None = None, *, crash: CrashPoints | None = None) -> int:
@@ -210,7 +264,7 @@ def main(argv: Sequence[str] | None = None, *, crash: CrashPoints | None = None)
     try:
         if predict:
             settings = settings_from(ns, device_id=ns.device_id or "predict", inference=True)
-            return asyncio.run(_predict(settings, ns.input, ns.label_col, ns.logits))
+            return asyncio.run(_predict(settings, ns.input, ns.logits))
         return asyncio.run(_run(settings_from(ns), ns.probe, crash))
     except FedfleetError as exc:  # settings, data, model, server: one line
         print(f"fedfleet agent: {exc}", file=sys.stderr)

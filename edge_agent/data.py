@@ -1,11 +1,19 @@
 """Local datasets: CSV / ``.npz`` loaders, Dirichlet non-IID partitioning, and digits.
 
-A ``Dataset`` is float32 features ``x[n, d]`` and int64 labels ``y[n]``.
+A ``Dataset`` is float32 features ``x[n, d]`` and the raw labels as int64 codes ``y[n]``
+plus optional ``names`` (``edge_agent.labels``): without names ``y`` holds the integer
+labels themselves; with names the raw label of row ``i`` is ``names[y[i]]``.
+``check_dataset`` turns them into the class indices of one job's model.
+
+CSV format: a header row; the label column is chosen by name (``label_col``, default
+``label``); every other column is a feature unless ``feature_cols`` names them. Labels are
+integers or strings.
 """
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,15 +21,15 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_agent.errors import DataError
+from edge_agent.labels import Labels, Names, parse_labels, raw_label_counts, to_classes
 from schemas.types import F32
-
-Labels = npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True, slots=True)
 class Dataset:
     x: F32
-    y: Labels
+    y: Labels  # integer labels, or codes into ``names``
+    names: Names | None = None  # raw string labels (sorted, distinct); None: y are labels
 
     def __post_init__(self) -> None:
         if self.x.ndim != 2 or self.y.ndim != 1 or self.x.shape[0] != self.y.shape[0]:
@@ -30,12 +38,21 @@ class Dataset:
             raise DataError("non_finite", "features contain NaN or Inf")
         if self.y.size and self.y.min() < 0:
             raise DataError("labels", "labels must be >= 0")
+        if self.names is not None:
+            if len(set(self.names)) != len(self.names):
+                raise DataError("labels", "label names are not distinct")
+            if self.y.size and self.y.max() >= len(self.names):
+                raise DataError("labels", "label code outside the names")
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
     def subset(self, idx: npt.NDArray[np.integer]) -> Dataset:
-        return Dataset(self.x[idx], self.y[idx])
+        return Dataset(self.x[idx], self.y[idx], self.names)
+
+    def label_counts(self) -> dict[str, int]:
+        """Rows per raw label as the data spells it (``{"3": 12}``, ``{"setosa": 4}``)."""
+        return raw_label_counts(self.y, self.names)
 
     @classmethod
     def none(cls) -> Dataset:
@@ -43,35 +60,29 @@ class Dataset:
         return cls(np.zeros((0, 0), np.float32), np.zeros(0, np.int64))
 
 
-def check_dataset(ds: Dataset, *, n_features: int, n_classes: int) -> None:
-    """Can ``ds`` train a model of this shape? A ``DataError`` says why not (code:
-    ``empty``, ``features``, ``labels``) before any training starts, so a wrong job spec
-    is a visible reason, never a trainer traceback."""
-    if len(ds) == 0:
-        raise DataError("empty", "no rows to train on")
+def check_features(ds: Dataset, n_features: int) -> None:
+    """``DataError("features")`` unless the rows have ``n_features`` features."""
     if ds.x.shape[1] != n_features:
         raise DataError("features", f"data has {ds.x.shape[1]} features, the job's model "
                                     f"takes {n_features}")  # fmt: skip
-    top = int(ds.y.max())
-    if top >= n_classes:
-        raise DataError("labels", f"label {top} is outside the job's {n_classes} classes "
-                                  f"(0..{n_classes - 1})")  # fmt: skip
+
+
+def check_dataset(
+    ds: Dataset, *, n_features: int, n_classes: int, labels: Sequence[str] = ()
+) -> Dataset:
+    """Can ``ds`` train (or score) a model of this shape? A ``DataError`` says why not
+    (code: ``empty``, ``features``, ``labels``) before any training starts, so a wrong job
+    spec is a visible reason, never a trainer traceback. Returns the rows with ``y`` mapped
+    to the model's class indices (``labels``: the job's class names, empty: integers)."""
+    if len(ds) == 0:
+        raise DataError("empty", "no rows to train on")
+    check_features(ds, n_features)
+    return Dataset(ds.x, to_classes(ds.y, ds.names, n_classes=n_classes, labels=labels))
 
 
 def data_abort_reason(exc: DataError) -> str:
     """The ``TaskResponse`` reason of a data problem: ``data_<code>: <detail>``."""
     return f"data_{exc.code}: {exc.detail}"[:160]
-
-
-def _labels(raw: npt.ArrayLike) -> Labels:
-    arr = np.asarray(raw)
-    try:
-        as_float = arr.astype(np.float64)
-    except (TypeError, ValueError):
-        raise DataError("labels", "labels must be integers") from None
-    if not np.all(np.isfinite(as_float)) or np.any(as_float != np.round(as_float)):
-        raise DataError("labels", "labels must be integers")
-    return as_float.astype(np.int64)
 
 
 def load_npz(path: str | Path, *, x_key: str = "x", y_key: str = "y") -> Dataset:
@@ -81,14 +92,14 @@ def load_npz(path: str | Path, *, x_key: str = "x", y_key: str = "y") -> Dataset
             if x_key not in z or y_key not in z:
                 raise DataError("keys", f"{path} needs arrays {x_key!r} and {y_key!r}")
             x = np.asarray(z[x_key], dtype=np.float32)
-            y = _labels(z[y_key])
+            y, names = parse_labels(z[y_key])
     except DataError:
         raise
     except (OSError, ValueError, TypeError) as exc:
         raise DataError("read", f"cannot read {path}: {exc}") from None
     if x.ndim == 1:
         x = x.reshape(-1, 1)
-    return Dataset(x, y)
+    return Dataset(x, y, names)
 
 
 def load_csv(
@@ -97,7 +108,8 @@ def load_csv(
     label_col: str = "label",
     feature_cols: tuple[str, ...] | list[str] = (),
 ) -> Dataset:
-    """Load a CSV with a header row; features default to every column but ``label_col``."""
+    """Load a CSV with a header row; features default to every column but ``label_col``;
+    labels are integers or strings (kept raw: ``Dataset.names``)."""
     try:
         with Path(path).open(newline="") as fh:
             reader = csv.reader(fh)
@@ -128,7 +140,8 @@ def load_csv(
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError("read", f"cannot read {path}: {exc}") from None
     x = np.asarray(rows_x, dtype=np.float32).reshape(len(rows_x), len(fi))
-    return Dataset(x, _labels(rows_y))
+    y, names = parse_labels(np.asarray(rows_y, dtype=str))
+    return Dataset(x, y, names)
 
 
 def load_dataset(
@@ -196,6 +209,31 @@ def load_features(
     if not np.all(np.isfinite(x)):
         raise DataError("value", f"{p}: NaN or Inf in the features")
     return x
+
+
+def _has_labels(p: Path, label_col: str) -> bool:
+    try:
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                return ("y" if label_col == "label" else label_col) in z.files
+        if p.suffix in (".csv", ".txt"):
+            with p.open(newline="") as fh:
+                return label_col in [h.strip() for h in next(csv.reader(fh), [])]
+    except (OSError, ValueError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError("read", f"cannot read {p}: {exc}") from None
+    return False
+
+
+def load_predict_input(
+    path: str | Path, *, label_col: str = "label", feature_cols: tuple[str, ...] | list[str] = ()
+) -> tuple[F32, Dataset | None]:
+    """Rows to predict on and, when the file holds labels (``.npz`` key ``y`` or
+    ``label_col``, a ``.csv`` column ``label_col``), the labelled ``Dataset`` too."""
+    p = Path(path)
+    if _has_labels(p, label_col):
+        ds = load_dataset(p, label_col=label_col, feature_cols=feature_cols)
+        return ds.x, ds
+    return load_features(p, label_col=label_col, feature_cols=feature_cols), None
 
 
 def partition_dirichlet(

@@ -7,6 +7,7 @@ Error tree::
     AgentError                             base of this package
         ModelFetchError                    HTTP/network failure pulling a model (retriable)
             ModelRefused                   the server answered a 4xx that will not change
+            ModelGone                      404: not published yet, or that version is gone
         ModelVerifyError                   digest/signature/size/shape mismatch (not retriable)
         NoModelError                       ``predict`` before any verified model is loaded
         DataError(ValueError)              a local data file cannot be loaded
@@ -41,6 +42,11 @@ class ModelRefused(ModelFetchError):
     """The server refused the download (a 4xx other than 404/408): retrying will not help."""
 
     retriable: ClassVar[bool] = False
+
+
+class ModelGone(ModelFetchError):
+    """The server answered 404: the model (or the version asked for) is not there (reason
+    ``http``, as every other HTTP failure of a pull)."""
 
 
 class ModelVerifyError(AgentError):

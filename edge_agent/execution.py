@@ -70,9 +70,9 @@ async def train_and_encode(
     crash: CrashPoints | None = None,
     pacer: ComputePacer | None = None,
 ) -> Encoded:
-    """Train in slices (yielding to the loop, re-checking the gate), let ``pacer`` wait
-    (simulated compute time; default: none), then encode ``new - base`` (+ residual) per
-    shard."""
+    """Train on ``dataset`` (the device's training rows, raw labels) in slices (yielding to
+    the loop, re-checking the gate), let ``pacer`` wait (simulated compute time; default:
+    none), then encode ``new - base`` (+ residual) per shard."""
     manifest = model.manifest
     if manifest.job_id != task.job_id:
         raise Aborted("job_mismatch")
@@ -80,15 +80,14 @@ async def train_and_encode(
     probe.set_training(True)
     try:
         seed = settings.seed ^ zlib.crc32(task.task_id.encode())
-        try:
-            check_dataset(dataset, n_features=manifest.spec.n_features,
-                          n_classes=manifest.spec.n_classes)  # fmt: skip
+        spec = manifest.spec
+        try:  # raw labels -> the job's class indices
+            rows = check_dataset(dataset, n_features=spec.n_features, n_classes=spec.n_classes,
+                                 labels=spec.labels)  # fmt: skip
         except DataError as exc:
             raise Aborted(data_abort_reason(exc)) from None
         try:
-            run = trainer.start(
-                manifest.spec, model.params, dataset.x, dataset.y, task.train, seed=seed
-            )
+            run = trainer.start(spec, model.params, rows.x, rows.y, task.train, seed=seed)
         except ValueError as exc:
             raise Aborted(f"data:{exc}"[:120]) from None
         while not _step(run, settings.batches_per_step):

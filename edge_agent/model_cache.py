@@ -2,13 +2,16 @@
 
 No counters and no events here: ``pull``/``refresh_onnx`` raise ``AgentError`` and return
 what changed; ``EdgeAgent`` counts and reports. ``ModelStore`` is the interface the agent
-uses, so a simulator can wrap a cache (e.g. to add download time).
+uses, so a simulator can wrap a cache (e.g. to add download time). A store that also
+implements ``ScoringStore`` (``ModelCache`` does) lets ``eval`` tasks score the version they
+name and ``stats`` tasks read only the manifest; ``pull_for_eval``/``manifest_for_stats``
+fall back to ``pull`` (the latest version) for a store that does not.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import httpx
 import numpy as np
@@ -18,6 +21,7 @@ from edge_agent.errors import NoModelError
 from edge_agent.inference import OnnxModel
 from edge_agent.models import ModelClient, VerifiedModel
 from edge_agent.settings import AgentSettings
+from schemas.messages import ModelManifest
 from schemas.modelspec import forward
 from schemas.types import F32
 
@@ -36,6 +40,33 @@ class ModelStore(Protocol):
     def version(self) -> int | None: ...
 
     def predict(self, x: npt.ArrayLike) -> F32: ...
+
+
+@runtime_checkable
+class ScoringStore(Protocol):
+    """What ``eval`` and ``stats`` tasks use of a store when it has it."""
+
+    async def pull_version(self, name: str, version: int) -> VerifiedModel:
+        """Version ``version`` of ``name`` verified (-1, or gone: the latest); it does not
+        become the current model."""
+
+    async def manifest(self, name: str) -> ModelManifest:
+        """The latest manifest of ``name`` (no weights)."""
+
+
+async def pull_for_eval(store: ModelStore, name: str, version: int) -> VerifiedModel:
+    """The model an ``eval`` task scores: ``version`` when the store can pull versions,
+    else the latest (its manifest says which version it is)."""
+    if isinstance(store, ScoringStore):
+        return await store.pull_version(name, version)
+    return await store.pull(name)
+
+
+async def manifest_for_stats(store: ModelStore, name: str) -> ModelManifest:
+    """The latest manifest (a ``stats`` task needs the job's model shape, not weights)."""
+    if isinstance(store, ScoringStore):
+        return await store.manifest(name)
+    return (await store.pull(name)).manifest
 
 
 class ModelCache:
@@ -66,6 +97,12 @@ class ModelCache:
     async def pull(self, name: str) -> VerifiedModel:
         self.model = await self._client().pull(name)
         return self.model
+
+    async def pull_version(self, name: str, version: int) -> VerifiedModel:
+        return await self._client().pull_version(name, version)
+
+    async def manifest(self, name: str) -> ModelManifest:
+        return await self._client().latest_manifest(name)
 
     async def refresh_onnx(self, name: str, version: int) -> int | None:
         art = await self._client().onnx(name, version)

@@ -1,7 +1,8 @@
 """Model pull over the coordinator's REST API, with ETag cache and signature check.
 
 Contract (``docs/wire.md``): ``GET /v1/models/{name}/latest`` → manifest JSON;
-``/versions/{v}/weights`` → float32 LE bytes with ``ETag``, ``X-Fedfleet-Digest: sha256=…``
+``/versions/{v}`` → the manifest of version ``v``; ``/versions/{v}/weights`` → float32 LE
+bytes with ``ETag``, ``X-Fedfleet-Digest: sha256=…``
 and ``X-Fedfleet-Signature``; ``latest.onnx`` likewise (signature over
 ``{name}:{version}:onnx:{digest}``); ``/v1/keys/model-signing`` → the Ed25519 public key.
 
@@ -22,7 +23,7 @@ import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge_agent.errors import ModelFetchError, ModelRefused, ModelVerifyError
+from edge_agent.errors import ModelFetchError, ModelGone, ModelRefused, ModelVerifyError
 from schemas.atomic import atomic_write
 from schemas.errors import SchemaError
 from schemas.messages import ModelManifest
@@ -135,7 +136,9 @@ class ModelClient:
             return resp
         if resp.status_code >= 500 or resp.status_code == 429:
             raise ModelFetchError("server", f"GET {path}: HTTP {resp.status_code}")
-        if resp.status_code in (404, 408):  # not published yet / timeout: try again later
+        if resp.status_code == 404:  # not published yet (or that version is gone)
+            raise ModelGone("http", f"GET {path}: HTTP 404")
+        if resp.status_code == 408:  # timeout: try again later
             raise ModelFetchError("http", f"GET {path}: HTTP {resp.status_code}")
         if resp.status_code != 200:
             raise ModelRefused("http", f"GET {path}: HTTP {resp.status_code}")
@@ -158,7 +161,18 @@ class ModelClient:
         return self._key
 
     async def latest_manifest(self, name: str) -> ModelManifest:
-        resp = await self._get(f"/v1/models/{name}/latest")
+        return await self._manifest(name, f"/v1/models/{name}/latest")
+
+    async def version_manifest(self, name: str, version: int) -> ModelManifest:
+        """The manifest of published ``version`` (``ModelGone`` when the server has not
+        got it, or no longer)."""
+        manifest = await self._manifest(name, f"/v1/models/{name}/versions/{version}")
+        if manifest.version != version:
+            raise ModelVerifyError("manifest", f"asked for v{version}, got v{manifest.version}")
+        return manifest
+
+    async def _manifest(self, name: str, path: str) -> ModelManifest:
+        resp = await self._get(path)
         try:
             manifest = decode_manifest(resp.content)
         except SchemaError as exc:
@@ -192,7 +206,10 @@ class ModelClient:
         if self._dir is not None:
             (self._dir / f"{digest}.bin").unlink(missing_ok=True)
 
-    async def weights(self, manifest: ModelManifest) -> F32:
+    async def weights(self, manifest: ModelManifest, *, keep: bool = True) -> F32:
+        """Verified weights of ``manifest`` (cached by digest). ``keep=False`` reads the cache
+        but does not replace it (an older version scored once must not evict the model the
+        device trains on)."""
         key = await self.public_key()
         digest = manifest.digest.lower()
         path = f"/v1/models/{manifest.model_name}/versions/{manifest.version}/weights"
@@ -216,12 +233,25 @@ class ModelClient:
             raise ModelVerifyError("digest", f"header digest {hdr} != manifest {digest}")
         params = verify_weights(manifest, resp.content, key, sig)
         self.downloads += 1
-        self._store(digest, resp.content)
+        if keep:
+            self._store(digest, resp.content)
         return params
 
     async def pull(self, name: str) -> VerifiedModel:
         manifest = await self.latest_manifest(name)
         return VerifiedModel(manifest, await self.weights(manifest))
+
+    async def pull_version(self, name: str, version: int) -> VerifiedModel:
+        """Published ``version`` of ``name``, verified like ``pull``; the latest when
+        ``version`` is -1 or the server no longer has it (404): the manifest says which
+        version it is. A version other than the latest is not written to the weights cache."""
+        if version >= 0:
+            try:
+                manifest = await self.version_manifest(name, version)
+                return VerifiedModel(manifest, await self.weights(manifest, keep=False))
+            except ModelGone:
+                log.info("model %s v%d is gone; scoring the latest", name, version)
+        return await self.pull(name)
 
     # ----------------------------------------------------------------- ONNX
 
@@ -254,5 +284,3 @@ class ModelClient:
         if self._dir is not None:
             atomic_write(self._dir / f"{name}.onnx", resp.content)
         return art
-
-

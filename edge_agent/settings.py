@@ -41,13 +41,18 @@ class AgentSettings:
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
     resend_interval_s: float = 30.0  # re-publish un-acked updates this often
+    # updates of at least this many bytes go over HTTP (POST {api_url}/v1/uploads), smaller
+    # ones over MQTT; while MQTT is down every update goes over HTTP. 0: always HTTP
+    http_upload_min_bytes: int = 512 << 10
+    http_uploads: bool = True  # False: MQTT only
     http_timeout_s: float = 30.0
     max_model_bytes: int = 256 << 20
     inference: bool = True  # pull latest.onnx after each model pull (onnxruntime)
     outbox: Literal["auto", "file", "memory"] = "auto"  # auto: file iff state_dir is set
     metered: bool = False  # LinuxProbe: is the current network metered
     batches_per_step: int = 4  # training batches between gate checks / event-loop yields
-    label_col: str = "label"
+    label_column: str = "label"  # CSV column (npz: key, "label" means "y") of the labels
+    eval_fraction: float = 0.2  # share of local rows held out for eval tasks (holdout.py)
     feature_cols: tuple[str, ...] = ()
     data_path: Path | None = None
     seed: int = 0
@@ -73,6 +78,13 @@ class AgentSettings:
             raise SettingsError("trainer", f"bad trainer {self.trainer!r}")
         if self.idle_max_load < 0 or self.idle_input_s < 0:
             raise SettingsError("idle", "idle thresholds must be >= 0")
+        if not 0.0 <= self.eval_fraction < 1.0:  # also refuses NaN
+            raise SettingsError("eval_fraction", f"eval_fraction must be in [0, 1), got "
+                                                 f"{self.eval_fraction}")  # fmt: skip
+        if self.http_upload_min_bytes < 0:
+            raise SettingsError("http_upload_min_bytes", "http_upload_min_bytes must be >= 0")
+        if not self.label_column:
+            raise SettingsError("label_column", "label_column must not be empty")
 
     @property
     def durable(self) -> bool:

@@ -16,7 +16,10 @@ class AgentStats:
     tasks_aborted: int = 0
     tasks_completed: int = 0  # update built and put in the outbox
     tasks_resumed: int = 0  # accepted before a crash, training restarted after it
+    reports_sent: int = 0  # EvalReport / StatsReport published (eval and stats tasks)
+    reports_unsent: int = 0  # built, but the link stayed down until the task's deadline
     updates_sent: int = 0  # update publishes, including re-sends
+    updates_sent_http: int = 0  # of those, over HTTP (POST /v1/uploads)
     updates_acked: int = 0  # accepted or duplicate
     updates_rejected: int = 0
     acks_stale: int = 0  # acks for updates not in the outbox

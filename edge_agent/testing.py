@@ -1,8 +1,10 @@
 """In-package fakes for tests and simulations (the httpx way: a mock transport you can ship).
 
-``FakeModelServer`` serves the coordinator's model REST endpoints (``docs/wire.md``) from
-memory through ``httpx.MockTransport``, signs with a fresh Ed25519 key, and can be told to
-tamper with what it serves. ONNX artifacts come from the coordinator's own exporter.
+``FakeModelServer`` serves the coordinator's model REST endpoints (``docs/wire.md``: latest,
+versioned manifests and weights, ONNX, the signing key) from memory through
+``httpx.MockTransport``, signs with a fresh Ed25519 key, and can be told to tamper with
+what it serves or to forget a version (``drop_version``). ONNX artifacts come from the
+coordinator's own exporter.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class FakeModelServer:
     with_onnx: bool = True
     requests: list[str] = field(default_factory=list)
     not_modified: int = 0
+    gone: set[tuple[str, int]] = field(default_factory=set)  # (name, version) answered 404
     _models: dict[str, list[_Published]] = field(default_factory=dict)
 
     @property
@@ -88,6 +91,10 @@ class FakeModelServer:
         versions.append(_Published(manifest, data, onnx_bytes, osig))
         return manifest
 
+    def drop_version(self, name: str, version: int) -> None:
+        """The registry no longer has ``version``: its manifest and weights answer 404."""
+        self.gone.add((name, version))
+
     def client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(transport=httpx.MockTransport(self.handle), base_url=self.base_url)
 
@@ -116,7 +123,7 @@ class FakeModelServer:
             return self._artifact(request, latest.onnx, latest.onnx_sig, latest, onnx=True)
         if parts[3] == "versions" and len(parts) >= 5 and parts[4].isdigit():
             v = int(parts[4])
-            if v >= len(versions):
+            if v >= len(versions) or (parts[2], v) in self.gone:
                 return httpx.Response(404)
             pub = versions[v]
             if len(parts) == 5:

@@ -22,6 +22,7 @@ import numpy.typing as npt
 from edge_agent.errors import TrainerUnavailable
 from edge_agent.trainers import Arr, Labels, NumpyRun, _slices
 from schemas.messages import ModelSpecMsg, TrainConfig
+from schemas.modelspec import standardize
 from schemas.types import F32
 
 
@@ -35,7 +36,8 @@ def _torch() -> Any:
 
 
 def _loss(torch: Any, spec: ModelSpecMsg, w: Any, x: Any, y: Any, base: Any, mu: float) -> Any:
-    """Autograd loss on the flat tensor ``w`` (views per tensor, as in ``modelspec``)."""
+    """Autograd loss on the flat tensor ``w`` (views per tensor, as in ``modelspec``);
+    ``x`` is already standardised (``NumpyRun`` does it once per run)."""
     p = {k: w[a:b].view(shape) for k, (a, b, shape) in _slices(spec).items()}
     if spec.family == "softmax":
         z = x @ p["W"] + p["b"]
@@ -57,10 +59,11 @@ def loss_and_grad_torch(
     base: Arr | None = None,
     prox_mu: float = 0.0,
 ) -> tuple[float, Arr]:
-    """``trainers.loss_and_grad`` computed by torch autograd (same dtype as ``flat``)."""
+    """``trainers.loss_and_grad`` computed by torch autograd (same dtype as ``flat``; raw
+    features, standardised first when the spec says so)."""
     torch = _torch()
     w = torch.tensor(np.asarray(flat), requires_grad=True)
-    xt = torch.as_tensor(np.asarray(x, dtype=flat.dtype))
+    xt = torch.as_tensor(np.asarray(standardize(spec, np.asarray(x, dtype=flat.dtype))))
     bt = None if base is None else torch.as_tensor(np.asarray(base, dtype=flat.dtype))
     loss = _loss(torch, spec, w, xt, torch.as_tensor(y, dtype=torch.int64), bt, prox_mu)
     loss.backward()

@@ -4,6 +4,9 @@ The numpy trainer uses the flat parameter layout of ``schemas.modelspec`` (softm
 or a one-hidden-layer ReLU MLP), mean cross-entropy, mini-batch SGD and the optional FedAsync
 proximal term ``prox_mu/2 * ||w - w_base||^2``. Training advances in ``step(n)`` slices so
 the agent can yield to the event loop and re-check the resource gate between slices.
+
+Trainers take raw features: a spec with ``input_mean`` is standardised inside the model
+(``schemas.modelspec.standardize``), here once per run, before the first layer.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from schemas.messages import ModelSpecMsg, TrainConfig
-from schemas.modelspec import layout, num_params
+from schemas.modelspec import forward, layout, num_params, standardize
 from schemas.types import F32
 
 Arr = npt.NDArray[np.floating]
@@ -64,9 +67,22 @@ class Trainer(Protocol):
 # --------------------------------------------------------------------------- pure math
 
 
-@functools.lru_cache(maxsize=64)
 def _slices(spec: ModelSpecMsg) -> dict[str, tuple[int, int, tuple[int, ...]]]:
-    """name -> (start, stop, shape) of each tensor in the flat vector (cached per spec)."""
+    """name -> (start, stop, shape) of each tensor in the flat vector (cached per shape:
+    cheaper to hash than a spec with its standardisation vectors)."""
+    return _slices_of(spec.family, spec.n_features, spec.n_classes, spec.hidden)
+
+
+@functools.lru_cache(maxsize=64)
+def _slices_of(
+    family: str, n_features: int, n_classes: int, hidden: int
+) -> dict[str, tuple[int, int, tuple[int, ...]]]:
+    spec = ModelSpecMsg(
+        family=family,  # type: ignore[arg-type]
+        n_features=n_features,
+        n_classes=n_classes,
+        hidden=hidden,
+    )
     return {t.name: (t.offset, t.offset + t.size, t.shape) for t in layout(spec)}
 
 
@@ -87,10 +103,25 @@ def loss_and_grad(
     base: Arr | None = None,
     prox_mu: float = 0.0,
 ) -> tuple[float, Arr]:
-    """Mean cross-entropy (+ proximal term) and its gradient w.r.t. the flat vector.
+    """Mean cross-entropy (+ proximal term) and its gradient w.r.t. the flat vector, on raw
+    features ``x`` (standardised first when the spec says so).
 
     Works in the dtype of ``flat`` (float64 for gradient checks, float32 in training).
     """
+    xs = standardize(spec, x)
+    return _loss_and_grad(spec, flat, xs, y, base=base, prox_mu=prox_mu)
+
+
+def _loss_and_grad(
+    spec: ModelSpecMsg,
+    flat: Arr,
+    x: Arr,
+    y: Labels,
+    *,
+    base: Arr | None,
+    prox_mu: float,
+) -> tuple[float, Arr]:
+    """``loss_and_grad`` on features already standardised."""
     p = _views(spec, flat)
     n = x.shape[0]
     grad = np.empty_like(flat)
@@ -155,7 +186,7 @@ class NumpyRun:
         self._spec = spec
         self._base = base.astype(np.float32, copy=True)
         self._w = self._base.copy()
-        self._x = np.ascontiguousarray(x, dtype=np.float32)
+        self._x = np.ascontiguousarray(standardize(spec, x), dtype=np.float32)
         self._y = y.astype(np.int64, copy=False)
         self._cfg = cfg
         self._rng = np.random.default_rng(seed)
@@ -211,7 +242,7 @@ class NumpyRun:
         Subclasses (``edge_agent.torch_trainer``) replace only this: batching, shuffling
         and seeding stay identical, so trainers agree on the same data and seed.
         """
-        loss, grad = loss_and_grad(
+        loss, grad = _loss_and_grad(
             self._spec,
             self._w,
             self._x[idx],
@@ -258,7 +289,5 @@ def train(
 
 
 def accuracy(spec: ModelSpecMsg, flat: F32, x: F32, y: Labels) -> float:
-    """Share of correctly classified rows (numpy reference forward)."""
-    from schemas.modelspec import forward
-
+    """Share of correctly classified rows (numpy reference forward, raw features)."""
     return float((forward(spec, flat, x).argmax(axis=1) == y).mean())

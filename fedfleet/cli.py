@@ -1,4 +1,4 @@
-"""The `fedfleet` command: stack, demo, coordinator, aggregator, agent, loadtest."""
+"""The `fedfleet` command: stack, demo, coordinator, aggregator, agent, job, loadtest."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from schemas.errors import FedfleetError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fedfleet import demo, services, stack_cli
+    from fedfleet import demo, example_data, job_cli, services, stack_cli
 
     parser = argparse.ArgumentParser(
         prog="fedfleet", description="Asynchronous federated learning for edge fleets"
@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     stack_cli.register(sub)
     demo.register(sub)
     services.register(sub)
+    job_cli.register(sub)
+    example_data.register(sub)
     # parsed by their own packages (see main); listed here so --help shows them
     sub.add_parser("agent", help="the edge agent: run on a device, predict (fedfleet agent -h)")
     sub.add_parser("loadtest", help="fleet simulations: scale, train, churn, failover")
@@ -32,8 +34,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Subcommands owned by other packages parse their own flags.
     if argv and argv[0] == "agent":
         from edge_agent.cli import main as agent_main
+        from fedfleet.agent_defaults import stack_file_env
 
-        return _guard(lambda: agent_main(argv[1:]))
+        def agent() -> int:
+            with stack_file_env(argv[1:]):  # the stack file's broker and coordinator URL
+                return agent_main(argv[1:])
+
+        return _guard(agent)
     if argv and argv[0] == "loadtest":
         from loadtest.cli import main as loadtest_main
 
@@ -48,13 +55,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _guard(fn: object) -> int:
-    """Run a command; any fedfleet error (settings, servers, ...) is one line and exit 2."""
+    """Run a command; any fedfleet error (settings, servers, ...) is one line and exit 2
+    (or the error's own ``exit_code``)."""
     assert callable(fn)
     try:
         return int(fn())
     except FedfleetError as exc:
         print(f"fedfleet: error: {exc}", file=sys.stderr)
-        return 2
+        return int(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         print("fedfleet: interrupted", file=sys.stderr)
         return 130

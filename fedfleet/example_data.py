@@ -126,8 +126,10 @@ def write_example(
         "standardize": not standardized,
         "train": {"lr": 0.1, "local_epochs": 2, "batch_size": 16},
         "concurrency": max(1, min(10, devices // 2)),
-        "evaluation": {"every_versions": 5, "devices": max(1, min(10, devices // 2)),
-                       "min_reports": max(1, min(3, devices // 2))},
+        # half the fleet scores each evaluated version on its held-out rows; it counts
+        # once three quarters of those reported
+        "evaluation": {"every_versions": 5, "devices": max(1, min(50, devices // 2)),
+                       "min_reports": max(1, min(50, devices // 2) * 3 // 4)},
     }  # fmt: skip
     (out / "job.json").write_text(json.dumps(body, indent=2) + "\n")
     return body

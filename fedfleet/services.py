@@ -2,6 +2,8 @@
 
 Each service has one typed settings dataclass with ``from_env()``; every field is also a
 ``--flag`` here (``--http-port 8000``), so env, CLI and code share one source of truth.
+Server addresses (and the coordinator's admin token) nobody gave by flag or environment
+variable come from the stack file (``stack.envfile``): flag > env > stack file > default.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from schemas.errors import FedfleetError
+from stack import envfile
 from stack.errors import ConfigError
 from stack.launcher import kafka_bootstrap, parse_host_port, preflight
+
+ENV_PREFIX = {"CoordinatorSettings": envfile.COORDINATOR, "AggregatorSettings": envfile.AGGREGATOR}
 
 
 def _flag_type(tp: Any) -> Callable[[str], Any] | None:
@@ -85,10 +90,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a.set_defaults(func=run_aggregator)
 
 
-def _build(cls: Any, args: argparse.Namespace) -> Any:
+def build_settings(cls: Any, args: argparse.Namespace) -> Any:
+    """``cls`` (a service settings dataclass) from flags > env > stack file > defaults."""
     values = {**server_overrides(args), **overrides_from(args)}
     names = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in values.items() if k in names}
+    values = {**envfile.defaults_for(ENV_PREFIX[cls.__name__], names - set(values)), **values}
     try:
         return cls.from_env(**values)
     except FedfleetError:
@@ -119,7 +126,7 @@ def run_coordinator(args: argparse.Namespace) -> int:
     from coordinator.service import Coordinator
     from coordinator.settings import CoordinatorSettings
 
-    settings = _build(CoordinatorSettings, args)
+    settings = build_settings(CoordinatorSettings, args)
     preflight(
         kafka=settings.kafka_bootstrap,
         mqtt=(settings.mqtt_host, settings.mqtt_port),
@@ -138,7 +145,7 @@ def run_aggregator(args: argparse.Namespace) -> int:
     from aggregator.settings import AggregatorSettings
     from aggregator.worker import AggregatorWorker
 
-    settings = _build(AggregatorSettings, args)
+    settings = build_settings(AggregatorSettings, args)
     preflight(kafka=settings.kafka_bootstrap)
 
     async def body(stop: asyncio.Event) -> None:
@@ -156,4 +163,4 @@ def run_aggregator(args: argparse.Namespace) -> int:
     return _run_until_signal(body)
 
 
-__all__ = ["add_dataclass_flags", "register"]
+__all__ = ["add_dataclass_flags", "build_settings", "register"]

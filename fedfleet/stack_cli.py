@@ -1,22 +1,29 @@
-"""`fedfleet stack up | down | status | fetch`."""
+"""`fedfleet stack up | down | status | env | fetch`.
+
+``up`` writes the stack file (``stack.envfile``: the servers' addresses, the coordinator URL
+and an admin token) that every other command reads by default; ``down`` removes it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import shutil
 import signal
+import sys
 import threading
 from pathlib import Path
 
-from stack import LocalStack, StackInfo, StackSettings
+from stack import LocalStack, StackInfo, StackSettings, envfile
 from stack.errors import StackError
 from stack.kafka import cache_root, kafka_lib_dir
 from stack.procs import kill_tree, pid_alive
 
 
 def state_file() -> Path:
-    return cache_root() / "stack" / "stack.json"
+    """The stack file (``$FEDFLEET_STACK_FILE`` or ``~/.cache/fedfleet/stack/stack.json``)."""
+    return envfile.path()
 
 
 def add_server_flags(p: argparse.ArgumentParser) -> None:
@@ -27,11 +34,16 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kafka-heap-mb", type=int, default=512, help="JVM heap per Kafka node")
 
 
-def settings_from(args: argparse.Namespace, **extra: object) -> StackSettings:
-    return StackSettings.from_env(
+def settings_from(
+    args: argparse.Namespace, *, use_stack_file: bool = False, **extra: object
+) -> StackSettings:
+    """Servers from flags > ``FEDFLEET_KAFKA/MQTT/REDIS`` > (``use_stack_file``) the stack
+    file; a server named nowhere is started locally."""
+    s = StackSettings.from_env(
         kafka_url=args.kafka, mqtt_url=args.mqtt, redis_url=args.redis,
         kafka_nodes=args.kafka_nodes, kafka_heap_mb=args.kafka_heap_mb, **extra,
     )  # fmt: skip
+    return envfile.with_stack_file(s) if use_stack_file else s
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -41,8 +53,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_server_flags(up)
     up.add_argument("--detach", action="store_true", help="leave it running; stop with `down`")
     up.add_argument("--json", action="store_true")
-    ss.add_parser("down", help="stop a detached stack")
+    up.add_argument("--admin-token", help="admin token recorded for coordinators and "
+                    "`fedfleet job` (default: a random one)")  # fmt: skip
+    up.add_argument(
+        "--coordinator-url",
+        default=envfile.DEFAULT_COORDINATOR_URL,
+        help="coordinator REST URL the agents and `fedfleet job` default to",
+    )
+    ss.add_parser("down", help="stop a detached stack, remove the stack file")
     ss.add_parser("status", help="show the detached stack")
+    ss.add_parser("env", help="print the stack file as shell exports: "
+                  'eval "$(fedfleet stack env)"')  # fmt: skip
     ss.add_parser("fetch", help="download Apache Kafka's jars from Maven Central (cached)")
     p.set_defaults(func=run)
 
@@ -67,37 +88,70 @@ def run(args: argparse.Namespace) -> int:
         return _status()
     if cmd == "down":
         return _down()
+    if cmd == "env":
+        return _env()
     # up
+    old = envfile.read()
+    if old is not None and old.info.pids and not any(pid_alive(p) for p in old.info.pids):
+        envfile.remove()  # its processes are gone (a reboot, a kill): a stale record
+    elif old is not None:
+        raise StackError(f"a stack is already recorded in {state_file()}; `fedfleet stack down` "
+                         "it first")  # fmt: skip
+    token = args.admin_token or secrets.token_urlsafe(18)
+    log = print if not args.json else (lambda m: print(m, file=sys.stderr))
     if args.detach:
-        if state_file().exists():
-            raise StackError(f"a detached stack is already recorded in {state_file()}; `down` it")
-        workdir = state_file().parent / "run"
+        workdir = cache_root() / "stack" / "run"
         shutil.rmtree(workdir, ignore_errors=True)
-        launcher = LocalStack(settings_from(args, detach=True, workdir=workdir), log=print)
+        launcher = LocalStack(settings_from(args, detach=True, workdir=workdir), log=log)
         info = launcher.start()
-        state_file().write_text(info.to_json())
+        _record(info, args, token)
         _print(info, args.json)
         return 0
-    launcher = LocalStack(settings_from(args), log=print)
+    launcher = LocalStack(settings_from(args), log=log)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    recorded = False
     try:
         info = launcher.start()
+        _record(info, args, token)
+        recorded = True
         _print(info, args.json)
         print("stack is up; Ctrl-C stops it", flush=True)
         stop.wait()
     finally:
         launcher.stop()
+        if recorded:
+            envfile.remove()
+    return 0
+
+
+def _record(info: StackInfo, args: argparse.Namespace, token: str) -> None:
+    where = envfile.write(envfile.StackFile(info=info, coordinator_url=args.coordinator_url,
+                                            admin_token=token))  # fmt: skip
+    if not args.json:
+        print(f"addresses in {where}: every fedfleet command uses them; for a shell, "
+              'eval "$(fedfleet stack env)"', flush=True)  # fmt: skip
+
+
+def _env() -> int:
+    sf = envfile.read()
+    if sf is None:
+        print(f"fedfleet: no stack file at {state_file()} (`fedfleet stack up --detach`)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"# fedfleet stack at {state_file()}")
+    for line in envfile.exports(sf):
+        print(line)
     return 0
 
 
 def _status() -> int:
-    f = state_file()
-    if not f.exists():
+    sf = envfile.read()
+    if sf is None:
         print("no detached stack")
         return 1
-    info = StackInfo.from_json(f.read_text())
+    info = sf.info
     alive = [p for p in info.pids if pid_alive(p)]
     _print(info, False)
     print(f"  processes alive: {len(alive)}/{len(info.pids)}")
@@ -105,16 +159,16 @@ def _status() -> int:
 
 
 def _down() -> int:
-    f = state_file()
-    if not f.exists():
+    sf = envfile.read()
+    if sf is None:
         print("no detached stack")
         return 0
-    info = StackInfo.from_json(f.read_text())
+    info = sf.info
     for pid in info.pids:
         kill_tree(pid, timeout=15.0)
     if info.workdir:
         shutil.rmtree(info.workdir, ignore_errors=True)
-    f.unlink()
+    envfile.remove()
     left = [p for p in info.pids if pid_alive(p)]
     print(json.dumps({"stopped": len(info.pids) - len(left), "left": left}))
     return 0 if not left else 1

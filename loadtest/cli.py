@@ -1,6 +1,7 @@
 """``fedfleet loadtest scale|train|churn|failover``: fleet simulations on real servers.
 
-Each subcommand starts the stack (or uses ``--kafka/--mqtt/--redis``), the coordinator and
+Each subcommand starts the stack (or uses ``--kafka/--mqtt/--redis``, ``FEDFLEET_KAFKA/MQTT/
+REDIS`` or the stack file of ``fedfleet stack up``), the coordinator and
 the aggregators, runs its scenario with bounded sizes and time, shows a progress bar on
 stderr and writes a report directory (``--out``). ``--json`` prints the summary as the
 last stdout line. Exit code 0 when the scenario's correctness checks pass (targets on
@@ -22,7 +23,7 @@ from typing import Any
 from loadtest import report
 from loadtest.runner import environment
 from schemas.errors import FedfleetError
-from stack import StackSettings
+from stack import StackSettings, envfile
 
 
 def _server_flags(p: argparse.ArgumentParser) -> None:
@@ -103,8 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _stack(args: argparse.Namespace) -> StackSettings:
-    return StackSettings.from_env(kafka_url=args.kafka, mqtt_url=args.mqtt, redis_url=args.redis)
+def stack_settings(args: argparse.Namespace) -> StackSettings:
+    """Servers from flags > ``FEDFLEET_KAFKA/MQTT/REDIS`` > the stack file; else started."""
+    s = StackSettings.from_env(kafka_url=args.kafka, mqtt_url=args.mqtt, redis_url=args.redis)
+    if args.scenario == "failover" and getattr(args, "fault", "aggregator") != "aggregator":
+        return s  # a Redis fault kills the embedded redis-server: never a shared one
+    return envfile.with_stack_file(s)
 
 
 async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], list[Path]]:
@@ -118,7 +123,7 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], lis
         ss = ScaleSettings(devices=args.devices, processes=args.processes, rate=args.rate,
                            duration_s=args.duration, connect_per_s=args.connect_rate,
                            storm_timeout_s=args.storm_timeout, seed=args.seed)  # fmt: skip
-        async with environment(_stack(args), aggregators=0, log=log) as env:
+        async with environment(stack_settings(args), aggregators=0, log=log) as env:
             res = await run_scale(env, ss, quiet=quiet)
         return scale_report(res, out_dir)
     if args.scenario == "train":
@@ -132,7 +137,7 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], lis
             over_selection=args.over_selection, round_deadline_s=args.round_deadline,
             processes=args.processes, seed=args.seed,
         )  # fmt: skip
-        async with environment(_stack(args), aggregators=2, log=log) as env:
+        async with environment(stack_settings(args), aggregators=2, log=log) as env:
             res = await run_train(env, ts, quiet=quiet)
         return train_report(res, out_dir)
     if args.scenario == "failover":
@@ -150,7 +155,7 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], lis
             fault=args.fault,
         )  # fmt: skip
         async with environment(
-            _stack(args), aggregators=fs.aggregators, log=log,
+            stack_settings(args), aggregators=fs.aggregators, log=log,
             aggregator_args=aggregator_args(fs),
         ) as env:  # fmt: skip
             res_f = await run_failover(env, fs, quiet=quiet)
@@ -161,7 +166,7 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], lis
                        lease_s=args.lease, concurrency=args.concurrency,
                        processes=args.processes, seed=args.seed)  # fmt: skip
     async with environment(
-        _stack(args), aggregators=2, log=log,
+        stack_settings(args), aggregators=2, log=log,
         coordinator_args=("--lease-s", str(cs.lease_s), "--selection-tick-s", "0.5"),
     ) as env:  # fmt: skip
         res = await run_churn(env, cs, quiet=quiet)

@@ -68,13 +68,22 @@ def plot_rate(rows: list[dict[str, Any]], key: str, path: Path, title: str, ylab
                  legend=bool(group))  # fmt: skip
 
 
-def plot_accuracy(curves: dict[str, list[tuple[float, float]]], target: float, path: Path) -> Path:
+def plot_accuracy(
+    curves: dict[str, list[tuple[float, float]]], target: float, path: Path,
+    *, fed: dict[str, list[tuple[float, float]]] | None = None,
+) -> Path:  # fmt: skip
+    """Central held-out accuracy per strategy (solid) and, where the coordinator served
+    federated evaluations, the federated accuracy in the same colour (dashed, markers)."""
     fig, ax = _axes()
     for name, pts in curves.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
+        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{name} held-out")
+        fpts = (fed or {}).get(name) or []
+        if fpts:
+            ax.plot([p[0] for p in fpts], [p[1] for p in fpts], "--o", markersize=3,
+                    color=line.get_color(), label=f"{name} federated")  # fmt: skip
     ax.axhline(target, color="grey", linestyle=":", label=f"target {target:g}")
     return _save(fig, ax, path, xlabel="wall time since job start (s)",
-                 ylabel="test accuracy", title="Accuracy vs wall time per strategy")  # fmt: skip
+                 ylabel="accuracy", title="Accuracy vs wall time per strategy")  # fmt: skip
 
 
 def plot_hist(hists: dict[str, list[tuple[str, int]]], path: Path, title: str,

@@ -22,7 +22,7 @@ from edge_agent.data import load_digits_split
 from loadtest.runner import Env, Progress, Timeline
 from sim.fleet import FleetSpec
 from sim.load_services import wait_quiet
-from sim.monitor import ModelMonitor
+from sim.monitor import ModelMonitor, fed_text
 from sim.pool import FleetPool
 from sim.services import AggMetrics, scrape
 
@@ -46,6 +46,10 @@ class TrainSettings:
     processes: int = 1
     stable_versions: int = 3
     seed: int = 0
+
+
+def fed_round(acc: float | None) -> float | None:
+    return None if acc is None else round(acc, 4)
 
 
 def job_body(s: TrainSettings, strategy: str, run_id: str) -> dict[str, Any]:
@@ -89,20 +93,24 @@ async def _one(
     monitor = ModelMonitor(env.http, body["model_name"], job_id, test)
     t0 = time.monotonic()
     curve: list[tuple[float, float]] = []
+    fed_curve: list[tuple[float, float]] = []  # federated evaluations, as they close
     first: float | None = None  # first version at/above target
     ttt: float | None = None  # target held for ``stable_versions`` versions in a row
     streak = 0
     while True:
         env.services.check_alive()
-        prev = monitor.snap.version
+        prev, prev_fed = monitor.snap.version, monitor.snap.fed_version
         snap = await monitor.poll()
         el = time.monotonic() - t0
         m = await scrape(env.http, ports)
         counts = snap.fleet.get("counts", {})
         timeline.add(strategy=strategy, accuracy=snap.accuracy, version=snap.version,
+                     fed_accuracy=snap.fed_accuracy, fed_version=snap.fed_version,
                      applied=m.applied - m0.applied, offline=counts.get("offline", 0),
                      idle=counts.get("idle", 0), training=counts.get("training", 0),
                      connected=pool.snapshot()["connected"])  # fmt: skip
+        if snap.fed_accuracy is not None and snap.fed_version != prev_fed:
+            fed_curve.append((round(el, 2), round(snap.fed_accuracy, 4)))
         if snap.version != prev:
             curve.append((round(el, 2), round(snap.accuracy, 4)))
             if snap.accuracy >= s.target_accuracy:
@@ -112,7 +120,8 @@ async def _one(
                     ttt = round(el, 2)
             else:
                 streak = 0
-        bar.update(done_before + el, f"{strategy}: acc={snap.accuracy:.3f} v{snap.version} "
+        bar.update(done_before + el, f"{strategy}: acc={snap.accuracy:.3f} {fed_text(snap)} "
+                   f"v{snap.version} "
                    f"applied={m.applied - m0.applied:.0f}", strategy)  # fmt: skip
         if streak >= s.stable_versions or el >= s.budget_s:
             break
@@ -146,6 +155,9 @@ async def _one(
         "first_at_target_s": first,
         "target_reached": ttt is not None,
         "final_accuracy": round(monitor.snap.accuracy, 4),
+        # the latest federated evaluation (None: none yet, or the coordinator serves none)
+        "final_fed_accuracy": fed_round(monitor.snap.fed_accuracy),
+        "fed_version": monitor.snap.fed_version,
         "wall_s": round(wall, 1),
         "model_version": monitor.snap.version,
         "updates_accepted": int(view.get("updates_accepted", 0)),
@@ -163,6 +175,7 @@ async def _one(
         "tasks": {k: v for k, v in stats.items() if k.startswith("tasks_")},
         "late_updates": int(stats.get("late_updates", 0)),
         "curve": curve,
+        "fed_curve": fed_curve,
     }
 
 
@@ -219,9 +232,10 @@ def train_report(
 
     rows = res["timeline"]
     curves = {r["strategy"]: r["curve"] for r in res["strategies"]}
+    fed = {r["strategy"]: r.get("fed_curve", []) for r in res["strategies"]}
     target = float(res["settings"]["target_accuracy"])
     plots = [
-        report.plot_accuracy(curves, target, out_dir / "accuracy_vs_time.png"),
+        report.plot_accuracy(curves, target, out_dir / "accuracy_vs_time.png", fed=fed),
         report.plot_hist({r["strategy"]: r["staleness_hist"] for r in res["strategies"]},
                          out_dir / "staleness_hist.png", "Staleness of applied updates",
                          "staleness (versions)"),
@@ -236,7 +250,8 @@ def train_report(
     for r in res["strategies"]:
         headline.append(
             f"  {r['strategy']}: time to target {r['time_to_target_s']} s, final acc "
-            f"{r['final_accuracy']}, accepted {r['updates_accepted']}, rejected "
+            f"{r['final_accuracy']} (federated {r.get('final_fed_accuracy')} at "
+            f"v{r.get('fed_version')}), accepted {r['updates_accepted']}, rejected "
             f"{r['aggregator_rejected']}, mean staleness {r['mean_staleness']}, bytes "
             f"{r['update_bytes']}"
         )

@@ -530,7 +530,9 @@ def _reason_from(err: msgspec.ValidationError) -> tuple[str, str]:
     return "type", text
 
 
-def decode(data: bytes, kind: type[M], *, max_bytes: int = DEFAULT_MAX_BYTES) -> M:
+def decode(
+    data: bytes | bytearray | memoryview, kind: type[M], *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> M:
     """Strictly decode ``data`` as message type ``kind``; any failure is a SchemaError."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise SchemaError("malformed", f"expected bytes, got {type(data).__name__}")

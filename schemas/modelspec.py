@@ -6,6 +6,10 @@ The flat vector is the unit of sharding and of every update. Layout (C order):
 * ``mlp``: ``W1[n_features, hidden]``, ``b1[hidden]``, ``W2[hidden, n_classes]``,
   ``b2[n_classes]`` with ReLU between the layers.
 
+Input standardisation is part of the model, not of the data: when ``spec.input_mean`` is
+set, the model first computes ``x' = (x - input_mean) / input_std`` (``standardize``), so
+devices and on-device inference always take raw features. It is not in the flat vector.
+
 ``forward`` is the numpy reference forward pass; the ONNX export and the on-device
 trainers must agree with it.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from schemas.errors import SchemaError
 from schemas.messages import ModelSpecMsg
@@ -86,12 +91,26 @@ def init_params(spec: ModelSpecMsg, seed: int = 0) -> F32:
     return flat
 
 
+def standardize(spec: ModelSpecMsg, x: npt.NDArray[np.floating]) -> npt.NDArray[np.floating]:
+    """``(x - input_mean) / input_std`` in the dtype of ``x`` (float32 unless float64); ``x``
+    itself when the spec has no standardisation."""
+    if not spec.input_mean:
+        return x
+    dt: type[np.floating] = np.float64 if x.dtype == np.float64 else np.float32
+    mean = np.asarray(spec.input_mean, dtype=dt)
+    std = np.asarray(spec.input_std, dtype=dt)
+    out: npt.NDArray[np.floating] = np.divide(np.subtract(np.asarray(x, dtype=dt), mean), std)
+    return out
+
+
 def forward(spec: ModelSpecMsg, flat: F32, x: F32) -> F32:
-    """Logits for a batch ``x[n, n_features]``."""
+    """Logits for a batch of raw features ``x[n, n_features]`` (standardised first when the
+    spec says so)."""
     p = unflatten(spec, flat)
+    xs = standardize(spec, x)
     if spec.family == "softmax":
-        return (x @ p["W"] + p["b"]).astype(np.float32)
-    h: F32 = np.maximum(x @ p["W1"] + p["b1"], np.float32(0.0))
+        return (xs @ p["W"] + p["b"]).astype(np.float32)
+    h: F32 = np.maximum(xs @ p["W1"] + p["b1"], np.float32(0.0))
     out: F32 = (h @ p["W2"] + p["b2"]).astype(np.float32)
     return out
 

@@ -28,11 +28,12 @@ import numpy.typing as npt
 from edge_agent.agent import EdgeAgent, agent_rng, mqtt_link
 from edge_agent.data import Dataset
 from edge_agent.link import DeviceLink, LinkCallbacks, LinkConfig
-from edge_agent.model_cache import ModelCache, ModelStore
+from edge_agent.model_cache import ModelCache, ModelStore, manifest_for_stats, pull_for_eval
 from edge_agent.models import VerifiedModel
 from edge_agent.pacing import SimulatedCompute
 from edge_agent.probe import DeviceProbe, SimulatedProbe
 from edge_agent.settings import AgentSettings
+from schemas.messages import ModelManifest
 from schemas.types import F32
 
 # Mean bandwidth (kbit/s) per network type; the probe draws each device ×U(0.3, 1.5).
@@ -151,6 +152,17 @@ class SimModels:
         if delay > 0:
             await asyncio.sleep(delay)
         return model
+
+    async def pull_version(self, name: str, version: int) -> VerifiedModel:
+        """An ``eval`` task's model (``ScoringStore``), with its download time too."""
+        model = await pull_for_eval(self.inner, name, version)
+        delay = transfer_delay(int(model.params.nbytes), self.kbps(), self.time_scale)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return model
+
+    async def manifest(self, name: str) -> ModelManifest:
+        return await manifest_for_stats(self.inner, name)
 
     async def refresh_onnx(self, name: str, version: int) -> int | None:
         return await self.inner.refresh_onnx(name, version)

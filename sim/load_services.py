@@ -34,7 +34,7 @@ class LoadServices(ServiceSet):
         """The coordinator's Redis key prefix for this run's topic prefix."""
         from coordinator.settings import CoordinatorSettings
 
-        return CoordinatorSettings(topic_prefix=self.topic_prefix).key_prefix
+        return CoordinatorSettings(topic_prefix=self.topic_prefix, http_port=0).key_prefix
 
 
 class Api:

@@ -1,9 +1,12 @@
-"""Watching a job through the coordinator's REST API: model accuracy on held-out data,
-updates applied, staleness, devices by state; and a live progress view."""
+"""Watching a job through the coordinator's REST API: model accuracy on held-out data
+(central, a cross-check), the latest federated evaluation (devices' own held-out splits,
+``GET /v1/jobs/{id}/metrics``), updates applied, staleness, devices by state; and a live
+progress view."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +35,10 @@ class Snapshot:
     mean_staleness: float = 0.0
     fleet: dict[str, Any] = field(default_factory=dict)
     t: float = 0.0
+    # the newest complete federated evaluation (None: none yet, or no metrics route)
+    fed_accuracy: float | None = None
+    fed_loss: float | None = None
+    fed_version: int | None = None
 
 
 class ModelMonitor:
@@ -54,6 +61,51 @@ class ModelMonitor:
         self.models = ModelClient(http, str(http.base_url), public_key_hex=public_key_hex)
         self.snap = Snapshot()
         self.history: list[Snapshot] = []
+        self.fed_by_version: dict[int, float] = {}  # every complete federated evaluation
+        # the same versions scored on the central test set (the cross-check)
+        self.central_by_version: dict[int, float] = {}
+        self._tried: set[int] = set()
+
+    async def federated(self) -> dict[str, Any] | None:
+        """The newest complete federated evaluation; None when there is none or the
+        coordinator does not serve ``/v1/jobs/{id}/metrics`` (any failure: None)."""
+        try:
+            r = await self.http.get(f"/v1/jobs/{self.job_id}/metrics")
+        except httpx.HTTPError:
+            return None
+        if r.status_code != 200:
+            return None
+        try:
+            body = r.json()
+        except ValueError:
+            return None
+        if not isinstance(body, dict):
+            return None
+        for ev in body.get("evaluations") or []:
+            if isinstance(ev, dict) and ev.get("complete"):
+                with contextlib.suppress(TypeError, ValueError):
+                    self.fed_by_version[int(ev["version"])] = float(ev["accuracy"])
+        latest = body.get("latest")
+        if not isinstance(latest, dict):
+            return None
+        try:
+            loss = latest.get("loss")
+            return {"version": int(latest["version"]), "accuracy": float(latest["accuracy"]),
+                    "loss": None if loss is None else float(loss)}  # fmt: skip
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    async def _score_evaluated(self) -> None:
+        """Score every federated-evaluated version centrally too (once each)."""
+        for v in sorted(set(self.fed_by_version) - self._tried):
+            try:
+                m = await self.models.pull_version(self.model, v)
+            except AgentError:
+                continue
+            self._tried.add(v)
+            if m.manifest.version == v:  # (a version the registry no longer keeps: skip)
+                self.central_by_version[v] = accuracy(m.manifest.spec, m.params, self.test.x,
+                                                      self.test.y)  # fmt: skip
 
     async def _json(self, path: str) -> Any:
         r = await self.http.get(path)
@@ -74,7 +126,15 @@ class ModelMonitor:
             shard_versions=self.snap.shard_versions,
             accuracy=self.snap.accuracy,
             t=time.monotonic(),
+            fed_accuracy=self.snap.fed_accuracy,
+            fed_loss=self.snap.fed_loss,
+            fed_version=self.snap.fed_version,
         )
+        fed = await self.federated()
+        await self._score_evaluated()
+        if fed is not None:
+            snap.fed_accuracy, snap.fed_loss = fed["accuracy"], fed["loss"]
+            snap.fed_version = fed["version"]
         if flat is not None:
             snap.accuracy = accuracy(man.spec, flat, self.test.x, self.test.y)
             snap.version = man.version
@@ -141,7 +201,7 @@ class ProgressView:
         if not console.is_terminal or self.quiet:
             return self
         self._progress = Progress(
-            TextColumn("accuracy"), BarColumn(), TextColumn("{task.fields[acc]}"),
+            TextColumn("held-out accuracy"), BarColumn(), TextColumn("{task.fields[acc]}"),
             TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console,
         )  # fmt: skip
         self._progress.start()
@@ -158,7 +218,7 @@ class ProgressView:
         by_state = snap.fleet.get("by_state") or snap.fleet.get("counts") or {}
         states = " ".join(f"{k}={v}" for k, v in sorted(by_state.items())) if by_state else ""
         info = (
-            f"v{snap.version} updates={snap.updates_applied} "
+            f"{fed_text(snap)} v{snap.version} updates={snap.updates_applied} "
             f"staleness={snap.mean_staleness:.2f} training={snap.fleet.get('training_now', '?')}"
             f" {states}"
         )
@@ -172,3 +232,10 @@ class ProgressView:
         if now - self._last_line >= 5.0:
             self._last_line = now
             print(f"[demo] accuracy {snap.accuracy:.3f} {info}", file=sys.stderr, flush=True)
+
+
+def fed_text(snap: Snapshot) -> str:
+    """``fed=0.912@v10`` (the latest federated evaluation), ``fed=-`` before the first."""
+    if snap.fed_accuracy is None:
+        return "fed=-"
+    return f"fed={snap.fed_accuracy:.3f}@v{snap.fed_version}"

@@ -101,7 +101,7 @@ class AgentProc:
     """``python -m edge_agent.cli`` (or ``tests.crashing_agent``) with its stderr log in a
     file."""
 
-    def __init__(self, world: World, tmp: Path, dev: str) -> None:
+    def __init__(self, world: World, tmp: Path, dev: str, extra: tuple[str, ...] = ()) -> None:
         tr = load_digits_split()[0]
         self.data = tmp / "d.npz"
         np.savez(self.data, x=tr.x[:400], y=tr.y[:400])
@@ -112,6 +112,7 @@ class AgentProc:
             f"{world.coord.settings.mqtt_port}", "--api", world.coord.rest_url,
             "--data", str(self.data), "--state-dir", str(self.state),
             "--public-key", world.public_key, "--telemetry-interval", "0.3", "--no-inference",
+            *extra,
         ]  # fmt: skip
         self.runs = 0
 
@@ -166,12 +167,18 @@ async def stop_and_stats(proc: asyncio.subprocess.Process, log: Path) -> dict[st
 
 async def shard_records(world: World) -> list[ShardUpdate]:
     """Every record on ``{prefix}updates``, read up to the end offsets."""
-    topic = f"{world.prefix}updates"
-    c = AIOKafkaConsumer(bootstrap_servers=world.kafka, group_id=None, enable_auto_commit=False)
+    # the coordinator creates the topic with one partition per possible shard
+    return await shard_records_of(
+        world.kafka, f"{world.prefix}updates", world.coord.settings.max_shards
+    )
+
+
+async def shard_records_of(kafka: str, topic: str, partitions: int) -> list[ShardUpdate]:
+    """Every record on ``topic`` (partitions 0..n-1), read up to the end offsets."""
+    c = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=None, enable_auto_commit=False)
     await c.start()
     try:
-        # the coordinator creates the topic with one partition per possible shard
-        parts = [TopicPartition(topic, p) for p in range(world.coord.settings.max_shards)]
+        parts = [TopicPartition(topic, p) for p in range(partitions)]
         c.assign(parts)
         await c.seek_to_beginning(*parts)
         end = await c.end_offsets(parts)
@@ -212,11 +219,17 @@ def only_task(agent: AgentProc) -> str:
     return names[0].rsplit(".", 1)[0]
 
 
+# the same guarantees over both upload paths: MQTT, and HTTP (POST /v1/uploads)
+TRANSPORT = {"mqtt": ("--no-http-uploads",), "http": ("--http-upload-min-bytes", "0")}
+
+
+@pytest.mark.parametrize("transport", sorted(TRANSPORT))
 @pytest.mark.parametrize("crash_at", ["after_outbox", "before_publish"])
 async def test_kill_between_training_and_upload_delivers_exactly_once(
-    world: World, tmp_path: Path, crash_at: str
+    world: World, tmp_path: Path, crash_at: str, transport: str
 ) -> None:
-    agent = AgentProc(world, tmp_path, f"{world.prefix.strip('.')}-{crash_at[:5]}")
+    agent = AgentProc(world, tmp_path, f"{world.prefix.strip('.')}-{crash_at[:5]}",
+                      TRANSPORT[transport])  # fmt: skip
     await agent.crash(crash_at)
     task_id = only_task(agent)
     assert agent.files("outbox") == [f"{task_id}.upd"]  # the update survived the kill

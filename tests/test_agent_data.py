@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from edge_agent.data import (
+    check_dataset,
     load_csv,
     load_dataset,
     load_digits_split,
@@ -27,15 +28,25 @@ def test_csv_with_label_and_feature_columns(tmp_path: Path) -> None:
     assert load_dataset(p).x.shape == (2, 3)
 
 
-@pytest.mark.parametrize(
-    "text",
-    ["", "a,b\n1,2\n", "a,label\n1,x\n", "a,label\nnan,0\n", "a,label\n1,-1\n", "a,label\n1,0.5\n"],
-)
+@pytest.mark.parametrize("text", ["", "a,b\n1,2\n", "a,label\nnan,0\n", "a,label\n1\n"])
 def test_bad_csv_is_a_data_error(tmp_path: Path, text: str) -> None:
     p = tmp_path / "bad.csv"
     p.write_text(text)
     with pytest.raises(DataError):
         load_csv(p)
+
+
+@pytest.mark.parametrize("label", ["x", "-1", "0.5"])
+def test_labels_that_are_not_class_indices_load_raw_and_fail_at_task_start(
+    tmp_path: Path, label: str
+) -> None:
+    p = tmp_path / "odd.csv"
+    p.write_text(f"a,label\n1,{label}\n2,0\n")
+    ds = load_csv(p)
+    assert ds.label_counts() == {label: 1, "0": 1}
+    with pytest.raises(DataError) as e:
+        check_dataset(ds, n_features=1, n_classes=2)
+    assert e.value.code == "labels" and repr(label) in e.value.detail
 
 
 def test_npz_roundtrip_and_errors(tmp_path: Path) -> None:

@@ -103,3 +103,26 @@ async def test_onnx_predict_matches_numpy_and_tampered_onnx_refused() -> None:
         mc2 = ModelClient(http, srv.base_url, public_key_hex=srv.public_key_hex)
         with pytest.raises(ModelVerifyError):
             await mc2.onnx("m", 0)
+
+
+async def test_pull_version_scores_the_version_asked_or_the_latest_when_gone(
+    tmp_path: Path,
+) -> None:
+    srv = _server()  # v0
+    srv.publish("m", SPEC, init_params(SPEC, seed=2))  # v1
+    srv.publish("m", SPEC, init_params(SPEC, seed=3))  # v2 = latest
+    async with srv.client() as http:
+        mc = ModelClient(http, srv.base_url, cache_dir=tmp_path, public_key_hex=srv.public_key_hex)
+        latest = await mc.pull("m")
+        v1 = await mc.pull_version("m", 1)
+        assert v1.manifest.version == 1
+        np.testing.assert_array_equal(v1.params, init_params(SPEC, seed=2))
+        assert "/v1/models/m/versions/1" in srv.requests
+        assert [p.stem for p in tmp_path.glob("*.bin")] == [latest.manifest.digest]  # kept
+        srv.drop_version("m", 0)
+        assert (await mc.pull_version("m", 0)).manifest.version == 2  # gone: the latest
+        assert (await mc.pull_version("m", -1)).manifest.version == 2
+        assert (await mc.pull_version("m", 99)).manifest.version == 2
+        srv.tamper_weights = True
+        with pytest.raises(ModelVerifyError):
+            await mc.pull_version("m", 1)  # same checks as every pull

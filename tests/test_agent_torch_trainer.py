@@ -20,10 +20,23 @@ pytest.importorskip("torch")  # the fedfleet[torch] extra
 SPECS = [
     ModelSpecMsg(family="softmax", n_features=64, n_classes=10),
     ModelSpecMsg(family="mlp", n_features=64, n_classes=10, hidden=16),
+    # standardisation inside the model: both trainers take raw features
+    ModelSpecMsg(
+        family="mlp",
+        n_features=64,
+        n_classes=10,
+        hidden=16,
+        input_mean=(0.3,) * 64,
+        input_std=(0.4,) * 64,
+    ),
 ]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.family)
+def _id(spec: ModelSpecMsg) -> str:
+    return spec.family + ("-standardized" if spec.input_mean else "")
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=_id)
 @pytest.mark.parametrize("mu", [0.0, 0.5])
 def test_autograd_gradient_equals_numpy_gradient(spec: ModelSpecMsg, mu: float) -> None:
     tr, _ = load_digits_split()
@@ -38,7 +51,7 @@ def test_autograd_gradient_equals_numpy_gradient(spec: ModelSpecMsg, mu: float) 
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.family)
+@pytest.mark.parametrize("spec", SPECS, ids=_id)
 @pytest.mark.parametrize("mu", [0.0, 0.3])
 def test_same_data_and_seed_give_the_numpy_update(spec: ModelSpecMsg, mu: float) -> None:
     tr, _ = load_digits_split()

@@ -41,6 +41,7 @@ def test_bad_flag_value_is_rejected() -> None:
 @pytest.mark.integration
 def test_detached_stack_up_status_down(tmp_path: Path) -> None:
     env = dict(os.environ, FEDFLEET_CACHE=str(tmp_path / "cache"))
+    env.pop("FEDFLEET_STACK_FILE", None)
     # Reuse the jars already fetched for this session instead of a second download.
     from stack.kafka import cache_root, kafka_version
 
@@ -51,16 +52,27 @@ def test_detached_stack_up_status_down(tmp_path: Path) -> None:
     up = fedfleet("stack", "up", "--detach", "--json", env=env, timeout=180)
     assert up.returncode == 0, up.stderr + up.stdout
     info = StackInfo.from_json(up.stdout.strip().splitlines()[-1])
+    stack_file = tmp_path / "cache" / "stack" / "stack.json"  # the default, under the cache
     try:
         assert info.pids and all(pid_alive(p) for p in info.pids)
         status = fedfleet("stack", "status", env=env)
         assert status.returncode == 0, status.stdout
+        recorded = json.loads(stack_file.read_text())
+        assert recorded["kafka_bootstrap"] == info.kafka_bootstrap and recorded["admin_token"]
+        assert recorded["coordinator_url"] == "http://127.0.0.1:8000"
+        exports = fedfleet("stack", "env", env=env)
+        assert exports.returncode == 0, exports.stderr
+        assert f"export FEDFLEET_AGG_KAFKA_BOOTSTRAP={info.kafka_bootstrap}" in exports.stdout
+        again = fedfleet("stack", "up", "--detach", env=env)
+        assert again.returncode == 2 and "already recorded" in again.stderr
     finally:
         down = fedfleet("stack", "down", env=env, timeout=60)
     assert down.returncode == 0, down.stdout + down.stderr
     assert json.loads(down.stdout.strip().splitlines()[-1])["left"] == []
     assert not any(pid_alive(p) for p in info.pids)
+    assert not stack_file.exists()
     assert fedfleet("stack", "status", env=env).returncode == 1
+    assert fedfleet("stack", "env", env=env).returncode == 1
 
 
 def test_demo_stop_rule_needs_versions_and_a_full_generation_of_updates() -> None:

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from coordinator.dispatcher import run_dispatcher
 from coordinator.kafka import ensure_topics, make_producer, start_consumer, stop_quietly
-from coordinator.link import FleetLink, MemoryFleetLink
+from coordinator.link import INGEST_LEAVES, FleetLink, MemoryFleetLink
 from coordinator.metrics import CoordinatorMetrics, counter_value
 from coordinator.mqtt_link import MqttFleetLink
 from coordinator.settings import CoordinatorSettings
@@ -131,8 +131,8 @@ async def test_ingest_topics_reach_the_handler_and_nothing_else(
         r.start_serving()
         await r.link.wait_ready(30)
         assert r.link.ready()
-        sent = [(f"fleet/{dev}/{leaf}", f"{leaf}-bytes".encode())
-                for leaf in ("telemetry", "status", "task_status", "update")]  # fmt: skip
+        sent = [(f"fleet/{dev}/{leaf}", f"{leaf}-bytes".encode()) for leaf in INGEST_LEAVES]
+        assert {"telemetry", "status", "task_status", "update", "report"} <= set(INGEST_LEAVES)
         for topic, payload in [(f"fleet/{dev}/other", b"x"), (f"fleet/{dev}/task", b"y")]:
             await r.devices.send(topic, payload)  # not ingest topics: never delivered
         for topic, payload in sent:
@@ -190,7 +190,8 @@ async def test_a_sent_task_reaches_its_device_once_and_a_past_lease_never(
     mem = MemoryFleetLink()
     serving = asyncio.create_task(mem.serve(lambda _t, _p: asyncio.sleep(0)))
     await mem.wait_ready(5)
-    s = CoordinatorSettings(kafka_bootstrap=stack.kafka_bootstrap, topic_prefix=unique_prefix)
+    s = CoordinatorSettings(kafka_bootstrap=stack.kafka_bootstrap, topic_prefix=unique_prefix,
+                            http_port=0)
     async with contextlib.AsyncExitStack() as ex:
         sink: TaskSink
         if kind == "memory":

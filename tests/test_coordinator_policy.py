@@ -117,7 +117,7 @@ def test_pace_never_outlasts_the_liveness_ttl() -> None:
     from coordinator.selector import PACE_TTL_SHARE
     from coordinator.settings import CoordinatorSettings
 
-    ttl = CoordinatorSettings().telemetry_ttl_s
+    ttl = CoordinatorSettings(http_port=0).telemetry_ttl_s
     cap = PACE_TTL_SHARE * ttl
     delays = [pace_delay(f"d{i}", 30.0, 270, 1.0, "s", max_s=cap) for i in range(300)]
     assert max(delays) <= cap < ttl

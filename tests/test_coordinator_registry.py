@@ -14,7 +14,7 @@ import zstandard
 
 from coordinator.errors import NotFound, RegistryError
 from coordinator.jobs import build_job
-from coordinator.registry import ModelRegistry
+from coordinator.registry import ModelRegistry, spec_tag
 from coordinator.signing import Signer, verify
 from schemas.messages import JobSpec, ModelSpecMsg, ShardVersion
 from schemas.modelspec import forward, init_params, num_params
@@ -150,4 +150,5 @@ def test_registry_onnx_is_cached_and_signed(reg: ModelRegistry) -> None:
     assert digest == hashlib.sha256(data).hexdigest()
     assert verify(reg.signer.public_hex, onnx_message("m", 0, digest), sig)
     assert reg.onnx(m)[0] == data
-    assert (reg.dir / "onnx" / f"{m.digest}.onnx").exists()
+    # cached per weights digest and spec (a standardize job's mean/std are in the graph)
+    assert (reg.dir / "onnx" / f"{m.digest}.{spec_tag(m.spec)}.onnx").exists()

@@ -35,5 +35,19 @@ def test_from_env_types_and_overrides() -> None:
 def test_defaults_follow_wire_contract() -> None:
     s = CoordinatorSettings()
     assert s.share_group == "coord" and s.jobs_topic == "fl.jobs"
-    assert s.http_host == "127.0.0.1" and s.http_port == 0
+    assert s.http_host == "127.0.0.1" and s.http_port == 8000
     assert s.replace(redis_prefix="k:").key_prefix == "k:"
+    assert CoordinatorSettings(http_port=0).http_port == 0  # 0 still picks a free port
+
+
+def test_agents_default_to_the_coordinators_default_port() -> None:
+    """One default address: an agent started without --api reaches a coordinator started
+    without --http-port (and so does `fedfleet job`)."""
+    from edge_agent.settings import AgentSettings
+    from fedfleet.job_client import Target
+    from stack.envfile import DEFAULT_COORDINATOR_URL
+
+    s = CoordinatorSettings()
+    url = f"http://{s.http_host}:{s.http_port}"
+    assert AgentSettings(device_id="d").api_url == url == DEFAULT_COORDINATOR_URL
+    assert Target().url == url

@@ -116,7 +116,7 @@ async def make_state(redis: Redis, tmp: Path, prefix: str) -> tuple[AppState, li
     settings = CoordinatorSettings(
         redis_prefix=prefix, admin_token="secret",
         model_store_dir=tmp / "models", signing_key_path=tmp / "key", max_shards=4,
-        telemetry_ttl_s=60.0, lease_s=30.0,
+        telemetry_ttl_s=60.0, lease_s=30.0, http_port=0,
     )  # fmt: skip
     signer = Signer.load_or_create(settings.signing_key_path)
     published: list[JobSpec] = []

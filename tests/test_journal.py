@@ -50,7 +50,8 @@ async def journals(kind: str, stack: Any, prefix: str) -> AsyncIterator[Opener]:
 
         yield open_memory
         return
-    s = CoordinatorSettings(kafka_bootstrap=stack.kafka_bootstrap, topic_prefix=prefix)
+    s = CoordinatorSettings(kafka_bootstrap=stack.kafka_bootstrap, topic_prefix=prefix,
+                            http_port=0)
     await ensure_topics(s)
 
     @contextlib.asynccontextmanager

@@ -93,6 +93,49 @@ def test_report_writes_files(tmp_path: Path) -> None:
     assert "hello" in (tmp_path / "summary.md").read_text()
 
 
+def test_accuracy_plot_takes_a_federated_series(tmp_path: Path) -> None:
+    held = {"fedasync": [(1.0, 0.5), (2.0, 0.7)], "fedavg": [(1.0, 0.4)]}
+    fed = {"fedasync": [(1.5, 0.55), (2.5, 0.72)], "fedavg": []}  # fedavg: none served
+    p = report.plot_accuracy(held, 0.8, tmp_path / "a.png", fed=fed)
+    assert p.is_file() and p.stat().st_size > 0
+    assert report.plot_accuracy(held, 0.8, tmp_path / "b.png").is_file()
+
+
+async def test_monitor_reads_the_latest_federated_evaluation_and_tolerates_its_absence() -> None:
+    import httpx
+
+    from edge_agent.data import Dataset
+    from sim.monitor import ModelMonitor, Snapshot, fed_text
+
+    answers: list[httpx.Response] = [
+        httpx.Response(404, json={"detail": "Not Found"}),
+        httpx.Response(200, text="not json"),
+        httpx.Response(200, json={"job_id": "j", "evaluations": [
+            {"version": 3, "accuracy": 0.7, "complete": True},
+            {"version": 5, "accuracy": 0.8, "loss": 0.4, "complete": True},
+            {"version": 6, "accuracy": None, "complete": False}],
+            "latest": {"version": 5, "accuracy": 0.8, "loss": 0.4}}),
+        httpx.Response(200, json={"latest": {"version": "x"}}),
+    ]
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        assert req.url.path == "/v1/jobs/j/metrics"
+        return answers.pop(0)
+
+    import numpy as np
+
+    test = Dataset(np.zeros((1, 2), np.float32), np.zeros(1, np.int64))
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://t") as h:
+        mon = ModelMonitor(h, "m", "j", test)
+        assert await mon.federated() is None  # no such route (yet)
+        assert await mon.federated() is None
+        assert await mon.federated() == {"version": 5, "accuracy": 0.8, "loss": 0.4}
+        assert mon.fed_by_version == {3: 0.7, 5: 0.8}
+        assert await mon.federated() is None  # a malformed answer: none, never a crash
+    assert fed_text(Snapshot()) == "fed=-"
+    assert fed_text(Snapshot(fed_accuracy=0.8125, fed_version=5)) == "fed=0.812@v5"
+
+
 # --------------------------------------------------------------------------- scenarios
 
 

@@ -1,4 +1,5 @@
-"""REST API (FastAPI): one router per resource — health, fleet, jobs, models.
+"""REST API (FastAPI): one router per resource — health, fleet, jobs (and their
+evaluations), models.
 
 The app is built by ``create_app(state)`` around already-open adapters (``AppState``);
 ``coordinator.service.Coordinator`` opens them in its lifespan (an ``AsyncExitStack``).
@@ -18,7 +19,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from coordinator.api import fleet, health, jobs, models
+from coordinator.api import evaluations, fleet, health, jobs, models, uploads
 from coordinator.api.state import AppState, app_state
 from coordinator.errors import JobError, NotFound
 
@@ -63,6 +64,8 @@ def create_app(state: AppState) -> FastAPI:
         return JSONResponse({"detail": f"store unavailable: {type(exc).__name__}"},
                             status_code=503, headers={"Retry-After": "2"})  # fmt: skip
 
-    for r in (health.router, fleet.router, jobs.router, models.router):
+    routers = (health.router, fleet.router, jobs.router, evaluations.router, models.router,
+               uploads.router)  # fmt: skip
+    for r in routers:
         app.include_router(r)
     return app

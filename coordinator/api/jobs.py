@@ -13,6 +13,7 @@ from coordinator.api.bodies import JOB_EXAMPLE, JOB_REQUEST, json_body
 from coordinator.api.common import R400, R401, R404, R409, R422, R503, admin
 from coordinator.api.state import AppState, app_state
 from coordinator.errors import CoordinatorError, NotFound
+from coordinator.evaluation import latest_complete
 from coordinator.jobs import Job, build_job, job_json
 from coordinator.kafka import group_members
 from coordinator.lifecycle import set_status
@@ -35,7 +36,8 @@ async def job_out(state: AppState, job: Job) -> dict[str, Any]:
             stats.setdefault("updates_applied", 0)
     except NotFound:
         pass
-    return job_json(job, stats, cur)
+    evs = [] if state.evals is None else await state.evals.evaluations(job.spec.job_id)
+    return job_json(job, stats, cur, latest_complete(evs))
 
 
 @router.post(

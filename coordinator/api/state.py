@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from coordinator.evalstore import EvalStore
 from coordinator.fleet import FleetStore
 from coordinator.jobs import JobStore
 from coordinator.jobstats import JobStatsStore
@@ -16,7 +17,7 @@ from coordinator.registry import ModelRegistry
 from coordinator.settings import CoordinatorSettings
 from coordinator.signing import Signer
 from coordinator.tasks import TaskStore
-from schemas.messages import JobSpec
+from schemas.messages import JobSpec, Update, UploadAck
 
 
 @dataclass
@@ -33,7 +34,12 @@ class AppState:
     ready: Callable[[], Awaitable[bool]] | None = None
     # the durable job record (the service passes its Kafka journal)
     journal: JobJournal = field(default_factory=MemoryJobJournal)
+    # federated evaluations (GET /v1/jobs/{id}/metrics, the job's ``federated``)
+    evals: EvalStore | None = None
     onnx_cache: dict[tuple[str, int, str], tuple[bytes, str, str]] = field(default_factory=dict)
+    # POST /v1/uploads: an upload whose ack is returned (the service passes
+    # ``coordinator.uploads.replying``); None: uploads only over MQTT
+    upload: Callable[[Update], Awaitable[UploadAck]] | None = None
 
 
 def app_state(request: Request) -> AppState:
