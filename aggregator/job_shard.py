@@ -25,8 +25,8 @@ from aggregator.strategies import (
     build_strategy,
 )
 from aggregator.strategies.base import Strategy
+from schemas.artifact import initial_params
 from schemas.messages import JobSpec, ShardUpdate, ShardVersion
-from schemas.modelspec import init_params
 from schemas.types import F32
 
 log = logging.getLogger("fedfleet.aggregator")
@@ -112,6 +112,7 @@ class JobShard:
         key: str = "",
         load_blob: BlobLoader | None = None,
         seen_window_s: float = 600.0,
+        artifact: bytes | None = None,
     ) -> None:
         self.job = job
         self.shard = shard
@@ -120,7 +121,8 @@ class JobShard:
         self.stop = job.shard_bounds[shard + 1]
         self.publish_every = publish_every
         self.cadence = Cadence(publish_every=publish_every, min_interval_s=min_publish_interval_s)
-        init = init_params(job.spec, job.init_seed)[self.start : self.stop]
+        # version 0: the built-in family's generator, or the onnx artifact's initializers
+        init = initial_params(job.spec, job.init_seed, artifact)[self.start : self.stop]
         opts = StrategyOptions(
             history_size=options.history_size,
             keep_every=0,  # history = exactly the announced versions (mark_published)

@@ -49,6 +49,10 @@ class AggregatorMetrics:
         self.checkpoints = Counter(
             "fedfleet_aggregator_checkpoints", "Checkpoints written", registry=r
         )
+        self.errors = Counter(
+            "fedfleet_aggregator_errors", "Recoverable errors, by kind (e.g. artifact)",
+            ["kind"], registry=r,
+        )  # fmt: skip
         self.checkpoint_seconds = Histogram(
             "fedfleet_aggregator_checkpoint_seconds",
             "Checkpoint serialise+write time",

@@ -90,6 +90,11 @@ class AggregatorSettings:
     def models_topic(self) -> str:
         return f"{self.topic_prefix}models"
 
+    @property
+    def artifacts_topic(self) -> str:
+        """Model artifacts (onnx jobs' graphs, chunked; ``aggregator.artifacts``)."""
+        return f"{self.topic_prefix}artifacts"
+
     def strategy_options(self) -> StrategyOptions:
         return StrategyOptions(
             history_size=self.history_size,

@@ -31,7 +31,7 @@ from aggregator.strategies import StrategyOptions, Update
 from aggregator.strategies.base import ChunkLike
 from schemas import codec
 from schemas.errors import SchemaError
-from schemas.messages import UPDATE_MAX_BYTES, JobSpec, ShardUpdate, decode
+from schemas.messages import UPDATE_MAX_BYTES, JobSpec, ModelSpecMsg, ShardUpdate, decode
 
 log = logging.getLogger("fedfleet.aggregator")
 
@@ -105,8 +105,10 @@ class PartitionState:
         min_publish_interval_s: float = 0.0,
         load_blob: BlobLoader | None = None,
         seen_window_s: float = 600.0,
+        artifact_of: Callable[[ModelSpecMsg], bytes | None] | None = None,
     ) -> None:
         self.topic = topic
+        self.artifact_of = artifact_of  # an onnx job's artifact (aggregator.artifacts)
         self.load_blob = load_blob  # reads base blobs from the checkpoint store
         self.seen_window_s = seen_window_s
         self.min_publish_interval_s = min_publish_interval_s
@@ -148,6 +150,7 @@ class PartitionState:
             key=self.key,
             load_blob=self.load_blob,
             seen_window_s=self.seen_window_s,
+            artifact=None if self.artifact_of is None else self.artifact_of(job.spec),
         )
         pending = self._pending.pop(job.job_id, None)
         if pending is not None:

@@ -33,8 +33,9 @@ from aiokafka.structs import OffsetAndMetadata
 
 from aggregator import checkpoint as ck
 from aggregator import clients
+from aggregator.artifacts import ArtifactCache
 from aggregator.checkpoint import CheckpointStore, FileCheckpointStore
-from aggregator.errors import CheckpointError, ConfigError, UpdateRejected
+from aggregator.errors import AggregatorError, CheckpointError, ConfigError, UpdateRejected
 from aggregator.job_shard import JobShard
 from aggregator.metrics import AggregatorMetrics
 from aggregator.settings import AggregatorSettings
@@ -84,6 +85,8 @@ class AggregatorWorker:
         self._jobs_consumer: AIOKafkaConsumer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._jobs_tp = TopicPartition(settings.jobs_topic, 0)
+        self.artifacts = ArtifactCache(settings.kafka_bootstrap, settings.artifacts_topic,
+                                       client_id=settings.client_id)  # fmt: skip
         self._started = False
         self._closed = False
         self._stop = asyncio.Event()
@@ -194,15 +197,15 @@ class AggregatorWorker:
         while await c.position(self._jobs_tp) < end:
             batch = await c.getmany(self._jobs_tp, timeout_ms=500)
             for rec in batch.get(self._jobs_tp, []):
-                self._on_job_record(rec.value)
+                await self._on_job_record(rec.value)
 
     async def _poll_jobs(self) -> None:
         assert self._jobs_consumer is not None
         batch = await self._jobs_consumer.getmany(self._jobs_tp, timeout_ms=0)
         for rec in batch.get(self._jobs_tp, []):
-            self._on_job_record(rec.value)
+            await self._on_job_record(rec.value)
 
-    def _on_job_record(self, value: bytes | None) -> None:
+    async def _on_job_record(self, value: bytes | None) -> None:
         if value is None:  # tombstone on the compacted topic
             return
         try:
@@ -211,9 +214,26 @@ class AggregatorWorker:
             log.warning("bad JobSpec on %s: %s", self.settings.jobs_topic, exc)
             self.metrics.rejected.labels(shard="", reason=f"job_{exc.reason}").inc()
             return
+        await self._ensure_artifact(job)
         self.jobs[job.job_id] = job
         for part in self.partitions.values():
             part.activate(job)
+
+    async def _ensure_artifact(self, job: JobSpec) -> None:
+        """An onnx job's artifact before its first update: its version 0 is the artifact's
+        initializers. The coordinator wrote it before the job, so a miss is Kafka being
+        slow: retried (this job's updates cannot be applied without it)."""
+        delay = 0.5
+        while True:
+            try:
+                await self.artifacts.ensure(job.spec)
+                return
+            except (AggregatorError, KafkaError, OSError) as exc:
+                self.metrics.errors.labels(kind="artifact").inc()
+                log.warning("job %s: no artifact yet (%s); retrying in %.1fs", job.job_id,
+                            exc, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     # ------------------------------------------------------------------ rebalance
 
@@ -247,6 +267,7 @@ class AggregatorWorker:
                     min_publish_interval_s=s.min_publish_interval_s,
                     load_blob=self.store.load,
                     seen_window_s=s.seen_window_s,
+                    artifact_of=self.artifacts.artifact_of,
                 )
                 blob = await asyncio.to_thread(self.store.load, part.key)
                 if blob is not None:

@@ -19,6 +19,12 @@ _CODE = re.compile(r"[a-z][a-z0-9_]{0,39}")
 FailJob = Callable[[str, str], Awaitable[None]]
 
 
+# reasons that say this device cannot train this job (its data, or an onnx job's model on
+# it: no PyTorch, a graph it cannot convert, a forward pass that differs from onnxruntime):
+# the device is held off the job, and a job that gets nothing but these fails
+DEVICE_CANNOT = ("data_", "model_mismatch", "model_unsupported", "trainer_unavailable")
+
+
 def abort_code(reason: str) -> str:
     """The counted code of an abort reason (``data_features: 5 features ...`` ->
     ``data_features``); anything else a device sends is ``other`` (bounded labels)."""
@@ -42,7 +48,7 @@ class AbortHandler:
         code = abort_code(reason)
         n = await self.stats.bump(job_id, f"aborts.{code}")
         self.metrics.task_aborts.labels(job=job_id, reason=code).inc()
-        if code.startswith("data_"):
+        if code.startswith(DEVICE_CANNOT):
             await self.fleet.hold(job_id, device_id, now + self.hold_s)
             if (self.fail_job is not None and n >= self.fail_after
                     and await self.stats.get(job_id, "updates_accepted") == 0):  # fmt: skip

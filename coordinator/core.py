@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from coordinator.aborts import AbortHandler, FailJob
+from coordinator.artifacts import ArtifactStore, MemoryArtifacts
 from coordinator.dispatcher import Publish
 from coordinator.errors import CoordinatorError, NotFound
 from coordinator.evalstore import EvalStore
@@ -73,6 +74,7 @@ class CoordinatorCore:
     router: Router
     evals: EvalStore
     side: SideTasks
+    artifacts: ArtifactStore
 
     async def shard_versions(self, job: Job | JobSpec) -> list[int] | None:
         return await shard_versions(self.registry, job)
@@ -119,6 +121,7 @@ def build_core(
     fail_job: FailJob | None = None,
     complete_job: Callable[[Job, str], Awaitable[None]] | None = None,
     write_spec: WriteSpec | None = None,
+    artifacts: ArtifactStore | None = None,
 ) -> CoordinatorCore:
     """Wire every part over ``redis`` (a ``decode_responses=True`` client the caller owns).
     ``producer`` takes accepted uploads (``fl.updates``), ``task_sink`` leased tasks;
@@ -126,9 +129,12 @@ def build_core(
     abort for one data reason (``coordinator.aborts``) or whose statistics phase found labels
     outside its classes; ``complete_job(job, reason)`` ends one whose stop condition held;
     ``write_spec(job_id, model_spec)`` records a standardize job's fixed input
-    standardisation (``coordinator.lifecycle.set_spec``)."""
+    standardisation (``coordinator.lifecycle.set_spec``); ``artifacts`` holds onnx jobs'
+    model artifacts (default: in memory)."""
     signer = Signer.load_or_create(s.signing_key_path)
-    registry = ModelRegistry(s.model_store_dir, signer, retention=s.retention)
+    artifacts = artifacts if artifacts is not None else MemoryArtifacts()
+    registry = ModelRegistry(s.model_store_dir, signer, retention=s.retention,
+                             artifacts=artifacts)  # fmt: skip
     fleet = FleetStore(redis, s.key_prefix, s.telemetry_ttl_s)
     tasks = TaskStore(redis, s.key_prefix)
     jobs = JobStore(redis, s.key_prefix)
@@ -144,10 +150,27 @@ def build_core(
     async def republish(spec: JobSpec) -> None:
         await asyncio.to_thread(registry.republish, spec)
 
+    async def final_version(job: Job) -> int | None:
+        """A completed job's pinned version (None: the pin is not this job's)."""
+        name = job.spec.model_name
+
+        def pinned() -> int | None:
+            v = registry.pinned(name)
+            if v is None:
+                return None
+            try:
+                ours = registry.manifest(name, v).job_id == job.spec.job_id
+            except NotFound:
+                return None
+            return v if ours else None
+
+        return await asyncio.to_thread(pinned)
+
     evals = EvalStore(redis, s.key_prefix)
     side = SideTasks(
         settings=s, fleet=fleet, tasks=tasks, evals=evals, stats=stats, task_sink=task_sink,
         metrics=metrics, write_spec=write_spec, republish=republish, fail_job=fail_job,
+        final_version=final_version,
     )  # fmt: skip
     selector = Selector(
         settings=s, fleet=fleet, tasks=tasks, jobs=jobs, rounds=rounds, stats=stats,
@@ -170,4 +193,5 @@ def build_core(
         settings=s, metrics=metrics, signer=signer, registry=registry, fleet=fleet,
         tasks=tasks, jobs=jobs, stats=stats, rounds=rounds, batcher=batcher,
         selector=selector, uploads=uploads, router=router, evals=evals, side=side,
+        artifacts=artifacts,
     )  # fmt: skip

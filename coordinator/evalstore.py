@@ -5,7 +5,9 @@ Keys (named in ``coordinator.keys``)::
 
     {p}evals:{{job}}          zset  evaluated version -> version (the index, oldest first)
     {p}eval:{{job}}:{v}       hash  opened_ts, asked, reports, examples, loss_sum, correct,
-                                    ce.{i}, cc.{i} (per class), closed_ts, complete
+                                    ce.{i}, cc.{i} (per class), closed_ts, complete,
+                                    final, need (a completed job's final evaluation)
+    {p}evaldev:{{job}}:{v}    set   devices that reported for version v (never asked again)
     {p}fedstats:{{job}}       hash  opened_ts, reports, rows, fsum.{i}, fsq.{i},
                                     label.{raw} (rows), labeldev.{raw} (devices), closed_ts
     {p}fedstatsdev:{{job}}    set   devices that reported statistics (never asked again)
@@ -14,7 +16,7 @@ A report is folded in one script (``_FOLD``): its task must be of the report's k
 still ``offered``/``accepted``/``expired``, and the aggregate open; the task becomes
 ``reported`` (one report per task: a re-sent one finds it so and is a duplicate), its side
 lease is dropped and the sums are added (``HINCRBY``/``HINCRBYFLOAT``). An evaluation
-closes in the same step once it has ``min_reports`` reports.
+closes in the same step once it has ``min_reports`` reports (a final evaluation: ``need``).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from coordinator.tasks import TaskRecord
 from schemas.messages import EvalReport, StatsReport
 
 # KEYS: task, side leases, aggregate hash, reporter set. ARGV: kind, now, min_reports (0: no
-# auto-close), device, add-to-set flag, number of integer pairs, then the integer
-# (field, increment) pairs, then the float pairs.
+# auto-close; an aggregate with ``need`` closes at that many), device, add-to-set flag,
+# number of integer pairs, then the integer (field, increment) pairs, then the float pairs.
 _FOLD = """
 local st = redis.call('HGET', KEYS[1], 'state')
 if not st then return 'UNKNOWN' end
@@ -58,7 +60,10 @@ while i + 1 <= #ARGV do
 end
 local n = redis.call('HINCRBY', KEYS[3], 'reports', 1)
 local closed = '0'
-if tonumber(ARGV[3]) > 0 and n >= tonumber(ARGV[3]) then
+local at = tonumber(ARGV[3])
+local need = redis.call('HGET', KEYS[3], 'need')
+if need and at > 0 then at = tonumber(need) end
+if at > 0 and n >= at then
   redis.call('HSET', KEYS[3], 'closed_ts', ARGV[2], 'complete', '1')
   closed = '1'
 end
@@ -103,7 +108,8 @@ def evaluation_from_hash(version: int, h: dict[str, str]) -> Evaluation:
         class_examples=tuple(int(h.get(f"ce.{i}") or 0) for i in range(n_classes)),
         class_correct=tuple(int(h.get(f"cc.{i}") or 0) for i in range(n_classes)),
         asked=int(h.get("asked") or 0), closed_ts=float(closed) if closed else None,
-        complete=h.get("complete") == "1",
+        complete=h.get("complete") == "1", final=h.get("final") == "1",
+        need=int(h.get("need") or 0),
     )  # fmt: skip
 
 
@@ -124,6 +130,25 @@ class EvalStore:
             return False
         await self._r.zadd(self._k.evals(job_id), {str(version): version})
         return True
+
+    async def open_final(self, job_id: str, version: int, need: int, now: float) -> bool:
+        """Make the evaluation of ``version`` the job's final one, waiting for ``need``
+        reports from ``now`` on: a new one, or the existing one of that version reopened
+        (its reports stay: same version; its reporters are not asked again). False if
+        the job already has its final evaluation."""
+        key = self._k.evaluation(job_id, version)
+        if await self._r.hget(key, "final") == "1":
+            return False
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hset(key, mapping={"opened_ts": repr(now), "final": "1", "need": str(need)})
+        pipe.hdel(key, "closed_ts", "complete")
+        pipe.zadd(self._k.evals(job_id), {str(version): version})
+        await pipe.execute()
+        return True
+
+    async def reporters(self, job_id: str, version: int) -> set[str]:
+        """Devices that reported for the evaluation of ``version``."""
+        return set(await self._r.smembers(self._k.eval_devices(job_id, version)))
 
     async def last_version(self, job_id: str) -> int | None:
         got = await self._r.zrange(self._k.evals(job_id), -1, -1)
@@ -155,8 +180,10 @@ class EvalStore:
         for i, (e, c) in enumerate(zip(r.class_examples, r.class_correct, strict=True)):
             ints += [f"ce.{i}", e, f"cc.{i}", c]
         floats: list[Any] = ["loss_sum", repr(float(r.loss_sum))]
-        return await self._run_fold(rec, "eval", self._k.evaluation(rec.job_id, rec.model_version),
-                                    ints, floats, min_reports, now, add_device=False)  # fmt: skip
+        jid, v = rec.job_id, rec.model_version
+        return await self._run_fold(rec, "eval", self._k.evaluation(jid, v), ints, floats,
+                                    min_reports, now, add_device=True,
+                                    devices=self._k.eval_devices(jid, v))  # fmt: skip
 
     # ------------------------------------------------------------------ statistics phase
     async def open_stats(self, job_id: str, now: float) -> None:
@@ -196,12 +223,12 @@ class EvalStore:
 
     async def _run_fold(
         self, rec: TaskRecord, kind: str, agg: str, ints: list[Any], floats: list[Any],
-        min_reports: int, now: float, *, add_device: bool,
+        min_reports: int, now: float, *, add_device: bool, devices: str = "",
     ) -> Folded:  # fmt: skip
         k = self._k
         res = await self._fold(
             keys=[k.task(rec.task_id), k.side_leases(rec.job_id), agg,
-                  k.fedstats_devices(rec.job_id)],
+                  devices or k.fedstats_devices(rec.job_id)],
             args=[kind, repr(now), min_reports, rec.device_id, "1" if add_device else "0",
                   len(ints) // 2, *ints, *floats],
         )  # fmt: skip

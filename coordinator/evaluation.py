@@ -35,6 +35,8 @@ class Evaluation:
     asked: int = 0  # eval tasks issued for it
     closed_ts: float | None = None
     complete: bool = False
+    final: bool = False  # the evaluation of a completed job's final (pinned) version
+    need: int = 0  # final: it closes once this many reported (or at its timeout)
 
     @property
     def loss(self) -> float | None:
@@ -51,7 +53,8 @@ class Evaluation:
             "loss": self.loss, "accuracy": self.accuracy,
             "class_examples": list(self.class_examples),
             "class_correct": list(self.class_correct),
-            "complete": self.complete, "opened_ts": self.opened_ts, "closed_ts": self.closed_ts,
+            "complete": self.complete, "final": self.final,
+            "opened_ts": self.opened_ts, "closed_ts": self.closed_ts,
         }  # fmt: skip
 
 
@@ -98,6 +101,20 @@ def should_open(
     return last is None or version - last >= every_versions
 
 
+def final_need(devices: int, final_devices: int, min_reports: int) -> int:
+    """How many reports a final evaluation waits for: ``final_devices`` (0: ``devices``),
+    never fewer than ``min_reports``."""
+    return max(final_devices or devices, min_reports)
+
+
+def final_of(evals: Sequence[Evaluation]) -> Evaluation | None:
+    """The final evaluation among ``evals`` (a completed job has at most one)."""
+    for ev in reversed(evals):
+        if ev.final:
+            return ev
+    return None
+
+
 def timed_out(ev: Evaluation, timeout_s: float, now: float) -> bool:
     return ev.closed_ts is None and now - ev.opened_ts >= timeout_s
 
@@ -105,6 +122,13 @@ def timed_out(ev: Evaluation, timeout_s: float, now: float) -> bool:
 def wanted(ev: Evaluation, devices: int) -> int:
     """How many more devices an open evaluation should ask."""
     return 0 if ev.closed_ts is not None else max(0, devices - ev.asked)
+
+
+def final_wanted(ev: Evaluation, outstanding: int) -> int:
+    """How many more devices an open final evaluation should ask: its ``need`` less the
+    reports it has and the tasks still out (a device whose task expired unreported is
+    replaced by another)."""
+    return 0 if ev.closed_ts is not None else max(0, ev.need - ev.reports - outstanding)
 
 
 def latest_complete(evals: Sequence[Evaluation]) -> Evaluation | None:

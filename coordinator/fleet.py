@@ -294,10 +294,16 @@ class FleetStore:
     async def _state(self, device_id: str) -> tuple[str, float, int, int, int]:
         return unpack_state(await self._r.hget(self._k.sels, device_id))
 
-    async def assign_task(self, device_id: str, task_id: str, now: float) -> None:
+    async def assign_task(
+        self, device_id: str, task_id: str, now: float, *, counts: bool = True
+    ) -> None:
+        """Mark the device busy with ``task_id``; ``counts``: the task counts toward the
+        device's tasks today (``daily_cap``; evaluation and statistics tasks do not)."""
         _, cool, contrib, today, day = await self._state(device_id)
         d = int(now // 86400)
-        today = today + 1 if day == d else 1
+        if day != d:
+            today, day = 0, d
+        today += 1 if counts else 0
         pipe = self._r.pipeline(transaction=False)
         pipe.hset(self._k.sels, device_id, pack_state(task_id, cool, contrib, today, d))
         pipe.hset(self._k.device(device_id), mapping={"last_task_ts": repr(now)})

@@ -23,7 +23,9 @@ async def issue_task(
         reissue_of=reissue_of, round_no=round_no, kind=task.task_kind,
         model_version=task.model_version,
     )  # fmt: skip
-    await fleet.assign_task(task.device_id, task.task_id, task.issued_ts)
+    # evaluation and statistics tasks do not count toward a device's daily_cap
+    await fleet.assign_task(task.device_id, task.task_id, task.issued_ts,
+                            counts=task.task_kind == "train")  # fmt: skip
     try:
         await sink.send(task)
     except Exception:

@@ -162,9 +162,10 @@ def _obj(v: Any, name: str) -> dict[str, Any]:
 
 def job_json(
     job: Job, stats: dict[str, int], current_version: int | None,
-    federated: Evaluation | None = None,
+    federated: Evaluation | None = None, final: Evaluation | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """The job as REST shows it; ``federated``: its newest complete evaluation."""
+    """The job as REST shows it; ``federated``: its newest complete evaluation;
+    ``final``: a completed job's evaluation of its final (pinned) version."""
     out: dict[str, Any] = msgspec.to_builtins(job.spec)
     out.pop("kind", None)
     out["eligibility"] = job.eligibility.to_dict()
@@ -197,12 +198,14 @@ def job_json(
     out["current_version"] = current_version
     out["phase"] = job_phase(job.spec)  # statistics | training | ended
     out["federated"] = None if federated is None else federated.to_json()
+    out["final_evaluation"] = None if final is None else final.to_json()
     return out
 
 
 class JobStore:
     """``{p}job:{{id}}`` hash (spec JSON, eligibility JSON, selection JSON, status, the
-    journal ``revision`` it was written at), ``{p}jobs`` zset."""
+    journal ``revision`` it was written at), ``{p}jobs`` zset, ``{p}ending`` set (ended
+    jobs not swept yet)."""
 
     def __init__(self, redis: Redis, prefix: str) -> None:
         self._r: Any = redis  # Redis, decode_responses=True (redis-py types bytes | str)
@@ -222,7 +225,21 @@ class JobStore:
             },
         )
         pipe.zadd(self._k.jobs, {job.spec.job_id: job.spec.created_ts})
+        if job.spec.status != "running":  # the selector sweeps what it leaves behind
+            pipe.sadd(self._k.ending, job.spec.job_id)
         await pipe.execute()
+
+    async def ending(self) -> list[str]:
+        """Ended jobs the selector has not swept yet (side tasks, open evaluations, a
+        completed job's final evaluation)."""
+        return sorted(await self._r.smembers(self._k.ending))
+
+    async def mark_ending(self, job_id: str) -> None:
+        """Have the selector sweep ``job_id`` (an ended job given a final evaluation)."""
+        await self._r.sadd(self._k.ending, job_id)
+
+    async def swept(self, job_id: str) -> None:
+        await self._r.srem(self._k.ending, job_id)
 
     async def exists(self, job_id: str) -> bool:
         return bool(await self._r.exists(self._k.job(job_id)))
@@ -266,3 +283,5 @@ class JobStore:
 
     async def set_status(self, job_id: str, status: str) -> None:
         await self._r.hset(self._k.job(job_id), "status", status)
+        if status != "running":
+            await self._r.sadd(self._k.ending, job_id)

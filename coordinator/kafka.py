@@ -96,7 +96,7 @@ async def group_members(s: CoordinatorSettings, group: str, timeout_s: float = 5
 
 
 async def ensure_topics(s: CoordinatorSettings) -> None:
-    """Create the five topics if missing (existing topics are left as they are)."""
+    """Create the six topics if missing (existing topics are left as they are)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, client_id=s.client_id)
     await admin.start()
     try:
@@ -109,6 +109,7 @@ async def ensure_topics(s: CoordinatorSettings) -> None:
                 s.updates_topic, s.max_shards, 1, topic_configs={"max.message.bytes": str(80 << 20)}
             ),
             NewTopic(s.models_topic, 1, 1, topic_configs={"max.message.bytes": str(80 << 20)}),
+            NewTopic(s.artifacts_topic, 1, 1, topic_configs={"cleanup.policy": "compact"}),
         ]
         todo = [t for t in wanted if t.name not in existing]
         if todo:

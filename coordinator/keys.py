@@ -23,6 +23,10 @@ hash to one slot::
     {p}sideleases:{{job}}   zset    TaskStore            active eval/stats task -> deadline
     {p}evals:{{job}}        zset    EvalStore            evaluated version -> version
     {p}eval:{{job}}:{v}     hash    EvalStore, report    sums of the evaluation of version v
+    {p}evaldev:{{job}}:{v}  set     EvalStore, report    devices that reported for version v
+    {p}ending               set     JobStore             ended jobs whose side tasks, open
+                                                         evaluations or final evaluation
+                                                         the selector still sweeps
     {p}fedstats:{{job}}     hash    StatsStore, report   sums of the statistics phase
     {p}fedstatsdev:{{job}}  set     StatsStore, report   devices that reported statistics
     {p}selector-lock        string  RedisLock            one selector pass at a time
@@ -114,6 +118,13 @@ class Keys:
 
     def evaluation(self, job_id: str, version: int) -> str:
         return f"{self.p}eval:{{{job_id}}}:{version}"
+
+    def eval_devices(self, job_id: str, version: int) -> str:
+        return f"{self.p}evaldev:{{{job_id}}}:{version}"
+
+    @property
+    def ending(self) -> str:
+        return f"{self.p}ending"
 
     def fedstats(self, job_id: str) -> str:
         return f"{self.p}fedstats:{{{job_id}}}"

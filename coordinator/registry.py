@@ -3,6 +3,7 @@
 Disk layout under ``model_store_dir``::
 
     blobs/{sha256}.f32              float32 little-endian weights (content-addressed)
+    artifacts/{sha256}.onnx         onnx jobs' base artifacts (``coordinator.artifacts``)
     onnx/{weights_sha256}.{spec}.onnx   ONNX artifact, built lazily and cached per weights
                                     digest and spec (``spec_tag``: a standardize job's
                                     input mean/std are part of the graph, not the weights)
@@ -27,12 +28,13 @@ import msgspec
 import numpy as np
 import zstandard
 
+from coordinator.artifacts import ArtifactStore, artifact_bytes
 from coordinator.errors import NotFound, RegistryError
 from coordinator.signing import Signer
+from schemas.artifact import export_version, initial_params
 from schemas.atomic import atomic_write, check_writable_dir
 from schemas.messages import JobSpec, ModelManifest, ModelSpecMsg, ShardVersion
-from schemas.modelspec import init_params, num_params
-from schemas.onnx_export import export
+from schemas.modelspec import num_params
 from schemas.signing import onnx_message, weights_message
 from schemas.types import F32
 
@@ -87,9 +89,11 @@ def assemble(state: JobSlices, bounds: list[int], sv: ShardVersion, params: F32)
 
 
 class ModelRegistry:
-    def __init__(self, store_dir: Path, signer: Signer, *, retention: int = 20) -> None:
+    def __init__(self, store_dir: Path, signer: Signer, *, retention: int = 20,
+                 artifacts: ArtifactStore | None = None) -> None:  # fmt: skip
         self.dir = Path(store_dir)
         self.signer = signer
+        self.artifacts = artifacts  # onnx jobs' base artifacts (their local cache)
         self.retention = max(1, retention)
         self._jobs: dict[str, JobSlices] = {}
         self._manifests: dict[tuple[str, int], ModelManifest] = {}
@@ -175,7 +179,8 @@ class ModelRegistry:
             data = path.read_bytes()
         except FileNotFoundError:
             flat = np.frombuffer(self.weights(m), dtype="<f4").astype(np.float32)
-            data = export(m.spec, flat, name=m.model_name)
+            # one path for every family: the job's base artifact with this version's weights
+            data = export_version(artifact_bytes(m.spec, 0, self.artifacts), m.spec, flat)
             atomic_write(path, data)
         digest = hashlib.sha256(data).hexdigest()
         sig = self.signer.sign(onnx_message(m.model_name, m.version, digest))
@@ -210,11 +215,17 @@ class ModelRegistry:
     def create_initial(self, job: JobSpec) -> ModelManifest:
         """Version for a new job: ``init_params`` with every shard at version 0."""
         with self._lock:
-            state = JobSlices(
-                init_params(job.spec, job.init_seed), [0] * (len(job.shard_bounds) - 1)
-            )
+            state = JobSlices(self.initial(job), [0] * (len(job.shard_bounds) - 1))
             self._jobs[job.job_id] = state
             return self._publish(job, state)
+
+    def initial(self, job: JobSpec) -> F32:
+        """Version 0's weights: the built-in family's generator, or the initializers of the
+        job's ONNX artifact (``NotFound`` while it is not in the local artifact cache)."""
+        data = None
+        if job.spec.family == "onnx":
+            data = artifact_bytes(job.spec, job.init_seed, self.artifacts)
+        return initial_params(job.spec, job.init_seed, data)
 
     def republish(self, job: JobSpec) -> ModelManifest:
         """A new version of ``job`` with its current weights and ``job.spec`` (the spec
@@ -234,7 +245,7 @@ class ModelRegistry:
                 st = JobSlices(flat.copy(), list(m.shard_versions))
                 break
         else:
-            st = JobSlices(init_params(job.spec, job.init_seed), [0] * (len(job.shard_bounds) - 1))
+            st = JobSlices(self.initial(job), [0] * (len(job.shard_bounds) - 1))
         self._jobs[job.job_id] = st
         return st
 

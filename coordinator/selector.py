@@ -30,6 +30,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 
+from coordinator.errors import NotFound
 from coordinator.fleet import FleetStore
 from coordinator.issuing import issue_task
 from coordinator.jobs import Job, JobStore
@@ -202,6 +203,7 @@ class Selector:
         jobs = await self.jobs.running()
         issued: dict[str, list[Task]] = {}
         taken: set[str] = set()
+        await self._sweep_ended(now, taken)
         waiting: dict[str, None] = {}
         active_total = 0
         pacing = self.s.pace_enabled and self.publish is not None
@@ -252,10 +254,22 @@ class Selector:
         reason = stop_reason(job.stop, applied, job.spec.created_ts, now, accs)
         if reason is None:
             return False
-        await self.on_complete(job, reason)
-        if self.side is not None:
-            await self.side.end(job, now)  # open evaluations close, side tasks expire
+        await self.on_complete(job, reason)  # the next pass sweeps it (final evaluation)
         return True
+
+    async def _sweep_ended(self, now: float, taken: set[str]) -> None:
+        """Ended jobs (``JobStore.ending``): close their open evaluations, expire their side
+        tasks, run a completed job's final evaluation (``SideTasks.after_end``)."""
+        for jid in await self.jobs.ending():
+            try:
+                job = await self.jobs.get(jid)
+            except NotFound:
+                await self.jobs.swept(jid)
+                continue
+            if job.spec.status == "running" or self.side is None:
+                await self.jobs.swept(jid)
+            elif await self.side.after_end(job, now, taken):
+                await self.jobs.swept(jid)
 
     async def _versions(self, job: Job) -> list[int] | None:
         if self.latest_versions is None:

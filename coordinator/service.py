@@ -33,6 +33,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from coordinator.api import AppState, create_app
+from coordinator.artifacts import DiskCache, KafkaArtifacts
 from coordinator.core import build_core
 from coordinator.dispatcher import run_dispatcher
 from coordinator.errors import CoordinatorError
@@ -154,10 +155,14 @@ class Coordinator:
         self.journal = KafkaJobJournal(s, self.producer)
         await self.journal.start()
         stack.push_async_callback(self.journal.stop)
+        # onnx jobs' artifacts: durable on Kafka, cached next to the model store
+        self.artifacts = KafkaArtifacts(s.kafka_bootstrap, s.artifacts_topic,
+                                        DiskCache(s.model_store_dir / "artifacts"),
+                                        self.producer, client_id=s.client_id)  # fmt: skip
         core = build_core(s, self.redis, metrics=self.metrics, producer=self.producer,
                           task_sink=sink, publish=self.publish, fail_job=self.fail_job,
-                          complete_job=self.complete_job,
-                          write_spec=self.write_spec)  # fmt: skip
+                          complete_job=self.complete_job, write_spec=self.write_spec,
+                          artifacts=self.artifacts)  # fmt: skip
         self.core = core
         self.signer, self.registry, self.fleet, self.tasks = (
             core.signer, core.registry, core.fleet, core.tasks)  # fmt: skip
@@ -166,6 +171,7 @@ class Coordinator:
         self.selector, self.uploads, self.router = core.selector, core.uploads, core.router
         await journal_unrecorded_jobs(self.journal, self.jobs)
         await restore_lost_jobs(self.journal, self.jobs, self.metrics)
+        await self._fetch_artifacts()
 
         self._spawn("telemetry", self.batcher.run)
         self._spawn("mqtt", lambda: self.link.serve(self._on_message))
@@ -188,6 +194,7 @@ class Coordinator:
             registry=self.registry, signer=self.signer, metrics=self.metrics,
             publish_job=self.publish_job, ready=self._ready, journal=self.journal,
             evals=core.evals, upload=replying(core.uploads, self._upload_slots),
+            artifacts=self.artifacts,
         )  # fmt: skip
         self.app = create_app(self.app_state)
         config = uvicorn.Config(
@@ -249,6 +256,20 @@ class Coordinator:
     async def publish(self, topic: str, payload: bytes, qos: int) -> None:
         """Publish to a device over the link (waits up to 10 s for a lost session)."""
         await self.link.publish(topic, payload, qos)
+
+    async def _fetch_artifacts(self) -> None:
+        """Every recorded onnx job's artifact into the local cache (a fresh coordinator,
+        or one whose disk was lost, reads them from Kafka): its registry builds version 0
+        and every export from it."""
+        for _, job in self.journal.latest().values():
+            if job.spec.spec.family != "onnx":
+                continue
+            try:
+                await self.artifacts.get(job.spec.spec.artifact)
+            except Exception:
+                self.metrics.errors.labels(loop="artifacts").inc()
+                log.warning("job %s: artifact %s not readable", job.spec.job_id,
+                            job.spec.spec.artifact, exc_info=True)  # fmt: skip
 
     async def fail_job(self, job_id: str, reason: str) -> None:
         """End a running job with ``reason`` (journal, Redis, ``fl.jobs``)."""

@@ -70,6 +70,12 @@ class CoordinatorSettings:
     # device there was to ask), or stats_timeout_s after it opened with at least one report
     stats_min_reports: int = 100  # enough devices for fleet-wide mean/std (non-IID)
     stats_timeout_s: float = 120.0
+    # a completed job's final evaluation closes early, once no task of it is out and no
+    # eligible device is left to ask, but not before this long (in-flight training tasks
+    # free their devices first); at the latest at the job's evaluation.timeout_s
+    final_grace_s: float = 15.0
+    # POST /v1/artifacts: the largest ONNX file taken (the parameter cap is max_params)
+    max_artifact_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
         for name in ("kafka_bootstrap", "mqtt_host", "redis_url", "http_host", "topic_prefix",
@@ -82,13 +88,13 @@ class CoordinatorSettings:
               f"{self.redis_url!r} is not a redis:// URL")  # fmt: skip
         for name in ("selection_tick_s", "lease_s", "telemetry_ttl_s", "pace_retry_s",
                      "telemetry_flush_s", "recovery_check_s", "data_hold_s",
-                     "stats_timeout_s"):  # fmt: skip
+                     "stats_timeout_s", "final_grace_s"):  # fmt: skip
             v = getattr(self, name)
             check(v > 0, name, f"must be > 0, got {v}")
         for name in ("pace_max_per_tick", "pace_per_pass", "candidate_factor",
                      "task_partitions", "max_shards", "max_params", "telemetry_batch",
                      "upload_concurrency", "retention", "fail_after_aborts",
-                     "stats_min_reports"):  # fmt: skip
+                     "stats_min_reports", "max_artifact_bytes"):  # fmt: skip
             v = getattr(self, name)
             check(v >= 1, name, f"must be >= 1, got {v}")
         check(bool(self.admin_token), "admin_token", "must not be empty")
@@ -114,6 +120,11 @@ class CoordinatorSettings:
     @property
     def models_topic(self) -> str:
         return f"{self.topic_prefix}models"
+
+    @property
+    def artifacts_topic(self) -> str:
+        """Model artifacts (onnx jobs' graphs, chunked; ``coordinator.artifacts``)."""
+        return f"{self.topic_prefix}artifacts"
 
     @property
     def key_prefix(self) -> str:

@@ -14,6 +14,12 @@
   version worth evaluating) asks up to ``evaluation.devices`` eligible idle devices, and
   closes at ``evaluation.timeout_s`` with what it has. Returns True: the job trains.
 
+``SideTasks.after_end(job, now, taken)`` sweeps an ended job (``JobStore.ending``): its
+open evaluations close and its side tasks expire; a ``completed`` job's final (pinned)
+version is evaluated first, on up to ``evaluation.final_devices`` devices, each asked once
+(``final_need``); it closes once that many reported, at ``timeout_s``, or once nothing is
+out and no eligible device is left (not before ``final_grace_s``).
+
 Side tasks lease in ``{p}sideleases:{{job}}``: they take no training slot, but the device is
 busy (``FleetStore.assign_task``) until it reports, declines, aborts or the task expires.
 """
@@ -30,6 +36,9 @@ from coordinator.evalstore import EvalStore
 from coordinator.evaluation import (
     Evaluation,
     complete_accuracies,
+    final_need,
+    final_of,
+    final_wanted,
     should_open,
     timed_out,
     wanted,
@@ -52,6 +61,7 @@ OPEN_WINDOW = 8  # evaluations read per pass to find the open ones (older ones t
 WriteSpec = Callable[[str, ModelSpecMsg], Awaitable[None]]
 Republish = Callable[[JobSpec], Awaitable[None]]
 FailJob = Callable[[str, str], Awaitable[None]]
+FinalVersion = Callable[[Job], Awaitable[int | None]]
 
 
 def set_fed_gauges(metrics: CoordinatorMetrics, job_id: str, ev: Evaluation | None) -> None:
@@ -66,6 +76,7 @@ class SideTasks:
         evals: EvalStore, stats: JobStatsStore, task_sink: TaskSink,
         metrics: CoordinatorMetrics, write_spec: WriteSpec | None = None,
         republish: Republish | None = None, fail_job: FailJob | None = None,
+        final_version: FinalVersion | None = None,
     ) -> None:  # fmt: skip
         self.s = settings
         self.fleet = fleet
@@ -77,6 +88,7 @@ class SideTasks:
         self.write_spec = write_spec
         self.republish = republish
         self.fail_job = fail_job
+        self.final_version = final_version  # a completed job's pinned version
 
     # ------------------------------------------------------------------ hooks
     async def on_version(self, job: Job, version: int, shard_versions: Sequence[int],
@@ -101,6 +113,51 @@ class SideTasks:
                 await self._close(job, ev.version, now)
         for task_id, _ in await self.tasks.side_leased(jid):
             await self._expire(jid, task_id, now, "job_ended")
+
+    async def after_end(self, job: Job, now: float, taken: set[str]) -> bool:
+        """One sweep of an ended ``job``; True once nothing of it is left to do."""
+        jid, cfg = job.spec.job_id, job.spec.evaluation
+        evs = await self.evals.evaluations(jid, OPEN_WINDOW)
+        fin = final_of(evs)
+        if fin is None and job.spec.status == "completed" and cfg.devices > 0:
+            v = None if self.final_version is None else await self.final_version(job)
+            need = final_need(cfg.devices, cfg.final_devices, cfg.min_reports)
+            if v is not None and await self.evals.open_final(jid, v, need, now):
+                log.info("job %s: final evaluation of version %d on up to %d devices",
+                         jid, v, need)  # fmt: skip
+                evs = await self.evals.evaluations(jid, OPEN_WINDOW)
+                fin = final_of(evs)
+        live = fin if fin is not None and fin.closed_ts is None else None
+        for ev in evs:
+            if ev.closed_ts is None and ev is not live:
+                await self._close(job, ev.version, now)
+        outstanding = 0
+        for task_id, deadline in await self.tasks.side_leased(jid):
+            rec = await self.tasks.get(task_id)
+            if rec is None:
+                await self.tasks.drop_lease(jid, task_id, "eval")
+            elif (live is not None and rec.kind == "eval" and rec.model_version == live.version
+                  and deadline > now):  # fmt: skip
+                outstanding += 1
+                taken.add(rec.device_id)
+            else:
+                await self._expire(jid, task_id, now, "job_ended", rec)
+        if live is None:
+            return True
+        if timed_out(live, cfg.timeout_s, now) or live.reports >= live.need:
+            await self._close(job, live.version, now)
+            return False  # the next sweep expires what is still out
+        n = 0
+        if want := final_wanted(live, outstanding):
+            skip = await self.evals.reporters(jid, live.version)
+            n = await self._ask(job, "eval", want, now, taken, version=live.version, skip=skip,
+                                deadline=min(now + self.s.lease_s,
+                                             live.opened_ts + cfg.timeout_s))  # fmt: skip
+            if n:
+                await self.evals.asked(jid, live.version, n)
+        if not n and not outstanding and now - live.opened_ts >= self.s.final_grace_s:
+            await self._close(job, live.version, now)  # nobody left to ask
+        return False
 
     # ------------------------------------------------------------------ the pass
     async def run(self, job: Job, now: float, taken: set[str]) -> bool:

@@ -31,7 +31,7 @@ import numpy.typing as npt
 
 from edge_agent.crash import CrashPoints
 from edge_agent.data import Dataset, data_abort_reason
-from edge_agent.errors import Aborted, AgentError, DataError, NoModelError
+from edge_agent.errors import Aborted, AgentError, DataError, NoModelError, TrainerUnavailable
 from edge_agent.evaluation import build_report, publish_until
 from edge_agent.execution import Encoded, check, train_and_encode
 from edge_agent.gate import gate_reason
@@ -40,12 +40,13 @@ from edge_agent.link import DeviceLink, LinkCallbacks, LinkConfig, Message
 from edge_agent.model_cache import ModelCache, ModelStore
 from edge_agent.models import VerifiedModel
 from edge_agent.mqtt_link import MqttLink
+from edge_agent.onnx_trainer import OnnxTorchTrainer
 from edge_agent.outbox import FileOutbox, MemoryOutbox, Outbox
 from edge_agent.pacing import ComputePacer, RealCompute
 from edge_agent.probe import DeviceProbe, ProbeReading
 from edge_agent.settings import AgentSettings
 from edge_agent.stats import AgentStats
-from edge_agent.trainer_factory import make_trainer
+from edge_agent.trainer_factory import ArtifactTrainer, make_trainer
 from edge_agent.trainers import Trainer
 from edge_agent.uploader import HttpUploads, Uploader
 from schemas.aio import cancel_all
@@ -147,6 +148,7 @@ class EdgeAgent:
         # this reason, so the coordinator shows it (a device with no usable data is visible)
         self.data_problem = data_problem
         self.trainer: Trainer = trainer or make_trainer(settings.trainer)
+        self._onnx_trainer: OnnxTorchTrainer | None = None  # onnx jobs (built on first use)
         self.stats = AgentStats()
         self._http = http
         self._owns_http = http is None
@@ -443,7 +445,7 @@ class EdgeAgent:
             task,
             model,
             start,
-            trainer=self.trainer,
+            trainer=self._trainer_for(model),
             dataset=self.split.train,
             probe=self.probe,
             settings=self.settings,
@@ -495,6 +497,19 @@ class EdgeAgent:
             self._bg.add(t)
             t.add_done_callback(self._bg.discard)
         return model
+
+    def _trainer_for(self, model: VerifiedModel) -> Trainer:
+        """The built-in trainer, or PyTorch on the job's artifact for an ``onnx`` job."""
+        if model.manifest.spec.family != "onnx":
+            return self.trainer
+        if model.artifact is None:
+            raise Aborted("model_artifact")
+        if self._onnx_trainer is None:
+            try:
+                self._onnx_trainer = OnnxTorchTrainer()
+            except TrainerUnavailable as exc:  # no PyTorch on this device
+                raise Aborted(f"trainer_unavailable:{exc.reason}") from None
+        return ArtifactTrainer(self._onnx_trainer, model.artifact)
 
     def _model_failed(self, exc: AgentError) -> Aborted:
         """Count a failed model pull; the abort it means for a task."""

@@ -13,6 +13,7 @@ error-feedback residual.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import numpy.typing as npt
 from edge_agent.data import Dataset, check_dataset, check_features, data_abort_reason
 from edge_agent.errors import Aborted, DataError
 from edge_agent.holdout import Split
+from edge_agent.inference import logits_fn
 from edge_agent.labels import MAX_LABEL_CHARS
 from edge_agent.link import DeviceLink
 from edge_agent.model_cache import ModelStore, manifest_for_stats, pull_for_eval
@@ -46,18 +48,21 @@ class EvalCounts:
     class_correct: list[int] = field(default_factory=list)
 
 
-def score(spec: ModelSpecMsg, params: F32, x: F32, y: npt.NDArray[np.int64]) -> EvalCounts:
+def score(spec: ModelSpecMsg, params: F32, x: F32, y: npt.NDArray[np.int64], *,
+          logits: Callable[[F32], F32] | None = None) -> EvalCounts:  # fmt: skip
     """Score the model on raw features ``x`` with class indices ``y``: sum of per-row
     natural-log cross-entropy (log-sum-exp in float64), rows predicted right (argmax, ties
-    to the lowest class), and both per true class."""
+    to the lowest class), and both per true class. ``logits``: the model's forward pass
+    (default: the numpy reference of a built-in family)."""
     k = spec.n_classes
+    run = logits if logits is not None else functools.partial(forward, spec, params)
     loss, correct = 0.0, 0
     class_examples = np.bincount(y, minlength=k)[:k] if y.size else np.zeros(k, np.int64)
     class_correct = np.zeros(k, np.int64)
     for a in range(0, len(y), _CHUNK):
         yb = y[a : a + _CHUNK]
         with np.errstate(over="ignore", invalid="ignore"):  # a diverged model: checked below
-            z = forward(spec, params, x[a : a + _CHUNK]).astype(np.float64)
+            z = run(x[a : a + _CHUNK]).astype(np.float64)
             pred = z.argmax(axis=1)
             z -= z.max(axis=1, keepdims=True)
             lse = np.log(np.exp(z).sum(axis=1))
@@ -103,7 +108,8 @@ def eval_report(task: Task, model: VerifiedModel, holdout: Dataset, device_id: s
     else:
         rows = check_dataset(holdout, n_features=spec.n_features, n_classes=spec.n_classes,
                              labels=spec.labels)  # fmt: skip
-        counts = score(spec, model.params, rows.x, rows.y)
+        logits = logits_fn(spec, model.params, model.artifact)
+        counts = score(spec, model.params, rows.x, rows.y, logits=logits)
     return EvalReport(
         task_id=task.task_id,
         job_id=task.job_id,

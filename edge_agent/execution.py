@@ -21,6 +21,7 @@ from edge_agent.models import VerifiedModel
 from edge_agent.pacing import ComputePacer
 from edge_agent.probe import DeviceProbe, ProbeReading
 from edge_agent.settings import AgentSettings
+from edge_agent.torch_models import ModelMismatch
 from edge_agent.trainers import Trainer, TrainRun
 from schemas.codec import encode_update
 from schemas.messages import Task, Update, UpdateChunk
@@ -90,6 +91,8 @@ async def train_and_encode(
             run = trainer.start(spec, model.params, rows.x, rows.y, task.train, seed=seed)
         except ValueError as exc:
             raise Aborted(f"data:{exc}"[:120]) from None
+        except ModelMismatch as exc:  # an onnx job's module is not its graph on this device
+            raise Aborted(exc.reason) from None
         while not _step(run, settings.batches_per_step):
             if crash is not None:
                 crash.hit("during_training")

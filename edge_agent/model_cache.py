@@ -18,11 +18,10 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_agent.errors import NoModelError
-from edge_agent.inference import OnnxModel
+from edge_agent.inference import OnnxModel, logits_fn
 from edge_agent.models import ModelClient, VerifiedModel
 from edge_agent.settings import AgentSettings
 from schemas.messages import ModelManifest
-from schemas.modelspec import forward
 from schemas.types import F32
 
 
@@ -123,5 +122,6 @@ class ModelCache:
         if self.onnx is not None:
             return self.onnx.run(arr)
         if self.model is not None:
-            return forward(self.model.manifest.spec, self.model.params, arr)
+            m = self.model
+            return logits_fn(m.manifest.spec, m.params, m.artifact)(arr)
         raise NoModelError("no_model", "no verified model loaded yet")

@@ -36,10 +36,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class VerifiedModel:
-    """A manifest and its verified (read-only) flat parameters."""
+    """A manifest and its verified (read-only) flat parameters; for an ``onnx`` job also
+    its base artifact (the normalised ONNX graph, sha256 = ``manifest.spec.artifact``)."""
 
     manifest: ModelManifest
     params: F32
+    artifact: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +124,7 @@ class ModelClient:
         self._max = max_bytes
         self._mem: dict[str, bytes] = {}  # digest -> bytes (memory mode; last 2 kept)
         self._onnx: VerifiedOnnx | None = None
+        self._artifacts: dict[str, bytes] = {}  # digest -> an onnx job's base artifact
         self.cache_hits = 0
         self.downloads = 0
         if cache_dir is not None:
@@ -237,9 +240,41 @@ class ModelClient:
             self._store(digest, resp.content)
         return params
 
+    async def artifact(self, digest: str) -> bytes:
+        """An onnx job's base artifact (``GET /v1/artifacts/{digest}``), used only once its
+        sha256 is ``digest`` (the one the manifest's spec names; the manifest itself is not
+        signed, only the weights: see docs/models.md); cached by digest (immutable), on disk
+        next to the weights or in memory."""
+        name = f"artifact-{digest.removeprefix('sha256:')}.onnx"
+        hit = self._artifacts.get(digest)
+        if hit is None and self._dir is not None:
+            try:
+                hit = (self._dir / name).read_bytes()
+            except OSError:
+                hit = None
+        if hit is not None and "sha256:" + hashlib.sha256(hit).hexdigest() == digest:
+            self._artifacts = {digest: hit}
+            return hit
+        resp = await self._get(f"/v1/artifacts/{digest}")
+        got = "sha256:" + hashlib.sha256(resp.content).hexdigest()
+        if got != digest:
+            raise ModelVerifyError("digest", f"artifact sha256 {got} != {digest}")
+        if self._dir is not None:
+            for old in self._dir.glob("artifact-*.onnx"):
+                if old.name != name:
+                    old.unlink(missing_ok=True)
+            atomic_write(self._dir / name, resp.content)
+        self._artifacts = {digest: resp.content}
+        return resp.content
+
+    async def _with_artifact(self, manifest: ModelManifest, params: F32) -> VerifiedModel:
+        spec = manifest.spec
+        art = await self.artifact(spec.artifact) if spec.family == "onnx" else None
+        return VerifiedModel(manifest, params, art)
+
     async def pull(self, name: str) -> VerifiedModel:
         manifest = await self.latest_manifest(name)
-        return VerifiedModel(manifest, await self.weights(manifest))
+        return await self._with_artifact(manifest, await self.weights(manifest))
 
     async def pull_version(self, name: str, version: int) -> VerifiedModel:
         """Published ``version`` of ``name``, verified like ``pull``; the latest when
@@ -248,7 +283,8 @@ class ModelClient:
         if version >= 0:
             try:
                 manifest = await self.version_manifest(name, version)
-                return VerifiedModel(manifest, await self.weights(manifest, keep=False))
+                params = await self.weights(manifest, keep=False)
+                return await self._with_artifact(manifest, params)
             except ModelGone:
                 log.info("model %s v%d is gone; scoring the latest", name, version)
         return await self.pull(name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import secrets
 import shutil
@@ -24,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from fedfleet.demo_tasks import DEFAULTS, TASKS, DemoTask, central_reference, load_task
 from fedfleet.stack_cli import add_server_flags, settings_from
 from sim.monitor import ModelMonitor, ProgressView
 from stack import LocalStack, StackInfo
@@ -51,21 +53,33 @@ class DemoSettings:
     stable_versions: int = 3  # consecutive new versions at/above target (see stable())
     out_dir: Path = field(default_factory=lambda: Path("runs") / "demo")
     as_json: bool = False
+    task: str = "digits"  # fedfleet.demo_tasks
+    publish_every: int = 1
+    eval_every: int = 20
+    eval_devices: int = 0  # 0: half the fleet, at most 100
+    final_devices: int = 0  # 0: every device
+    central_epochs: int = 0  # mnist1d: the centrally trained reference (0: none)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="train one job end to end on real servers")
     add_server_flags(p)
     d = DemoSettings()
-    p.add_argument("--devices", type=int, default=d.devices)
+    p.add_argument("--task", choices=TASKS, default="digits",
+                   help="digits: built-in softmax on 8x8 digits; mnist1d: a PyTorch 1D "
+                        "CNN (your own model) on MNIST-1D, 1,000 devices")  # fmt: skip
+    # None: the task's default (fedfleet.demo_tasks.DEFAULTS), else DemoSettings'
+    p.add_argument("--devices", type=int, help=f"default {d.devices} (mnist1d: 1000)")
     p.add_argument("--shards", type=int, default=d.shards)
     p.add_argument("--aggregators", type=int, default=d.aggregators)
-    p.add_argument("--target-accuracy", type=float, default=d.target_accuracy)
-    p.add_argument("--time-budget", type=float, default=d.time_budget_s, help="seconds")
-    p.add_argument("--concurrency", type=int, default=d.concurrency)
-    p.add_argument("--alpha", type=float, default=d.alpha, help="FedAsync mixing α")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--local-epochs", type=int, default=d.local_epochs)
+    p.add_argument("--target-accuracy", type=float, help=f"default {d.target_accuracy}")
+    p.add_argument("--time-budget", type=float, dest="time_budget_s",
+                   help=f"seconds (default {d.time_budget_s:g}; mnist1d: 1200)")  # fmt: skip
+    p.add_argument("--concurrency", type=int, help=f"default {d.concurrency} (mnist1d: 10)")
+    p.add_argument("--alpha", type=float, help=f"FedAsync mixing α (default {d.alpha})")
+    p.add_argument("--lr", type=float, help=f"default {d.lr} (mnist1d: Adam, 2e-3)")
+    p.add_argument("--local-epochs", type=int, help=f"default {d.local_epochs} (mnist1d: 3)")
+    p.add_argument("--batch-size", type=int, help=f"default {d.batch_size} (mnist1d: 16)")
     p.add_argument("--topk", type=float, default=d.topk, help="top-k fraction (0 = dense)")
     p.add_argument("--quant", choices=("none", "fp16", "int8"), default=d.quant)
     p.add_argument("--time-scale", type=float, default=d.time_scale)
@@ -75,14 +89,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    settings = DemoSettings(
-        devices=args.devices, shards=args.shards, aggregators=args.aggregators,
-        target_accuracy=args.target_accuracy, time_budget_s=args.time_budget,
-        concurrency=args.concurrency, alpha=args.alpha, lr=args.lr,
-        local_epochs=args.local_epochs, topk=args.topk, quant=args.quant,
+def settings_of(args: argparse.Namespace) -> DemoSettings:
+    """The flags over the task's defaults over ``DemoSettings``'."""
+    values: dict[str, Any] = dict(DEFAULTS.get(args.task, {}))
+    for name in ("devices", "target_accuracy", "time_budget_s", "concurrency", "alpha", "lr",
+                 "local_epochs", "batch_size"):  # fmt: skip
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
+    return DemoSettings(
+        shards=args.shards, aggregators=args.aggregators, topk=args.topk, quant=args.quant,
         time_scale=args.time_scale, seed=args.seed, out_dir=args.out, as_json=args.json,
+        task=args.task, **values,
     )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_of(args)
     if settings.devices < 1 or settings.shards < 1:
         raise StackError("demo: --devices and --shards must be >= 1")
     stack = LocalStack(settings_from(args, use_stack_file=True),
@@ -129,37 +151,72 @@ def _keep_logs(workdir: Path, dest: Path) -> None:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def job_body(s: DemoSettings) -> dict[str, Any]:
+def job_body(s: DemoSettings, spec: dict[str, Any] | None = None, *,
+             model_name: str = "digits", train_extra: dict[str, Any] | None = None,
+             ) -> dict[str, Any]:  # fmt: skip
+    """The demo's job; ``spec`` the model's (default the digits softmax)."""
+    ev = s.eval_devices or max(1, min(100, s.devices // 2))
     return {
-        "model_name": "digits",
-        "spec": {"family": "softmax", "n_features": 64, "n_classes": 10},
+        "model_name": model_name,
+        "spec": spec or {"family": "softmax", "n_features": 64, "n_classes": 10},
         "shards": s.shards,
         "strategy": {
             "name": "fedasync", "alpha": s.alpha, "staleness": "polynomial",
             "staleness_a": s.staleness_a,
         },
-        "train": {"lr": s.lr, "local_epochs": s.local_epochs, "batch_size": s.batch_size},
+        "train": {"lr": s.lr, "local_epochs": s.local_epochs, "batch_size": s.batch_size,
+                  **(train_extra or {})},
         "codec": {"topk": s.topk, "quant": s.quant},
         "concurrency": s.concurrency,
         "target_accuracy": s.target_accuracy,
         "init_seed": s.seed,
-        "publish_every": 1,
+        "publish_every": s.publish_every,
         # half the fleet scores every 20th version on its held-out rows (a device holds
         # out ~1-2 of its digits, so it takes many devices for a figure worth reading)
-        "evaluation": {"every_versions": 20, "devices": max(1, min(100, s.devices // 2)),
-                       "min_reports": max(1, min(100, s.devices // 2) * 3 // 4),
-                       "timeout_s": 60.0},
+        "evaluation": {"every_versions": s.eval_every, "devices": ev,
+                       "min_reports": max(1, ev * 3 // 4), "timeout_s": 60.0},
     }  # fmt: skip
 
 
+async def _upload(http: httpx.AsyncClient, admin: dict[str, str], task: DemoTask,
+                  ) -> dict[str, Any]:  # fmt: skip
+    """Upload the task's ONNX file (``POST /v1/artifacts``): the job's spec."""
+    r = await http.post("/v1/artifacts", content=task.artifact, headers=admin)
+    if r.status_code != 201:
+        raise StackError(f"demo: uploading the model failed: {r.status_code} {r.text}")
+    return {**r.json()["spec"], **task.spec}
+
+
+async def final_evaluation(
+    http: httpx.AsyncClient, admin: dict[str, str], job_id: str, version: int, devices: int,
+    *, timeout_s: float,
+) -> dict[str, Any] | None:  # fmt: skip
+    """Have up to ``devices`` devices score ``version`` of the stopped job
+    (``POST /v1/jobs/{id}/evaluate``) and wait until that evaluation closes; its JSON
+    (None: the coordinator refused it or it did not close in ``timeout_s``)."""
+    r = await http.post(f"/v1/jobs/{job_id}/evaluate", headers=admin,
+                        json={"version": version, "devices": devices})  # fmt: skip
+    if r.status_code != 202:
+        print(f"[demo] no final evaluation: {r.status_code} {r.text}", file=sys.stderr)
+        return None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        await asyncio.sleep(1.0)
+        with contextlib.suppress(httpx.HTTPError):
+            final = (await http.get(f"/v1/jobs/{job_id}/metrics")).json().get("final")
+            if final and final.get("closed_ts") is not None:
+                return dict(final)
+    return None
+
+
 async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
-    from edge_agent.data import load_digits_split
     from sim.fleet import FleetSpec, SimulatedFleet
     from sim.services import ServiceSet
 
     t0 = time.monotonic()
     err = sys.stderr
-    train, test = load_digits_split(seed=s.seed)
+    task = load_task(s.task, s.seed)
+    train, test = task.train, task.test
     s.out_dir.mkdir(parents=True, exist_ok=True)
     async with AsyncExitStack() as stack:
         info: StackInfo = await stack.enter_async_context(launcher)
@@ -179,7 +236,9 @@ async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
               f" and {services.rest_url}/docs)", file=err)  # fmt: skip
         async with httpx.AsyncClient(base_url=services.rest_url, timeout=30.0) as http:
             admin = {"Authorization": f"Bearer {services.admin_token}"}
-            r = await http.post("/v1/jobs", json=job_body(s), headers=admin)
+            spec = task.spec if task.artifact is None else await _upload(http, admin, task)
+            body = job_body(s, spec, model_name=task.model_name, train_extra=task.train_extra)
+            r = await http.post("/v1/jobs", json=body, headers=admin)
             if r.status_code >= 300:
                 raise StackError(f"demo: creating the job failed: {r.status_code} {r.text}")
             job = r.json()
@@ -194,7 +253,7 @@ async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
                 api_url=services.rest_url, public_key_hex=key,
             )  # fmt: skip
             await stack.enter_async_context(fleet)
-            monitor = ModelMonitor(http, "digits", job_id, test, public_key_hex=key)
+            monitor = ModelMonitor(http, task.model_name, job_id, test, public_key_hex=key)
             view = ProgressView(s.target_accuracy, s.time_budget_s, quiet=s.as_json)
             streak = streak_from = 0
             poll_errors = 0
@@ -223,18 +282,23 @@ async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
                     if time.monotonic() - t0 >= s.time_budget_s:
                         break
                     await asyncio.sleep(0.5)
-            # Stop selecting and stop the fleet (tasks still training are abandoned), let
-            # every upload already acknowledged land (exactly once), then freeze the model.
+            # Stop selecting, let every upload already acknowledged land (exactly once),
+            # then have the whole fleet score that final version on its held-out rows
+            # (next to the central figure of the same version), then stop the fleet.
             await http.post(f"/v1/jobs/{job_id}/stop", headers=admin)
             fleet_view = (await http.get("/v1/fleet")).json()
+            snap = await monitor.drain(quiet_s=2.0, timeout_s=30.0)
+            final = await final_evaluation(http, admin, job_id, snap.version,
+                                           s.final_devices or s.devices,
+                                           timeout_s=90.0)  # fmt: skip
             fleet_stats = fleet.stats()
             await fleet.stop()
-            snap = await monitor.drain(quiet_s=2.0, timeout_s=30.0)
-            onnx_path = s.out_dir / "digits.onnx"
+            onnx_path = s.out_dir / f"{task.model_name}.onnx"
             onnx_version, onnx_acc = await monitor.export_onnx(onnx_path)
             job_view = (await http.get(f"/v1/jobs/{job_id}")).json()
             rejections = await services.aggregator_rejections()
-    wall = time.monotonic() - t0
+    wall = time.monotonic() - t0  # the federated run, servers stopped
+    central = await asyncio.to_thread(central_reference, task, s.central_epochs, s.seed)
     summary = {
         "accuracy": round(snap.accuracy, 4),
         "onnx_accuracy": round(onnx_acc, 4),
@@ -252,6 +316,10 @@ async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
         "fed_accuracy": None if snap.fed_accuracy is None else round(snap.fed_accuracy, 4),
         "fed_version": snap.fed_version,
         "fed_by_version": {str(v): round(a, 4) for v, a in sorted(monitor.fed_by_version.items())},
+        # the final version scored by the fleet (every device once, its held-out rows)
+        "final_federated": final,
+        # mnist1d: the same model trained centrally on the pooled rows, same test rows
+        "central_reference": central,
         # the same versions on the central held-out split (the cross-check)
         "central_by_version": {str(v): round(a, 4)
                                for v, a in sorted(monitor.central_by_version.items())},
@@ -265,13 +333,21 @@ async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
     (s.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if not s.as_json:
         print(json.dumps(summary, indent=2))
-    fed = ("no federated evaluation" if snap.fed_accuracy is None else
-           f"federated {snap.fed_accuracy:.3f} at v{snap.fed_version}")  # fmt: skip
-    if snap.fed_version in monitor.central_by_version:
-        fed += f", central {monitor.central_by_version[snap.fed_version]:.3f} at that version"
+    if final is not None and final.get("accuracy") is not None:
+        fed = (f"federated {final['accuracy']:.3f} on {final['examples']} held-out rows of "
+               f"{final['reports']} devices")  # fmt: skip
+    elif snap.fed_accuracy is not None:
+        fed = f"federated {snap.fed_accuracy:.3f} at v{snap.fed_version}"
+        if snap.fed_version in monitor.central_by_version:
+            fed += f", central {monitor.central_by_version[snap.fed_version]:.3f} there"
+    else:
+        fed = "no federated evaluation"
     print(
         f"[demo] held-out accuracy {summary['accuracy']:.3f} (onnx {onnx_acc:.3f}; {fed}) "
         f"after {snap.updates_applied} updates in {wall:.0f}s; model at {onnx_path}",
         file=err,
     )
+    if central is not None:
+        print(f"[demo] the same model trained centrally ({central['epochs']} epochs on the "
+              f"pooled rows): {central['accuracy']:.3f}", file=err)  # fmt: skip
     return summary

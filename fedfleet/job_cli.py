@@ -16,7 +16,8 @@ import time
 from typing import Any, TextIO
 
 from fedfleet.job_body import add_flags, build_body
-from fedfleet.job_client import JobClient, Target, Unreachable
+from fedfleet.job_client import JobClient, JobCliError, Target, Unreachable
+from fedfleet.model_export import export_module
 
 ENDED_OK = ("completed", "stopped", "done")
 ENDED = (*ENDED_OK, "failed")
@@ -54,7 +55,10 @@ def run(args: argparse.Namespace) -> int:
     target = Target.resolve(args.url, args.token)
     with JobClient(target) as client:
         if args.job_cmd == "create":
-            job = client.create(build_body(args))
+            art = None
+            if args.onnx is not None or args.torch_module:
+                art = client.upload_artifact(model_file(args), args.trainable)
+            job = client.create(build_body(args, art))
             print(json.dumps(job) if args.json else job["job_id"])
             return 0
         if args.job_cmd == "list":
@@ -78,6 +82,19 @@ def run(args: argparse.Namespace) -> int:
             return 0
         return wait(client, args.job, timeout=args.timeout, interval=args.interval,
                     grace=args.grace)  # fmt: skip
+
+
+def model_file(args: argparse.Namespace) -> bytes:
+    """The ONNX bytes of ``--onnx FILE`` or of ``--torch-module`` (exported here)."""
+    if args.onnx is not None and args.torch_module:
+        raise JobCliError("give --onnx or --torch-module, not both")
+    if args.onnx is not None:
+        try:
+            data: bytes = args.onnx.read_bytes()
+        except OSError as exc:
+            raise JobCliError(f"--onnx {args.onnx}: {exc.strerror or exc}") from None
+        return data
+    return export_module(args.torch_module, args.input_shape or ())
 
 
 # ------------------------------------------------------------------ display (pure)
@@ -147,6 +164,11 @@ def status_lines(job: dict[str, Any], metrics: dict[str, Any] | None) -> list[st
         out.append("federated  (this coordinator serves no /v1/jobs/{id}/metrics)")
     else:
         out.append("federated  no complete evaluation yet")
+    fin = job.get("final_evaluation") or (metrics or {}).get("final")
+    if isinstance(fin, dict):  # an ended job's final version, scored by the fleet
+        state = ("running" if fin.get("closed_ts") is None else
+                 "complete" if fin.get("complete") else "too few reports")  # fmt: skip
+        out.append(f"final      {eval_text(fin)} [{state}]")
     return out
 
 

@@ -93,10 +93,11 @@ class JobClient:
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, method: str, path: str, *, json: Any = None,
-              ok_404: bool = False) -> Any:  # fmt: skip
+    def _call(self, method: str, path: str, *, json: Any = None, ok_404: bool = False,
+              content: bytes | None = None, params: dict[str, str] | None = None,
+              ) -> Any:  # fmt: skip
         try:
-            r = self._http.request(method, path, json=json)
+            r = self._http.request(method, path, json=json, content=content, params=params)
         except httpx.InvalidURL as exc:
             raise JobCliError(f"bad coordinator URL {self.target.url!r}: {exc}") from None
         except httpx.HTTPError as exc:
@@ -115,6 +116,12 @@ class JobClient:
             return r.json()
         except ValueError:
             raise JobCliError(f"{method} {path}: the answer is not JSON") from None
+
+    def upload_artifact(self, data: bytes, trainable: list[str] | None = None) -> dict[str, Any]:
+        """``POST /v1/artifacts``: the stored artifact and the ``spec`` a job names it by."""
+        params = {"trainable": ",".join(trainable)} if trainable else None
+        out: dict[str, Any] = self._call("POST", "/v1/artifacts", content=data, params=params)
+        return out
 
     def create(self, body: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = self._call("POST", "/v1/jobs", json=body)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -256,6 +257,20 @@ class TrainConfig(msgspec.Struct, frozen=True, kw_only=True):
     local_epochs: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 32
     prox_mu: Annotated[float, msgspec.Meta(ge=0.0, le=100.0)] = 0.0
+    optimizer: Literal["sgd", "momentum", "adam"] = "sgd"
+    momentum: Annotated[float, msgspec.Meta(ge=0.0, lt=1.0)] = 0.9  # for "momentum"
+    # cross_entropy on the logits; mse: mean over batch and classes of
+    # (logits - one_hot(y))^2 (on the logits, not the softmax)
+    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+    weight_decay: Annotated[float, msgspec.Meta(ge=0.0, le=100.0)] = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.momentum < 1.0:
+            raise SchemaError("range", f"momentum must be in [0, 1), got {self.momentum!r}")
+        if not 0.0 <= self.weight_decay <= 100.0:
+            raise SchemaError(
+                "range", f"weight_decay must be in [0, 100], got {self.weight_decay!r}"
+            )
 
 
 class CodecConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -322,10 +337,44 @@ class Pace(Message, frozen=True, kw_only=True, tag="pace"):
 # --------------------------------------------------------------------------- server ↔ server
 
 
-class ModelSpecMsg(msgspec.Struct, frozen=True, kw_only=True):
-    """Model family and shape; the flat parameter layout is defined in ``schemas.modelspec``."""
+_ARTIFACT = re.compile(r"^sha256:[0-9a-f]{64}$")
+_TORCH_MODULE = re.compile(
+    r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+)
+MAX_INPUT_RANK: int = 8  # per-example input dims of an ONNX model
 
-    family: Literal["softmax", "mlp"]
+
+class ParamMsg(msgspec.Struct, frozen=True):
+    """One trainable tensor of an ``onnx`` model: its ONNX initializer name and shape (C
+    order in the flat vector; a scalar has shape ``()``)."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+    shape: tuple[Annotated[int, msgspec.Meta(ge=1, le=1 << 31)], ...]
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise SchemaError("range", "parameter name is empty")
+        if len(self.shape) > 32:
+            raise SchemaError("range", f"parameter {self.name!r} has rank {len(self.shape)}")
+        if any(d < 1 for d in self.shape):
+            raise SchemaError("range", f"parameter {self.name!r} has shape {self.shape}")
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+class ModelSpecMsg(msgspec.Struct, frozen=True, kw_only=True):
+    """Model family and shape; the flat parameter layout is defined in ``schemas.modelspec``.
+
+    ``softmax`` and ``mlp`` are built-in families (their layout follows from the sizes).
+    ``onnx`` is a user's model: the normalised ONNX graph whose digest is ``artifact``
+    (``schemas.artifact``), trained on the flat vector of its ``params`` (trainable
+    initializers, in order); ``n_features == prod(input_shape)`` and devices reshape each
+    flat CSV row to ``input_shape``. Built-ins leave those four fields empty.
+    """
+
+    family: Literal["softmax", "mlp", "onnx"]
     n_features: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)]
     n_classes: Annotated[int, msgspec.Meta(ge=2, le=1 << 16)]
     hidden: Annotated[int, msgspec.Meta(ge=0, le=1 << 16)] = 0
@@ -338,8 +387,18 @@ class ModelSpecMsg(msgspec.Struct, frozen=True, kw_only=True):
     # Class names in index order (string labels in device data map to their index);
     # empty: labels are the integers 0..n_classes-1.
     labels: tuple[Annotated[str, msgspec.Meta(min_length=1, max_length=256)], ...] = ()
+    # onnx only: "sha256:<64 hex>" of the normalised ONNX artifact
+    artifact: str = ""
+    # onnx only: the trainable initializers in flat-vector order (required)
+    params: tuple[ParamMsg, ...] = ()
+    # onnx only: per-example input shape (the graph input is [N, *input_shape])
+    input_shape: tuple[Annotated[int, msgspec.Meta(ge=1, le=1 << 20)], ...] = ()
+    # onnx only, optional: "pkg.mod:factory" a device may have installed; factory() returns
+    # an nn.Module whose named parameters match ``params``
+    torch_module: Annotated[str, msgspec.Meta(max_length=256)] = ""
 
     def __post_init__(self) -> None:
+        self._check_family()
         if len(self.input_mean) != len(self.input_std):
             raise SchemaError("shape", "input_mean and input_std differ in length")
         if self.input_mean and len(self.input_mean) != self.n_features:
@@ -348,11 +407,40 @@ class ModelSpecMsg(msgspec.Struct, frozen=True, kw_only=True):
                 f"{self.n_features}",
             )  # fmt: skip
         if self.labels and len(self.labels) != self.n_classes:
-            raise SchemaError(
-                "shape", f"{len(self.labels)} labels for n_classes {self.n_classes}"
-            )
+            raise SchemaError("shape", f"{len(self.labels)} labels for n_classes {self.n_classes}")
         if len(set(self.labels)) != len(self.labels):
             raise SchemaError("shape", "labels are not distinct")
+
+    def _check_family(self) -> None:
+        if self.family != "onnx":
+            if self.artifact or self.params or self.input_shape or self.torch_module:
+                raise SchemaError(
+                    "shape", f"family {self.family} takes no artifact, params, input_shape or "
+                    "torch_module",
+                )  # fmt: skip
+            return
+        if not _ARTIFACT.match(self.artifact):
+            raise SchemaError(
+                "range", f"onnx artifact must be 'sha256:<64 hex>', got {self.artifact!r}"
+            )
+        if self.hidden:
+            raise SchemaError("shape", "family onnx takes no hidden")
+        if not self.params:
+            raise SchemaError("shape", "family onnx needs params (its trainable tensors)")
+        if len({p.name for p in self.params}) != len(self.params):
+            raise SchemaError("shape", "param names are not distinct")
+        if not self.input_shape or len(self.input_shape) > MAX_INPUT_RANK:
+            raise SchemaError("shape", f"onnx input_shape must have 1..{MAX_INPUT_RANK} dims")
+        if any(d < 1 for d in self.input_shape):
+            raise SchemaError("range", f"input_shape {self.input_shape} has a dim < 1")
+        if math.prod(self.input_shape) != self.n_features:
+            raise SchemaError(
+                "shape", f"prod(input_shape {self.input_shape}) != n_features {self.n_features}"
+            )
+        if self.torch_module and not _TORCH_MODULE.match(self.torch_module):
+            raise SchemaError(
+                "range", f"torch_module must be 'pkg.mod:factory', got {self.torch_module!r}"
+            )
 
 
 class StrategyConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -389,10 +477,13 @@ class EvalConfig(msgspec.Struct, frozen=True, kw_only=True):
     split. An evaluation of version v asks ``devices`` eligible devices, counts once
     ``min_reports`` reported, and closes after ``timeout_s`` with what it has."""
 
-    every_versions: PosInt = 5  # evaluate every N-th published version (and the final one)
+    every_versions: PosInt = 5  # evaluate every N-th published version
     devices: Annotated[int, msgspec.Meta(ge=0, le=1 << 16)] = 10  # 0 = federated eval off
     min_reports: PosInt = 3
     timeout_s: Annotated[float, msgspec.Meta(gt=0.0, le=86400.0)] = 120.0
+    # When the job completes, its final (pinned) version is evaluated on up to this many
+    # devices (0: ``devices``); that evaluation waits for all of them (or ``timeout_s``).
+    final_devices: Annotated[int, msgspec.Meta(ge=0, le=1 << 20)] = 0
 
     def __post_init__(self) -> None:
         if self.devices and self.min_reports > self.devices:

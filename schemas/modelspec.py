@@ -5,13 +5,15 @@ The flat vector is the unit of sharding and of every update. Layout (C order):
 * ``softmax``: ``W[n_features, n_classes]`` then ``b[n_classes]``.
 * ``mlp``: ``W1[n_features, hidden]``, ``b1[hidden]``, ``W2[hidden, n_classes]``,
   ``b2[n_classes]`` with ReLU between the layers.
+* ``onnx``: the tensors of ``spec.params`` (the artifact's trainable initializers), in
+  order; see ``schemas.artifact``.
 
 Input standardisation is part of the model, not of the data: when ``spec.input_mean`` is
 set, the model first computes ``x' = (x - input_mean) / input_std`` (``standardize``), so
 devices and on-device inference always take raw features. It is not in the flat vector.
 
-``forward`` is the numpy reference forward pass; the ONNX export and the on-device
-trainers must agree with it.
+``forward`` is the numpy reference forward pass of the built-in families; the ONNX export
+and the on-device trainers must agree with it.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def layout(spec: ModelSpecMsg) -> list[Tensor]:
             ("W2", (h, spec.n_classes)),
             ("b2", (spec.n_classes,)),
         ]
+    elif spec.family == "onnx":
+        shapes = [(p.name, p.shape) for p in spec.params]
     else:  # pragma: no cover - guarded by the schema Literal
         raise SchemaError("type", f"unknown family {spec.family}")
     out: list[Tensor] = []
@@ -78,8 +82,19 @@ def unflatten(spec: ModelSpecMsg, flat: F32) -> dict[str, F32]:
     return {t.name: flat[t.offset : t.offset + t.size].reshape(t.shape) for t in layout(spec)}
 
 
+def _builtin_only(spec: ModelSpecMsg, what: str) -> None:
+    if spec.family == "onnx":
+        from schemas.artifact import ArtifactError  # the error lives with the artifact code
+
+        raise ArtifactError("artifact", f"{what} of an onnx model needs its artifact")
+
+
 def init_params(spec: ModelSpecMsg, seed: int = 0) -> F32:
-    """Deterministic initial parameters: zeros for softmax, scaled normal for MLP weights."""
+    """Deterministic initial parameters: zeros for softmax, scaled normal for MLP weights.
+
+    Built-in families only: an ``onnx`` model's initial values are its artifact's
+    (``schemas.artifact.initial_params`` works for every family)."""
+    _builtin_only(spec, "init_params")
     flat = np.zeros(num_params(spec), dtype=np.float32)
     if spec.family == "mlp":
         rng = np.random.default_rng(seed)
@@ -105,7 +120,9 @@ def standardize(spec: ModelSpecMsg, x: npt.NDArray[np.floating]) -> npt.NDArray[
 
 def forward(spec: ModelSpecMsg, flat: F32, x: F32) -> F32:
     """Logits for a batch of raw features ``x[n, n_features]`` (standardised first when the
-    spec says so)."""
+    spec says so). Built-in families only: an ``onnx`` model runs in onnxruntime on
+    ``schemas.artifact.export_version``."""
+    _builtin_only(spec, "forward")
     p = unflatten(spec, flat)
     xs = standardize(spec, x)
     if spec.family == "softmax":

@@ -19,8 +19,11 @@ import numpy as np
 
 from edge_agent.data import Dataset
 from edge_agent.errors import AgentError
+from edge_agent.inference import logits_fn
 from edge_agent.models import ModelClient
 from edge_agent.trainers import accuracy
+from schemas.messages import ModelSpecMsg
+from schemas.types import F32
 from stack.errors import StackError
 
 
@@ -104,8 +107,23 @@ class ModelMonitor:
                 continue
             self._tried.add(v)
             if m.manifest.version == v:  # (a version the registry no longer keeps: skip)
-                self.central_by_version[v] = accuracy(m.manifest.spec, m.params, self.test.x,
-                                                      self.test.y)  # fmt: skip
+                self.central_by_version[v] = await self._accuracy(m.manifest.spec, m.params)
+
+    async def _accuracy(self, spec: ModelSpecMsg, flat: F32) -> float:
+        """Central held-out accuracy of ``flat`` (an onnx job: onnxruntime on its artifact,
+        off the event loop; built-ins: the numpy reference)."""
+        if spec.family != "onnx":
+            return accuracy(spec, flat, self.test.x, self.test.y)
+        try:
+            art = await self.models.artifact(spec.artifact)
+        except AgentError as exc:
+            raise StackError(f"model {self.model}: artifact: {exc}") from None
+
+        def score() -> float:
+            z = logits_fn(spec, flat, art)(self.test.x.astype(np.float32))
+            return float((z.argmax(axis=1) == self.test.y).mean())
+
+        return await asyncio.to_thread(score)
 
     async def _json(self, path: str) -> Any:
         r = await self.http.get(path)
@@ -136,7 +154,7 @@ class ModelMonitor:
             snap.fed_accuracy, snap.fed_loss = fed["accuracy"], fed["loss"]
             snap.fed_version = fed["version"]
         if flat is not None:
-            snap.accuracy = accuracy(man.spec, flat, self.test.x, self.test.y)
+            snap.accuracy = await self._accuracy(man.spec, flat)
             snap.version = man.version
             snap.shard_versions = list(man.shard_versions)
         snap.updates_applied = int(job.get("updates_applied", 0))

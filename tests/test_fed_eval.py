@@ -159,8 +159,11 @@ async def rig(redis_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
         await set_status(job_id, "failed", reason, journal=journal, jobs=core.jobs,
                          publish_job=publish_job)  # fmt: skip
 
-    async def complete_job(job: Job, reason: str) -> None:
+    async def complete_job(job: Job, reason: str) -> None:  # as the service: pin, then end
         holder["rig"].completed.append((job.spec.job_id, reason))
+        v = core.registry.newest_version(job.spec.model_name)
+        if v is not None:
+            core.registry.rollback(job.spec.model_name, v)
         await set_status(job.spec.job_id, "completed", reason, journal=journal,
                          jobs=core.jobs, publish_job=publish_job)  # fmt: skip
 
@@ -303,7 +306,7 @@ async def test_an_evaluation_asks_idle_devices_folds_reports_and_closes(rig: Rig
         assert m["latest"]["accuracy"] == pytest.approx(29 / 40)
         assert set(m["latest"]) == {"version", "reports", "examples", "loss", "accuracy",
                                     "class_examples", "class_correct", "complete",
-                                    "opened_ts", "closed_ts"}  # fmt: skip
+                                    "final", "opened_ts", "closed_ts"}  # fmt: skip
         j = (await http.get(f"/v1/jobs/{jid}")).json()
         assert j["federated"] == m["latest"] and j["phase"] == "training"
         assert j["stats"]["tasks_eval_issued"] == 3
@@ -352,10 +355,10 @@ async def test_an_evaluation_closes_at_its_timeout_with_what_it_has(rig: Rig) ->
 
 
 async def test_a_job_stops_once_its_federated_target_held(rig: Rig) -> None:
-    await rig.devices(2)
+    await rig.devices(3)  # one trains, one scores each version, one is left for the final
     job = await rig.job(
-        concurrency=1, evaluation={"devices": 1, "min_reports": 1, "every_versions": 1},
-        stop={"target_accuracy": 0.9, "target_hold": 2},
+        concurrency=1, stop={"target_accuracy": 0.9, "target_hold": 2},
+        evaluation={"devices": 1, "min_reports": 1, "every_versions": 1, "final_devices": 2},
     )  # fmt: skip
     jid = job.spec.job_id
     for v, acc in ((1, [3, 3, 3]), (2, [3, 3, 3])):  # 9 of 10 right
@@ -370,7 +373,16 @@ async def test_a_job_stops_once_its_federated_target_held(rig: Rig) -> None:
     await rig.core.selector.select_once()
     assert rig.completed == [(jid, "target_accuracy: 0.900 >= 0.9 for 2 evaluations")]
     assert (await rig.core.jobs.get(jid)).spec.status == "completed"
-    await rig.version(job, 0, 9)
+    await rig.version(job, 0, 9)  # a late version: after the pin, not what is evaluated
     await rig.core.selector.select_once()
-    assert len(rig.sink.tasks) == n  # nothing more: neither training nor evaluation
+    # nothing more but the final evaluation: the pinned version (v2, scored by one device
+    # already) is scored by one more device, never by the same one twice
+    (fin,) = rig.sink.tasks[n:]
+    assert fin.task_kind == "eval" and fin.model_version == rig.core.registry.pinned("m") == 2
+    assert fin.device_id != rig.sink.tasks[n - 1].device_id
+    await rig.report(fin, class_examples=[4, 3, 3], class_correct=[4, 3, 3])
+    final = [e for e in await rig.core.evals.evaluations(jid) if e.final]
+    assert final[0].complete and final[0].reports == 2 and final[0].accuracy == 19 / 20
+    await rig.core.selector.select_once()
+    assert len(rig.sink.tasks) == n + 1 and await rig.core.jobs.ending() == []
     assert [decode(encode(s), JobSpec).status for s in rig.jobs_topic][-1] == "completed"

@@ -315,3 +315,38 @@ def test_status_shows_new_fields_when_present() -> None:
     assert "no complete evaluation yet" in "\n".join(
         status_lines({**job_view, "federated": None}, None)
     )
+
+
+def test_status_shows_the_final_evaluation_of_an_ended_job() -> None:
+    fin = {"version": 9, "reports": 40, "examples": 480, "loss": 0.2, "accuracy": 0.95,
+           "complete": True, "final": True, "closed_ts": 2.0}  # fmt: skip
+    job_view = {"job_id": "j", "model_name": "m", "status": "completed", "aborts": {},
+                "final_evaluation": fin}  # fmt: skip
+    text = "\n".join(status_lines(job_view, {"evaluations": [fin], "latest": fin}))
+    assert "final      v9 accuracy 0.950 loss 0.200 (40 reports, 480 examples) [complete]" in text
+    running = {**job_view, "final_evaluation": {**fin, "closed_ts": None}}
+    assert "[running]" in "\n".join(status_lines(running, None))
+
+
+def test_create_flags_name_an_uploaded_model() -> None:
+    from fedfleet import job_cli
+
+    parser = argparse.ArgumentParser()
+    job_cli.register(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["job", "create", "--model-name", "net", "--onnx", "m.onnx",
+                              "--labels", "a,b", "--optimizer", "adam", "--lr", "0.01",
+                              "--topk", "0.01", "--strategy", "fedbuff"])  # fmt: skip
+    art = {"spec": {"family": "onnx", "artifact": "sha256:" + "a" * 64, "n_features": 4,
+                    "n_classes": 2, "params": [{"name": "w", "shape": [2, 4]}],
+                    "input_shape": [4]}}  # fmt: skip
+    body = build_body(args, art)
+    assert body["spec"]["family"] == "onnx" and body["spec"]["labels"] == ["a", "b"]
+    assert body["train"] == {"optimizer": "adam", "lr": 0.01}
+    assert body["codec"] == {"topk": 0.01} and body["strategy"] == {"name": "fedbuff"}
+    assert "torch_module" not in body["spec"]
+    with pytest.raises(JobCliError, match="not both"):
+        job_cli.model_file(parser.parse_args(["job", "create", "--onnx", "m.onnx",
+                                              "--torch-module", "a:b"]))  # fmt: skip
+    with pytest.raises(JobCliError, match="cannot import"):
+        job_cli.model_file(parser.parse_args(["job", "create", "--torch-module", "nope.x:f",
+                                              "--input-shape", "4"]))  # fmt: skip

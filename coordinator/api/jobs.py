@@ -13,16 +13,34 @@ from coordinator.api.bodies import JOB_EXAMPLE, JOB_REQUEST, json_body
 from coordinator.api.common import R400, R401, R404, R409, R422, R503, admin
 from coordinator.api.state import AppState, app_state
 from coordinator.errors import CoordinatorError, NotFound
-from coordinator.evaluation import latest_complete
+from coordinator.evaluation import final_of, latest_complete
 from coordinator.jobs import Job, build_job, job_json
 from coordinator.kafka import group_members
 from coordinator.lifecycle import set_status
 from coordinator.settings import CoordinatorSettings
+from schemas.artifact import ArtifactError, initial_flat
+from schemas.messages import ModelSpecMsg
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["jobs"])
 State = Annotated[AppState, Depends(app_state)]
 JobId = Annotated[str, Path(max_length=128)]
+
+
+async def check_artifact(state: AppState, spec: ModelSpecMsg) -> None:
+    """An onnx job names a stored artifact, and its ``params`` are that artifact's
+    (names, shapes, float32); 422 otherwise."""
+    try:
+        if state.artifacts is None:
+            raise NotFound("artifact", spec.artifact)
+        data = await state.artifacts.get(spec.artifact)
+    except NotFound:
+        raise HTTPException(422, f"spec.artifact {spec.artifact} is unknown: upload the ONNX "
+                                 "file with POST /v1/artifacts first") from None  # fmt: skip
+    try:
+        await asyncio.to_thread(initial_flat, data, spec.params)
+    except ArtifactError as exc:
+        raise HTTPException(422, f"spec.params do not match the artifact: {exc.detail}") from None
 
 
 async def job_out(state: AppState, job: Job) -> dict[str, Any]:
@@ -37,7 +55,7 @@ async def job_out(state: AppState, job: Job) -> dict[str, Any]:
     except NotFound:
         pass
     evs = [] if state.evals is None else await state.evals.evaluations(job.spec.job_id)
-    return job_json(job, stats, cur, latest_complete(evs))
+    return job_json(job, stats, cur, latest_complete(evs), final_of(evs))
 
 
 @router.post(
@@ -51,6 +69,8 @@ async def create_job(state: State, body: Annotated[Any, Body()]) -> dict[str, An
     if isinstance(body, dict) and "shards" not in body:
         default = await live_aggregators(s)
     job = build_job(body, max_shards=s.max_shards, max_params=s.max_params, default_shards=default)
+    if job.spec.spec.family == "onnx":
+        await check_artifact(state, job.spec.spec)
     jid, name = job.spec.job_id, job.spec.model_name
     known = state.journal.latest()  # also jobs a lost Redis no longer holds
     if jid in known or await state.jobs.exists(jid):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from coordinator.artifacts import ArtifactStore
 from coordinator.evalstore import EvalStore
 from coordinator.fleet import FleetStore
 from coordinator.jobs import JobStore
@@ -36,6 +37,8 @@ class AppState:
     journal: JobJournal = field(default_factory=MemoryJobJournal)
     # federated evaluations (GET /v1/jobs/{id}/metrics, the job's ``federated``)
     evals: EvalStore | None = None
+    # onnx jobs' model artifacts (POST/GET /v1/artifacts; the service passes KafkaArtifacts)
+    artifacts: ArtifactStore | None = None
     onnx_cache: dict[tuple[str, int, str], tuple[bytes, str, str]] = field(default_factory=dict)
     # POST /v1/uploads: an upload whose ack is returned (the service passes
     # ``coordinator.uploads.replying``); None: uploads only over MQTT
