@@ -26,12 +26,11 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from coordinator.errors import CoordinatorError, NotFound
-from schemas.artifact import builtin_artifact
+from schemas.artifact import builtin_artifact, digest_of
 from schemas.artifact_chunks import (
     Reassembly,
     chunk_key,
     decode_chunk,
-    digest_of,
     encode_chunk,
     split,
 )

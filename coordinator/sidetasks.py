@@ -105,15 +105,6 @@ class SideTasks:
     async def accuracies(self, job: Job) -> list[float]:
         return complete_accuracies(await self.evals.evaluations(job.spec.job_id))
 
-    async def end(self, job: Job, now: float) -> None:
-        """``job`` ended: close its open evaluations, expire its side tasks."""
-        jid = job.spec.job_id
-        for ev in await self.evals.evaluations(jid, OPEN_WINDOW):
-            if ev.closed_ts is None:
-                await self._close(job, ev.version, now)
-        for task_id, _ in await self.tasks.side_leased(jid):
-            await self._expire(jid, task_id, now, "job_ended")
-
     async def after_end(self, job: Job, now: float, taken: set[str]) -> bool:
         """One sweep of an ended ``job``; True once nothing of it is left to do."""
         jid, cfg = job.spec.job_id, job.spec.evaluation
@@ -298,7 +289,8 @@ class SideTasks:
             if self.fail_job is not None:
                 await self.fail_job(jid, problem)
                 await self.evals.close_stats(jid, now)
-                await self.end(job, now)  # its outstanding stats tasks free their devices
+                # its outstanding stats tasks free their devices now (the sweep would next pass)
+                await self.after_end(job, now, set())
             return
         if self.write_spec is None:
             log.warning("job %s: no spec writer: cannot end its statistics phase", jid)

@@ -24,6 +24,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.errors import ModelFetchError, ModelGone, ModelRefused, ModelVerifyError
+from schemas.artifact import digest_of
 from schemas.atomic import atomic_write
 from schemas.errors import SchemaError
 from schemas.messages import ModelManifest
@@ -252,11 +253,11 @@ class ModelClient:
                 hit = (self._dir / name).read_bytes()
             except OSError:
                 hit = None
-        if hit is not None and "sha256:" + hashlib.sha256(hit).hexdigest() == digest:
+        if hit is not None and digest_of(hit) == digest:
             self._artifacts = {digest: hit}
             return hit
         resp = await self._get(f"/v1/artifacts/{digest}")
-        got = "sha256:" + hashlib.sha256(resp.content).hexdigest()
+        got = digest_of(resp.content)
         if got != digest:
             raise ModelVerifyError("digest", f"artifact sha256 {got} != {digest}")
         if self._dir is not None:

@@ -219,13 +219,25 @@ def _bound(
     return TorchModel(module, slots, [b - a for a, b, _ in where])
 
 
+def import_factory(path: str) -> Any:
+    """``pkg.mod:factory`` -> the callable (``ModelUnsupported`` ``torch_module_missing``
+    when it cannot be imported); the device here, ``fedfleet job create`` for its export."""
+    mod_name, _, attr = path.partition(":")
+    try:
+        factory = getattr(importlib.import_module(mod_name), attr or "make_model")
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ModelUnsupported("torch_module_missing", f"{path}: {exc}") from None
+    if not callable(factory):
+        raise ModelUnsupported("torch_module_missing", f"{path} is not callable")
+    return factory
+
+
 def from_factory(spec: ModelSpecMsg) -> TorchModel:
     """``spec.torch_module`` built and mapped by name: each of ``spec.params`` must be a
     parameter (or buffer) of that exact name and shape; aliases of it (tied weights) are
     fed too."""
-    mod_name, _, attr = spec.torch_module.partition(":")
+    factory = import_factory(spec.torch_module)
     try:
-        factory = getattr(importlib.import_module(mod_name), attr or "make_model")
         module = factory()
     except (ImportError, AttributeError) as exc:
         raise ModelUnsupported("torch_module_missing", f"{spec.torch_module}: {exc}") from None

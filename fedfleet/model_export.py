@@ -21,18 +21,17 @@ OPSET = 17
 
 
 def load_factory(path: str) -> Any:
-    """``pkg.mod:factory`` -> the callable (a ``JobCliError`` with the reason otherwise)."""
+    """``pkg.mod:factory`` -> the callable, as a device imports it
+    (``edge_agent.torch_models.import_factory``); a ``JobCliError`` with the reason."""
+    from edge_agent.torch_models import ModelUnsupported, import_factory  # onnx: only here
+
     mod_name, sep, attr = path.partition(":")
     if not sep or not mod_name or not attr:
         raise JobCliError(f"--torch-module {path!r}: expected pkg.module:factory")
     try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise JobCliError(f"--torch-module {path!r}: cannot import {mod_name}: {exc}") from None
-    fn = getattr(mod, attr, None)
-    if not callable(fn):
-        raise JobCliError(f"--torch-module {path!r}: {mod_name} has no callable {attr!r}")
-    return fn
+        return import_factory(path)
+    except ModelUnsupported as exc:
+        raise JobCliError(f"--torch-module {path!r}: cannot import: {exc.detail}") from None
 
 
 def export_module(path: str, input_shape: Sequence[int]) -> bytes:

@@ -12,28 +12,24 @@ their sha256 is that digest. Pure: no I/O.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Annotated
 
 import msgspec
 
+from schemas.artifact import digest_of
 from schemas.errors import SchemaError
+from schemas.messages import ARTIFACT_DIGEST
 
 CHUNK_BYTES = 512 * 1024
 MAX_CHUNKS = 1 << 12  # 2 GiB at the default chunk size: above any size cap
-_DIGEST = r"^sha256:[0-9a-f]{64}$"
 
 
 class ArtifactChunk(msgspec.Struct, frozen=True, kw_only=True, tag="artifact_chunk"):
-    digest: Annotated[str, msgspec.Meta(pattern=_DIGEST)]
+    digest: Annotated[str, msgspec.Meta(pattern=ARTIFACT_DIGEST)]
     index: Annotated[int, msgspec.Meta(ge=0, lt=MAX_CHUNKS)]
     count: Annotated[int, msgspec.Meta(ge=1, le=MAX_CHUNKS)]
     size: Annotated[int, msgspec.Meta(ge=1)]  # bytes of the whole artifact
     data: bytes
-
-
-def digest_of(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def chunk_key(digest: str, index: int) -> bytes:

@@ -337,7 +337,8 @@ class Pace(Message, frozen=True, kw_only=True, tag="pace"):
 # --------------------------------------------------------------------------- server ↔ server
 
 
-_ARTIFACT = re.compile(r"^sha256:[0-9a-f]{64}$")
+ARTIFACT_DIGEST = r"^sha256:[0-9a-f]{64}$"  # a model artifact's name (schemas.artifact)
+_ARTIFACT = re.compile(ARTIFACT_DIGEST)
 _TORCH_MODULE = re.compile(
     r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 )

@@ -1,4 +1,4 @@
-"""The MNIST-1D benchmark task: data generated locally, a Dirichlet non-IID fleet split.
+"""The MNIST-1D benchmark task: its data, generated locally.
 
 MNIST-1D (Greydanus & Kobak, 2020) draws 1-D signals of length 40 from ten digit templates
 (padding, scaling, translation, correlated and i.i.d. noise, shear). The rows here come
@@ -13,32 +13,27 @@ default transform arguments and our sample count and seed; its loader ``get_data
 * ``load_mnist1d(...)``: the same, cached as ``<cache>/mnist1d/<digest>.npz`` (atomic
   write; ``<cache>`` is ``$FEDFLEET_CACHE`` or ``~/.cache/fedfleet``), keyed by the
   generator arguments and the ``mnist1d`` version; reports the generation time.
-* ``dirichlet_partition(y, devices, alpha, ...)``: per class, Dirichlet(alpha) shares over
-  the devices; then devices below ``min_rows`` take random rows from the largest device.
-  ``label_skew`` measures the result.
-* ``write_device_csvs(...)``: one CSV per device (and ``test.csv``) in the format of
-  ``fedfleet data example``: a header of feature names plus ``label``, one row per example.
+
+The fleet split is the simulator's (``edge_agent.data.partition_dirichlet``, what
+``sim.fleet`` uses for every task).
 
 The model (``sim.cnn1d``) and everything torch stay out of this module.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib
 import io
 import json
 import random
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from edge_agent.data import Dataset
 from schemas.atomic import atomic_write
@@ -48,7 +43,6 @@ from stack.kafka import cache_root
 N_FEATURES = 40
 N_CLASSES = 10
 CACHE_FORMAT = 1  # bump when the cached file layout changes
-I64 = npt.NDArray[np.int64]
 
 
 class Mnist1dError(FedfleetError, ValueError):
@@ -160,104 +154,3 @@ def _read_cache(path: Path, n_train: int, n_test: int) -> tuple[Dataset, Dataset
         return None
     ok = len(train) == n_train and len(test) == n_test and train.x.shape[1] == N_FEATURES
     return (train, test) if ok else None
-
-
-# ------------------------------------------------------------------ the fleet split
-
-
-def dirichlet_partition(
-    y: npt.ArrayLike, devices: int, alpha: float, *, seed: int = 0, min_rows: int = 1
-) -> list[I64]:
-    """Row indices of ``devices`` non-IID shards (sorted int64 arrays; every row exactly
-    once). Per class, the rows are shuffled and cut by Dirichlet(alpha) shares over the
-    devices (small ``alpha``: each device holds few classes, sizes vary a lot). A device
-    left below ``min_rows`` then takes random rows from the current largest device (which
-    keeps at least ``min_rows``), so it inherits that device's label mix. Deterministic
-    per ``seed``; pure numpy."""
-    labels = np.asarray(y)
-    if labels.ndim != 1:
-        raise Mnist1dError("", f"labels must be one column, got shape {labels.shape}")
-    if devices < 1 or not (np.isfinite(alpha) and alpha > 0) or min_rows < 0:
-        raise Mnist1dError("", "need devices >= 1, a finite alpha > 0 and min_rows >= 0")
-    if len(labels) < devices * min_rows:
-        raise Mnist1dError("", f"{len(labels)} rows cannot give {devices} devices "
-                               f"{min_rows} rows each")  # fmt: skip
-    rng = np.random.default_rng(seed)
-    owner = np.empty(len(labels), dtype=np.int64)
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        shares = rng.dirichlet(np.full(devices, float(alpha)))
-        cuts = np.minimum((np.cumsum(shares) * len(idx)).astype(np.int64), len(idx))
-        counts = np.diff(np.concatenate(([0], cuts[:-1], [len(idx)])))
-        owner[idx] = np.repeat(np.arange(devices), counts)
-    _top_up(owner, devices, min_rows, rng)
-    order = np.argsort(owner, kind="stable")  # ascending rows within each device
-    sizes = np.bincount(owner, minlength=devices)
-    return [part.astype(np.int64) for part in np.split(order, np.cumsum(sizes)[:-1])]
-
-
-def _top_up(owner: I64, devices: int, min_rows: int, rng: np.random.Generator) -> None:
-    sizes = np.bincount(owner, minlength=devices)
-    for d in np.flatnonzero(sizes < min_rows):
-        while sizes[d] < min_rows:
-            donor = int(np.argmax(sizes))  # holds > min_rows while anyone is short
-            take = int(min(min_rows - sizes[d], sizes[donor] - min_rows))
-            pick = rng.choice(np.flatnonzero(owner == donor), size=take, replace=False)
-            owner[pick] = d
-            sizes[donor] -= take
-            sizes[d] += take
-
-
-def label_skew(y: npt.ArrayLike, parts: Sequence[npt.NDArray[np.integer]]) -> float:
-    """Mean over devices (with rows) of the total-variation distance between the device's
-    label distribution and the whole set's: 0 for IID shards, near 1 for one class each."""
-    labels = np.asarray(y)
-    classes, codes = np.unique(labels, return_inverse=True)
-    glob = np.bincount(codes, minlength=len(classes)) / max(len(labels), 1)
-    tv = [0.5 * float(np.abs(np.bincount(codes[p], minlength=len(classes)) / len(p) - glob).sum())
-          for p in parts if len(p)]  # fmt: skip
-    return float(np.mean(tv)) if tv else 0.0
-
-
-# ------------------------------------------------------------------ CSV files
-
-
-def feature_names(n: int = N_FEATURES) -> list[str]:
-    return [f"x{j:02d}" for j in range(n)]
-
-
-def device_csv_name(k: int, devices: int) -> str:
-    """``dev000.csv`` ... (as ``fedfleet data example``), wider past 1,000 devices so that
-    sorted file names stay in device order."""
-    return f"dev{k:0{max(3, len(str(devices - 1)))}d}.csv"
-
-
-def write_csv(path: Path, ds: Dataset, *, label_col: str = "label", digits: int = 9) -> None:
-    """One CSV: header ``x00..x39,label``, ``digits`` significant digits (9 round-trips
-    float32 exactly), integer labels."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = f"{{:.{digits}g}}"
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow([*feature_names(ds.x.shape[1]), label_col])
-        for row, lab in zip(ds.x.tolist(), ds.y.tolist(), strict=True):
-            w.writerow([*(fmt.format(v) for v in row), lab])
-
-
-def write_device_csvs(
-    out: Path,
-    data: Dataset,
-    parts: Sequence[npt.NDArray[np.integer]],
-    *,
-    test: Dataset | None = None,
-    label_col: str = "label",
-    digits: int = 9,
-) -> list[Path]:
-    """``out/dev000.csv`` ... (rows ``data[parts[k]]``) and, with ``test``, ``out/test.csv``;
-    returns the device files in device order."""
-    paths = [out / device_csv_name(k, len(parts)) for k in range(len(parts))]
-    for path, part in zip(paths, parts, strict=True):
-        write_csv(path, data.subset(np.asarray(part)), label_col=label_col, digits=digits)
-    if test is not None:
-        write_csv(out / "test.csv", test, label_col=label_col, digits=digits)
-    return paths

@@ -24,15 +24,16 @@ from coordinator.artifacts import (
     artifact_bytes,
 )
 from coordinator.errors import NotFound
+from schemas.artifact import digest_of
 from schemas.artifact_chunks import (
+    ArtifactChunk,
     Reassembly,
     decode_chunk,
-    digest_of,
     encode_chunk,
     split,
 )
 from schemas.errors import SchemaError
-from schemas.messages import ModelSpecMsg
+from schemas.messages import ModelSpecMsg, ParamMsg
 from stack import StackInfo
 
 # ------------------------------------------------------------------------------ chunks
@@ -55,8 +56,7 @@ def test_a_corrupt_or_foreign_chunk_never_yields_an_artifact() -> None:
     asm = Reassembly(digest_of(data))
     other = split(b"x" * 10, 4)[0]
     assert asm.add(other) is None  # another digest: ignored
-    bad = chunks[1].__class__(digest=chunks[1].digest, index=1, count=3, size=3000,
-                              data=b"\0" * 1000)  # fmt: skip
+    bad = ArtifactChunk(digest=chunks[1].digest, index=1, count=3, size=3000, data=b"\0" * 1000)
     assert asm.add(chunks[0]) is None and asm.add(bad) is None
     assert asm.add(chunks[2]) is None  # whole but the sha256 does not match: dropped
     for c in chunks:
@@ -164,7 +164,5 @@ async def test_kafka_artifacts_survive_a_lost_disk_and_reach_the_aggregator(
 
 
 def _onnx_spec(digest: str) -> ModelSpecMsg:
-    from schemas.messages import ParamMsg
-
     return ModelSpecMsg(family="onnx", n_features=2, n_classes=2, artifact=digest,
                         params=(ParamMsg("w", (2, 2)),), input_shape=(2,))  # fmt: skip

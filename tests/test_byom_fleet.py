@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,7 @@ async def _upload_body(fleet: Any, data: Path, onnx_file: bytes,
     r = await fleet.http.post("/v1/artifacts", content=onnx_file, headers=AUTH)
     assert r.status_code == 201, r.text
     art = r.json()
-    spec = {**art["spec"], "labels": await _labels(data)}
+    spec = {**art["spec"], "labels": _labels(data)}
     body = {"model_name": name, "spec": spec, "shards": 2, "concurrency": 6,
             "train": {"lr": 0.01, "local_epochs": 2, "batch_size": 8, "optimizer": "adam"},
             "stop": {"max_updates": 120}, "evaluation": {"devices": 0}}  # fmt: skip
@@ -120,9 +121,7 @@ async def _train(fleet: Any, data: Path, body: dict[str, Any], tag: str) -> dict
     return job
 
 
-async def _labels(data: Path) -> list[str]:
-    import json
-
+def _labels(data: Path) -> list[str]:
     body = json.loads((data / "job.json").read_text())
     return list(body["spec"]["labels"])
 
@@ -158,7 +157,7 @@ async def test_user_models_train_on_the_fleet_and_the_served_onnx_matches_the_de
         assert job["updates_applied"] >= 120
         await _check_served(fleet, f"{p}gemm", data)
 
-        body = await asyncio.to_thread(cli_body, fleet, f"{p}module", await _labels(data))
+        body = await asyncio.to_thread(cli_body, fleet, f"{p}module", _labels(data))
         assert body["spec"]["torch_module"] == "tests.test_byom_fleet:make_net"
         assert [q["name"] for q in body["spec"]["params"]][:2] == ["0.weight", "0.bias"]
         await _train(fleet, data, body, "m")

@@ -17,17 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.data import Dataset, load_csv
 from sim.mnist1d import (
     N_CLASSES,
     N_FEATURES,
     Mnist1dError,
-    device_csv_name,
-    dirichlet_partition,
     generate,
-    label_skew,
     load_mnist1d,
-    write_device_csvs,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,83 +122,6 @@ def test_a_broken_cache_file_is_regenerated(tmp_path: Path) -> None:
     assert not again.cached and len(again.test) == 0
     np.testing.assert_array_equal(first.train.x, again.train.x)
     assert load_mnist1d(100, 0, seed=5, cache_dir=tmp_path).cached
-
-
-# ------------------------------------------------------------------ Dirichlet split
-
-
-def test_partition_assigns_every_row_exactly_once_and_is_deterministic() -> None:
-    y = balanced_labels()
-
-    parts = dirichlet_partition(y, 50, 0.3, seed=7, min_rows=5)
-    again = dirichlet_partition(y, 50, 0.3, seed=7, min_rows=5)
-    other = dirichlet_partition(y, 50, 0.3, seed=8, min_rows=5)
-
-    assert len(parts) == 50
-    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(len(y)))
-    assert all(p.dtype == np.int64 and np.all(np.diff(p) > 0) for p in parts)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
-    assert not all(np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
-
-
-@pytest.mark.parametrize("alpha", [0.05, 0.5, 5.0])
-def test_every_device_gets_at_least_min_rows(alpha: float) -> None:
-    y = balanced_labels(100)  # 1,000 rows over 90 devices of >= 10: tight
-
-    parts = dirichlet_partition(y, 90, alpha, seed=0, min_rows=10)
-
-    assert min(len(p) for p in parts) >= 10
-    assert sum(len(p) for p in parts) == len(y)
-
-
-def test_skew_grows_as_alpha_shrinks() -> None:
-    y = balanced_labels()
-
-    skew = [label_skew(y, dirichlet_partition(y, 40, a, seed=1, min_rows=5))
-            for a in (100.0, 1.0, 0.1)]  # fmt: skip
-
-    assert skew[0] < skew[1] < skew[2]
-    assert skew[0] < 0.15 and skew[2] > 0.5
-    assert label_skew(y, [np.arange(len(y))]) == 0.0
-    assert label_skew(y, [np.flatnonzero(y == c) for c in range(N_CLASSES)]) == pytest.approx(0.9)
-
-
-def test_impossible_or_bad_partitions_are_typed_errors() -> None:
-    y = balanced_labels(10)
-    with pytest.raises(Mnist1dError, match="cannot give"):
-        dirichlet_partition(y, 11, 1.0, min_rows=10)
-    for devices, alpha in ((0, 1.0), (5, 0.0), (5, float("nan"))):
-        with pytest.raises(Mnist1dError):
-            dirichlet_partition(y, devices, alpha)
-
-
-# ------------------------------------------------------------------ CSV files
-
-
-def test_device_csvs_round_trip_through_the_agent_loader(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    data = Dataset(rng.standard_normal((60, N_FEATURES)).astype(np.float32),
-                   np.tile(np.arange(N_CLASSES), 6).astype(np.int64))  # fmt: skip
-    parts = dirichlet_partition(data.y, 4, 1.0, seed=0, min_rows=3)
-
-    paths = write_device_csvs(tmp_path, data, parts, test=data.subset(np.arange(10)))
-
-    assert [p.name for p in paths] == ["dev000.csv", "dev001.csv", "dev002.csv", "dev003.csv"]
-    assert (tmp_path / "test.csv").exists()
-    header = paths[0].read_text().splitlines()[0].split(",")
-    assert header == [f"x{j:02d}" for j in range(N_FEATURES)] + ["label"]
-    for path, part in zip(paths, parts, strict=True):
-        got = load_csv(path)
-        np.testing.assert_array_equal(got.x, data.x[part])  # 9 digits: float32 exactly
-        np.testing.assert_array_equal(got.y, data.y[part])
-        assert got.names is None  # integer labels
-
-
-def test_device_file_names_sort_in_device_order() -> None:
-    assert device_csv_name(7, 20) == "dev007.csv"
-    names = [device_csv_name(k, 1500) for k in (0, 999, 1000, 1499)]
-    assert names == ["dev0000.csv", "dev0999.csv", "dev1000.csv", "dev1499.csv"]
-    assert names == sorted(names)
 
 
 # ------------------------------------------------------------------ the model

@@ -20,10 +20,11 @@ from coordinator.api.state import AppState, app_state
 from coordinator.api.uploads import UPDATE_BODY, read_bounded
 from coordinator.errors import NotFound
 from schemas.artifact import ArtifactError, normalize, spec_for
+from schemas.messages import ARTIFACT_DIGEST
 
 router = APIRouter(tags=["models"])
 State = Annotated[AppState, Depends(app_state)]
-Digest = Annotated[str, Path(pattern=r"^sha256:[0-9a-f]{64}$")]
+Digest = Annotated[str, Path(pattern=ARTIFACT_DIGEST)]
 R413: Responses = {413: {"model": ErrorBody,
                          "description": "the file is larger than max_artifact_bytes"}}
 NAMES = re.compile(r"^[^,]{1,512}(,[^,]{1,512}){0,4095}$")
