@@ -67,4 +67,6 @@ class ArtifactCache:
                             return got
         finally:
             await asyncio.wait_for(c.stop(), 30)
-        raise AggregatorError("artifact", f"{digest} is not on {self.topic}")
+        if time.monotonic() >= deadline:
+            raise AggregatorError("artifact", f"reading {self.topic} timed out")
+        raise AggregatorError("artifact_missing", f"{digest} is not on {self.topic}")

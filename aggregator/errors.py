@@ -7,7 +7,9 @@ Error tree::
         ├── UpdateRejected                  one update refused; counted by ``reason``, never fatal
         │       reasons: too_stale (standalone strategies only: shards leave the bound to the
         │                coordinator), unknown_base, future_version, non_finite, shape,
-        │                wrong_round, unknown_job, shard_mismatch, duplicate, plus every
+        │                wrong_round, unknown_job, shard_mismatch, duplicate,
+        │                artifact_missing (an onnx job whose artifact is not on the
+        │                artifacts topic, after ``artifact_wait_s``), plus every
         │                ``schemas.errors.REASONS`` code
         ├── CheckpointError (retriable)     a checkpoint could not be read or written
         └── ConfigError                     a strategy or settings value cannot be honoured

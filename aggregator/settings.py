@@ -39,6 +39,10 @@ class AggregatorSettings:
     checkpoint_every: int = 500  # records per partition between checkpoints
     checkpoint_interval_s: float = 5.0  # ... or this long, whichever comes first
     topic_wait_s: float = 30.0  # start() waits this long for the three topics to exist
+    # an onnx job whose artifact a full read of the artifacts topic does not find is looked
+    # for this long, then set aside (its records rejected ``artifact_missing``); Kafka not
+    # answering is retried without a bound (no job on the worker can progress then)
+    artifact_wait_s: float = 120.0
     poll_timeout_ms: int = 200
     max_poll_records: int = 500
     session_timeout_ms: int = 10_000

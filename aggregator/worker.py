@@ -76,6 +76,7 @@ class AggregatorWorker:
         self.store: CheckpointStore = store or FileCheckpointStore(settings.checkpoint_dir)
         self.metrics = metrics or AggregatorMetrics()
         self.jobs: dict[str, JobSpec] = {}
+        self.set_aside: dict[str, str] = {}  # job_id -> why its records cannot be applied
         self.partitions: dict[int, PartitionState] = {}
         self._since_ckpt: dict[int, int] = {}
         self._last_record: dict[int, float] = {}  # partition -> monotonic time of last record
@@ -214,22 +215,40 @@ class AggregatorWorker:
             log.warning("bad JobSpec on %s: %s", self.settings.jobs_topic, exc)
             self.metrics.rejected.labels(shard="", reason=f"job_{exc.reason}").inc()
             return
-        await self._ensure_artifact(job)
+        if not await self._ensure_artifact(job):
+            return
         self.jobs[job.job_id] = job
         for part in self.partitions.values():
             part.activate(job)
 
-    async def _ensure_artifact(self, job: JobSpec) -> None:
+    def _job_of(self, job_id: str) -> JobSpec | None:
+        if job_id in self.set_aside:
+            raise UpdateRejected("artifact_missing", self.set_aside[job_id])
+        return self.jobs.get(job_id)
+
+    async def _ensure_artifact(self, job: JobSpec) -> bool:
         """An onnx job's artifact before its first update: its version 0 is the artifact's
-        initializers. The coordinator wrote it before the job, so a miss is Kafka being
-        slow: retried (this job's updates cannot be applied without it)."""
+        initializers. The coordinator writes it (acked) before the job, so a miss is Kafka
+        being slow or, after ``artifact_wait_s`` of full reads without it, an artifact that
+        is gone: the job is set aside and its records are rejected ``artifact_missing``
+        (counted per shard; every shard reads the same topic) until the job is announced
+        again. Kafka not answering is retried without a bound."""
         delay = 0.5
+        deadline = time.monotonic() + self.settings.artifact_wait_s
         while True:
             try:
                 await self.artifacts.ensure(job.spec)
-                return
+                self.set_aside.pop(job.job_id, None)
+                return True
             except (AggregatorError, KafkaError, OSError) as exc:
                 self.metrics.errors.labels(kind="artifact").inc()
+                gone = isinstance(exc, AggregatorError) and exc.code == "artifact_missing"
+                if gone and time.monotonic() >= deadline:
+                    self.metrics.errors.labels(kind="artifact_missing").inc()
+                    log.error("job %s set aside: %s (its updates are rejected "
+                              "artifact_missing)", job.job_id, exc)  # fmt: skip
+                    self.set_aside[job.job_id] = str(exc)
+                    return False
                 log.warning("job %s: no artifact yet (%s); retrying in %.1fs", job.job_id,
                             exc, delay)  # fmt: skip
                 await asyncio.sleep(delay)
@@ -409,9 +428,10 @@ class AggregatorWorker:
                 log.exception("unexpected decode error on %s@%d", part.key, offset)
                 item = Decoded(None, error=UpdateRejected("internal", str(exc)))
         if item.msg is not None and item.msg.job_id not in self.jobs:
-            await self.catch_up_jobs()
+            if item.msg.job_id not in self.set_aside:
+                await self.catch_up_jobs()
         try:
-            out = part.handle(item, offset, self.jobs.get)
+            out = part.handle(item, offset, self._job_of)
         except Exception:  # never crash on one record; count and go on
             log.exception("unexpected error on %s@%d", part.key, offset)
             part.rejected["internal"] = part.rejected.get("internal", 0) + 1

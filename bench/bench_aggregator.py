@@ -24,6 +24,19 @@ stream is produced and the clock stops when every partition's offset is committe
     FEDFLEET_BENCH_KAFKA=127.0.0.1:9092 .venv/bin/python bench/bench_aggregator.py --json
     ... --intervals 0,0.2 --arrival-rate 1000 --updates 1000   # old vs new cadence
 
+Real updates (``--updates-from mnist1d``): Part 1 on ``--updates`` (400) real updates of the
+MNIST-1D CNN (``sim.cnn1d``, 102,282 parameters), made by ``bench/cnn_updates.py``: trained
+as the demo's devices train (Adam lr 2e-3, 3 local epochs, batch 16, Dirichlet(0.5) over
+1,000 devices) along a FedAsync trajectory, encoded per device with error feedback
+(``codec.encode_update``), once per ``--codecs`` name (``topk0.01-int8``, ``dense-int8``,
+``dense-fp32``, ...) and cached under ``~/.cache/fedfleet/bench``. The job is the model's
+``onnx`` spec cut into ``--model-shards`` (1: the whole vector per shard), shard 0 is
+measured; bases, arrival clock and the four rates as above. Part 2 is skipped unless
+``--scale-procs`` is given (it stays synthetic).
+
+    .venv/bin/python bench/bench_aggregator.py --updates-from mnist1d --json
+    ... --updates-from mnist1d --codecs topk0.01-int8 --model-shards 2   # the demo's split
+
 Without FEDFLEET_BENCH_KAFKA a local stack is started with ``stack.LocalStack``.
 """
 
@@ -40,6 +53,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +65,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cnn_updates import GenSettings, RealUpdates, load_updates  # noqa: E402
+
 from aggregator.checkpoint import FileCheckpointStore  # noqa: E402
 from aggregator.job_shard import Cadence  # noqa: E402
 from aggregator.settings import AggregatorSettings  # noqa: E402
@@ -57,6 +74,7 @@ from aggregator.shard import PartitionState  # noqa: E402
 from aggregator.strategies import StrategyOptions, Update, build_strategy  # noqa: E402
 from aggregator.worker import AggregatorWorker  # noqa: E402
 from schemas import codec  # noqa: E402
+from schemas.artifact import initial_params  # noqa: E402
 from schemas.messages import (  # noqa: E402
     CodecConfig,
     JobSpec,
@@ -65,14 +83,18 @@ from schemas.messages import (  # noqa: E402
     StrategyConfig,
     encode,
 )
-from schemas.modelspec import even_bounds, init_params, num_params  # noqa: E402
+from schemas.modelspec import even_bounds, num_params  # noqa: E402
 
 BIG = 64 << 20
 
 
-def make_job(name: str, n_params: int, shards: int, publish_every: int) -> JobSpec:
+def make_job(
+    name: str, n_params: int, shards: int, publish_every: int, *, spec: ModelSpecMsg | None = None
+) -> JobSpec:
+    """A ``softmax`` job of about ``n_params`` parameters, or one of ``spec`` (cut with
+    ``even_bounds`` into ``shards``, as the coordinator cuts)."""
     n_classes = 10
-    spec = ModelSpecMsg(
+    spec = spec or ModelSpecMsg(
         family="softmax", n_features=max(1, n_params // n_classes - 1), n_classes=n_classes
     )
     # staleness in versions grows with the announcement interval (a base is up to
@@ -94,60 +116,82 @@ def make_job(name: str, n_params: int, shards: int, publish_every: int) -> JobSp
     )
 
 
+def schedule(
+    job: JobSpec, n: int, rng: np.random.Generator, *, rate: float, interval: float, t0: float
+) -> list[tuple[float, int]]:
+    """``(accepted_ts, base_version)`` of ``n`` updates arriving at ``rate``/s with realistic
+    lags (base = an announced version <= 4 back under the cadence the worker will apply)."""
+    buffered = job.strategy.name == "fedbuff"
+    cad = Cadence(publish_every=job.publish_every, min_interval_s=interval)
+    announced = [0]
+    out: list[tuple[float, int]] = []
+    for i in range(n):
+        ts = t0 + i / rate
+        cur = i // job.strategy.buffer_size if buffered else i
+        lag = int(rng.integers(0, 5))
+        out.append((ts, max(v for v in announced if v <= max(0, cur - lag))))
+        cad.tick(ts)
+        new = (i + 1) // job.strategy.buffer_size if buffered else i + 1
+        if (not buffered or (i + 1) % job.strategy.buffer_size == 0) and cad.due(new):
+            cad.announced(new)
+            announced.append(new)
+    return out
+
+
+def shard_update(
+    job: JobSpec, s: int, i: int, at: tuple[float, int], payload: bytes, *, device: str = "d",
+    num_samples: int = 1,
+) -> ShardUpdate:  # fmt: skip
+    b = job.shard_bounds
+    return ShardUpdate(update_id=f"u{s}-{i}", task_id=f"t{i}", job_id=job.job_id,
+                       device_id=device, shard=s, start=b[s], stop=b[s + 1], base_version=at[1],
+                       num_samples=num_samples, payload=payload, accepted_ts=at[0])  # fmt: skip
+
+
 def make_updates(
     job: JobSpec, n: int, topk: float, *, rate: float, interval: float, seed: int = 0
 ) -> list[ShardUpdate]:
-    """Per shard, ``n`` updates arriving at ``rate``/s with realistic lags (base = an
-    announced version <= 4 back under the cadence the worker will apply)."""
+    """Per shard, ``n`` updates cycling through 8 random top-k int8 frames (``schedule``)."""
     rng = np.random.default_rng(seed)
     b = job.shard_bounds
     cfg = CodecConfig(topk=topk, quant="int8")
     out: list[ShardUpdate] = []
-    buffered = job.strategy.name == "fedbuff"
     t0 = time.time()
     for s in range(len(b) - 1):
         size = b[s + 1] - b[s]
         frames = [
             codec.encode(rng.normal(size=size).astype(np.float32) * 0.01, cfg) for _ in range(8)
         ]
-        cad = Cadence(publish_every=job.publish_every, min_interval_s=interval)
-        announced = [0]
-        for i in range(n):
-            ts = t0 + i / rate
-            cur = i // job.strategy.buffer_size if buffered else i
-            lag = int(rng.integers(0, 5))
-            base = max(v for v in announced if v <= max(0, cur - lag))
-            cad.tick(ts)
-            new = (i + 1) // job.strategy.buffer_size if buffered else i + 1
-            if (not buffered or (i + 1) % job.strategy.buffer_size == 0) and cad.due(new):
-                cad.announced(new)
-                announced.append(new)
-            out.append(
-                ShardUpdate(
-                    update_id=f"u{s}-{i}",
-                    task_id=f"t{i}",
-                    job_id=job.job_id,
-                    device_id="d",
-                    shard=s,
-                    start=b[s],
-                    stop=b[s + 1],
-                    base_version=base,
-                    num_samples=1,
-                    payload=frames[i % 8],
-                    accepted_ts=ts,
-                )
-            )
+        sched = schedule(job, n, rng, rate=rate, interval=interval, t0=t0)
+        out += [shard_update(job, s, i, at, frames[i % 8]) for i, at in enumerate(sched)]
     return out
 
 
+def real_updates(
+    job: JobSpec, real: RealUpdates, *, rate: float, interval: float, seed: int = 0
+) -> list[ShardUpdate]:
+    """Shard 0 of the real updates in generation order, on the same ``schedule``."""
+    rng = np.random.default_rng(seed)
+    sched = schedule(job, len(real.updates), rng, rate=rate, interval=interval, t0=time.time())
+    return [
+        shard_update(job, 0, i, at, u.frames[0], device=f"d{u.device}", num_samples=u.num_samples)
+        for i, (u, at) in enumerate(zip(real.updates, sched, strict=True))
+    ]
+
+
 def pure_strategy_rate(
-    job: JobSpec, ups: list[ShardUpdate], interval: float, *, with_decode: bool = False
+    job: JobSpec,
+    ups: list[ShardUpdate],
+    interval: float,
+    *,
+    with_decode: bool = False,
+    artifact: bytes | None = None,
 ) -> float:
     """Apply only (or codec decode + apply); exact FedAsync keeps the versions the cadence
     announces as bases."""
     s0 = [u for u in ups if u.shard == 0]
     pre = [] if with_decode else [codec.decode(u.payload, u.stop - u.start) for u in s0]
-    init = init_params(job.spec, job.init_seed)[s0[0].start : s0[0].stop]
+    init = initial_params(job.spec, job.init_seed, artifact)[s0[0].start : s0[0].stop]
     strat = build_strategy(job.strategy, init, options=StrategyOptions(keep_every=0))
     cad = Cadence(publish_every=job.publish_every, min_interval_s=interval)
     t0 = time.perf_counter()
@@ -161,9 +205,13 @@ def pure_strategy_rate(
     return len(s0) / (time.perf_counter() - t0)
 
 
-def core_rate(job: JobSpec, ups: list[ShardUpdate], interval: float) -> tuple[float, int]:
+def core_rate(
+    job: JobSpec, ups: list[ShardUpdate], interval: float, artifact: bytes | None = None
+) -> tuple[float, int]:
     raws = [encode(u) for u in ups if u.shard == 0]
-    st = PartitionState("bench", 0, min_publish_interval_s=interval)
+    st = PartitionState(
+        "bench", 0, min_publish_interval_s=interval, artifact_of=lambda _spec: artifact
+    )
     built = 0
     t0 = time.perf_counter()
     for i, r in enumerate(raws):
@@ -215,7 +263,11 @@ async def produce(bootstrap: str, prefix: str, job: JobSpec, ups: list[ShardUpda
 
 
 async def kafka_rate(
-    bootstrap: str, job: JobSpec, ups: list[ShardUpdate], interval: float
+    bootstrap: str,
+    job: JobSpec,
+    ups: list[ShardUpdate],
+    interval: float,
+    artifact: bytes | None = None,
 ) -> tuple[float, int, float]:
     prefix = f"b{uuid.uuid4().hex[:8]}."
     await create_topics(bootstrap, prefix, 1)
@@ -229,6 +281,8 @@ async def kafka_rate(
     )
     ckdir = tempfile.mkdtemp(prefix="bench-agg-")
     worker = AggregatorWorker(settings, store=FileCheckpointStore(ckdir))
+    if artifact is not None:  # what the coordinator writes to {prefix}artifacts; read at start
+        worker.artifacts.put(artifact, job.spec.artifact)
     times: list[float] = []
     orig = worker._handle
 
@@ -356,30 +410,29 @@ async def scaling_run(
     return elapsed
 
 
-async def main_async(a: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
-    res: dict[str, Any] = {
-        "params_per_shard": a.params,
-        "updates": a.updates,
-        "topk": a.topk,
-        "publish_every": a.publish_every,
-        "arrival_rate": a.arrival_rate,
-        "per_shard": {},
-        "scaling": {},
-    }
-    intervals = [float(x) for x in a.intervals.split(",")]
-    for interval in intervals:
+Workload = Callable[[str, float], tuple[JobSpec, list[ShardUpdate]]]
+
+
+async def part1(
+    a: argparse.Namespace, bootstrap: str, workload: Workload, *, artifact: bytes | None = None,
+    label: str = "",
+) -> dict[str, Any]:  # fmt: skip
+    """Per interval and strategy: the four rates (medians of ``a.repeats`` runs), ratios."""
+    out: dict[str, Any] = {}
+    for interval in [float(x) for x in a.intervals.split(",")]:
         per: dict[str, Any] = {}
-        res["per_shard"][f"min_publish_interval_s={interval:g}"] = per
+        out[f"min_publish_interval_s={interval:g}"] = per
         for name in a.strategies.split(","):
-            job = make_job(name, a.params, 1, a.publish_every)
-            ups = make_updates(job, a.updates, a.topk, rate=a.arrival_rate, interval=interval)
+            job, ups = workload(name, interval)
             runs: dict[str, list[float]] = {"pure": [], "pure_dec": [], "core": [], "kafka": []}
             for _ in range(a.repeats):
-                runs["pure"].append(pure_strategy_rate(job, ups, interval))
-                runs["pure_dec"].append(pure_strategy_rate(job, ups, interval, with_decode=True))
-                core, core_pub = core_rate(job, ups, interval)
+                runs["pure"].append(pure_strategy_rate(job, ups, interval, artifact=artifact))
+                runs["pure_dec"].append(
+                    pure_strategy_rate(job, ups, interval, with_decode=True, artifact=artifact)
+                )
+                core, core_pub = core_rate(job, ups, interval, artifact)
                 runs["core"].append(core)
-                kafka, published, ckpt_s = await kafka_rate(bootstrap, job, ups, interval)
+                kafka, published, ckpt_s = await kafka_rate(bootstrap, job, ups, interval, artifact)
                 runs["kafka"].append(kafka)
             pure, pure_dec, core, kafka = (
                 statistics.median(runs[k]) for k in ("pure", "pure_dec", "core", "kafka")
@@ -397,10 +450,60 @@ async def main_async(a: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
                 "core_versions_announced": core_pub,
                 "worker_checkpoint_s": round(ckpt_s, 3),  # incl. the final ones after drain
             }
-            print(interval, name, per[name], file=sys.stderr)
+            print(label, interval, name, per[name], file=sys.stderr)
+    return out
+
+
+async def part1_mnist1d(a: argparse.Namespace, bootstrap: str, gen: GenSettings) -> dict[str, Any]:
+    """Part 1 on the CNN's real updates (``bench/cnn_updates.py``), per codec."""
+    out: dict[str, Any] = {}
+    for cname in a.codecs.split(","):
+        real = load_updates(gen, cname)
+        print(cname, real.stats(), file=sys.stderr)
+
+        def workload(
+            name: str, interval: float, real: RealUpdates = real
+        ) -> tuple[JobSpec, list[ShardUpdate]]:
+            job = make_job(name, 0, gen.shards, a.publish_every, spec=real.spec)
+            return job, real_updates(job, real, rate=a.arrival_rate, interval=interval)
+
+        out[cname] = {
+            "params_per_shard": real.bounds[1] - real.bounds[0],
+            "generated": real.stats(),
+            "per_shard": await part1(a, bootstrap, workload, artifact=real.artifact, label=cname),
+        }
+    return out
+
+
+async def main_async(a: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    res: dict[str, Any] = {
+        "updates_from": a.updates_from,
+        "params_per_shard": a.params,
+        "updates": a.updates,
+        "topk": a.topk,
+        "publish_every": a.publish_every,
+        "arrival_rate": a.arrival_rate,
+        "per_shard": {},
+        "scaling": {},
+    }
+    if a.updates_from == "mnist1d":
+        for k in ("params_per_shard", "topk", "per_shard"):  # per codec instead
+            del res[k]
+        gen = GenSettings(updates=a.updates, shards=a.model_shards, devices=a.devices,
+                          seed=a.gen_seed)  # fmt: skip
+        res["generation"] = asdict(gen)
+        res["per_codec"] = await part1_mnist1d(a, bootstrap, gen)
+    else:
+
+        def synthetic(name: str, interval: float) -> tuple[JobSpec, list[ShardUpdate]]:
+            job = make_job(name, a.params, 1, a.publish_every)
+            return job, make_updates(job, a.updates, a.topk, rate=a.arrival_rate, interval=interval)
+
+        res["per_shard"] = await part1(a, bootstrap, synthetic)
     if a.scale_procs:
         shards = a.scale_shards
-        interval = intervals[-1]
+        interval = float(a.intervals.split(",")[-1])
         res["scaling_min_publish_interval_s"] = interval
         job = make_job(a.scale_strategy, a.params * shards, shards, a.publish_every)
         ups = make_updates(job, a.scale_updates, a.topk, rate=a.arrival_rate, interval=interval)
@@ -415,13 +518,17 @@ async def main_async(a: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
                 "total_ups": round((len(ups) - 5 * shards) / wall, 1),
             }
             print(procs, res["scaling"][str(procs)], file=sys.stderr)
+    res["elapsed_s"] = round(time.perf_counter() - t0, 1)
     return res
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--params", type=int, default=1_000_000, help="parameters per shard")
-    p.add_argument("--updates", type=int, default=1000, help="updates per shard")
+    p.add_argument("--updates-from", choices=("synthetic", "mnist1d"), default="synthetic")
+    p.add_argument(
+        "--updates", type=int, default=None, help="updates per shard (1000; mnist1d: 400)"
+    )
     p.add_argument("--topk", type=float, default=0.01)
     p.add_argument("--publish-every", type=int, default=5)
     p.add_argument(
@@ -431,13 +538,22 @@ def main() -> None:
         "--arrival-rate", type=float, default=1000.0, help="updates/s per shard (accepted_ts)"
     )
     p.add_argument("--strategies", default="fedasync,fedasync_delta,fedbuff")
-    p.add_argument("--scale-procs", default="1,2,4")
+    p.add_argument(
+        "--codecs", default="topk0.01-int8,dense-int8,dense-fp32", help="mnist1d: codec names"
+    )
+    p.add_argument("--model-shards", type=int, default=1, help="mnist1d: shards of the model")
+    p.add_argument("--devices", type=int, default=1000, help="mnist1d: fleet size")
+    p.add_argument("--gen-seed", type=int, default=0, help="mnist1d: generation seed")
+    p.add_argument("--scale-procs", default=None, help="1,2,4 ('' = none; mnist1d: none)")
     p.add_argument("--scale-shards", type=int, default=4)
     p.add_argument("--scale-updates", type=int, default=1000, help="updates per shard")
     p.add_argument("--scale-strategy", default="fedasync")
     p.add_argument("--repeats", type=int, default=3, help="runs per rate (median)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    mnist = a.updates_from == "mnist1d"
+    a.updates = a.updates or (400 if mnist else 1000)
+    a.scale_procs = ("" if mnist else "1,2,4") if a.scale_procs is None else a.scale_procs
     bootstrap = os.environ.get("FEDFLEET_BENCH_KAFKA")
     launcher = None
     if not bootstrap:

@@ -20,6 +20,7 @@ class AgentStats:
     reports_unsent: int = 0  # built, but the link stayed down until the task's deadline
     updates_sent: int = 0  # update publishes, including re-sends
     updates_sent_http: int = 0  # of those, over HTTP (POST /v1/uploads)
+    update_bytes: int = 0  # update frames' bytes sent over either transport, incl. re-sends
     updates_acked: int = 0  # accepted or duplicate
     updates_rejected: int = 0
     acks_stale: int = 0  # acks for updates not in the outbox

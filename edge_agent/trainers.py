@@ -1,9 +1,15 @@
 """Local training behind a small ``Trainer`` protocol, plus the built-in numpy trainer.
 
 The numpy trainer uses the flat parameter layout of ``schemas.modelspec`` (softmax regression
-or a one-hidden-layer ReLU MLP), mean cross-entropy, mini-batch SGD and the optional FedAsync
-proximal term ``prox_mu/2 * ||w - w_base||^2``. Training advances in ``step(n)`` slices so
-the agent can yield to the event loop and re-check the resource gate between slices.
+or a one-hidden-layer ReLU MLP) and honours the whole ``TrainConfig`` as the PyTorch trainer
+(``edge_agent.torch_trainer``) does: the loss (``cross_entropy``: mean cross-entropy of the
+logits; ``mse``: mean over batch and classes of ``(logits - one_hot(y))^2``, on the logits
+as ``torch_trainer.task_loss``, not on the softmax), the optional FedAsync proximal term
+``prox_mu/2 * ||w - w_base||^2`` added to it, and the optimizer with its weight decay
+(``edge_agent.numpy_optim``: ``torch.optim.SGD``/``Adam``'s rules). Training advances in
+``step(n)`` slices so the agent can yield to the event loop and re-check the resource gate
+between slices. A loss or optimizer ``TrainConfig`` does not know (possible only for a
+config built in code) raises ``SchemaError("type")`` at ``start``.
 
 Trainers take raw features: a spec with ``input_mean`` is standardised inside the model
 (``schemas.modelspec.standardize``), here once per run, before the first layer.
@@ -12,17 +18,21 @@ Trainers take raw features: a spec with ``input_mean`` is standardised inside th
 from __future__ import annotations
 
 import functools
-from typing import Protocol
+from typing import Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent.numpy_optim import make_optimizer
+from schemas.errors import SchemaError
 from schemas.messages import ModelSpecMsg, TrainConfig
 from schemas.modelspec import forward, layout, num_params, standardize
 from schemas.types import F32
 
 Arr = npt.NDArray[np.floating]
 Labels = npt.NDArray[np.int64]
+
+LOSSES: Final = ("cross_entropy", "mse")
 
 
 class TrainRun(Protocol):
@@ -94,6 +104,12 @@ def _views(spec: ModelSpecMsg, flat: Arr) -> dict[str, Arr]:
     return {k: flat[a:b].reshape(shape) for k, (a, b, shape) in sl.items()}
 
 
+def check_loss(kind: str) -> None:
+    """Raise ``SchemaError("type")`` unless ``kind`` is one of ``LOSSES``."""
+    if kind not in LOSSES:
+        raise SchemaError("type", f"unknown loss {kind!r} (one of {LOSSES})")
+
+
 def loss_and_grad(
     spec: ModelSpecMsg,
     flat: Arr,
@@ -102,14 +118,16 @@ def loss_and_grad(
     *,
     base: Arr | None = None,
     prox_mu: float = 0.0,
+    loss: str = "cross_entropy",
 ) -> tuple[float, Arr]:
-    """Mean cross-entropy (+ proximal term) and its gradient w.r.t. the flat vector, on raw
-    features ``x`` (standardised first when the spec says so).
+    """The ``loss`` (``TrainConfig.loss``; + proximal term) and its gradient w.r.t. the flat
+    vector, on raw features ``x`` (standardised first when the spec says so).
 
     Works in the dtype of ``flat`` (float64 for gradient checks, float32 in training).
     """
+    check_loss(loss)
     xs = standardize(spec, x)
-    return _loss_and_grad(spec, flat, xs, y, base=base, prox_mu=prox_mu)
+    return _loss_and_grad(spec, flat, xs, y, base=base, prox_mu=prox_mu, loss=loss)
 
 
 def _loss_and_grad(
@@ -120,8 +138,9 @@ def _loss_and_grad(
     *,
     base: Arr | None,
     prox_mu: float,
+    loss: str = "cross_entropy",
 ) -> tuple[float, Arr]:
-    """``loss_and_grad`` on features already standardised."""
+    """``loss_and_grad`` on features already standardised (``loss`` already checked)."""
     p = _views(spec, flat)
     n = x.shape[0]
     grad = np.empty_like(flat)
@@ -136,14 +155,21 @@ def _loss_and_grad(
         h = np.maximum(pre, 0.0)
         z = h @ p["W2"]
         z += p["b2"]
-    z -= z.max(axis=1, keepdims=True)
-    d = np.exp(z)
-    s = d.sum(axis=1)
     rows = np.arange(n)
-    loss = float(np.mean(np.log(s) - z[rows, y]))
-    d /= s[:, None]
-    d[rows, y] -= 1.0
-    d /= n
+    d: Arr  # d loss / d logits
+    if loss == "mse":  # mean over n*C of (z - one_hot(y))^2, on the logits
+        d = z
+        d[rows, y] -= 1.0
+        value = float(np.mean(np.square(d)))
+        d *= 2.0 / d.size
+    else:  # mean cross-entropy of softmax(z)
+        z -= z.max(axis=1, keepdims=True)
+        d = np.exp(z)
+        s = d.sum(axis=1)
+        value = float(np.mean(np.log(s) - z[rows, y]))
+        d /= s[:, None]
+        d[rows, y] -= 1.0
+        d /= n
     if spec.family == "softmax":
         np.matmul(x.T, d, out=g["W"])
         np.sum(d, axis=0, out=g["b"])
@@ -156,16 +182,16 @@ def _loss_and_grad(
         np.sum(dh, axis=0, out=g["b1"])
     if prox_mu > 0.0 and base is not None:
         diff = flat - base
-        loss += 0.5 * prox_mu * float(diff @ diff)
+        value += 0.5 * prox_mu * float(diff @ diff)
         grad += prox_mu * diff
-    return loss, grad
+    return value, grad
 
 
 # --------------------------------------------------------------------------- numpy trainer
 
 
 class NumpyRun:
-    """Mini-batch SGD over ``local_epochs`` shuffled epochs."""
+    """``cfg``'s optimizer on mini-batches over ``local_epochs`` shuffled epochs."""
 
     def __init__(
         self,
@@ -183,6 +209,8 @@ class NumpyRun:
             raise ValueError(f"data shape {x.shape}/{y.shape} does not fit the model")
         if x.shape[0] == 0:
             raise ValueError("no training data")
+        check_loss(cfg.loss)
+        self._optim = make_optimizer(cfg)  # raises on an unknown optimizer; state is lazy
         self._spec = spec
         self._base = base.astype(np.float32, copy=True)
         self._w = self._base.copy()
@@ -237,21 +265,23 @@ class NumpyRun:
         return self.done
 
     def _sgd_step(self, idx: npt.NDArray[np.intp], lr: np.float32) -> float:
-        """One SGD step on rows ``idx`` (updates ``self._w`` in place); returns the loss.
+        """One optimizer step on rows ``idx`` (updates ``self._w`` in place); returns the
+        loss. ``lr`` is ``cfg.lr`` in float32; the optimizer holds its own copy.
 
         Subclasses (``edge_agent.torch_trainer``) replace only this: batching, shuffling
         and seeding stay identical, so trainers agree on the same data and seed.
         """
+        cfg = self._cfg
         loss, grad = _loss_and_grad(
             self._spec,
             self._w,
             self._x[idx],
             self._y[idx],
             base=self._base,
-            prox_mu=self._cfg.prox_mu,
+            prox_mu=cfg.prox_mu,
+            loss=cfg.loss,
         )
-        grad *= lr
-        self._w -= grad
+        self._optim.step(self._w, grad)
         return loss
 
 

@@ -128,6 +128,7 @@ class Uploader:
             if ack is not None:
                 self.stats.updates_sent += 1
                 self.stats.updates_sent_http += 1
+                self.stats.update_bytes += len(data)
                 self.last_sent[update_id] = time.monotonic()
                 self.on_ack(ack)
                 return
@@ -135,6 +136,7 @@ class Uploader:
                 return  # offline_loop tries again
         if await self.publish(self.settings.topic("update"), data, 1):
             self.stats.updates_sent += 1
+            self.stats.update_bytes += len(data)
             self.last_sent[update_id] = time.monotonic()
 
     async def offline_loop(self) -> None:

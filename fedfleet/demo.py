@@ -25,9 +25,9 @@ from typing import Any
 
 import httpx
 
-from fedfleet.demo_tasks import DEFAULTS, TASKS, DemoTask, central_reference, load_task
 from fedfleet.stack_cli import add_server_flags, settings_from
 from sim.monitor import ModelMonitor, ProgressView
+from sim.tasks import DEFAULTS, TASKS, central_reference, load_task
 from stack import LocalStack, StackInfo
 from stack.errors import StackError
 
@@ -53,7 +53,7 @@ class DemoSettings:
     stable_versions: int = 3  # consecutive new versions at/above target (see stable())
     out_dir: Path = field(default_factory=lambda: Path("runs") / "demo")
     as_json: bool = False
-    task: str = "digits"  # fedfleet.demo_tasks
+    task: str = "digits"  # sim.tasks
     publish_every: int = 1
     eval_every: int = 20
     eval_devices: int = 0  # 0: half the fleet, at most 100
@@ -68,7 +68,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--task", choices=TASKS, default="digits",
                    help="digits: built-in softmax on 8x8 digits; mnist1d: a PyTorch 1D "
                         "CNN (your own model) on MNIST-1D, 1,000 devices")  # fmt: skip
-    # None: the task's default (fedfleet.demo_tasks.DEFAULTS), else DemoSettings'
+    # None: the task's default (sim.tasks.DEFAULTS), else DemoSettings'
     p.add_argument("--devices", type=int, help=f"default {d.devices} (mnist1d: 1000)")
     p.add_argument("--shards", type=int, default=d.shards)
     p.add_argument("--aggregators", type=int, default=d.aggregators)
@@ -178,15 +178,6 @@ def job_body(s: DemoSettings, spec: dict[str, Any] | None = None, *,
     }  # fmt: skip
 
 
-async def _upload(http: httpx.AsyncClient, admin: dict[str, str], task: DemoTask,
-                  ) -> dict[str, Any]:  # fmt: skip
-    """Upload the task's ONNX file (``POST /v1/artifacts``): the job's spec."""
-    r = await http.post("/v1/artifacts", content=task.artifact, headers=admin)
-    if r.status_code != 201:
-        raise StackError(f"demo: uploading the model failed: {r.status_code} {r.text}")
-    return {**r.json()["spec"], **task.spec}
-
-
 async def final_evaluation(
     http: httpx.AsyncClient, admin: dict[str, str], job_id: str, version: int, devices: int,
     *, timeout_s: float,
@@ -211,6 +202,7 @@ async def final_evaluation(
 
 async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
     from sim.fleet import FleetSpec, SimulatedFleet
+    from sim.load_services import Api
     from sim.services import ServiceSet
 
     t0 = time.monotonic()
@@ -236,7 +228,7 @@ async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
               f" and {services.rest_url}/docs)", file=err)  # fmt: skip
         async with httpx.AsyncClient(base_url=services.rest_url, timeout=30.0) as http:
             admin = {"Authorization": f"Bearer {services.admin_token}"}
-            spec = task.spec if task.artifact is None else await _upload(http, admin, task)
+            spec = await Api(http, services.admin_token).model_spec(task)
             body = job_body(s, spec, model_name=task.model_name, train_extra=task.train_extra)
             r = await http.post("/v1/jobs", json=body, headers=admin)
             if r.status_code >= 300:

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     from loadtest.failover import FAULTS, FailoverSettings
     from loadtest.scale import ScaleSettings
     from loadtest.train import TrainSettings
+    from sim.tasks import TASKS
 
     p = argparse.ArgumentParser(prog="fedfleet loadtest", description=__doc__)
     sub = p.add_subparsers(dest="scenario", required=True)
@@ -57,11 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="FedAsync vs FedBuff vs sync FedAvg, time to accuracy")
     t = TrainSettings()
-    tr.add_argument("--devices", type=int, default=t.devices)
+    tr.add_argument("--task", choices=TASKS, default=t.task,
+                    help="digits: built-in softmax; mnist1d: a PyTorch 1D CNN brought as an "
+                         "ONNX model, 1,000 devices (needs fedfleet[torch])")  # fmt: skip
+    # None: the task's default (sim.tasks.LEARNING), else TrainSettings'
+    tr.add_argument("--devices", type=int, help=f"default {t.devices} (mnist1d: 1000)")
     tr.add_argument("--strategies", default=",".join(t.strategies))
-    tr.add_argument("--target-accuracy", type=float, default=t.target_accuracy)
-    tr.add_argument("--time-budget", type=float, default=t.budget_s, help="seconds per strategy")
-    tr.add_argument("--concurrency", type=int, default=t.concurrency)
+    tr.add_argument("--codecs", default=",".join(t.codecs),
+                    help="update encodings, one run each per strategy: fp32, fp16, int8, "
+                         "topk<F>-<fp32|fp16|int8> (e.g. fp32,topk0.01-int8)")  # fmt: skip
+    tr.add_argument("--max-updates", type=int, default=t.max_updates,
+                    help="end each run after this many accepted updates (0: at the target)")
+    tr.add_argument("--target-accuracy", type=float, help=f"default {t.target_accuracy}")
+    tr.add_argument("--time-budget", type=float, default=t.budget_s, help="seconds per run")
+    tr.add_argument("--concurrency", type=int, help=f"default {t.concurrency} (mnist1d: 10)")
+    tr.add_argument("--lr", type=float, help=f"default {t.lr} (mnist1d: Adam, 2e-3)")
+    tr.add_argument("--local-epochs", type=int, help=f"default {t.local_epochs}")
+    tr.add_argument("--batch-size", type=int, help=f"default {t.batch_size}")
     tr.add_argument("--time-scale", type=float, default=t.time_scale)
     tr.add_argument(
         "--task-seconds",
@@ -104,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def train_values(args: argparse.Namespace) -> dict[str, Any]:
+    """``train``'s flags given over the task's learning defaults."""
+    from loadtest.train import task_defaults
+
+    values = task_defaults(args.task)
+    for name in ("devices", "target_accuracy", "concurrency", "lr", "local_epochs",
+                 "batch_size"):  # fmt: skip
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
+    return values
+
+
 def stack_settings(args: argparse.Namespace) -> StackSettings:
     """Servers from flags > ``FEDFLEET_KAFKA/MQTT/REDIS`` > the stack file; else started."""
     s = StackSettings.from_env(kafka_url=args.kafka, mqtt_url=args.mqtt, redis_url=args.redis)
@@ -130,12 +155,12 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], lis
         from loadtest.train import TrainSettings, run_train, train_report
 
         ts = TrainSettings(
-            devices=args.devices, strategies=tuple(args.strategies.split(",")),
-            target_accuracy=args.target_accuracy, budget_s=args.time_budget,
-            concurrency=args.concurrency, time_scale=args.time_scale,
-            task_s=args.task_seconds, speed_sigma=args.speed_sigma,
+            strategies=tuple(args.strategies.split(",")), budget_s=args.time_budget,
+            time_scale=args.time_scale, task_s=args.task_seconds, speed_sigma=args.speed_sigma,
             over_selection=args.over_selection, round_deadline_s=args.round_deadline,
-            processes=args.processes, seed=args.seed,
+            processes=args.processes, seed=args.seed, task=args.task,
+            codecs=tuple(args.codecs.split(",")), max_updates=args.max_updates,
+            **train_values(args),
         )  # fmt: skip
         async with environment(stack_settings(args), aggregators=2, log=log) as env:
             res = await run_train(env, ts, quiet=quiet)

@@ -6,6 +6,15 @@ target accuracy holds for ``stable_versions`` new versions or the per-strategy b
 runs out. Device compute time dominates the pipeline (``time_scale`` and
 ``base_samples_per_s`` make a median device take seconds, the lognormal tail tens of
 seconds), so synchronous rounds wait on stragglers as they do in real fleets.
+
+``task`` picks the learning task (``sim.tasks``: ``digits``, or ``mnist1d``, the 1D CNN
+brought as the user's own ONNX model) and ``codecs`` the update encodings: every
+(strategy, codec) pair is one job, so ``--strategies fedasync --codecs fp32,topk0.01-int8``
+compares dense fp32 uploads with top-1% int8 (error feedback on) on the same fleet, and the
+summary gives each run's uplink bytes per update and its ratio to the fp32 run's. With
+``max_updates`` a run ends after that many accepted updates instead of at the target, so
+codecs are compared at the same update budget; every run's final accuracy is that of the
+drained model (every acknowledged update applied).
 """
 
 from __future__ import annotations
@@ -16,15 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from redis.asyncio import Redis
 
-from edge_agent.data import load_digits_split
 from loadtest.runner import Env, Progress, Timeline
+from schemas.messages import ModelSpecMsg
+from schemas.modelspec import num_params
 from sim.fleet import FleetSpec
 from sim.load_services import wait_quiet
 from sim.monitor import ModelMonitor, fed_text
 from sim.pool import FleetPool
 from sim.services import AggMetrics, scrape
+from sim.tasks import LEARNING, Task, load_task
+from stack.errors import StackError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,13 +59,54 @@ class TrainSettings:
     processes: int = 1
     stable_versions: int = 3
     seed: int = 0
+    task: str = "digits"  # sim.tasks
+    codecs: tuple[str, ...] = ("int8",)  # see codec_of
+    max_updates: int = 0  # >0: a run ends after this many accepted updates, not at target
+    publish_every: int = 1
+
+
+# TrainSettings fields a task sets when the user does not (sim.tasks.LEARNING)
+TASK_FIELDS = ("devices", "concurrency", "lr", "local_epochs", "batch_size",
+               "target_accuracy", "publish_every", "stable_versions")  # fmt: skip
+
+
+def task_defaults(task: str) -> dict[str, Any]:
+    return {k: v for k, v in LEARNING.get(task, {}).items() if k in TASK_FIELDS}
+
+
+def codec_of(name: str) -> dict[str, Any]:
+    """A codec's name -> the job's ``codec``: ``fp32`` (dense, unquantised), ``fp16``,
+    ``int8``, or ``topk<F>-<quant>`` (the top ``F`` share of coordinates, e.g.
+    ``topk0.01-int8``); error feedback stays on (the codec's default)."""
+    quants = {"fp32": "none", "none": "none", "fp16": "fp16", "int8": "int8"}
+    topk, _, quant = name.rpartition("-") if name.startswith("topk") else ("", "", name)
+    if quant not in quants:
+        raise StackError(f"loadtest train: unknown codec {name!r} (fp32, fp16, int8, "
+                         "topk<F>-<fp32|fp16|int8>)")  # fmt: skip
+    frac = 0.0
+    if topk:
+        try:
+            frac = float(topk[len("topk"):])
+        except ValueError:
+            raise StackError(f"loadtest train: bad top-k share in {name!r}") from None
+        if not 0.0 < frac <= 1.0:
+            raise StackError(f"loadtest train: top-k share must be in (0, 1]: {name!r}")
+    return {"topk": frac, "quant": quants[quant]}
+
+
+def run_label(strategy: str, codec: str, s: TrainSettings) -> str:
+    return strategy if len(s.codecs) == 1 else f"{strategy}+{codec}"
 
 
 def fed_round(acc: float | None) -> float | None:
     return None if acc is None else round(acc, 4)
 
 
-def job_body(s: TrainSettings, strategy: str, run_id: str) -> dict[str, Any]:
+def job_body(s: TrainSettings, strategy: str, run_id: str, *, task: Task | None = None,
+             spec: dict[str, Any] | None = None, codec: str = "int8",
+             ) -> dict[str, Any]:  # fmt: skip
+    """One run's job: ``spec`` the model's (default the digits softmax), ``task`` gives the
+    model name and the task's training extras (e.g. the optimizer)."""
     strat: dict[str, Any] = {"name": strategy}
     selection: dict[str, Any] = {"mode": "async"}
     if strategy in ("fedasync", "fedasync_delta"):
@@ -63,34 +117,50 @@ def job_body(s: TrainSettings, strategy: str, run_id: str) -> dict[str, Any]:
         strat.update(buffer_size=s.concurrency, server_lr=1.0)
         selection = {"mode": "sync", "over_selection": s.over_selection,
                      "round_deadline_s": s.round_deadline_s}  # fmt: skip
+    name = (task.model_name if task else "digits") + f"-{strategy}"
+    tag = strategy if len(s.codecs) == 1 else f"{strategy}-{codec.replace('.', '')}"
     return {
-        "model_name": f"digits-{strategy}-{run_id}",
-        "job_id": f"{strategy}-{run_id}",
-        "spec": {"family": "softmax", "n_features": 64, "n_classes": 10},
+        "model_name": f"{name}-{tag}-{run_id}" if tag != strategy else f"{name}-{run_id}",
+        "job_id": f"{tag}-{run_id}",
+        "spec": spec or {"family": "softmax", "n_features": 64, "n_classes": 10},
         "shards": 2,
         "strategy": strat,
-        "train": {"lr": s.lr, "local_epochs": s.local_epochs, "batch_size": s.batch_size},
-        "codec": {"topk": 0.0, "quant": "int8"},
+        "train": {"lr": s.lr, "local_epochs": s.local_epochs, "batch_size": s.batch_size,
+                  **(task.train_extra if task else {})},
+        "codec": codec_of(codec),
         "concurrency": s.concurrency,
         "target_accuracy": s.target_accuracy,
         "init_seed": s.seed,
-        "publish_every": 1,
+        "publish_every": s.publish_every,
         "eligibility": {"min_battery": 10, "allow_metered": True},
         "selection": selection,
     }
 
 
+@dataclass(frozen=True)
+class Run:
+    """One job of the comparison: a strategy with a codec, on the task's model."""
+
+    strategy: str
+    codec: str
+    label: str
+    task: Task
+    spec: dict[str, Any] | None  # the uploaded artifact's spec (None: the task's built-in)
+
+
 async def _one(
-    env: Env, s: TrainSettings, strategy: str, pool: FleetPool, test: Any,
+    env: Env, s: TrainSettings, run: Run, pool: FleetPool,
     timeline: Timeline, bar: Progress, done_before: float,
 ) -> dict[str, Any]:  # fmt: skip
-    body = job_body(s, strategy, env.run_id)
+    strategy = run.strategy
+    spec = run.spec or run.task.spec
+    body = job_body(s, strategy, env.run_id, task=run.task, spec=spec, codec=run.codec)
     ports = env.services.metrics_ports
     m0 = await scrape(env.http, ports)
     st0 = pool.snapshot()["stats"]
     job = await env.api.create_job(body)
     job_id = job["job_id"]
-    monitor = ModelMonitor(env.http, body["model_name"], job_id, test)
+    monitor = ModelMonitor(env.http, body["model_name"], job_id, run.task.test)
     t0 = time.monotonic()
     curve: list[tuple[float, float]] = []
     fed_curve: list[tuple[float, float]] = []  # federated evaluations, as they close
@@ -104,7 +174,7 @@ async def _one(
         el = time.monotonic() - t0
         m = await scrape(env.http, ports)
         counts = snap.fleet.get("counts", {})
-        timeline.add(strategy=strategy, accuracy=snap.accuracy, version=snap.version,
+        timeline.add(strategy=run.label, accuracy=snap.accuracy, version=snap.version,
                      fed_accuracy=snap.fed_accuracy, fed_version=snap.fed_version,
                      applied=m.applied - m0.applied, offline=counts.get("offline", 0),
                      idle=counts.get("idle", 0), training=counts.get("training", 0),
@@ -120,14 +190,21 @@ async def _one(
                     ttt = round(el, 2)
             else:
                 streak = 0
-        bar.update(done_before + el, f"{strategy}: acc={snap.accuracy:.3f} {fed_text(snap)} "
-                   f"v{snap.version} "
-                   f"applied={m.applied - m0.applied:.0f}", strategy)  # fmt: skip
-        if streak >= s.stable_versions or el >= s.budget_s:
+        bar.update(done_before + el, f"{run.label}: acc={snap.accuracy:.3f} {fed_text(snap)} "
+                   f"v{snap.version} accepted={snap.updates_accepted} "
+                   f"applied={m.applied - m0.applied:.0f}", run.label)  # fmt: skip
+        if s.max_updates > 0:
+            if snap.updates_accepted >= s.max_updates:
+                break
+        elif streak >= s.stable_versions:
+            break
+        if el >= s.budget_s:
             break
         await asyncio.sleep(0.5)
     wall = time.monotonic() - t0
     await env.api.stop_job(job_id)
+    # every acknowledged upload lands (exactly once) before the final figure is read
+    final = await monitor.drain(quiet_s=3.0, timeout_s=60.0)
     m1 = await wait_quiet(env.http, ports, quiet_s=3.0, timeout_s=30.0)
     view = await env.api.get(f"/v1/jobs/{job_id}")
     d: AggMetrics = m1.minus(m0)
@@ -147,31 +224,40 @@ async def _one(
         useful = max(monitor.snap.shard_versions or [0])
         rounds = {"rounds_started": n, "rounds_that_moved_the_model": useful,
                   "rounds_wasted": max(0, n - useful)}  # fmt: skip
+    st1 = pool.snapshot()["stats"]
+    accepted = int(view.get("updates_accepted", 0))
+    update_bytes = int(st1.get("update_bytes", 0) - st0.get("update_bytes", 0))
+    sent = int(st1.get("updates_sent", 0) - st0.get("updates_sent", 0))
     return {
         "sync_rounds": rounds,
         "strategy": strategy,
+        "label": run.label,
+        "codec": run.codec,
+        "codec_config": body["codec"],
+        "num_params": num_params(msgspec.convert(spec, ModelSpecMsg)),
         "job_id": job_id,
         "time_to_target_s": ttt,
         "first_at_target_s": first,
         "target_reached": ttt is not None,
-        "final_accuracy": round(monitor.snap.accuracy, 4),
+        # the drained model: every acknowledged update applied on every shard
+        "final_accuracy": round(final.accuracy, 4),
+        "final_version": final.version,
         # the latest federated evaluation (None: none yet, or the coordinator serves none)
         "final_fed_accuracy": fed_round(monitor.snap.fed_accuracy),
         "fed_version": monitor.snap.fed_version,
         "wall_s": round(wall, 1),
         "model_version": monitor.snap.version,
-        "updates_accepted": int(view.get("updates_accepted", 0)),
+        "updates_accepted": accepted,
         "updates_applied_shard_max": int(view.get("updates_applied", 0)),
         "aggregator_chunks_applied": int(d.applied),
         "aggregator_rejected": {k: int(v) for k, v in d.rejected.items() if v},
         "mean_staleness": round(float(view.get("mean_staleness", 0.0)), 3),
         "staleness_hist": d.staleness_hist(),
-        "update_bytes": int(
-            pool.snapshot()["stats"].get("update_bytes", 0) - st0.get("update_bytes", 0)
-        ),
-        "mqtt_bytes_all": int(
-            pool.snapshot()["stats"].get("bytes_sent", 0) - st0.get("bytes_sent", 0)
-        ),
+        # update frames sent over MQTT or HTTP, re-sends included
+        "update_bytes": update_bytes,
+        "updates_sent": sent,
+        "bytes_per_update": round(update_bytes / sent, 1) if sent else None,
+        "mqtt_bytes_all": int(st1.get("bytes_sent", 0) - st0.get("bytes_sent", 0)),
         "tasks": {k: v for k, v in stats.items() if k.startswith("tasks_")},
         "late_updates": int(stats.get("late_updates", 0)),
         "curve": curve,
@@ -180,19 +266,25 @@ async def _one(
 
 
 async def run_train(env: Env, s: TrainSettings, *, quiet: bool) -> dict[str, Any]:
-    train, test = load_digits_split(seed=s.seed)
+    task = load_task(s.task, s.seed)
+    for c in s.codecs:
+        codec_of(c)  # a bad name fails before the fleet starts
+    model_spec = await env.api.model_spec(task)
     key = await env.api.public_key()
     # A speed-1 device with the mean partition takes ``task_s`` of real time per task.
-    mean_samples = len(train) / s.devices * s.local_epochs
+    mean_samples = len(task.train) / s.devices * s.local_epochs
     bsps = mean_samples / (s.task_s * s.time_scale)
     spec = FleetSpec(
         devices=s.devices, seed=s.seed, time_scale=s.time_scale,
         base_samples_per_s=bsps, speed_sigma=s.speed_sigma,
         telemetry_interval_s=2.0, id_prefix=f"tr{env.run_id}", connect_per_s=500.0,
+        task=s.task,
     )  # fmt: skip
     pool = FleetPool(spec, processes=s.processes, mqtt_host=env.info.mqtt_host,
                      mqtt_port=env.info.mqtt_port, api_url=env.services.rest_url,
                      public_key_hex=key, log_dir=env.workdir)  # fmt: skip
+    runs = [Run(st, c, run_label(st, c, s), task, model_spec)
+            for st in s.strategies for c in s.codecs]  # fmt: skip
     timeline = Timeline()
     results: list[dict[str, Any]] = []
     async with pool:
@@ -200,10 +292,9 @@ async def run_train(env: Env, s: TrainSettings, *, quiet: bool) -> dict[str, Any
         while pool.snapshot()["connected"] < s.devices and time.monotonic() - t_conn < 60:  # noqa: ASYNC110
             await asyncio.sleep(0.5)
         await asyncio.sleep(2.0 * spec.telemetry_interval_s)  # telemetry reaches the coordinator
-        with Progress("train", s.budget_s * len(s.strategies), quiet=quiet) as bar:
-            for i, strat in enumerate(s.strategies):
-                results.append(await _one(env, s, strat, pool, test, timeline, bar,
-                                          i * s.budget_s))  # fmt: skip
+        with Progress("train", s.budget_s * len(runs), quiet=quiet) as bar:
+            for i, run in enumerate(runs):
+                results.append(await _one(env, s, run, pool, timeline, bar, i * s.budget_s))
     by = {r["strategy"]: r for r in results}
     sync = by.get("fedavg", {}).get("time_to_target_s")
     best_async = min((r["time_to_target_s"] for r in results if r["strategy"] != "fedavg"
@@ -217,6 +308,7 @@ async def run_train(env: Env, s: TrainSettings, *, quiet: bool) -> dict[str, Any
         "scenario": "train",
         "settings": {k: v for k, v in s.__dict__.items()},
         "strategies": results,
+        "codecs": codec_comparison(results),
         "speedup_async_vs_sync": speedup,
         "speedup_is_lower_bound": bool(best_async and not sync and "fedavg" in by),
         "target": {"speedup": 3.0, "met": speedup is not None and speedup >= 3.0},
@@ -225,18 +317,40 @@ async def run_train(env: Env, s: TrainSettings, *, quiet: bool) -> dict[str, Any
     }
 
 
+def codec_comparison(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per run: uplink bytes per update against fp32 dense (4 bytes a parameter, and the
+    fp32 run of the same strategy when there is one), and its final accuracy against that
+    run's (points)."""
+    dense = {r["strategy"]: r for r in results if r["codec"] == "fp32"}
+    out: list[dict[str, Any]] = []
+    for r in results:
+        bpu = r["bytes_per_update"]
+        row: dict[str, Any] = {
+            "label": r["label"], "codec": r["codec"], "bytes_per_update": bpu,
+            "ratio_vs_fp32_raw": round(4 * r["num_params"] / bpu, 1) if bpu else None,
+            "final_accuracy": r["final_accuracy"], "updates_accepted": r["updates_accepted"],
+        }  # fmt: skip
+        ref = dense.get(r["strategy"])
+        if ref is not None and ref is not r and bpu and ref["bytes_per_update"]:
+            row["ratio_vs_fp32_run"] = round(ref["bytes_per_update"] / bpu, 1)
+            row["accuracy_vs_fp32_run_pt"] = round(
+                100 * (r["final_accuracy"] - ref["final_accuracy"]), 2)
+        out.append(row)
+    return out
+
+
 def train_report(
     res: dict[str, Any], out_dir: Path
 ) -> tuple[dict[str, Any], list[str], list[Path]]:
     from loadtest import report
 
     rows = res["timeline"]
-    curves = {r["strategy"]: r["curve"] for r in res["strategies"]}
-    fed = {r["strategy"]: r.get("fed_curve", []) for r in res["strategies"]}
+    curves = {r["label"]: r["curve"] for r in res["strategies"]}
+    fed = {r["label"]: r.get("fed_curve", []) for r in res["strategies"]}
     target = float(res["settings"]["target_accuracy"])
     plots = [
         report.plot_accuracy(curves, target, out_dir / "accuracy_vs_time.png", fed=fed),
-        report.plot_hist({r["strategy"]: r["staleness_hist"] for r in res["strategies"]},
+        report.plot_hist({r["label"]: r["staleness_hist"] for r in res["strategies"]},
                          out_dir / "staleness_hist.png", "Staleness of applied updates",
                          "staleness (versions)"),
         report.plot_rate(rows, "applied", out_dir / "updates_per_s.png",
@@ -246,15 +360,21 @@ def train_report(
     ]  # fmt: skip
     ok = all(r["updates_accepted"] > 0 for r in res["strategies"])
     summary = {"ok": ok, **res}
-    headline = [f"train: {res['settings']['devices']} devices, target accuracy {target}"]
+    st = res["settings"]
+    headline = [f"train: task {st['task']}, {st['devices']} devices, target accuracy {target}"]
     for r in res["strategies"]:
         headline.append(
-            f"  {r['strategy']}: time to target {r['time_to_target_s']} s, final acc "
+            f"  {r['label']}: time to target {r['time_to_target_s']} s, final acc "
             f"{r['final_accuracy']} (federated {r.get('final_fed_accuracy')} at "
             f"v{r.get('fed_version')}), accepted {r['updates_accepted']}, rejected "
-            f"{r['aggregator_rejected']}, mean staleness {r['mean_staleness']}, bytes "
-            f"{r['update_bytes']}"
+            f"{r['aggregator_rejected']}, mean staleness {r['mean_staleness']}, bytes/update "
+            f"{r['bytes_per_update']}"
         )
+    for c in res.get("codecs", []):
+        if "ratio_vs_fp32_run" in c:
+            headline.append(f"  {c['label']}: {c['ratio_vs_fp32_run']}x fewer uplink bytes "
+                            f"per update than fp32, accuracy {c['accuracy_vs_fp32_run_pt']:+} "
+                            "pt")  # fmt: skip
     lb = " (lower bound: sync never reached the target)" if res["speedup_is_lower_bound"] else ""
     headline.append(f"  speedup async vs sync: {res['speedup_async_vs_sync']}{lb}")
     report.write(out_dir, summary, headline, plots)

@@ -51,6 +51,7 @@ class FleetSpec:
     keepalive_s: int = 60
     reconnect_max_s: float = 30.0
     dropout_share: float = 0.02  # share of the probe's network changes that go offline
+    task: str = "digits"  # the rows a worker process loads (``sim.tasks.task_data``)
 
 
 class SimulatedFleet:
@@ -202,7 +203,6 @@ class SimulatedFleet:
                     total[k] = total.get(k, 0) + v
             if st.get("updates_acked", 0) > 0:
                 participated += 1
-        total["update_bytes"] = sum(link.update_bytes for link in self.links)
         out: dict[str, Any] = dict(total)
         out["devices_participated"] = participated
         out["acked_unique"] = len(self.acked)

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 
 from sim.services import AggMetrics, ServiceSet, scrape
+from sim.tasks import Task
 from stack.errors import StackError
 
 
@@ -62,6 +63,16 @@ class Api:
 
     async def public_key(self) -> str:
         return str((await self.get("/v1/keys/model-signing"))["public_key"])
+
+    async def model_spec(self, task: Task) -> dict[str, Any]:
+        """The job spec of ``task``'s model: its built-in spec, or its ONNX file uploaded
+        (``POST /v1/artifacts``) and the spec that answers, with the task's extras."""
+        if task.artifact is None:
+            return dict(task.spec)
+        r = await self.http.post("/v1/artifacts", content=task.artifact, headers=self.admin)
+        if r.status_code != 201:
+            raise StackError(f"uploading the model failed: {r.status_code} {r.text[:300]}")
+        return {**r.json()["spec"], **task.spec}
 
 
 async def wait_quiet(

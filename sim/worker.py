@@ -22,8 +22,8 @@ import time
 from typing import Any
 
 from edge_agent import mqtt_patch
-from edge_agent.data import load_digits_split
 from sim.fleet import FleetSpec, SimulatedFleet
+from sim.tasks import task_data
 
 
 def rss_mb(pid: int | str = "self") -> float:
@@ -108,7 +108,7 @@ async def _commands(fleet: SimulatedFleet, done: asyncio.Event) -> None:
 async def amain() -> None:
     cfg = json.loads(sys.stdin.readline())
     spec = FleetSpec(**cfg["spec"])
-    train, _ = load_digits_split(seed=spec.seed)
+    train, _ = task_data(spec.task, spec.seed)
     fleet = SimulatedFleet(
         spec, train, mqtt_host=cfg["mqtt_host"], mqtt_port=int(cfg["mqtt_port"]),
         api_url=cfg["api_url"], public_key_hex=cfg.get("public_key_hex", ""),

@@ -224,3 +224,43 @@ async def test_missing_topics_fail_fast_with_a_typed_error(
     with pytest.raises(ConfigError):
         await worker.start()
     await worker.stop()  # idempotent after a failed start
+
+
+async def test_a_job_whose_artifact_is_gone_is_set_aside_and_the_rest_go_on(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    """An onnx job whose artifact the artifacts topic does not hold: after
+    ``artifact_wait_s`` its records are rejected ``artifact_missing`` (counted per shard);
+    another job's updates on the same partition are applied meanwhile."""
+    import msgspec
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    from schemas.messages import ModelSpecMsg, ParamMsg
+
+    good_job = make_job(StrategyConfig(name="fedasync"), shards=1)
+    spec = ModelSpecMsg(family="onnx", n_features=2, n_classes=2, artifact="sha256:" + "2" * 64,
+                        params=(ParamMsg("w", (2, 2)),), input_shape=(2,))  # fmt: skip
+    gone = msgspec.structs.replace(make_job(StrategyConfig(name="fedasync"), shards=1),
+                                   spec=spec, shard_bounds=[0, 4])  # fmt: skip
+    await create_topics(kafka_bootstrap, unique_prefix, 1)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(f"{unique_prefix}artifacts", 1, 1)])
+    finally:
+        await admin.close()
+    lost = shard_updates(gone, [("lost-1", 0, np.ones(4, np.float32), 1),
+                                ("lost-2", 0, np.ones(4, np.float32), 1)], 0)  # fmt: skip
+    good = shard_updates(good_job, random_stream(good_job, 3, seed=2, max_lag=0), 0)
+    await produce(kafka_bootstrap, unique_prefix, jobs=[gone, good_job],
+                  updates=[lost[0], *good, lost[1]])  # fmt: skip
+    settings = settings_for(kafka_bootstrap, unique_prefix, str(tmp_path), artifact_wait_s=1.0)
+    async with AggregatorWorker(settings) as w:
+        await w.drain()
+        assert gone.job_id in w.set_aside and w.job_shard(gone.job_id, 0) is None
+        js = w.job_shard(good_job.job_id, 0)
+        assert js is not None and js.version == 3
+        assert w.partitions[0].rejected == {"artifact_missing": 2}
+        assert w.metrics.value("fedfleet_aggregator_updates_rejected_total", shard="0",
+                               reason="artifact_missing") == 2  # fmt: skip
+        assert w.metrics.value("fedfleet_aggregator_errors_total", kind="artifact_missing") == 1

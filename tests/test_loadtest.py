@@ -51,6 +51,29 @@ def _files(out: Path, *names: str) -> None:
 # --------------------------------------------------------------------------- pure parts
 
 
+def test_codec_names_map_to_job_codecs() -> None:
+    from loadtest.train import codec_of
+    from stack.errors import StackError
+
+    assert codec_of("fp32") == {"topk": 0.0, "quant": "none"}
+    assert codec_of("int8") == {"topk": 0.0, "quant": "int8"}
+    assert codec_of("topk0.01-int8") == {"topk": 0.01, "quant": "int8"}
+    assert codec_of("topk0.1-fp16") == {"topk": 0.1, "quant": "fp16"}
+    for bad in ("int4", "topk-int8", "topk2-int8", "topk0-int8", "topkx-fp32", ""):
+        with pytest.raises(StackError):
+            codec_of(bad)
+
+
+def test_train_flags_override_the_tasks_learning_defaults() -> None:
+    from loadtest.cli import build_parser, train_values
+
+    args = build_parser().parse_args(["train", "--task", "mnist1d", "--concurrency", "4"])
+    v = train_values(args)
+    assert v["devices"] == 1000 and v["lr"] == 2e-3 and v["concurrency"] == 4
+    assert v["stable_versions"] == 10 and v["publish_every"] == 5
+    assert train_values(build_parser().parse_args(["train"])) == {}
+
+
 def test_slices_cover_the_fleet_once() -> None:
     pool = FleetPool(FleetSpec(devices=10, connect_per_s=300.0), processes=3, mqtt_host="h",
                      mqtt_port=1, api_url="u", log_dir=Path("/tmp"))  # fmt: skip
@@ -165,6 +188,33 @@ def test_train_small(stack: StackInfo, tmp_path: Path, capsys: pytest.CaptureFix
         assert r["updates_accepted"] > 0, r
     _files(out, "accuracy_vs_time.png", "staleness_hist.png", "updates_per_s.png",
            "devices_by_state.png")  # fmt: skip
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(420)
+def test_train_mnist1d_compares_codecs_on_the_users_model(
+    stack: StackInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--task mnist1d``: the CNN uploaded as an ONNX artifact, trained by simulated
+    devices with PyTorch, dense fp32 and top-1% int8 uploads on the same fleet, each run
+    ended at the same update budget and read after the drain."""
+    pytest.importorskip("torch")
+    out = tmp_path / "mnist1d"
+    rc, summary = _run(["train", "--task", "mnist1d", "--devices", "20", "--concurrency", "4",
+                        "--strategies", "fedasync", "--codecs", "fp32,topk0.01-int8",
+                        "--max-updates", "6", "--local-epochs", "1", "--batch-size", "64",
+                        "--time-budget", "150", "--task-seconds", "0.2", "--out", str(out),
+                        "--json", *_servers(stack)], capsys)  # fmt: skip
+    assert rc == 0, summary
+    runs = {r["label"]: r for r in summary["strategies"]}
+    assert set(runs) == {"fedasync+fp32", "fedasync+topk0.01-int8"}
+    for r in runs.values():
+        assert r["num_params"] == 102_282 and r["updates_accepted"] >= 6, r
+        assert set(r["aggregator_rejected"]) <= {"duplicate"}, r  # re-sends
+    dense, sparse = runs["fedasync+fp32"], runs["fedasync+topk0.01-int8"]
+    assert dense["bytes_per_update"] > 4 * 102_282 * 0.3  # zstd of fp32 deltas: ~0.66
+    (row,) = [c for c in summary["codecs"] if c["label"] == sparse["label"]]
+    assert row["ratio_vs_fp32_run"] > 50, row  # the figure itself is for BENCHMARKS.md
 
 
 @pytest.mark.integration

@@ -1,4 +1,4 @@
-"""The tasks ``fedfleet demo --task`` (and ``fedfleet loadtest train --task``) train.
+"""The learning tasks ``fedfleet demo --task`` and ``fedfleet loadtest train --task`` train.
 
 * ``digits`` — scikit-learn's 8x8 digits, the built-in ``softmax`` family (650 parameters),
   200 devices: the quick end-to-end run.
@@ -9,9 +9,10 @@
   non-IID (Dirichlet over labels), trained with Adam. Needs ``fedfleet[torch]``.
 
 A task gives the data, the job's model part (a built-in spec, or an ONNX file plus spec
-extras) and its own defaults for the demo's flags (what a flag the user gives overrides).
-The learning defaults of ``mnist1d`` come from a single-process FedAsync reference run
-(BENCHMARKS.md, "MNIST-1D").
+extras) and its own learning defaults (``DEFAULTS``; the demo and the load test lay their
+flags over them). The defaults of ``mnist1d`` come from a single-process FedAsync reference
+run (``bench/mnist1d_fedasync.py``; BENCHMARKS.md, "MNIST-1D"). Simulated devices load only
+a task's rows (``task_data``), never its model.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ TASKS = ("digits", "mnist1d")
 
 
 @dataclass(frozen=True)
-class DemoTask:
+class Task:
     name: str
     model_name: str
     train: Dataset
@@ -36,35 +37,57 @@ class DemoTask:
     train_extra: dict[str, Any] = field(default_factory=dict)  # e.g. the optimizer
 
 
+# the learning settings of a task (what both the demo and ``loadtest train`` use)
+LEARNING: dict[str, dict[str, Any]] = {
+    "digits": {},
+    "mnist1d": {
+        "devices": 1000, "concurrency": 10, "lr": 2e-3, "local_epochs": 3, "batch_size": 16,
+        "target_accuracy": 0.90, "publish_every": 5,
+        # the CNN's accuracy moves a few points from version to version at first: stop
+        # only after 10 versions in a row at the target (the in-flight uploads then land)
+        "stable_versions": 10,
+    },
+}
+
 # the demo's settings per task (DemoSettings field -> value); flags given win
 DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {},
     "mnist1d": {
-        "devices": 1000, "concurrency": 10, "alpha": 0.6, "lr": 2e-3, "local_epochs": 3,
-        "batch_size": 16, "target_accuracy": 0.90, "time_budget_s": 1200.0,
-        "publish_every": 5, "eval_every": 25, "eval_devices": 50, "final_devices": 300,
-        # the CNN's accuracy moves a few points from version to version at first: stop
-        # only after 10 versions in a row at the target (the in-flight uploads then land)
-        "stable_versions": 10,
+        **LEARNING["mnist1d"], "alpha": 0.6, "time_budget_s": 1200.0,
+        "eval_every": 25, "eval_devices": 50, "final_devices": 300,
         # the reference: the same CNN trained centrally on the same rows, in the same run
         "central_epochs": 3,
     },
 }
 
 
-def load_task(name: str, seed: int) -> DemoTask:
+def task_data(name: str, seed: int) -> tuple[Dataset, Dataset]:
+    """The task's (train, test) rows only: what a simulated device process loads."""
     if name == "digits":
         from edge_agent.data import load_digits_split
 
-        train, test = load_digits_split(seed=seed)
-        return DemoTask("digits", "digits", train, test,
-                        {"family": "softmax", "n_features": 64, "n_classes": 10})  # fmt: skip
+        return load_digits_split(seed=seed)
+    if name == "mnist1d":
+        try:
+            from sim.mnist1d import load_mnist1d
+        except ImportError as exc:  # pragma: no cover - the torch extra is missing
+            raise StackError(f"task mnist1d needs fedfleet[torch]: {exc}") from None
+        data = load_mnist1d(seed=0)  # one fixed data set; ``seed`` varies model and fleet
+        return data.train, data.test
+    raise StackError(f"unknown task {name!r} (one of {', '.join(TASKS)})")
+
+
+def load_task(name: str, seed: int) -> Task:
+    if name == "digits":
+        train, test = task_data(name, seed)
+        return Task("digits", "digits", train, test,
+                    {"family": "softmax", "n_features": 64, "n_classes": 10})  # fmt: skip
     if name == "mnist1d":
         return _mnist1d(seed)
-    raise StackError(f"demo: unknown task {name!r} (one of {', '.join(TASKS)})")
+    raise StackError(f"unknown task {name!r} (one of {', '.join(TASKS)})")
 
 
-def central_reference(task: DemoTask, epochs: int, seed: int) -> dict[str, Any] | None:
+def central_reference(task: Task, epochs: int, seed: int) -> dict[str, Any] | None:
     """The task's model trained centrally on the pooled training rows (``epochs`` of Adam;
     ``sim.cnn1d.central_train``), scored on the same test rows: what the federated run is
     compared with. None for tasks without one (digits) or ``epochs`` 0."""
@@ -78,17 +101,16 @@ def central_reference(task: DemoTask, epochs: int, seed: int) -> dict[str, Any] 
             "samples_per_s": round(hist.samples_per_s)}  # fmt: skip
 
 
-def _mnist1d(seed: int) -> DemoTask:
+def _mnist1d(seed: int) -> Task:
     try:
         from sim.cnn1d import export_onnx, make_cnn
-        from sim.mnist1d import load_mnist1d
     except ImportError as exc:  # pragma: no cover - the torch extra is missing
-        raise StackError(f"demo --task mnist1d needs fedfleet[torch]: {exc}") from None
+        raise StackError(f"task mnist1d needs fedfleet[torch]: {exc}") from None
+    train, test = task_data("mnist1d", seed)
     try:
-        data = load_mnist1d(seed=0)  # one fixed data set; ``seed`` varies model and fleet
         artifact = export_onnx(make_cnn(seed))
-    except Exception as exc:  # torch / mnist1d problems, typed for the user
-        raise StackError(f"demo --task mnist1d: {type(exc).__name__}: {exc}") from None
-    return DemoTask("mnist1d", "mnist1d-cnn", data.train, data.test,
-                    {"torch_module": "sim.cnn1d:make_cnn"}, artifact,
-                    {"optimizer": "adam"})  # fmt: skip
+    except Exception as exc:  # torch / onnx problems, typed for the user
+        raise StackError(f"task mnist1d: {type(exc).__name__}: {exc}") from None
+    return Task("mnist1d", "mnist1d-cnn", train, test,
+                {"torch_module": "sim.cnn1d:make_cnn"}, artifact,
+                {"optimizer": "adam"})  # fmt: skip
