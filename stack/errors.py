@@ -6,6 +6,8 @@ Error tree::
         StackError                   a local or external server could not be started/reached
             ServerUnavailable        an external server given by URL does not answer
             FallbackRefused          FEDFLEET_REQUIRE_REAL=1 and only a fallback is available
+            PkiError                 the fleet CA or a certificate cannot be made, read or trusted
+            DynsecError              the broker's dynamic-security plugin refused a command
         ConfigError                  a flag, env var or config value is invalid
 
 These carry a sentence, not a code: ``StackError("kafka: ... did not start")``; ``str()``
@@ -39,10 +41,26 @@ class FallbackRefused(StackError):
     """Only a fallback implementation is available but real servers are required."""
 
 
+class PkiError(StackError):
+    """The fleet CA or a server certificate cannot be created, loaded or trusted."""
+
+
+class DynsecError(StackError):
+    """Mosquitto's dynamic-security plugin answered a command with an error (or not at all)."""
+
+
 class ConfigError(_Sentence):
     """A configuration value is invalid."""
 
     code = "config"
 
 
-__all__ = ["ConfigError", "FallbackRefused", "FedfleetError", "ServerUnavailable", "StackError"]
+__all__ = [
+    "ConfigError",
+    "DynsecError",
+    "FallbackRefused",
+    "FedfleetError",
+    "PkiError",
+    "ServerUnavailable",
+    "StackError",
+]

@@ -1,16 +1,35 @@
-"""MQTT broker: Mosquitto (Debian package) with a generated config, or amqtt as fallback."""
+"""MQTT broker: Mosquitto (Debian package) with a generated config, or amqtt as fallback.
+
+``Mosquitto(workdir, secure=True)`` is the fleet's secure mode (docs/security.md): one TLS
+listener (the fleet CA from ``stack.pki``, TLS 1.2+, no client certificates), no
+anonymous access, and the dynamic-security plugin holding every credential
+(``stack.dynsec``); ``credentials`` is then the coordinator's. The default (insecure) mode
+is a plain anonymous listener on loopback.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import shutil
+import ssl
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from stack import dynsec
 from stack.errors import StackError
+from stack.pki import LOCAL_HOSTS, TlsFiles, ensure_tls, private_dir, write_private
 from stack.procs import ManagedProcess, ProcessServer
+
+DYNSEC_PLUGIN_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+)
 
 
 def mosquitto_binary() -> str | None:
@@ -21,54 +40,176 @@ def mosquitto_binary() -> str | None:
     return None
 
 
-async def mqtt_ping(host: str, port: int, *, timeout: float = 3.0) -> None:
-    """Connect and disconnect a client (raises when the broker does not answer)."""
+def dynsec_plugin() -> str | None:
+    """The dynamic-security plugin shipped with Mosquitto 2 (Debian: package mosquitto)."""
+    return next((p for p in DYNSEC_PLUGIN_PATHS if os.path.isfile(p)), None)
+
+
+@dataclass(frozen=True)
+class MqttCredentials:
+    """A username/password and the CA that the broker's TLS certificate must chain to."""
+
+    username: str
+    password: str
+    cafile: Path
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"MqttCredentials(username={self.username!r}, cafile={str(self.cafile)!r})"
+
+    def tls_context(self) -> ssl.SSLContext:
+        """Verify the server against ``cafile`` only (and its host name or IP), TLS 1.2+."""
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.cafile))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``aiomqtt.Client``."""
+        return {
+            "username": self.username,
+            "password": self.password,
+            "tls_context": self.tls_context(),
+        }
+
+
+async def mqtt_ping(
+    host: str, port: int, *, timeout: float = 3.0, credentials: MqttCredentials | None = None
+) -> None:
+    """Connect and disconnect a client (raises when the broker does not answer or refuses
+    the credentials); with ``credentials``, over TLS verified against their CA."""
     import aiomqtt
 
-    async with aiomqtt.Client(host, port, identifier="", timeout=timeout):
+    auth = credentials.client_kwargs() if credentials else {}
+    async with aiomqtt.Client(host, port, identifier="", timeout=timeout, **auth):
         pass
 
 
-def _wait(name: str, proc: ManagedProcess, host: str, port: int, timeout: float) -> None:
+def _refused(exc: Exception) -> bool:
+    """The broker answered CONNECT with a refusal (not: not listening yet)."""
+    from aiomqtt.exceptions import MqttConnectError
+
+    return isinstance(exc, MqttConnectError)
+
+
+def _wait(
+    name: str,
+    proc: ManagedProcess,
+    host: str,
+    port: int,
+    timeout: float,
+    credentials: MqttCredentials | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
         if not proc.alive():
             raise StackError(f"MQTT ({name}) exited during start: {proc.log_tail()}")
         try:
-            asyncio.run(mqtt_ping(host, port))
+            asyncio.run(mqtt_ping(host, port, credentials=credentials))
             return
         except Exception as exc:
+            if credentials is not None and _refused(exc):  # plugins load before listeners
+                raise StackError(
+                    f"MQTT ({name}) on {host}:{port} refused {credentials.username}'s "
+                    f"credentials ({exc})"
+                ) from exc
             last = f"{type(exc).__name__}: {exc}"
         time.sleep(0.2)
     raise StackError(f"MQTT ({name}): not ready on {host}:{port} after {timeout:.0f}s ({last})")
 
 
 class _Broker(ProcessServer):
+    credentials: MqttCredentials | None = None
+
     def wait_ready(self, timeout: float = 30.0) -> None:
         assert self.proc is not None
-        _wait(self.impl, self.proc, self.host, self.port, timeout)
+        _wait(self.impl, self.proc, self.host, self.port, timeout, self.credentials)
 
 
 class Mosquitto(_Broker):
+    """Mosquitto on 127.0.0.1:``port``.
+
+    ``secure=True`` writes, below ``workdir``: ``tls/`` (0700: ``ca.pem``, ``ca.key``,
+    ``server.pem``, ``server.key``; the CA is reused when present) and ``dynsec/`` (0700:
+    ``dynamic-security.json``, the plugin's state, and ``coordinator.secret``, both
+    0600; reused when present, so enrolled devices survive a restart).
+    """
+
     impl = "mosquitto"
 
-    def __init__(self, workdir: Path, *, max_connections: int = -1) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        max_connections: int = -1,
+        secure: bool = False,
+        hosts: tuple[str, ...] = LOCAL_HOSTS,
+    ) -> None:
         binary = mosquitto_binary()
         if binary is None:
             raise StackError("MQTT: mosquitto not installed (apt-get install -y mosquitto)")
+        plugin = dynsec_plugin() if secure else None
+        if secure and plugin is None:
+            raise StackError(
+                "MQTT: secure mode needs Mosquitto 2's dynamic-security plugin "
+                f"(mosquitto_dynamic_security.so, looked in {', '.join(DYNSEC_PLUGIN_PATHS)})"
+            )
         super().__init__(workdir)
         self.binary = binary
         self.max_connections = max_connections
+        self.secure = secure
+        self.hosts = hosts
+        self.plugin = plugin
+        self.tls: TlsFiles | None = None
+        self.dynsec_file = workdir / "dynsec" / "dynamic-security.json"
+
+    def _secure_lines(self) -> list[str]:
+        """Prepare the CA, server certificate and dynsec state; the config lines."""
+        assert self.plugin is not None
+        self.tls = ensure_tls(self.workdir / "tls", self.hosts)
+        self.credentials = MqttCredentials(
+            dynsec.COORDINATOR_USER, self._coordinator_secret(), self.tls.ca_cert
+        )
+        return [
+            "per_listener_settings false",
+            "allow_anonymous false",
+            f"plugin {self.plugin}",
+            f"plugin_opt_config_file {self.dynsec_file}",
+            f"listener {self.port} 127.0.0.1",
+            f"cafile {self.tls.ca_cert}",
+            f"certfile {self.tls.server_cert}",
+            f"keyfile {self.tls.server_key}",
+            "require_certificate false",
+            "tls_version tlsv1.2",
+        ]
+
+    def _coordinator_secret(self) -> str:
+        secret = self.dynsec_file.parent / "coordinator.secret"
+        private_dir(secret.parent)
+        have_conf, have_secret = self.dynsec_file.exists(), secret.exists()
+        if have_conf and have_secret:
+            return secret.read_text().strip()
+        if have_conf or have_secret:
+            raise StackError(
+                f"MQTT: only one of {self.dynsec_file.name} and {secret.name} is in "
+                f"{secret.parent}; remove the other to start with a fresh credential store"
+            )
+        password = dynsec.new_password()
+        write_private(secret, password.encode())
+        dynsec.write_config(self.dynsec_file, dynsec.initial_config(password))
+        return password
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
+        listen = (
+            self._secure_lines()
+            if self.secure
+            else [f"listener {self.port} 127.0.0.1", "allow_anonymous true"]
+        )
         conf.write_text(
             "\n".join(
                 [
-                    f"listener {self.port} 127.0.0.1",
-                    "allow_anonymous true",
+                    *listen,
                     "persistence false",
                     f"max_connections {self.max_connections}",
                     "max_queued_messages 100000",
