@@ -88,6 +88,10 @@ def _no_event(_event: str, _data: Any) -> None:
     return None
 
 
+# rejections that are not about the update: keep it and send it again later
+RETRY_LATER = frozenset({"rate_limited"})
+
+
 class Uploader:
     def __init__(
         self,
@@ -172,6 +176,11 @@ class Uploader:
             return
         if ack.update_id not in self.outbox:
             self.stats.acks_stale += 1
+            return
+        if ack.status == "rejected" and ack.reason in RETRY_LATER:
+            # the coordinator throttled this device: the update stays in the outbox and
+            # the resend loop offers it again after ``resend_interval_s``
+            self.stats.count_error(f"upload_{ack.reason}")
             return
         self.outbox.remove(ack.update_id)
         self.last_sent.pop(ack.update_id, None)

@@ -77,8 +77,10 @@ class Coord:
         )
         assert await self.link.publish(f"fleet/{device}/task", encode(t), 1)
 
-    async def ack(self, device: str, update_id: str) -> None:
-        ack = UploadAck(update_id=update_id, task_id=update_id, status="accepted")
+    async def ack(self, device: str, update_id: str, status: str = "accepted",
+                  reason: str = "") -> None:  # fmt: skip
+        ack = UploadAck(update_id=update_id, task_id=update_id, status=status,  # type: ignore[arg-type]
+                        reason=reason)  # fmt: skip
         assert await self.link.publish(f"fleet/{device}/ack", encode(ack), 1)
 
 
@@ -133,6 +135,16 @@ async def test_agent_on_a_memory_link_delivers_and_leaves_a_will(
         await coord.ack("m1", "t-1")
         await until(lambda: agent.stats.updates_acked == 1)
         assert "t-1" not in agent.outbox
+
+        # a throttled upload is kept and sent again, not dropped
+        await coord.task("m1", "t-2")
+        await until(lambda: len(coord.got("update")) == 2)
+        await coord.ack("m1", "t-2", "rejected", "rate_limited")
+        await until(lambda: agent.stats.errors.get("upload_rate_limited") == 1)
+        assert "t-2" in agent.outbox and agent.stats.updates_rejected == 0
+        await coord.ack("m1", "t-2")
+        await until(lambda: agent.stats.updates_acked == 2)
+        assert "t-2" not in agent.outbox
 
         assert agent.link.cut()  # the radio goes: the broker sends the will, the agent returns
         await until(lambda: agent.stats.connects == 2 and agent.connected)
