@@ -28,8 +28,8 @@ Real updates (``--updates-from mnist1d``): Part 1 on ``--updates`` (400) real up
 MNIST-1D CNN (``sim.cnn1d``, 102,282 parameters), made by ``bench/cnn_updates.py``: trained
 as the demo's devices train (Adam lr 2e-3, 3 local epochs, batch 16, Dirichlet(0.5) over
 1,000 devices) along a FedAsync trajectory, encoded per device with error feedback
-(``codec.encode_update``), once per ``--codecs`` name (``topk0.01-int8``, ``dense-int8``,
-``dense-fp32``, ...) and cached under ``~/.cache/fedfleet/bench``. The job is the model's
+(``codec.encode_update``), once per ``--codecs`` name (``topk0.01-int8``, ``int8``,
+``fp32``, ...) and cached under ``~/.cache/fedfleet/bench``. The job is the model's
 ``onnx`` spec cut into ``--model-shards`` (1: the whole vector per shard), shard 0 is
 measured; bases, arrival clock and the four rates as above. Part 2 is skipped unless
 ``--scale-procs`` is given (it stays synthetic).
@@ -539,7 +539,7 @@ def main() -> None:
     )
     p.add_argument("--strategies", default="fedasync,fedasync_delta,fedbuff")
     p.add_argument(
-        "--codecs", default="topk0.01-int8,dense-int8,dense-fp32", help="mnist1d: codec names"
+        "--codecs", default="topk0.01-int8,int8,fp32", help="mnist1d: codec names"
     )
     p.add_argument("--model-shards", type=int, default=1, help="mnist1d: shards of the model")
     p.add_argument("--devices", type=int, default=1000, help="mnist1d: fleet size")

@@ -14,8 +14,8 @@ the model less, and the later deltas show it.
     real = load_updates(GenSettings(updates=400, shards=1), "topk0.01-int8")
     real.updates[i].frames  # one codec frame per shard (even_bounds, as the coordinator cuts)
 
-Codec names: ``dense-<q>`` or ``topk<fraction>-<q>``, ``q`` one of ``int8``, ``fp16``,
-``fp32`` (``CodecConfig.quant`` ``none``); error feedback on, the rest the defaults.
+Codec names: those of ``fedfleet loadtest train --codecs`` (``sim.tasks.codec_of``: ``fp32``,
+``fp16``, ``int8``, ``topk<F>-<quant>``); error feedback on, the rest the defaults.
 
 Cached as ``<cache>/bench/cnn-updates-<digest>.npz`` (``<cache>``: ``$FEDFLEET_CACHE`` or
 ``~/.cache/fedfleet``), keyed by the settings, the codec, the torch and MNIST-1D versions;
@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 import time
 from dataclasses import asdict, dataclass, replace
 from importlib import metadata
@@ -43,11 +42,11 @@ from schemas.atomic import atomic_write
 from schemas.messages import CodecConfig, ModelSpecMsg
 from schemas.modelspec import even_bounds, num_params
 from schemas.types import F32
+from sim.tasks import codec_of
 from stack.kafka import cache_root
 
 CACHE_FORMAT = 1  # bump when the cached layout or the generation changes
 TORCH_MODULE = "sim.cnn1d:make_cnn"
-_CODEC = re.compile(r"^(?:dense|topk(0?\.\d+|1(?:\.0*)?))-(int8|fp16|fp32|none)$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,12 +105,8 @@ class RealUpdates:
 
 
 def parse_codec(name: str) -> CodecConfig:
-    m = _CODEC.match(name.strip())
-    if m is None:
-        raise ValueError(f"codec {name!r}: expected dense-<q> or topk<fraction>-<q>, "
-                         "q in int8, fp16, fp32")  # fmt: skip
-    quant = "none" if m.group(2) in ("fp32", "none") else m.group(2)
-    return CodecConfig(topk=float(m.group(1) or 0.0), quant=quant)  # type: ignore[arg-type]
+    """``sim.tasks.codec_of``'s names (``fp32``, ``int8``, ``topk0.01-int8``, ...)."""
+    return CodecConfig(**codec_of(name))
 
 
 def cache_path(s: GenSettings, cfg: CodecConfig) -> Path:

@@ -36,8 +36,7 @@ from sim.load_services import wait_quiet
 from sim.monitor import ModelMonitor, fed_text
 from sim.pool import FleetPool
 from sim.services import AggMetrics, scrape
-from sim.tasks import LEARNING, Task, load_task
-from stack.errors import StackError
+from sim.tasks import LEARNING, Task, codec_of, load_task
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,26 +71,6 @@ TASK_FIELDS = ("devices", "concurrency", "lr", "local_epochs", "batch_size",
 
 def task_defaults(task: str) -> dict[str, Any]:
     return {k: v for k, v in LEARNING.get(task, {}).items() if k in TASK_FIELDS}
-
-
-def codec_of(name: str) -> dict[str, Any]:
-    """A codec's name -> the job's ``codec``: ``fp32`` (dense, unquantised), ``fp16``,
-    ``int8``, or ``topk<F>-<quant>`` (the top ``F`` share of coordinates, e.g.
-    ``topk0.01-int8``); error feedback stays on (the codec's default)."""
-    quants = {"fp32": "none", "none": "none", "fp16": "fp16", "int8": "int8"}
-    topk, _, quant = name.rpartition("-") if name.startswith("topk") else ("", "", name)
-    if quant not in quants:
-        raise StackError(f"loadtest train: unknown codec {name!r} (fp32, fp16, int8, "
-                         "topk<F>-<fp32|fp16|int8>)")  # fmt: skip
-    frac = 0.0
-    if topk:
-        try:
-            frac = float(topk[len("topk"):])
-        except ValueError:
-            raise StackError(f"loadtest train: bad top-k share in {name!r}") from None
-        if not 0.0 < frac <= 1.0:
-            raise StackError(f"loadtest train: top-k share must be in (0, 1]: {name!r}")
-    return {"topk": frac, "quant": quants[quant]}
 
 
 def run_label(strategy: str, codec: str, s: TrainSettings) -> str:

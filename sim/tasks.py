@@ -114,3 +114,23 @@ def _mnist1d(seed: int) -> Task:
     return Task("mnist1d", "mnist1d-cnn", train, test,
                 {"torch_module": "sim.cnn1d:make_cnn"}, artifact,
                 {"optimizer": "adam"})  # fmt: skip
+
+
+def codec_of(name: str) -> dict[str, Any]:
+    """A codec's name -> the job's ``codec``: ``fp32`` (dense, unquantised), ``fp16``,
+    ``int8``, or ``topk<F>-<quant>`` (the top ``F`` share of coordinates, e.g.
+    ``topk0.01-int8``); error feedback stays on (the codec's default)."""
+    quants = {"fp32": "none", "none": "none", "fp16": "fp16", "int8": "int8"}
+    topk, _, quant = name.rpartition("-") if name.startswith("topk") else ("", "", name)
+    if quant not in quants:
+        raise StackError(f"unknown codec {name!r} (fp32, fp16, int8, "
+                         "topk<F>-<fp32|fp16|int8>)")  # fmt: skip
+    frac = 0.0
+    if topk:
+        try:
+            frac = float(topk[len("topk"):])
+        except ValueError:
+            raise StackError(f"bad top-k share in {name!r}") from None
+        if not 0.0 < frac <= 1.0:
+            raise StackError(f"top-k share must be in (0, 1]: {name!r}")
+    return {"topk": frac, "quant": quants[quant]}

@@ -52,7 +52,7 @@ def _files(out: Path, *names: str) -> None:
 
 
 def test_codec_names_map_to_job_codecs() -> None:
-    from loadtest.train import codec_of
+    from sim.tasks import codec_of
     from stack.errors import StackError
 
     assert codec_of("fp32") == {"topk": 0.0, "quant": "none"}
