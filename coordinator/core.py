@@ -29,6 +29,7 @@ from coordinator.jobstats import JobStatsStore
 from coordinator.keys import Keys
 from coordinator.lock import RedisLock
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.ratelimit import DeviceLimits
 from coordinator.registry import ModelRegistry
 from coordinator.reports import ReportHandler
 from coordinator.rounds import RoundStore
@@ -135,7 +136,7 @@ def build_core(
     artifacts = artifacts if artifacts is not None else MemoryArtifacts()
     registry = ModelRegistry(s.model_store_dir, signer, retention=s.retention,
                              artifacts=artifacts)  # fmt: skip
-    fleet = FleetStore(redis, s.key_prefix, s.telemetry_ttl_s)
+    fleet = FleetStore(redis, s.key_prefix, s.telemetry_ttl_s, device_ttl_s=s.device_ttl_s)
     tasks = TaskStore(redis, s.key_prefix)
     jobs = JobStore(redis, s.key_prefix)
     stats = JobStatsStore(redis, s.key_prefix)
@@ -188,7 +189,9 @@ def build_core(
     reports = ReportHandler(tasks=tasks, jobs=jobs, fleet=fleet, stats=stats, evals=evals,
                             metrics=metrics, on_report=selector.wake)  # fmt: skip
     router = Router(fleet=fleet, tasks=tasks, stats=stats, uploads=uploads, batcher=batcher,
-                    metrics=metrics, aborts=aborts, reports=reports)  # fmt: skip
+                    metrics=metrics, aborts=aborts, reports=reports,
+                    limits=DeviceLimits.from_settings(s), max_ahead_s=s.telemetry_max_ahead_s,
+                    max_behind_s=s.telemetry_max_behind_s)  # fmt: skip
     return CoordinatorCore(
         settings=s, metrics=metrics, signer=signer, registry=registry, fleet=fleet,
         tasks=tasks, jobs=jobs, stats=stats, rounds=rounds, batcher=batcher,

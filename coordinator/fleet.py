@@ -11,15 +11,27 @@ Keys (named in ``coordinator.keys``; ``p`` = the coordinator's key prefix)::
     {p}hist:{id}   list  the device's last task outcomes
 
 Selection never scans the whole fleet: ``candidates`` walks ``contrib`` from the
-least-contributed device upwards, a page at a time (HMGET on the two packed hashes,
-ZMSCORE on ``seen``), and stops as soon as it has enough eligible devices. A device is
+least-contributed device upwards, a page at a time (a script keeps the page's online
+devices, by their ``seen`` score; HMGET on the two packed hashes for those only), and stops
+as soon as it has enough eligible devices. A device is
 *online* while it is in ``seen`` with a score inside the telemetry TTL; *training* while
 it holds a task; otherwise *idle*.
+
+A device not heard from for ``device_ttl_s`` leaves the fleet: ``sweep`` (every
+coordinator runs it every ``device_sweep_s``; one atomic script per batch, so sweeps of
+several coordinators only repeat each other's no-ops) removes it from every index above
+and deletes its ``dev`` and ``hist`` keys. Kept past the TTL while it holds something a
+later message still needs: a task that is offered, accepted or uploading (its lease
+decides, not the TTL), a cooldown, or a count toward today's ``daily_cap``. Redis key
+TTLs cannot do this: the fields of ``selt``/``sels`` and the members of the sorted sets
+have none.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -27,11 +39,15 @@ from typing import Any
 from redis.asyncio import Redis
 
 from coordinator.keys import Keys
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.policy import DeviceView, EligibilityPolicy
 from schemas.messages import DeviceStatus, Telemetry
 
+log = logging.getLogger(__name__)
+
 CHUNK = 10_000
 HISTORY = 20
+SWEEP_BATCH = 500
 
 
 def frac(device_id: str) -> float:
@@ -134,15 +150,86 @@ return n
 """
 OFFLINE_GRACE_S = 5.0
 
+# An offline status (often a retained LWT the broker replays to every coordinator that
+# subscribes) marks a device it knows; it never creates one (a swept device stays gone).
+# KEYS[1] dev hash, KEYS[2] seen, KEYS[3] lastseen; ARGV: device id, now
+_MARK_OFFLINE = """
+if redis.call('ZSCORE', KEYS[3], ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'state', 'offline', 'offline_ts', ARGV[2])
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+"""
+
+# One page of ``contrib`` (ranks ARGV[1]..ARGV[2]) reduced to its online devices: returns
+# {page length, id, seen score, id, seen score, ...} for the members of ``seen`` scored at
+# least ARGV[3]. KEYS[1] contrib, KEYS[2] seen.
+_ONLINE_PAGE = """
+local ids = redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2])
+local floor = tonumber(ARGV[3])
+local out = {#ids}
+for _, id in ipairs(ids) do
+  local s = redis.call('ZSCORE', KEYS[2], id)
+  if s and tonumber(s) >= floor then
+    out[#out + 1] = id
+    out[#out + 1] = s
+  end
+end
+return out
+"""
+
+# Remove devices last seen before the cutoff, unless their packed state
+# ``task|cooldown|contributions|today|day`` holds a live task (offered / accepted /
+# uploading), a cooldown past now, or a task count of today. Returns {scanned, removed}.
+# KEYS: lastseen, seen, contrib, selt, sels; ARGV: cutoff, now, offset, limit, device key
+# prefix, history key prefix, task key prefix, today (unix day)
+_SWEEP = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT',
+                       tonumber(ARGV[3]), tonumber(ARGV[4]))
+local now = tonumber(ARGV[2])
+local removed = 0
+for _, id in ipairs(ids) do
+  local keep = false
+  local raw = redis.call('HGET', KEYS[5], id)
+  if raw then
+    local p = {}
+    for part in string.gmatch(raw .. '|', '([^|]*)|') do p[#p + 1] = part end
+    if p[1] and p[1] ~= '' then
+      local st = redis.call('HGET', ARGV[7] .. p[1], 'state')
+      keep = st == 'offered' or st == 'accepted' or st == 'uploading'
+    end
+    if (tonumber(p[2] or '') or 0) > now then keep = true end
+    if (tonumber(p[4] or '') or 0) > 0 and p[5] == ARGV[8] then keep = true end
+  end
+  if not keep then
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('ZREM', KEYS[3], id)
+    redis.call('HDEL', KEYS[4], id)
+    redis.call('HDEL', KEYS[5], id)
+    redis.call('DEL', ARGV[5] .. id, ARGV[6] .. id)
+    removed = removed + 1
+  end
+end
+return {#ids, removed}
+"""
+
 
 class FleetStore:
     """Redis adapter for device state. All methods are safe to call concurrently."""
 
-    def __init__(self, redis: Redis, prefix: str, ttl_s: float) -> None:
+    def __init__(
+        self, redis: Redis, prefix: str, ttl_s: float, *, device_ttl_s: float = 0.0
+    ) -> None:
+        """``ttl_s``: liveness (telemetry TTL); ``device_ttl_s``: how long a silent device
+        stays in the fleet (``sweep``; 0 = for ever)."""
         self._r: Any = redis  # Redis, decode_responses=True (redis-py types bytes | str)
         self._k = Keys(prefix)
         self.ttl = ttl_s
+        self.device_ttl = device_ttl_s
         self._mark_live: Any = redis.register_script(_MARK_LIVE)
+        self._mark_offline: Any = redis.register_script(_MARK_OFFLINE)
+        self._sweep: Any = redis.register_script(_SWEEP)
+        self._online_page: Any = redis.register_script(_ONLINE_PAGE)
 
     async def ping(self) -> bool:
         """Readiness: Redis answers (raises if it does not)."""
@@ -156,7 +243,8 @@ class FleetStore:
             latest[t.device_id] = t
         if not latest:
             return 0
-        pipe = self._r.pipeline(transaction=False)
+        # MULTI: a concurrent sweep sees a device's records either before or after it
+        pipe = self._r.pipeline(transaction=True)
         for dev, t in latest.items():
             pipe.hset(self._k.device(dev), mapping=telemetry_fields(t, now))
         pipe.hset(self._k.selt, mapping={dev: pack_telemetry(t) for dev, t in latest.items()})
@@ -171,19 +259,36 @@ class FleetStore:
 
     async def write_status(self, s: DeviceStatus, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        pipe = self._r.pipeline(transaction=False)
         if s.state == "offline":
-            pipe.hset(
-                self._k.device(s.device_id), mapping={"state": "offline", "offline_ts": repr(now)}
+            await self._mark_offline(
+                keys=[self._k.device(s.device_id), self._k.seen, self._k.lastseen],
+                args=[s.device_id, repr(now)],
             )
-            pipe.zrem(self._k.seen, s.device_id)
-        else:
-            pipe.hset(
-                self._k.device(s.device_id), mapping={"state": "online", "last_seen": repr(now)}
-            )
-            pipe.zadd(self._k.seen, {s.device_id: now})
-            pipe.zadd(self._k.lastseen, {s.device_id: now})
+            return
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hset(self._k.device(s.device_id), mapping={"state": "online", "last_seen": repr(now)})
+        pipe.zadd(self._k.seen, {s.device_id: now})
+        pipe.zadd(self._k.lastseen, {s.device_id: now})
         await pipe.execute()
+
+    async def sweep(self, now: float | None = None, batch: int = SWEEP_BATCH) -> int:
+        """Remove the devices not heard from for ``device_ttl_s`` (see the module doc);
+        returns how many. One script per ``batch`` devices (Redis is never blocked long)."""
+        if self.device_ttl <= 0:
+            return 0
+        now = time.time() if now is None else now
+        k = self._k
+        keys = [k.lastseen, k.seen, k.contrib, k.selt, k.sels]
+        fixed = [k.device_prefix, k.history(""), k.task(""), str(int(now // 86400))]
+        removed = offset = 0
+        while True:
+            scanned, n = await self._sweep(
+                keys=keys, args=[repr(now - self.device_ttl), repr(now), offset, batch, *fixed]
+            )
+            removed += int(n)
+            offset += int(scanned) - int(n)  # the kept ones stay in front: step over them
+            if int(scanned) < batch:
+                return removed
 
     async def live_ids(self, now: float | None = None) -> list[str]:
         now = time.time() if now is None else now
@@ -224,19 +329,25 @@ class FleetStore:
         scanned = 0
         start = 0
         while len(out) < want and (not max_scan or scanned < max_scan):
-            ids = await self._r.zrange(self._k.contrib, start, start + page - 1)
-            if not ids:
+            # the page's online devices only: offline ones (gone, or a burst of ids that
+            # fell silent) cost the script a ZSCORE each, never a read of their records
+            got = await self._online_page(
+                keys=[self._k.contrib, self._k.seen],
+                args=[start, start + page - 1, repr(now - self.ttl)],
+            )
+            n = int(got[0])
+            if not n:
                 break
             start += page
-            scanned += len(ids)
+            scanned += n
+            ids, on = got[1::2], [float(x) for x in got[2::2]]
+            if not ids:
+                continue
             pipe = self._r.pipeline(transaction=False)
             pipe.hmget(self._k.selt, ids)
             pipe.hmget(self._k.sels, ids)
-            pipe.zmscore(self._k.seen, ids)
-            tel, st, on = await pipe.execute()
+            tel, st = await pipe.execute()
             for j, dev in enumerate(ids):
-                if on[j] is None or on[j] < now - self.ttl:
-                    continue
                 v = make_view(dev, tel[j], st[j], on[j], on[j], now, self.ttl)
                 if v is not None and accept(v):
                     out.append(v)
@@ -365,6 +476,17 @@ class FleetStore:
                 except ValueError:
                     continue
         return out
+
+
+async def run_sweep(fleet: FleetStore, every_s: float, metrics: CoordinatorMetrics) -> None:
+    """The coordinator's fleet sweep loop (errors: the service's supervisor restarts it)."""
+    while True:
+        n = await fleet.sweep()
+        if n:
+            metrics.devices_expired.inc(n)
+            log.info("fleet sweep: %d devices not heard from for %.0fs removed", n,
+                     fleet.device_ttl)  # fmt: skip
+        await asyncio.sleep(every_s)
 
 
 def device_json(v: DeviceView, h: dict[str, str] | None = None) -> dict[str, Any]:

@@ -3,20 +3,28 @@ and the report handler (evaluation / statistics reports).
 
 ``Router.handle(topic, payload)`` is the whole per-message logic (no MQTT objects), so it
 can be driven directly in tests; ``TelemetryBatcher`` coalesces telemetry into Redis
-pipelines. Every bad input is counted in ``fedfleet_coord_rejected_total`` and dropped.
+pipelines. Every bad input is counted in ``fedfleet_coord_rejected_total{source, reason}``
+and dropped: a schema reason (``range``: a value outside its bounds, ...),
+``device_mismatch`` (payload device != topic device), ``rate_limited`` (over the device's
+limit, checked before decoding: ``coordinator.ratelimit``; an update is answered
+``rejected``/``rate_limited``) or ``clock_skew`` (telemetry whose ``ts`` is more than
+``max_ahead_s`` ahead of or ``max_behind_s`` behind the coordinator's clock).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from collections.abc import Callable
 
 from coordinator.aborts import AbortHandler
 from coordinator.fleet import FleetStore
 from coordinator.jobstats import JobStatsStore
 from coordinator.link import INGEST_LEAVES
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.ratelimit import RATE_LIMITED, DeviceLimits, rate_limited_ack
 from coordinator.reports import ReportHandler
 from coordinator.tasks import TaskStore
 from coordinator.uploads import UploadHandler
@@ -32,9 +40,16 @@ from schemas.messages import (
     Update,
     decode,
     decode_any,
+    encode,
 )
 
 log = logging.getLogger(__name__)
+
+
+def clock_ok(ts: float, now: float, max_ahead_s: float, max_behind_s: float) -> bool:
+    """Whether a device's ``ts`` is a reading of ``now`` (within the skew window)."""
+    return now - max_behind_s <= ts <= now + max_ahead_s
+
 
 class TelemetryBatcher:
     """Latest telemetry per device, flushed to Redis in one pipeline per batch."""
@@ -94,7 +109,13 @@ class Router:
         metrics: CoordinatorMetrics,
         aborts: AbortHandler | None = None,
         reports: ReportHandler | None = None,
+        limits: DeviceLimits | None = None,
+        max_ahead_s: float = math.inf,
+        max_behind_s: float = math.inf,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``limits``: per-device rate limits (None: none); ``max_ahead_s`` /
+        ``max_behind_s``: the telemetry clock window around ``clock()``."""
         self.fleet = fleet
         self.tasks = tasks
         self.stats = stats
@@ -103,6 +124,10 @@ class Router:
         self.metrics = metrics
         self.aborts = aborts
         self.reports = reports
+        self.limits = limits
+        self.max_ahead_s = max_ahead_s
+        self.max_behind_s = max_behind_s
+        self.clock = clock
 
     def _reject(self, kind: str, reason: str) -> None:
         self.metrics.rejected.labels(source=kind, reason=reason).inc()
@@ -114,11 +139,19 @@ class Router:
             return
         dev, kind = parts[1], parts[2]
         self.metrics.messages.labels(kind=kind).inc()
+        if self.limits is not None and not self.limits.allow(kind, dev):
+            self._reject(kind, RATE_LIMITED)
+            if kind == "update":
+                await self._refuse_upload(payload, dev)
+            return
         try:
             if kind == "telemetry":
                 t = decode(payload, Telemetry)
                 if t.device_id != dev:
                     self._reject(kind, "device_mismatch")
+                    return
+                if not clock_ok(t.ts, self.clock(), self.max_ahead_s, self.max_behind_s):
+                    self._reject(kind, "clock_skew")
                     return
                 self.batcher.add(t)
             elif kind == "status":
@@ -139,6 +172,18 @@ class Router:
                 await self.uploads.handle(decode(payload, Update, max_bytes=UPDATE_MAX_BYTES), dev)
         except SchemaError as exc:
             self._reject(kind, exc.reason)
+
+    async def _refuse_upload(self, payload: bytes, dev: str) -> None:
+        """Answer an update over the device's limit ``rejected``/``rate_limited`` (already
+        counted); one that does not decode, or names another device, gets no answer."""
+        try:
+            upd = decode(payload, Update, max_bytes=UPDATE_MAX_BYTES)
+        except SchemaError:
+            return
+        if upd.device_id != dev:
+            return  # never answer on a topic the sender does not own
+        self.metrics.uploads.labels(status="rejected").inc()
+        await self.uploads.publish(f"fleet/{dev}/ack", encode(rate_limited_ack(upd)), 1)
 
     async def _report(self, msg: object, dev: str) -> None:
         if not isinstance(msg, EvalReport | StatsReport):

@@ -18,13 +18,19 @@ class CoordinatorMetrics:
         )
         self.rejected = Counter(
             "fedfleet_coord_rejected_total",
-            "Inputs rejected, by source and reason",
+            "Inputs rejected, by source (topic leaf, http_update, fl.models) and reason (a "
+            "schema reason such as range, or device_mismatch, clock_skew, rate_limited, ...)",
             ["source", "reason"],
             registry=registry,
         )
         self.telemetry_written = Counter(
             "fedfleet_coord_telemetry_written_total",
             "Telemetry records written to Redis",
+            registry=registry,
+        )
+        self.devices_expired = Counter(
+            "fedfleet_coord_devices_expired_total",
+            "Devices removed from the fleet after device_ttl_s without a message",
             registry=registry,
         )
         self.tasks_issued = Counter(

@@ -5,7 +5,8 @@
         await coord.wait_closed()
 
 Loops (each supervised: an unexpected error is counted, logged and the loop restarted):
-fleet-link ingest (``FleetLink.serve``, reconnecting), telemetry flusher, selector,
+fleet-link ingest (``FleetLink.serve``, reconnecting), telemetry flusher, fleet sweep
+(``FleetStore.sweep``: devices past ``device_ttl_s`` leave the fleet), selector,
 dispatcher (``fl.tasks`` -> the link; only with the default Kafka task sink), registry
 (``fl.models``), and uvicorn serving ``coordinator.api``. The link and the task sink are
 ports: ``Coordinator(s, link=MemoryFleetLink(), task_sink=DirectTaskSink)`` runs without
@@ -37,6 +38,7 @@ from coordinator.artifacts import DiskCache, KafkaArtifacts
 from coordinator.core import build_core
 from coordinator.dispatcher import run_dispatcher
 from coordinator.errors import CoordinatorError
+from coordinator.fleet import run_sweep
 from coordinator.jobs import Job
 from coordinator.journal import (
     KafkaJobJournal,
@@ -55,6 +57,7 @@ from coordinator.lifecycle import set_spec, set_status
 from coordinator.link import FleetLink
 from coordinator.metrics import CoordinatorMetrics, default_metrics
 from coordinator.mqtt_link import MqttFleetLink
+from coordinator.ratelimit import limit_uploads
 from coordinator.settings import CoordinatorSettings
 from coordinator.task_sink import KafkaTaskSink, TaskSink, TaskSinkFactory
 from coordinator.uploads import replying
@@ -185,15 +188,19 @@ class Coordinator:
         self._spawn("registry", lambda: self._registry_loop(mconsumer))
         self._spawn("selector", self.selector.run)
         self._spawn("journal", self.journal.run)
+        self._spawn("fleet-sweep", lambda: run_sweep(self.fleet, s.device_sweep_s, self.metrics))
         self._spawn("recovery", lambda: run_recovery(
             self.journal, self.jobs, self.metrics, s.recovery_check_s))  # fmt: skip
         stack.push_async_callback(self._cancel_tasks)
 
+        upload = replying(core.uploads, self._upload_slots)
+        if core.router.limits is not None:  # HTTP uploads share the per-device upload limit
+            upload = limit_uploads(upload, core.router.limits, self.metrics)
         self.app_state = AppState(
             settings=s, fleet=self.fleet, jobs=self.jobs, tasks=self.tasks, stats=self.stats,
             registry=self.registry, signer=self.signer, metrics=self.metrics,
             publish_job=self.publish_job, ready=self._ready, journal=self.journal,
-            evals=core.evals, upload=replying(core.uploads, self._upload_slots),
+            evals=core.evals, upload=upload,
             artifacts=self.artifacts,
         )  # fmt: skip
         self.app = create_app(self.app_state)

@@ -55,6 +55,25 @@ class CoordinatorSettings:
     # telemetry batching
     telemetry_batch: int = 500
     telemetry_flush_s: float = 0.05
+    # telemetry whose ts is further than this ahead of / behind the coordinator's clock is
+    # refused (clock_skew): a device clock five minutes fast, or a report a day old, is not
+    # a reading of now
+    telemetry_max_ahead_s: float = 300.0
+    telemetry_max_behind_s: float = 86400.0
+    # a device not heard from for device_ttl_s leaves the fleet view (every index, its
+    # detail and history; see FleetStore.sweep), checked every device_sweep_s. One day: a
+    # device that comes back after that starts a new UTC day anyway (daily_cap) and its
+    # record is kept longer while it holds a task, a cooldown or today's task count
+    device_ttl_s: float = 86400.0
+    device_sweep_s: float = 60.0
+    # per-device rate limits (token buckets in each coordinator; 0 = no limit). Telemetry
+    # and status: the fastest fleet we run reports every 0.5 s (loadtest scale), agents
+    # every 10 s. Uploads, task answers and reports: a device answers each task with 1-3
+    # messages and resends an un-acked update every resend_interval_s (>= 10 s)
+    telemetry_rate_per_s: float = 5.0
+    telemetry_burst: int = 20
+    upload_rate_per_s: float = 10.0
+    upload_burst: int = 50
     upload_concurrency: int = 64  # uploads handled at once (each waits for Kafka acks)
     # registry
     retention: int = 20
@@ -88,13 +107,20 @@ class CoordinatorSettings:
               f"{self.redis_url!r} is not a redis:// URL")  # fmt: skip
         for name in ("selection_tick_s", "lease_s", "telemetry_ttl_s", "pace_retry_s",
                      "telemetry_flush_s", "recovery_check_s", "data_hold_s",
-                     "stats_timeout_s", "final_grace_s"):  # fmt: skip
+                     "stats_timeout_s", "final_grace_s", "telemetry_max_ahead_s",
+                     "telemetry_max_behind_s", "device_ttl_s", "device_sweep_s"):  # fmt: skip
             v = getattr(self, name)
             check(v > 0, name, f"must be > 0, got {v}")
+        check(self.device_ttl_s > self.telemetry_ttl_s, "device_ttl_s",
+              f"must be > telemetry_ttl_s ({self.telemetry_ttl_s}), got {self.device_ttl_s}")
+        for name in ("telemetry_rate_per_s", "upload_rate_per_s"):
+            v = getattr(self, name)
+            check(v >= 0, name, f"must be >= 0 (0: no limit), got {v}")
         for name in ("pace_max_per_tick", "pace_per_pass", "candidate_factor",
                      "task_partitions", "max_shards", "max_params", "telemetry_batch",
                      "upload_concurrency", "retention", "fail_after_aborts",
-                     "stats_min_reports", "max_artifact_bytes"):  # fmt: skip
+                     "stats_min_reports", "max_artifact_bytes", "telemetry_burst",
+                     "upload_burst"):  # fmt: skip
             v = getattr(self, name)
             check(v >= 1, name, f"must be >= 1, got {v}")
         check(bool(self.admin_token), "admin_token", "must not be empty")

@@ -24,7 +24,10 @@ SCHEMA_VERSION: int = 1
 DEFAULT_MAX_BYTES: int = 1 << 20  # 1 MiB for control messages
 UPDATE_MAX_BYTES: int = 64 << 20  # 64 MiB for model updates and model slices
 
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")]
+# ``$(?!\n)``: Python's ``$`` also matches before a final newline ("d1\n" would pass);
+# the lookahead closes that and keeps the pattern valid JSON Schema (ECMA 262) for OpenAPI
+ID_PATTERN = r"^[A-Za-z0-9._:\-]+$(?!\n)"
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=ID_PATTERN)]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0.0)]
@@ -106,9 +109,32 @@ class Message(
 
 # --------------------------------------------------------------------------- device → server
 
+# What a device reports is bounded to the physically plausible, so absurd but well-typed
+# values (bandwidth 1e308, a clock in the year 31,700, a 900 KB version string) are refused
+# at decode (``range``) instead of being stored and served. The caps sit far above any real
+# reading: 100 Gbit/s is beyond any NIC an edge device carries (the simulator's fastest
+# is ~150 Mbit/s); a round trip over a minute means the session is dead (MQTT keep-alive);
+# 2100-01-01 is the latest clock we take (the coordinator also refuses telemetry whose ts
+# is far from its own clock, ``CoordinatorSettings.telemetry_max_ahead_s``/``_behind_s``).
+MAX_BANDWIDTH_KBPS: float = 1e8  # 100 Gbit/s
+MAX_RTT_MS: float = 60_000.0  # one minute
+MAX_DEVICE_TS: float = 4_102_444_800.0  # 2100-01-01T00:00:00Z
+MAX_AGENT_VERSION: int = 64  # "1.2.3-rc.1+build.20260101.abcdef" is 32
+MAX_STATUS_REASON: int = 256
+# printable ASCII only: the version is stored, served, logged and compared (parse_version)
+AgentVersion = Annotated[str, msgspec.Meta(max_length=MAX_AGENT_VERSION, pattern=r"^[ -~]*$(?!\n)")]
+StatusReason = Annotated[str, msgspec.Meta(max_length=MAX_STATUS_REASON)]
+
+
+def _at_most(name: str, value: float, cap: float) -> None:
+    """``value`` (finite: checked first, so Inf stays ``non_finite``) must be <= ``cap``."""
+    if value > cap:
+        raise SchemaError("range", f"{name} must be <= {cap:g}, got {value!r}")
+
 
 class Telemetry(Message, frozen=True, kw_only=True, tag="telemetry"):
-    """Periodic device report on ``fleet/{device_id}/telemetry`` (QoS 0)."""
+    """Periodic device report on ``fleet/{device_id}/telemetry`` (QoS 0). Every field is
+    bounded (see ``MAX_*`` above); ``battery`` is a percentage."""
 
     device_id: Id
     ts: Timestamp
@@ -119,7 +145,7 @@ class Telemetry(Message, frozen=True, kw_only=True, tag="telemetry"):
     bandwidth_kbps: NonNegFloat = 0.0
     rtt_ms: NonNegFloat = 0.0
     idle: bool = False
-    agent_version: str = "0"
+    agent_version: AgentVersion = "0"
     seq: NonNegInt = 0
 
     def __post_init__(self) -> None:
@@ -127,6 +153,9 @@ class Telemetry(Message, frozen=True, kw_only=True, tag="telemetry"):
         _finite("ts", self.ts)
         _finite("bandwidth_kbps", self.bandwidth_kbps)
         _finite("rtt_ms", self.rtt_ms)
+        _at_most("ts", self.ts, MAX_DEVICE_TS)
+        _at_most("bandwidth_kbps", self.bandwidth_kbps, MAX_BANDWIDTH_KBPS)
+        _at_most("rtt_ms", self.rtt_ms, MAX_RTT_MS)
 
 
 class DeviceStatus(Message, frozen=True, kw_only=True, tag="status"):
@@ -134,12 +163,13 @@ class DeviceStatus(Message, frozen=True, kw_only=True, tag="status"):
 
     device_id: Id
     state: Literal["online", "offline"]
-    ts: Timestamp
-    reason: str = ""
+    ts: Timestamp  # when the message was built: an LWT's is its connect time, maybe days ago
+    reason: StatusReason = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _finite("ts", self.ts)
+        _at_most("ts", self.ts, MAX_DEVICE_TS)
 
 
 class TaskResponse(Message, frozen=True, kw_only=True, tag="task_response"):
@@ -456,7 +486,12 @@ class StrategyConfig(msgspec.Struct, frozen=True, kw_only=True):
     buffer_size: PosInt = 10  # FedBuff K / FedAvg round size
     server_lr: Annotated[float, msgspec.Meta(gt=0.0, le=100.0)] = 1.0
     server_momentum: Annotated[float, msgspec.Meta(ge=0.0, lt=1.0)] = 0.0
-    clip_norm: NonNegFloat = 0.0  # 0 = no clipping
+    clip_norm: NonNegFloat = 0.0  # fixed L2 bound per slice; 0 = none
+    # Adaptive L2 bound per slice (aggregator.strategies.adaptive): clip_multiplier x the
+    # lower median of the last clip_window slice norms (this one included); 0 = off. Off
+    # here, on by default for jobs created through the coordinator (coordinator.jobs).
+    clip_multiplier: Annotated[float, msgspec.Meta(ge=0.0, le=1e6)] = 0.0
+    clip_window: Annotated[int, msgspec.Meta(ge=2, le=10_000)] = 100
     # Exact FedAsync with a sparse (top-k) update: mix only the coordinates the device sent
     # ("support"), or read the unsent ones as the stale base ("all"); see aggregator docs.
     sparse_mix: Literal["support", "all"] = "support"
@@ -471,6 +506,11 @@ class StrategyConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise SchemaError("range", f"robust={self.robust!r} needs name='fedbuff'")
         if self.dp_noise_multiplier and self.clip_norm <= 0.0:
             raise SchemaError("range", "dp_noise_multiplier > 0 needs clip_norm > 0")
+        if 0.0 < self.clip_multiplier < 1.0:
+            raise SchemaError("range", "clip_multiplier must be 0 (off) or >= 1")
+        if self.dp_noise_multiplier and self.clip_multiplier:
+            raise SchemaError("range", "dp_noise_multiplier > 0 bounds by clip_norm: "
+                              "set clip_multiplier to 0")  # fmt: skip
 
 
 class EvalConfig(msgspec.Struct, frozen=True, kw_only=True):

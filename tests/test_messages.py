@@ -425,3 +425,16 @@ def test_model_spec_preprocessing_is_checked(patch: dict[str, Any]) -> None:
     raw = {"family": "softmax", "n_features": 2, "n_classes": 2, **patch}
     with pytest.raises((SchemaError, msgspec.ValidationError)):
         msgspec.convert(raw, m.ModelSpecMsg)
+
+
+@pytest.mark.parametrize("bad", ["d1\n", "d1\nx", "\nd1", "d 1", ""])
+def test_an_id_with_a_newline_or_space_is_refused(bad: str) -> None:
+    """``$`` alone would let a final newline through ("d1\\n"): ids name MQTT topics,
+    Redis keys and files."""
+    import msgspec as ms
+
+    from schemas.messages import DeviceStatus
+
+    with pytest.raises(ms.ValidationError):
+        ms.convert({"device_id": bad, "state": "online", "ts": 1.0}, DeviceStatus)
+    assert ms.convert({"device_id": "d1", "state": "online", "ts": 1.0}, DeviceStatus)

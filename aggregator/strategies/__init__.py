@@ -3,6 +3,7 @@
 Build one with :func:`build_strategy` from a job's ``StrategyConfig``.
 """
 
+from aggregator.strategies.adaptive import AdaptiveClip, CapSamples
 from aggregator.strategies.base import (
     Applied,
     Chunk,
@@ -22,7 +23,9 @@ from aggregator.strategies.staleness import constant, hinge, make_staleness, pol
 from aggregator.strategies.wrappers import ClipL2, GaussianDP, MaxStaleness, RejectNonFinite
 
 __all__ = [
+    "AdaptiveClip",
     "Applied",
+    "CapSamples",
     "Chunk",
     "ChunkLike",
     "ClipL2",

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import numpy.typing as npt
 
 from aggregator.errors import ConfigError
+from aggregator.strategies.adaptive import AdaptiveClip, CapSamples
 from aggregator.strategies.base import Strategy
 from aggregator.strategies.fedasync import FedAsync, FedAsyncDelta
 from aggregator.strategies.fedavg import FedAvg
@@ -79,9 +80,15 @@ def build_strategy(
     version: int = 0,
     options: StrategyOptions | None = None,
 ) -> Strategy:
-    """Core rule named by ``cfg.name`` wrapped as
-    ``RejectNonFinite(MaxStaleness(ClipL2 | GaussianDP (core)))`` (no ``MaxStaleness``, and
-    no age limit on the FedAsync history, when ``options.bound_staleness`` is off)."""
+    """Core rule named by ``cfg.name`` wrapped as ``RejectNonFinite(MaxStaleness(
+    [CapSamples](AdaptiveClip(ClipL2 | GaussianDP (core)))))`` (no ``MaxStaleness``, and
+    no age limit on the FedAsync history, when ``options.bound_staleness`` is off).
+
+    The adaptive bound (``cfg.clip_multiplier > 0``) sits outside the fixed one, so with
+    both the tighter wins; ``CapSamples`` only for FedAvg (the one rule weighting by
+    ``num_samples``). Under differential privacy the fixed ``clip_norm`` is the bound and
+    the adaptive one is not applied: a bound learnt from other devices' updates would
+    make each update's treatment depend on the others', outside the DP accounting."""
     opt = options or StrategyOptions()
     eff = effective(cfg, opt)
     core: Strategy
@@ -132,6 +139,10 @@ def build_strategy(
         )
     elif cfg.clip_norm > 0.0:
         s = ClipL2(s, cfg.clip_norm)
+    if cfg.clip_multiplier > 0.0 and eff.dp_noise_multiplier <= 0.0:
+        s = AdaptiveClip(s, multiplier=cfg.clip_multiplier, window=cfg.clip_window)
+        if cfg.name == "fedavg":
+            s = CapSamples(s, multiplier=cfg.clip_multiplier, window=cfg.clip_window)
     if opt.bound_staleness:
         s = MaxStaleness(s, cfg.max_staleness)
     return RejectNonFinite(s)

@@ -73,6 +73,57 @@ def _clip(delta: list[float], c: float) -> list[float]:
     return [v * c / norm for v in delta]
 
 
+class RefMedianBound:
+    """The adaptive bound, written out independently of ``aggregator.strategies.adaptive``:
+    ``bound(v) = multiplier * lower median of (the last window - 1 admitted values + [v])``,
+    lower median of ``n`` sorted values = the ``(n - 1) // 2``-th. ``multiplier = 0``: off."""
+
+    def __init__(self, multiplier: float, window: int) -> None:
+        self.multiplier, self.window = multiplier, window
+        self.admitted: list[float] = []
+
+    def bound(self, v: float) -> float:
+        keep = self.admitted[max(0, len(self.admitted) - (self.window - 1)) :]
+        pool = sorted([*keep, v])
+        return self.multiplier * pool[(len(pool) - 1) // 2]
+
+    def cap(self, n: int) -> int:
+        """A claimed sample count capped at the bound (at least 1)."""
+        if self.multiplier <= 0:
+            return n
+        return min(n, max(1, math.floor(self.bound(float(n)))))
+
+
+class RefAdaptiveClip:
+    """Both adaptive bounds on a delta: every coordinate clipped to ``peaks``' bound ``P``
+    on the largest ``|value|``; then the delta scaled down to L2 norm ``B`` (``norms``'
+    bound) if its pre-clip norm ``n`` is at most ``B``, else to ``B * B / n``. The windows
+    hold the pre-clip values of the updates applied so far."""
+
+    def __init__(self, multiplier: float, window: int) -> None:
+        self.norms = RefMedianBound(multiplier, window)
+        self.peaks = RefMedianBound(multiplier, window)
+        self._last = (0.0, 0.0)
+
+    def clip(self, delta: list[float]) -> list[float]:
+        norm = math.sqrt(sum(v * v for v in delta))
+        peak = max((abs(v) for v in delta), default=0.0)
+        self._last = (norm, peak)
+        if self.norms.multiplier <= 0:
+            return list(delta)
+        cap = self.peaks.bound(peak)
+        out = [min(max(v, -cap), cap) for v in delta] if peak > cap else list(delta)
+        now = math.sqrt(sum(v * v for v in out))
+        b = self.norms.bound(norm)
+        target = b if norm <= b else b * b / norm
+        return [v * target / now for v in out] if now > target else out
+
+    def applied(self) -> None:
+        """The update last clipped was applied: its values join the windows."""
+        self.norms.admitted.append(self._last[0])
+        self.peaks.admitted.append(self._last[1])
+
+
 class RefCadence:
     """The announcement rule, written out independently of ``aggregator.job_shard.Cadence``."""
 
@@ -107,14 +158,20 @@ def fedasync(
     min_interval: float = 0.0,
     announced: list[int] | None = None,
     sparse_mix: str = "support",
+    clip_multiplier: float = 0.0,
+    clip_window: int = 100,
 ) -> RefResult:
     """``announced``, when given, receives the regularly announced versions in order.
+
+    ``clip_multiplier > 0``: the adaptive bounds (:class:`RefAdaptiveClip`) clip the delta
+    first, then ``clip_norm`` applies.
 
     Exact form with a sparse update (``support`` given) and ``sparse_mix="support"``: the
     mixing applies on the sent coordinates only, the others keep ``x_{t-1}``.
     """
     s = STALENESS[staleness]
     cad = RefCadence(keep_every, min_interval)
+    bound = RefAdaptiveClip(clip_multiplier, clip_window)
     n = len(x0)
     versions: list[list[float]] = [list(map(float, x0))]  # versions[t] = x_t
     seen: set[str] = set()
@@ -133,7 +190,8 @@ def fedasync(
         if max_staleness is not None and d > max_staleness:
             res.rejected[u.update_id] = "too_stale"
             continue
-        delta = _clip(u.delta, clip_norm)
+        delta = bound.clip(u.delta)
+        delta = _clip(delta, clip_norm)
         t = t_prev + 1
         a_t = alpha * s(t - u.base_version, a, b)
         prev = versions[t_prev]
@@ -157,6 +215,7 @@ def fedasync(
         versions.append(new)
         seen.add(u.update_id)
         res.applied.append(u.update_id)
+        bound.applied()
         cad.applied(u.ts, t)
     if announced is not None:
         announced.extend(cad.announced)
@@ -177,8 +236,16 @@ def fedbuff(
     reducer: str = "mean",
     trim: float = 0.1,
     fedavg: bool = False,
+    clip_multiplier: float = 0.0,
+    clip_window: int = 100,
 ) -> RefResult:
-    """FedBuff: sum_i (1+s_i)^-0.5 D_i / K (or robust reduce); FedAvg: sum n_i D_i / sum n_i."""
+    """FedBuff: sum_i (1+s_i)^-0.5 D_i / K (or robust reduce); FedAvg: sum n_i D_i / sum n_i.
+
+    ``clip_multiplier > 0``: the adaptive bound clips each delta (as in :func:`fedasync`)
+    and, for FedAvg, caps each claimed ``n_i`` at the same rule over the claims.
+    """
+    bound = RefAdaptiveClip(clip_multiplier, clip_window)
+    claims = RefMedianBound(clip_multiplier if fedavg else 0.0, clip_window)
     n = len(x0)
     x = [float(v) for v in x0]
     version = 0
@@ -203,12 +270,15 @@ def fedbuff(
         if fedavg and st != 0:
             res.rejected[u.update_id] = "wrong_round"
             continue
-        delta = _clip(u.delta, clip_norm)
-        w = float(u.num_samples) if fedavg else 1.0 / math.sqrt(1.0 + st)
+        delta = bound.clip(u.delta)
+        delta = _clip(delta, clip_norm)
+        w = float(claims.cap(u.num_samples)) if fedavg else 1.0 / math.sqrt(1.0 + st)
         buf.append([w * v for v in delta])
         weights.append(w)
         seen.add(u.update_id)
         res.applied.append(u.update_id)
+        bound.applied()
+        claims.admitted.append(float(u.num_samples))
         if len(buf) < k:
             continue
         agg = [0.0] * n
