@@ -41,6 +41,7 @@ from coordinator.selector import Selector
 from coordinator.service import Coordinator
 from coordinator.settings import CoordinatorSettings
 from coordinator.task_sink import DirectTaskSink, KafkaTaskSink
+from coordinator.tasks import load_task_key
 from schemas.messages import Telemetry, encode
 
 
@@ -87,7 +88,7 @@ async def bench_ingest(info: Any, tmp: Path, n_msgs: int, n_devices: int) -> dic
     s = CoordinatorSettings(
         kafka_bootstrap=info.kafka_bootstrap, mqtt_host=info.mqtt_host, mqtt_port=info.mqtt_port,
         redis_url=info.redis_url, topic_prefix=prefix, model_store_dir=tmp / "m",
-        signing_key_path=tmp / "k", http_port=0,
+        signing_key_path=tmp / "k", task_key_path=tmp / "tk", http_port=0,
     )  # fmt: skip
     payloads = [
         (f"fleet/b{i % n_devices}/telemetry",
@@ -220,6 +221,7 @@ async def bench_selection(redis_url: str, devices: int, passes: int) -> dict[str
         stats=JobStatsStore(r, prefix),
         lock=RedisLock(r, Keys(prefix).selector_lock),
         task_sink=KafkaTaskSink(_NullProducer(), s.tasks_topic),
+        task_key=bytes(32),  # tokens are never pushed here
         publish=None,
         metrics=metrics,
     )
@@ -261,7 +263,7 @@ async def bench_uploads(info: Any, tmp: Path, n: int) -> dict[str, Any]:
     s = CoordinatorSettings(
         kafka_bootstrap=info.kafka_bootstrap, mqtt_host=info.mqtt_host, mqtt_port=info.mqtt_port,
         redis_url=info.redis_url, topic_prefix=prefix, model_store_dir=tmp / "um",
-        signing_key_path=tmp / "k", pace_enabled=False, http_port=0,
+        signing_key_path=tmp / "k", task_key_path=tmp / "tk", pace_enabled=False, http_port=0,
         telemetry_ttl_s=3600.0, lease_s=3600.0,
     )  # fmt: skip
     levels = (1, 32)
@@ -270,8 +272,9 @@ async def bench_uploads(info: Any, tmp: Path, n: int) -> dict[str, Any]:
     redis: Any = Redis.from_url(s.redis_url, decode_responses=True)
     link = MemoryFleetLink()
     metrics = CoordinatorMetrics(registry=_registry())
-    coord = build_core(s, redis, metrics=metrics, producer=_NullProducer(),
-                       task_sink=DirectTaskSink(link.publish, metrics), publish=link.publish)
+    key = load_task_key(s.task_key_path)
+    coord = build_core(s, redis, metrics=metrics, producer=_NullProducer(), task_key=key,
+                       task_sink=DirectTaskSink(link.publish, metrics, key), publish=link.publish)
     try:
         warm = max(levels)
         total = n * len(levels) + warm
@@ -338,7 +341,7 @@ async def bench_pulls(info: Any, tmp: Path, requests: int, conc: int) -> dict[st
     s = CoordinatorSettings(
         kafka_bootstrap=info.kafka_bootstrap, mqtt_host=info.mqtt_host, mqtt_port=info.mqtt_port,
         redis_url=info.redis_url, topic_prefix=prefix, model_store_dir=tmp / "pm",
-        signing_key_path=tmp / "k", admin_token="b", http_port=0,
+        signing_key_path=tmp / "k", task_key_path=tmp / "tk", admin_token="b", http_port=0,
     )  # fmt: skip
     out: dict[str, Any] = {"requests": requests, "concurrency": conc}
     async with Coordinator(

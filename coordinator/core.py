@@ -19,7 +19,9 @@ from typing import Any
 
 from coordinator.aborts import AbortHandler, FailJob
 from coordinator.artifacts import ArtifactStore, MemoryArtifacts
+from coordinator.broker_admin import BrokerAdmin
 from coordinator.dispatcher import Publish
+from coordinator.enrolment import Enroller, EnrolmentStore
 from coordinator.errors import CoordinatorError, NotFound
 from coordinator.evalstore import EvalStore
 from coordinator.fleet import FleetStore
@@ -38,7 +40,7 @@ from coordinator.settings import CoordinatorSettings
 from coordinator.sidetasks import SideTasks, WriteSpec
 from coordinator.signing import Signer
 from coordinator.task_sink import TaskSink
-from coordinator.tasks import TaskStore
+from coordinator.tasks import TaskStore, deployment_tag, load_task_key
 from coordinator.uploads import ShardProducer, UploadHandler
 from schemas.errors import SchemaError
 from schemas.messages import UPDATE_MAX_BYTES, JobSpec, ShardVersion, decode
@@ -76,6 +78,7 @@ class CoordinatorCore:
     evals: EvalStore
     side: SideTasks
     artifacts: ArtifactStore
+    enroller: Enroller
 
     async def shard_versions(self, job: Job | JobSpec) -> list[int] | None:
         return await shard_versions(self.registry, job)
@@ -123,6 +126,8 @@ def build_core(
     complete_job: Callable[[Job, str], Awaitable[None]] | None = None,
     write_spec: WriteSpec | None = None,
     artifacts: ArtifactStore | None = None,
+    broker_admin: BrokerAdmin | None = None,
+    task_key: bytes | None = None,
 ) -> CoordinatorCore:
     """Wire every part over ``redis`` (a ``decode_responses=True`` client the caller owns).
     ``producer`` takes accepted uploads (``fl.updates``), ``task_sink`` leased tasks;
@@ -131,8 +136,11 @@ def build_core(
     outside its classes; ``complete_job(job, reason)`` ends one whose stop condition held;
     ``write_spec(job_id, model_spec)`` records a standardize job's fixed input
     standardisation (``coordinator.lifecycle.set_spec``); ``artifacts`` holds onnx jobs'
-    model artifacts (default: in memory)."""
+    model artifacts (default: in memory); ``broker_admin`` the broker's credential store
+    enrolment writes to (None: the broker has none, enrolment answers 503); ``task_key``
+    the key upload tokens are derived with (None: ``load_task_key(s.task_key_path)``)."""
     signer = Signer.load_or_create(s.signing_key_path)
+    task_key = task_key if task_key is not None else load_task_key(s.task_key_path)
     artifacts = artifacts if artifacts is not None else MemoryArtifacts()
     registry = ModelRegistry(s.model_store_dir, signer, retention=s.retention,
                              artifacts=artifacts)  # fmt: skip
@@ -141,9 +149,12 @@ def build_core(
     jobs = JobStore(redis, s.key_prefix)
     stats = JobStatsStore(redis, s.key_prefix)
     rounds = RoundStore(redis, s.key_prefix)
+    enrolment = EnrolmentStore(redis, s.key_prefix)
+    enroller = Enroller(enrolment, broker_admin, fleet, metrics, probation_s=s.probation_s)
     batcher = TelemetryBatcher(
-        fleet, metrics, batch=s.telemetry_batch, interval_s=s.telemetry_flush_s
-    )
+        fleet, metrics, batch=s.telemetry_batch, interval_s=s.telemetry_flush_s,
+        admit=enrolment.enrolled if s.require_enrolment else None,
+    )  # fmt: skip
 
     async def versions(job: Job | JobSpec) -> list[int] | None:
         return await shard_versions(registry, job)
@@ -170,12 +181,14 @@ def build_core(
     evals = EvalStore(redis, s.key_prefix)
     side = SideTasks(
         settings=s, fleet=fleet, tasks=tasks, evals=evals, stats=stats, task_sink=task_sink,
+        task_key=task_key,
         metrics=metrics, write_spec=write_spec, republish=republish, fail_job=fail_job,
         final_version=final_version,
     )  # fmt: skip
     selector = Selector(
         settings=s, fleet=fleet, tasks=tasks, jobs=jobs, rounds=rounds, stats=stats,
         lock=RedisLock(redis, Keys(s.key_prefix).selector_lock), task_sink=task_sink,
+        task_key=task_key,
         publish=publish, metrics=metrics, latest_versions=versions, on_complete=complete_job,
         side=side,
     )  # fmt: skip
@@ -183,6 +196,7 @@ def build_core(
         tasks=tasks, jobs=jobs, fleet=fleet, stats=stats, producer=producer,
         updates_topic=s.updates_topic, publish=publish, metrics=metrics,
         on_uploaded=selector.wake, newest_versions=versions,
+        deployment=deployment_tag(s.topic_prefix),
     )  # fmt: skip
     aborts = AbortHandler(fleet=fleet, stats=stats, metrics=metrics, hold_s=s.data_hold_s,
                           fail_after=s.fail_after_aborts, fail_job=fail_job)  # fmt: skip
@@ -196,5 +210,5 @@ def build_core(
         settings=s, metrics=metrics, signer=signer, registry=registry, fleet=fleet,
         tasks=tasks, jobs=jobs, stats=stats, rounds=rounds, batcher=batcher,
         selector=selector, uploads=uploads, router=router, evals=evals, side=side,
-        artifacts=artifacts,
+        artifacts=artifacts, enroller=enroller,
     )  # fmt: skip

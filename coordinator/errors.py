@@ -8,6 +8,8 @@ Error tree::
         JobError                         a job request is invalid (-> 422)
         NotFound                         unknown job / device / model / version (-> 404)
         RegistryError                    a ShardVersion event cannot be applied
+        EnrolmentRefused                 an enrolment token or device id is refused (-> 403/409)
+        EnrolmentUnavailable             the broker's credential store cannot be reached (-> 503)
 
 Wire decoding failures stay ``schemas.errors.SchemaError`` and are counted by ``reason``.
 """
@@ -38,3 +40,14 @@ class NotFound(CoordinatorError):
 
 class RegistryError(CoordinatorError):
     pass
+
+
+class EnrolmentRefused(CoordinatorError):
+    """Codes: token_unknown, token_used, token_expired, token_device (bound to another id),
+    already_enrolled, reserved_id (``coordinator``), bad_id."""
+
+
+class EnrolmentUnavailable(CoordinatorError):
+    """No broker credential store (insecure broker) or it did not answer."""
+
+    retriable = True

@@ -452,6 +452,23 @@ class FleetStore:
             pipe.ltrim(hist, 0, HISTORY - 1)
         await pipe.execute()
 
+    async def probation(self, device_id: str, until: float) -> None:
+        """A newly enrolled device is not selected before ``until`` (its cooldown)."""
+        cur, cool, contrib, today, day = await self._state(device_id)
+        await self._r.hset(self._k.sels, device_id,
+                           pack_state(cur, max(cool, until), contrib, today, day))  # fmt: skip
+
+    async def forget(self, device_id: str) -> None:
+        """Remove a device from every fleet index, its detail and its history (revoked)."""
+        k = self._k
+        pipe = self._r.pipeline(transaction=True)
+        for z in (k.lastseen, k.seen, k.contrib):
+            pipe.zrem(z, device_id)
+        pipe.hdel(k.selt, device_id)
+        pipe.hdel(k.sels, device_id)
+        pipe.delete(k.device(device_id), k.history(device_id))
+        await pipe.execute()
+
     async def hold(self, job_id: str, device_id: str, until: float) -> None:
         """Keep ``device_id`` out of ``job_id``'s selection until ``until`` (a device whose
         data cannot train this job is not re-issued at once: no abort storm)."""

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from coordinator.aborts import AbortHandler
 from coordinator.fleet import FleetStore
@@ -46,21 +46,31 @@ from schemas.messages import (
 log = logging.getLogger(__name__)
 
 
+NOT_ENROLLED = "not_enrolled"
+
+
 def clock_ok(ts: float, now: float, max_ahead_s: float, max_behind_s: float) -> bool:
     """Whether a device's ``ts`` is a reading of ``now`` (within the skew window)."""
     return now - max_behind_s <= ts <= now + max_ahead_s
 
 
+# which of these device ids may be in the fleet (hold a valid credential): one round trip
+Admit = Callable[[list[str]], Awaitable[set[str]]]
+
+
 class TelemetryBatcher:
-    """Latest telemetry per device, flushed to Redis in one pipeline per batch."""
+    """Latest telemetry per device, flushed to Redis in one pipeline per batch; with
+    ``admit``, telemetry of ids it does not admit is refused (``not_enrolled``)."""
 
     def __init__(
-        self, fleet: FleetStore, metrics: CoordinatorMetrics, *, batch: int, interval_s: float
-    ) -> None:
+        self, fleet: FleetStore, metrics: CoordinatorMetrics, *, batch: int, interval_s: float,
+        admit: Admit | None = None,
+    ) -> None:  # fmt: skip
         self.fleet = fleet
         self.metrics = metrics
         self.batch = batch
         self.interval = interval_s
+        self.admit = admit
         self._buf: dict[str, Telemetry] = {}
         self._wake = asyncio.Event()
 
@@ -76,6 +86,11 @@ class TelemetryBatcher:
         if not self._buf:
             return 0
         buf, self._buf = self._buf, {}
+        if self.admit is not None:
+            ok = await self.admit(list(buf))
+            for dev in [d for d in buf if d not in ok]:
+                del buf[dev]
+                self.metrics.rejected.labels(source="telemetry", reason=NOT_ENROLLED).inc()
         n = await self.fleet.write_telemetry(buf.values())
         self.metrics.telemetry_written.inc(n)
         return n
@@ -163,6 +178,9 @@ class Router:
                     return
                 if s.state == "offline":
                     self.batcher.drop(dev)
+                elif self.batcher.admit is not None and not await self.batcher.admit([dev]):
+                    self._reject(kind, NOT_ENROLLED)
+                    return
                 await self.fleet.write_status(s)
             elif kind == "task_status":
                 await self._task_status(decode(payload, TaskResponse), dev)

@@ -30,8 +30,15 @@ hash to one slot::
     {p}fedstats:{{job}}     hash    StatsStore, report   sums of the statistics phase
     {p}fedstatsdev:{{job}}  set     StatsStore, report   devices that reported statistics
     {p}selector-lock        string  RedisLock            one selector pass at a time
+    {p}enroltok:{{enrol}}:{sha}  hash  EnrolmentStore  an enrolment token (by its sha256):
+                                                         expiry, bound device, used_ts/used_by
+    {p}cred:{{enrol}}:{id}  hash    EnrolmentStore       a device credential: secret sha256,
+                                                         enrolled_ts, revoked_ts
+    {p}enrolled:{{enrol}}   set     EnrolmentStore       device ids holding a valid credential
 
-(``{{job}}`` is the job id inside literal braces, e.g. ``ff:fl.round:{job-1a2b}``.)
+(``{{job}}`` is the job id inside literal braces, e.g. ``ff:fl.round:{job-1a2b}``;
+``{{enrol}}`` is the literal ``{enrol}``: every enrolment key hashes to one slot, so the
+enrolment scripts run on a Redis Cluster too.)
 
 The upload confirm script (``TaskStore.confirm_upload``) and the telemetry script touch a
 task or device key next to job or fleet-wide keys; they run on a single Redis (or one
@@ -135,3 +142,14 @@ class Keys:
     @property
     def selector_lock(self) -> str:
         return f"{self.p}selector-lock"
+
+    # enrolment (one hash slot: ``{enrol}``)
+    def enrol_token(self, sha: str) -> str:
+        return f"{self.p}enroltok:{{enrol}}:{sha}"
+
+    def credential(self, device_id: str) -> str:
+        return f"{self.p}cred:{{enrol}}:{device_id}"
+
+    @property
+    def enrolled(self) -> str:
+        return f"{self.p}enrolled:{{enrol}}"

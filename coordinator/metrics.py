@@ -95,6 +95,27 @@ class CoordinatorMetrics:
             "Jobs restored into Redis from the job journal (Redis lost or rolled them back)",
             registry=registry,
         )
+        self.enrolments = Counter(
+            "fedfleet_coord_enrolments_total",
+            "Enrolment attempts by outcome (enrolled, token_unknown, token_used, token_expired, "
+            "token_device, already_enrolled, invalid_request, bad_id, reserved_id, broker_error, "
+            "unavailable)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.enrolment_tokens = Counter(
+            "fedfleet_coord_enrolment_tokens_total", "Enrolment tokens issued", registry=registry
+        )
+        self.revocations = Counter(
+            "fedfleet_coord_revocations_total", "Device credentials revoked", registry=registry
+        )
+        self.auth_refused = Counter(
+            "fedfleet_coord_auth_refused_total",
+            "Requests refused for their credential, by what (admin, operator, device) and "
+            "reason (missing, wrong, not_enrolled, device_mismatch)",
+            ["what", "reason"],
+            registry=registry,
+        )
         self.errors = Counter(
             "fedfleet_coord_loop_errors_total",
             "Unexpected errors caught in loops",

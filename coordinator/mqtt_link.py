@@ -16,6 +16,7 @@ import aiomqtt
 
 from coordinator.link import INGEST_LEAVES, PUBLISH_WAIT_S, Handler, wait_event
 from schemas.aio import cancelling
+from schemas.mqtt_auth import MqttCredentials
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,13 @@ class MqttFleetLink:
         share_group: str,
         keepalive_s: int = 30,
         max_queued: int = 100_000,
+        credentials: MqttCredentials | None = None,
     ) -> None:
+        """``credentials``: username/password over TLS verified against their CA (None:
+        anonymous, plain TCP)."""
         self.host, self.port = host, port
+        self.auth = credentials.client_kwargs() if credentials is not None else {}
+        self.scheme = "mqtts" if credentials is not None else "mqtt"
         # MQTT ids must differ per live session (a restart must not take over the old one)
         self.identifier = f"{client_id}-mqtt-{secrets.token_hex(3)}"
         self.filters = subscriptions(share_group)
@@ -55,7 +61,7 @@ class MqttFleetLink:
         return self._up.is_set()
 
     async def wait_ready(self, timeout_s: float) -> None:
-        await wait_event(self._up, timeout_s, f"mqtt://{self.host}:{self.port}")
+        await wait_event(self._up, timeout_s, f"{self.scheme}://{self.host}:{self.port}")
 
     async def serve(self, handler: Handler) -> None:
         delay = 0.2
@@ -68,6 +74,7 @@ class MqttFleetLink:
                     protocol=aiomqtt.ProtocolVersion.V5,
                     keepalive=self.keepalive_s,
                     max_queued_incoming_messages=self.max_queued,
+                    **self.auth,
                 ) as client:
                     for flt, qos in self.filters:
                         await client.subscribe(flt, qos=qos)

@@ -9,18 +9,27 @@ Disk layout under ``model_store_dir``::
                                     input mean/std are part of the graph, not the weights)
     models/{name}/v{version:010d}.json   ModelManifest (JSON)
     models/{name}/pin               pinned version (rollback); absent = newest is latest
+    models/{name}/publication       ``Pointer`` (JSON): the version ``latest`` is and the
+                                    publication that made it so (``next_publication``)
+    models/{name}/.lock             ``flock``ed while the pin or the pointer changes
 
 ``assemble`` is the pure step (newest slice per shard wins); ``ModelRegistry`` is the
 file-system shell around it. Several coordinator processes may serve the same directory;
-only the one owning ``fl.models`` writes.
+only the one owning ``fl.models`` writes versions, any may pin/unpin (REST), and every
+change of what ``latest`` is (new version, pin, rollback, unpin) takes a new, larger
+publication under the model's lock, which ``latest`` answers carry signed
+(``schemas.signing.latest_message``) so devices can refuse a replayed older answer.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +44,7 @@ from schemas.artifact import export_version, initial_params
 from schemas.atomic import atomic_write, check_writable_dir
 from schemas.messages import JobSpec, ModelManifest, ModelSpecMsg, ShardVersion
 from schemas.modelspec import num_params
-from schemas.signing import onnx_message, weights_message
+from schemas.signing import latest_message, latest_onnx_message, onnx_message, weights_message
 from schemas.types import F32
 
 BLOB_CACHE_ENTRIES = 4
@@ -49,6 +58,30 @@ class JobSlices:
 
     flat: F32
     shard_versions: list[int]
+
+
+class Pointer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What ``latest`` of a model is (``version``) since ``publication``."""
+
+    publication: int
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Latest:
+    """A model's ``latest`` with its publication and the signature of the pointer
+    (``latest_message`` over the weights digest)."""
+
+    publication: int
+    manifest: ModelManifest
+    signature: str
+
+
+def next_publication(prev: int | None, now_ms: int) -> int:
+    """The publication after ``prev``: the wall clock in ms, or ``prev + 1`` when that is
+    not larger. It only grows, and a store whose pointer was lost (or a model re-created)
+    still starts above what devices remember, unless the clock went back."""
+    return now_ms if prev is None else max(prev + 1, now_ms)
 
 
 def spec_tag(spec: ModelSpecMsg) -> str:
@@ -100,6 +133,7 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self._blobs: dict[str, bytes] = {}
         self._on_disk: dict[str, tuple[float, list[int]]] = {}
+        self._pointer_sigs: dict[str, str] = {}  # latest message -> signature (memo)
         try:
             for sub in ("blobs", "onnx", "models"):
                 check_writable_dir(self.dir / sub)
@@ -152,6 +186,74 @@ class ModelRegistry:
         if not vs:
             raise NotFound("model", name)
         return self.manifest(name, vs[-1])
+
+    # ------------------------------------------------------------------ the latest pointer
+    def _pointer(self, name: str) -> Pointer | None:
+        try:
+            return msgspec.json.decode((self._mdir(name) / "publication").read_bytes(),
+                                       type=Pointer)  # fmt: skip
+        except (FileNotFoundError, msgspec.DecodeError):  # corrupt: a new one is written
+            return None
+
+    @contextmanager
+    def _locked(self, name: str) -> Iterator[None]:
+        """Exclusive across threads and the processes sharing the store (``flock``)."""
+        try:
+            f = open(self._mdir(name) / ".lock", "ab")
+        except OSError as exc:
+            raise RegistryError("model_store", f"cannot lock {name}: {exc}") from None
+        with f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def _advance(self, name: str) -> Pointer:
+        """(Under ``_locked``.) The pointer to what ``latest`` is now: a new publication
+        when that is not what the pointer says."""
+        version = self.latest(name).version
+        cur = self._pointer(name)
+        if cur is not None and cur.version == version:
+            return cur
+        prev = None if cur is None else cur.publication
+        new = Pointer(next_publication(prev, time.time_ns() // 1_000_000), version)
+        try:
+            atomic_write(self._mdir(name) / "publication", msgspec.json.encode(new))
+        except OSError as exc:
+            raise RegistryError("model_store", f"cannot write {name}'s pointer: {exc}") from None
+        return new
+
+    def publication(self, name: str) -> Pointer:
+        """``latest`` of ``name`` and its publication (``NotFound`` without versions). A
+        pointer that is missing or behind (a store from before publications, a writer that
+        stopped between its version and the pointer) is advanced here."""
+        version = self.latest(name).version
+        cur = self._pointer(name)
+        if cur is not None and cur.version == version:
+            return cur
+        with self._locked(name):
+            return self._advance(name)
+
+    def latest_signed(self, name: str) -> Latest:
+        """``latest`` with its publication, signed (what ``GET .../latest`` serves)."""
+        ptr = self.publication(name)
+        m = self.manifest(name, ptr.version)
+        sig = self.sign_latest(name, ptr.publication, ptr.version, m.digest)
+        return Latest(ptr.publication, m, sig)
+
+    def sign_latest(self, name: str, publication: int, version: int, digest: str, *,
+                    onnx: bool = False) -> str:  # fmt: skip
+        """The pointer signature (``latest_onnx_message`` over the ONNX digest when
+        ``onnx``); the last few are memoised (every device asks for ``latest``)."""
+        build = latest_onnx_message if onnx else latest_message
+        msg = build(name, publication, version, digest)
+        sig = self._pointer_sigs.get(msg)
+        if sig is None:
+            if len(self._pointer_sigs) >= 256:
+                self._pointer_sigs.clear()
+            sig = self._pointer_sigs[msg] = self.signer.sign(msg)
+        return sig
 
     def newest_version(self, name: str) -> int | None:
         vs = self.versions(name)
@@ -209,6 +311,8 @@ class ModelRegistry:
         )
         atomic_write(self._mdir(name) / f"v{version:010d}.json", msgspec.json.encode(m))
         self._manifests[(name, version)] = m
+        with self._locked(name):
+            self._advance(name)  # a new latest unless a pin holds it
         self._retain(name)
         return m
 
@@ -293,12 +397,21 @@ class ModelRegistry:
             return self._publish(job, st)
 
     def rollback(self, name: str, version: int) -> ModelManifest:
+        """Pin ``version`` as ``latest`` (a new publication if ``latest`` changes)."""
         m = self.manifest(name, version)  # NotFound if pruned/unknown
-        atomic_write(self._mdir(name) / "pin", str(version).encode())
+        with self._locked(name):
+            atomic_write(self._mdir(name) / "pin", str(version).encode())
+            self._advance(name)
         return m
 
     def unpin(self, name: str) -> None:
-        (self._mdir(name) / "pin").unlink(missing_ok=True)
+        """Serve the newest version as ``latest`` again (a new publication if it changes)."""
+        if not self.versions(name):
+            (self._mdir(name) / "pin").unlink(missing_ok=True)
+            return
+        with self._locked(name):
+            (self._mdir(name) / "pin").unlink(missing_ok=True)
+            self._advance(name)
 
     def _retain(self, name: str) -> None:
         vs = self.versions(name)

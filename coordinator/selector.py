@@ -5,7 +5,8 @@ Each pass (every ``selection_tick_s``, or sooner when an upload frees a slot):
 1. leases past their deadline -> task ``expired``; the device is released with a cooldown
    of one lease so the slot is re-issued to *another* eligible device;
 2. free slots = ``concurrency`` - active leases; ``policy.select`` picks devices;
-3. each pick gets a task (one-use token, lease in Redis) produced to ``fl.tasks``;
+3. each pick gets a task (lease in Redis, the SHA-256 of its one-use token derived from
+   ``task_key``) produced to ``fl.tasks`` without the token (the dispatcher fills it in);
 4. eligible devices left waiting get a ``Pace`` (at most once per their delay).
 
 Before 2, per job: a met stop condition (``policy.stop_reason``, also on federated
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 
@@ -57,7 +57,7 @@ from coordinator.rounds import RoundStore
 from coordinator.settings import CoordinatorSettings
 from coordinator.sidetasks import SideTasks
 from coordinator.task_sink import TaskSink
-from coordinator.tasks import TaskStore, new_token
+from coordinator.tasks import TaskStore, deployment_tag, new_task_id
 from schemas.aio import cancelling
 from schemas.messages import Pace, Task, encode
 
@@ -84,6 +84,7 @@ class Selector:
         stats: JobStatsStore,
         lock: RedisLock,
         task_sink: TaskSink,
+        task_key: bytes,
         publish: Publish | None,
         metrics: CoordinatorMetrics,
         latest_versions: LatestVersions | None = None,
@@ -98,6 +99,7 @@ class Selector:
         self.stats = stats
         self.lock = lock
         self.task_sink = task_sink
+        self.task_key = task_key  # the deployment's key upload tokens are derived with
         self.publish = publish
         self.metrics = metrics
         self.latest_versions = latest_versions
@@ -152,14 +154,13 @@ class Selector:
         round_no: int = 0,
     ) -> Task:
         spec = job.spec
-        token = new_token()
         reissue = self._reissue.get(spec.job_id) or []
         task = Task(
-            task_id=f"t-{secrets.token_hex(8)}",
+            task_id=new_task_id(deployment_tag(self.s.topic_prefix)),
             job_id=spec.job_id,
             device_id=device.device_id,
             model_name=spec.model_name,
-            upload_token=token,
+            upload_token="",  # derived by issue_task; never handed to the sink
             issued_ts=now,
             deadline_ts=deadline_ts if deadline_ts is not None else now + self.s.lease_s,
             train=spec.train,
@@ -167,8 +168,9 @@ class Selector:
             allow_metered=job.eligibility.allow_metered,
             min_battery=job.eligibility.min_battery,
         )
-        await issue_task(task, tasks=self.tasks, fleet=self.fleet, sink=self.task_sink,
-                         reissue_of=reissue.pop(0) if reissue else "", round_no=round_no)
+        task = await issue_task(task, key=self.task_key, tasks=self.tasks, fleet=self.fleet,
+                                sink=self.task_sink, reissue_of=reissue.pop(0) if reissue else "",
+                                round_no=round_no)  # fmt: skip
         self.metrics.tasks_issued.inc()
         return task
 

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -35,6 +36,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from coordinator.api import AppState, create_app
 from coordinator.artifacts import DiskCache, KafkaArtifacts
+from coordinator.broker_admin import BrokerAdmin, DynsecBrokerAdmin
 from coordinator.core import build_core
 from coordinator.dispatcher import run_dispatcher
 from coordinator.errors import CoordinatorError
@@ -60,6 +62,7 @@ from coordinator.mqtt_link import MqttFleetLink
 from coordinator.ratelimit import limit_uploads
 from coordinator.settings import CoordinatorSettings
 from coordinator.task_sink import KafkaTaskSink, TaskSink, TaskSinkFactory
+from coordinator.tasks import load_task_key
 from coordinator.uploads import replying
 from schemas.aio import cancel_all, cancelling
 from schemas.messages import JobSpec, ModelSpecMsg, encode
@@ -77,17 +80,24 @@ class Coordinator:
         metrics: CoordinatorMetrics | None = None,
         link: FleetLink | None = None,
         task_sink: TaskSinkFactory | None = None,
+        broker_admin: BrokerAdmin | None = None,
     ) -> None:
         """``link``: the device link (default: ``MqttFleetLink`` on ``settings``' broker).
         ``task_sink``: builds where leased tasks go (default: ``fl.tasks`` on Kafka plus
         the dispatcher loop that pushes them over the link; ``DirectTaskSink`` pushes them
-        over the link at once, with no dispatcher)."""
+        over the link at once, with no dispatcher). ``broker_admin``: the broker's credential
+        store for enrolment (default: the dynamic-security plugin of ``settings``' broker
+        when the coordinator has a broker credential, else none)."""
         self.settings = settings
         self.metrics = metrics or default_metrics()
+        creds = settings.mqtt_credentials()
         self.link: FleetLink = link or MqttFleetLink(
-            settings.mqtt_host, settings.mqtt_port,
+            settings.mqtt_host, settings.mqtt_port, credentials=creds,
             client_id=settings.client_id, share_group=settings.share_group,
         )  # fmt: skip
+        if broker_admin is None and creds is not None:
+            broker_admin = DynsecBrokerAdmin(settings.mqtt_host, settings.mqtt_port, creds)
+        self.broker_admin = broker_admin
         self._task_sink_factory = task_sink
         self._stack: AsyncExitStack | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -149,10 +159,11 @@ class Coordinator:
 
         if s.admin_token in ("", "change-me"):
             log.warning("admin_token is the default: set FEDFLEET_ADMIN_TOKEN")
+        task_key = load_task_key(s.task_key_path)  # upload tokens: shared by all coordinators
         if self._task_sink_factory is None:
             sink: TaskSink = KafkaTaskSink(self.producer, s.tasks_topic)
         else:
-            sink = self._task_sink_factory(self.publish, self.metrics)
+            sink = self._task_sink_factory(self.publish, self.metrics, task_key)
         # the job journal: read to its end, then Redis is made to agree with it before
         # anything is served (a Redis that came back empty or rolled back gets its jobs)
         self.journal = KafkaJobJournal(s, self.producer)
@@ -165,7 +176,10 @@ class Coordinator:
         core = build_core(s, self.redis, metrics=self.metrics, producer=self.producer,
                           task_sink=sink, publish=self.publish, fail_job=self.fail_job,
                           complete_job=self.complete_job, write_spec=self.write_spec,
-                          artifacts=self.artifacts)  # fmt: skip
+                          artifacts=self.artifacts,
+                          broker_admin=self.broker_admin, task_key=task_key)  # fmt: skip
+        if isinstance(self.broker_admin, DynsecBrokerAdmin):
+            stack.push_async_callback(self.broker_admin.close)
         self.core = core
         self.signer, self.registry, self.fleet, self.tasks = (
             core.signer, core.registry, core.fleet, core.tasks)  # fmt: skip
@@ -182,7 +196,8 @@ class Coordinator:
         if isinstance(sink, KafkaTaskSink):  # fl.tasks -> the link
             consumer = await start_consumer(s, s.tasks_topic, f"{s.topic_prefix}coord-dispatcher")
             stack.push_async_callback(stop_quietly, consumer)
-            self._spawn("dispatcher", lambda: run_dispatcher(consumer, self.publish, self.metrics))
+            self._spawn("dispatcher", lambda: run_dispatcher(consumer, self.publish, self.metrics,
+                                                             task_key))  # fmt: skip
         mconsumer = await start_consumer(s, s.models_topic, f"{s.topic_prefix}coord-registry")
         stack.push_async_callback(stop_quietly, mconsumer)
         self._spawn("registry", lambda: self._registry_loop(mconsumer))
@@ -201,9 +216,12 @@ class Coordinator:
             registry=self.registry, signer=self.signer, metrics=self.metrics,
             publish_job=self.publish_job, ready=self._ready, journal=self.journal,
             evals=core.evals, upload=upload,
-            artifacts=self.artifacts,
+            artifacts=self.artifacts, enroller=core.enroller,
         )  # fmt: skip
         self.app = create_app(self.app_state)
+        tls: dict[str, Any] = {}
+        if s.tls_certfile is not None and s.tls_keyfile is not None:
+            tls = {"ssl_certfile": str(s.tls_certfile), "ssl_keyfile": str(s.tls_keyfile)}
         config = uvicorn.Config(
             self.app,
             host=s.http_host,
@@ -211,7 +229,16 @@ class Coordinator:
             log_level="warning",
             lifespan="off",
             access_log=False,
+            **tls,
         )
+        if tls:
+            try:
+                config.load()  # the TLS context now: a bad certificate fails the start
+            except (OSError, ssl.SSLError) as exc:
+                raise CoordinatorError("tls", f"cannot serve HTTPS with {s.tls_certfile}: "
+                                              f"{exc}") from None  # fmt: skip
+            assert config.ssl is not None
+            config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
         server = uvicorn.Server(config)
         server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
         self._server = server
@@ -229,7 +256,7 @@ class Coordinator:
                 raise CoordinatorError("http", "uvicorn exited at startup")
             await asyncio.sleep(0.01)
         sock = server.servers[0].sockets[0].getsockname()
-        self._rest_url = f"http://{sock[0]}:{sock[1]}"
+        self._rest_url = f"{'https' if tls else 'http'}://{sock[0]}:{sock[1]}"
 
     async def stop(self) -> None:
         stack, self._stack = self._stack, None

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from schemas import settings
-from schemas.settings import check
+from schemas.errors import SettingsError
+from schemas.mqtt_auth import MqttCredentials
+from schemas.settings import check, parse_mqtt_url
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -35,6 +37,7 @@ class CoordinatorSettings:
     client_id: str = field(default_factory=lambda: f"coord-{secrets.token_hex(4)}")
     model_store_dir: Path = Path("var/models")
     signing_key_path: Path = Path("var/keys/model-signing.ed25519")
+    task_key_path: Path = Path("var/keys/task-token.key")  # upload-token HMAC key, shared
     admin_token: str = "change-me"
     # selection / leases
     selection_tick_s: float = 1.0
@@ -95,6 +98,29 @@ class CoordinatorSettings:
     final_grace_s: float = 15.0
     # POST /v1/artifacts: the largest ONNX file taken (the parameter cap is max_params)
     max_artifact_bytes: int = 256 << 20
+    # secure mode (docs/security.md). The broker: TLS verified against mqtt_cafile, as
+    # mqtt_username with the password in mqtt_password_file (owner-only); the coordinator
+    # then enrols and revokes devices in the broker's dynamic-security plugin
+    mqtt_username: str = ""  # "" = anonymous (insecure broker)
+    mqtt_password_file: Path | None = None
+    mqtt_cafile: Path | None = None  # set: TLS to the broker (never falls back to plain TCP)
+    # telemetry and status from an id without a valid credential are refused (not_enrolled),
+    # and HTTP uploads need the device's credential (Basic auth)
+    require_enrolment: bool = False
+    enrol_token_ttl_s: float = 86400.0  # default lifetime of an enrolment token
+    enrol_token_max_ttl_s: float = 30 * 86400.0
+    probation_s: float = 0.0  # a newly enrolled device is not selected for this long
+    # the broker address enrolled devices are told ("" = this coordinator's mqtt_host and
+    # mqtt_port, with TLS iff mqtt_cafile is set)
+    device_mqtt_url: str = ""
+    # fleet-status reads (GET /v1/fleet, /v1/devices, /v1/devices/{id}) need the admin token
+    # or operator_token, a read-only token for dashboards and on-call (never logged)
+    fleet_reads_need_token: bool = False
+    operator_token: str = ""
+    # REST over HTTPS (TLS 1.2+) with this certificate chain and key (both or neither);
+    # the secure stack passes the broker's server certificate from the fleet CA
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("kafka_bootstrap", "mqtt_host", "redis_url", "http_host", "topic_prefix",
@@ -108,7 +134,8 @@ class CoordinatorSettings:
         for name in ("selection_tick_s", "lease_s", "telemetry_ttl_s", "pace_retry_s",
                      "telemetry_flush_s", "recovery_check_s", "data_hold_s",
                      "stats_timeout_s", "final_grace_s", "telemetry_max_ahead_s",
-                     "telemetry_max_behind_s", "device_ttl_s", "device_sweep_s"):  # fmt: skip
+                     "telemetry_max_behind_s", "device_ttl_s", "device_sweep_s",
+                     "enrol_token_max_ttl_s"):  # fmt: skip
             v = getattr(self, name)
             check(v > 0, name, f"must be > 0, got {v}")
         check(self.device_ttl_s > self.telemetry_ttl_s, "device_ttl_s",
@@ -124,6 +151,41 @@ class CoordinatorSettings:
             v = getattr(self, name)
             check(v >= 1, name, f"must be >= 1, got {v}")
         check(bool(self.admin_token), "admin_token", "must not be empty")
+        check(self.probation_s >= 0, "probation_s", f"must be >= 0, got {self.probation_s}")
+        check(0 < self.enrol_token_ttl_s <= self.enrol_token_max_ttl_s, "enrol_token_ttl_s",
+              f"must be in (0, enrol_token_max_ttl_s={self.enrol_token_max_ttl_s}]")  # fmt: skip
+        check(bool(self.mqtt_username) == (self.mqtt_password_file is not None),
+              "mqtt_password_file", "mqtt_username and mqtt_password_file go together")  # fmt: skip
+        check((self.tls_certfile is None) == (self.tls_keyfile is None), "tls_keyfile",
+              "tls_certfile and tls_keyfile go together")  # fmt: skip
+        check(not self.mqtt_username or self.mqtt_cafile is not None, "mqtt_cafile",
+              "a broker password is only sent over TLS: set mqtt_cafile")  # fmt: skip
+
+    def mqtt_credentials(self) -> MqttCredentials | None:
+        """The coordinator's broker credential (None: anonymous); the password is read
+        from ``mqtt_password_file`` here, a file that is missing or readable by group or
+        others is a ``SettingsError``."""
+        if not self.mqtt_username or self.mqtt_password_file is None:
+            return None
+        assert self.mqtt_cafile is not None
+        path = self.mqtt_password_file
+        try:
+            mode = path.stat().st_mode
+            secret = path.read_text().strip()
+        except OSError as exc:
+            raise SettingsError("mqtt_password_file", f"cannot read {path}: {exc}") from None
+        check(not mode & 0o077, "mqtt_password_file",
+              f"{path} is readable by group or others (chmod 600 it)")  # fmt: skip
+        check(bool(secret), "mqtt_password_file", f"{path} is empty")
+        return MqttCredentials(self.mqtt_username, secret, self.mqtt_cafile)
+
+    @property
+    def device_broker(self) -> tuple[str, int, bool]:
+        """(host, port, tls) that enrolled devices connect to."""
+        if self.device_mqtt_url:
+            host, port, tls = parse_mqtt_url(self.device_mqtt_url)
+            return host, port, tls
+        return self.mqtt_host, self.mqtt_port, self.mqtt_cafile is not None
 
     # ----------------------------------------------------------------- topics
     @property

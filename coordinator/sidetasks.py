@@ -27,7 +27,6 @@ busy (``FleetStore.assign_task``) until it reports, declines, aborts or the task
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
@@ -52,7 +51,7 @@ from coordinator.policy import acceptor, select
 from coordinator.settings import CoordinatorSettings
 from coordinator.standardize import job_phase, label_problem, ready, standardized_spec
 from coordinator.task_sink import TaskSink
-from coordinator.tasks import TaskRecord, TaskStore, new_token
+from coordinator.tasks import TaskRecord, TaskStore, deployment_tag, new_task_id
 from schemas.messages import JobSpec, ModelSpecMsg, Task
 
 log = logging.getLogger(__name__)
@@ -73,7 +72,7 @@ def set_fed_gauges(metrics: CoordinatorMetrics, job_id: str, ev: Evaluation | No
 class SideTasks:
     def __init__(
         self, *, settings: CoordinatorSettings, fleet: FleetStore, tasks: TaskStore,
-        evals: EvalStore, stats: JobStatsStore, task_sink: TaskSink,
+        evals: EvalStore, stats: JobStatsStore, task_sink: TaskSink, task_key: bytes,
         metrics: CoordinatorMetrics, write_spec: WriteSpec | None = None,
         republish: Republish | None = None, fail_job: FailJob | None = None,
         final_version: FinalVersion | None = None,
@@ -84,6 +83,7 @@ class SideTasks:
         self.evals = evals
         self.stats = stats
         self.sink = task_sink
+        self.task_key = task_key  # upload tokens are derived with it (coordinator.issuing)
         self.metrics = metrics
         self.write_spec = write_spec
         self.republish = republish
@@ -237,15 +237,16 @@ class SideTasks:
         issued = 0
         for d in picks:
             task = Task(
-                task_id=f"t-{secrets.token_hex(8)}", job_id=spec.job_id,
-                device_id=d.device_id, model_name=spec.model_name, upload_token=new_token(),
+                task_id=new_task_id(deployment_tag(self.s.topic_prefix)), job_id=spec.job_id,
+                device_id=d.device_id, model_name=spec.model_name, upload_token="",
                 issued_ts=now, deadline_ts=max(now, deadline), train=spec.train,
                 codec=spec.codec, allow_metered=policy.allow_metered,
                 min_battery=policy.min_battery, task_kind=kind,  # type: ignore[arg-type]
                 model_version=version,
             )  # fmt: skip
             try:
-                await issue_task(task, tasks=self.tasks, fleet=self.fleet, sink=self.sink)
+                await issue_task(task, key=self.task_key, tasks=self.tasks, fleet=self.fleet,
+                                 sink=self.sink)  # fmt: skip
             except Exception:
                 self.metrics.errors.labels(loop="issue").inc()
                 log.warning("could not send a %s task; retrying next pass", kind, exc_info=True)

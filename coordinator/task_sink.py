@@ -2,19 +2,23 @@
 
 - ``KafkaTaskSink``: produce to ``fl.tasks`` keyed by device (acks=all); the dispatcher
   loop (``coordinator.dispatcher``) consumes the topic and pushes each task over the
-  fleet link, so a coordinator that dies between the two loses nothing.
+  fleet link, so a coordinator that dies between the two loses nothing. The record never
+  carries the upload token (``upload_token=""`` whatever the caller passed).
 - ``DirectTaskSink``: push straight over the fleet link (``dispatch_record``), no Kafka in
   between: for tests and benchmarks that drive the selector without a broker.
 
-Both hold one contract (``tests/test_coord_link_contract.py``): a task sent reaches its
-device's ``fleet/<id>/task`` topic once, as the encoded ``Task``; a task whose lease is
-already over is not pushed.
+Tasks are handed to a sink without their token (``coordinator.issuing``). Both sinks hold
+one contract (``tests/test_coord_link_contract.py``): a task sent reaches its device's
+``fleet/<id>/task`` topic once, as the encoded ``Task`` with its token derived from the
+task key (``dispatcher.with_token``); a task whose lease is already over is not pushed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any, Protocol
+
+import msgspec
 
 from coordinator.dispatcher import Publish, dispatch_record
 from coordinator.metrics import CoordinatorMetrics
@@ -28,8 +32,8 @@ class TaskSink(Protocol):
         ...
 
 
-# builds a sink from what pushes to devices; ``DirectTaskSink`` itself is one
-TaskSinkFactory = Callable[[Publish, CoordinatorMetrics], TaskSink]
+# builds a sink from what pushes to devices and the task key; ``DirectTaskSink`` is one
+TaskSinkFactory = Callable[[Publish, CoordinatorMetrics, bytes], TaskSink]
 
 
 class KafkaTaskSink:
@@ -38,15 +42,18 @@ class KafkaTaskSink:
         self.topic = topic
 
     async def send(self, task: Task) -> None:
+        if task.upload_token:  # a token never reaches Kafka (the dispatcher derives it)
+            task = msgspec.structs.replace(task, upload_token="")
         await self.producer.send_and_wait(
             self.topic, value=encode(task), key=task.device_id.encode()
         )
 
 
 class DirectTaskSink:
-    def __init__(self, publish: Publish, metrics: CoordinatorMetrics) -> None:
+    def __init__(self, publish: Publish, metrics: CoordinatorMetrics, key: bytes | None) -> None:
         self.publish = publish
         self.metrics = metrics
+        self.key = key  # the task key the token is derived with (None: nothing is pushed)
 
     async def send(self, task: Task) -> None:
-        await dispatch_record(encode(task), self.publish, self.metrics)
+        await dispatch_record(encode(task), self.publish, self.metrics, key=self.key)

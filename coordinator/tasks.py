@@ -11,24 +11,33 @@ Keys (named in ``coordinator.keys``)::
                                 counts the uploads it admitted (``claim_in_round``)
 
 Transitions are atomic (a Lua script checks the current state); the upload token is
-stored only as its SHA-256 and compared in constant time. An upload's confirm
+stored only as its SHA-256 and compared in constant time. The token itself is never
+stored or produced anywhere: it is ``derive_token(task_key, task_id)`` (HMAC-SHA256 under
+the deployment's task key, ``load_task_key``), recomputed by the dispatcher right before
+it pushes the task to the device's own MQTT topic. An upload's confirm
 (``confirm_upload``) is one script: task ``uploaded``, lease dropped, the device released
 (the ``FleetStore.release_task`` bookkeeping) and the job's counters bumped.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
+import os
 import secrets
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from redis.asyncio import Redis
 
+from coordinator.errors import CoordinatorError
 from coordinator.fleet import HISTORY, frac
 from coordinator.keys import Keys
+from schemas.atomic import sync_dir
 
 ACTIVE = ("offered", "accepted")
 
@@ -107,8 +116,77 @@ return 'OK:uploading'
 """
 
 
-def new_token() -> str:
-    return secrets.token_urlsafe(24)
+def deployment_tag(topic_prefix: str) -> str:
+    """Six hex digits naming a deployment (its topic prefix) inside its task ids."""
+    return hashlib.sha256(topic_prefix.encode()).hexdigest()[:6]
+
+
+def new_task_id(tag: str) -> str:
+    """``t-<deployment tag>-<64 random bits>``: a coordinator can tell a task of another
+    deployment on the same broker from one it lost (``foreign_task``)."""
+    return f"t-{tag}-{secrets.token_hex(8)}"
+
+
+def foreign_task(task_id: str, tag: str) -> bool:
+    """True when ``task_id`` was issued by another deployment (ids of the old form
+    ``t-<hex>``, without a tag, are judged as this deployment's)."""
+    parts = task_id.split("-")
+    return len(parts) == 3 and parts[0] == "t" and len(parts[1]) == 6 and parts[1] != tag
+
+
+TASK_KEY_BYTES = 32
+
+
+def derive_token(key: bytes, task_id: str) -> str:
+    """The one-use upload token of ``task_id``: base64url (no padding) of
+    HMAC-SHA256(``key``, ``task_id``). Every coordinator holding the deployment's task key
+    computes the same token, so none is ever stored or sent through Kafka."""
+    if len(key) != TASK_KEY_BYTES:
+        raise ValueError(f"a task key has {TASK_KEY_BYTES} bytes, got {len(key)}")
+    mac = hmac.new(key, task_id.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
+
+
+def load_task_key(path: Path) -> bytes:
+    """The task key in ``path`` (32 raw bytes, owner-only), created (mode 0600) when absent.
+    Creation never replaces a key another coordinator wrote first (hard link of a fully
+    written temp file), so coordinators starting together end up with one key. A file that
+    group or others can access, of the wrong length, or unreadable is a ``CoordinatorError``
+    (code ``task_key``) that says so."""
+    path = Path(path)
+    try:
+        if not path.exists():
+            _create_key(path, secrets.token_bytes(TASK_KEY_BYTES))
+        fd = os.open(path, os.O_RDONLY)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            raw = f.read(TASK_KEY_BYTES + 1)
+    except OSError as exc:
+        raise CoordinatorError("task_key", f"cannot use task key {path}: {exc}") from None
+    if st.st_mode & 0o077:
+        raise CoordinatorError("task_key", f"task key {path} is accessible by group or others "
+                               f"(mode {st.st_mode & 0o777:o}): chmod 600 it")  # fmt: skip
+    if len(raw) != TASK_KEY_BYTES:
+        raise CoordinatorError("task_key", f"task key {path} has {max(len(raw), st.st_size)} "
+                               f"bytes, a task key has {TASK_KEY_BYTES}")  # fmt: skip
+    return raw
+
+
+def _create_key(path: Path, key: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # atomic, and never over a key that is already there
+        except FileExistsError:
+            pass  # another coordinator created it first: use theirs
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    sync_dir(path.parent)
 
 
 def token_sha(token: str) -> str:

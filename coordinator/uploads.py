@@ -35,7 +35,7 @@ from coordinator.fleet import FleetStore
 from coordinator.jobs import JobStore
 from coordinator.jobstats import JobStatsStore
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.tasks import TaskRecord, TaskStore, token_matches
+from coordinator.tasks import TaskRecord, TaskStore, foreign_task, token_matches
 from schemas import codec
 from schemas.errors import SchemaError
 from schemas.messages import UPDATE_MAX_BYTES, JobSpec, ShardUpdate, Update, UploadAck, encode
@@ -175,7 +175,11 @@ class UploadHandler:
         metrics: CoordinatorMetrics,
         on_uploaded: Callable[[str], None] | None = None,
         newest_versions: NewestVersions | None = None,
+        deployment: str = "",
     ) -> None:
+        """``deployment``: this deployment's tag in task ids (``tasks.deployment_tag``): an
+        upload for another deployment's task (a second coordinator on the same broker) is
+        left for that one to answer, never refused as ``unknown_task`` here."""
         self.tasks = tasks
         self.jobs = jobs
         self.fleet = fleet
@@ -186,6 +190,7 @@ class UploadHandler:
         self.metrics = metrics
         self.on_uploaded = on_uploaded
         self.newest_versions = newest_versions
+        self.deployment = deployment
         self._specs: dict[str, JobSpec] = {}
 
     async def _job_spec(self, job_id: str) -> JobSpec | None:
@@ -254,6 +259,9 @@ class UploadHandler:
         """Process one decoded update; returns the ack status sent (or 'dropped'). The ack
         goes to ``reply`` when given (HTTP), else to the device's MQTT ack topic."""
         rec = await self.tasks.get(upd.task_id)
+        if rec is None and self.deployment and foreign_task(upd.task_id, self.deployment):
+            self.metrics.rejected.labels(source="update", reason="foreign_task").inc()
+            return "dropped"  # its own deployment's coordinator answers it
         spec = await self._job_spec(upd.job_id) if rec is not None else None
         seen: list[int] | None = None
         verdict: str = ""

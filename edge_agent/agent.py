@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
 import warnings
 import zlib
@@ -49,6 +50,7 @@ from edge_agent.stats import AgentStats
 from edge_agent.trainer_factory import ArtifactTrainer, make_trainer
 from edge_agent.trainers import Trainer
 from edge_agent.uploader import HttpUploads, Uploader
+from schemas import mqtt_auth
 from schemas.aio import cancel_all
 from schemas.errors import SchemaError
 from schemas.messages import (
@@ -96,6 +98,18 @@ def agent_link_config(settings: AgentSettings) -> LinkConfig:
     )
 
 
+def http_client(settings: AgentSettings) -> httpx.AsyncClient:
+    """The agent's HTTP client (model pulls, HTTP uploads): the coordinator's certificate
+    verified against ``api_cafile`` when set, else the system's trust store."""
+    verify: ssl.SSLContext | bool = True
+    if settings.api_cafile is not None:
+        try:
+            verify = mqtt_auth.tls_context(settings.api_cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise AgentError("api_cafile", f"cannot load {settings.api_cafile}: {exc}") from None
+    return httpx.AsyncClient(timeout=settings.http_timeout_s, verify=verify)
+
+
 def agent_rng(settings: AgentSettings) -> random.Random:
     """The agent's default random source (jitter of telemetry, re-sends, reconnects)."""
     return random.Random(zlib.crc32(settings.device_id.encode()) ^ settings.seed)
@@ -110,6 +124,7 @@ def mqtt_link(settings: AgentSettings, rng: random.Random | None = None) -> Mqtt
         port=s.mqtt_port,
         username=s.mqtt_username,
         password=s.mqtt_password,
+        cafile=s.mqtt_cafile,
         rng=rng,
     )
 
@@ -196,7 +211,7 @@ class EdgeAgent:
             return
         self._started = True
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=self.settings.http_timeout_s)
+            self._http = http_client(self.settings)
         self.models.open(self._http)
         self._http_uploads.open(self._http)
         await self.link.start()
@@ -387,6 +402,8 @@ class EdgeAgent:
             self._begin(task)
 
     def _decline_reason(self, task: Task) -> str | None:
+        if not task.upload_token:  # the dispatcher fills it in; without one no upload counts
+            return "no_token"
         if task.deadline_ts <= time.time():
             return "expired"
         if self.busy:
@@ -555,7 +572,7 @@ class EdgeAgent:
     # ----------------------------------------------------------------- misc
 
     def _on_session_error(self, reason: str) -> None:
-        if reason == "mqtt":
+        if reason in ("mqtt", "not_authorized"):
             self.stats.disconnects += 1
         self._count_error(reason)
 

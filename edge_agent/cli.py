@@ -3,6 +3,10 @@
     fedfleet agent --device-id D --mqtt HOST:PORT --api URL --data FILE.npz [options]
     fedfleet agent predict --api URL --model NAME --input FILE.(npz|csv) [--logits]
         [--label-column NAME]   # with labels in the input: also the accuracy (on stderr)
+    fedfleet agent enrol --api URL --token TOKEN --device-id D --state-dir DIR
+
+After ``enrol`` the state directory holds the device's credential (``edge_agent.credentials``):
+``fedfleet agent --device-id D --state-dir DIR ...`` then connects with it over TLS.
 
 Flags override ``FEDFLEET_AGENT_*`` environment variables, which override ``--config``
 (TOML with an ``[agent]`` table, or JSON). ``build_agent`` is the agent this command runs;
@@ -14,9 +18,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,14 +31,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent import credentials
 from edge_agent.data import Dataset
 from edge_agent.errors import AgentError, DataError
 from edge_agent.labels import class_names, to_classes
 from edge_agent.settings import AgentSettings
+from schemas import mqtt_auth
 from schemas.atomic import check_writable_dir
 from schemas.errors import FedfleetError
 from schemas.messages import ModelSpecMsg
-from schemas.settings import parse_address
+from schemas.settings import parse_mqtt_url
 
 if TYPE_CHECKING:
     from edge_agent.agent import EdgeAgent
@@ -42,10 +50,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("edge_agent")
 
 
-def mqtt_address(text: str) -> tuple[str, int]:
-    """``host:port`` or ``mqtt://host:port`` (as every other command takes it)."""
+def mqtt_address(text: str) -> tuple[str, int, bool]:
+    """``host:port``, ``mqtt://host:port`` or ``mqtts://host:port`` (TLS: needs the fleet
+    CA, ``--mqtt-ca`` or an enrolled state directory; never plain TCP)."""
     try:
-        return parse_address(text, 1883, "MQTT")
+        return parse_mqtt_url(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -70,9 +79,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedfleet agent", description=__doc__.split("\n")[0])
     _common(p)
-    p.add_argument("--mqtt", type=mqtt_address, help="MQTT broker: host:port or mqtt://host:port")
+    p.add_argument("--mqtt", type=mqtt_address,
+                   help="MQTT broker: host:port, mqtt://host:port or mqtts://host:port (TLS); "
+                        "default: the enrolled credential's, else 127.0.0.1:1883")  # fmt: skip
     p.add_argument("--mqtt-username", dest="mqtt_username")
     p.add_argument("--mqtt-password", dest="mqtt_password")
+    p.add_argument("--mqtt-ca", dest="mqtt_cafile", help="fleet CA (PEM) to verify the broker")
     p.add_argument("--data", dest="data_path", help="local training data (.npz or .csv)")
     p.add_argument(
         "--eval-fraction",
@@ -109,12 +121,23 @@ _NOT_SETTINGS = {"log_level", "probe", "mqtt", "input", "logits"}
 
 
 def settings_from(ns: argparse.Namespace, **extra: Any) -> AgentSettings:
+    """The agent's settings from its flags, completed by the credential its state
+    directory holds (``edge_agent.credentials``; flags win)."""
     values = {k: v for k, v in vars(ns).items() if k not in _NOT_SETTINGS}
     mqtt = getattr(ns, "mqtt", None)
     if mqtt is not None:
-        values["mqtt_host"], values["mqtt_port"] = mqtt
+        values["mqtt_host"], values["mqtt_port"], tls = mqtt
     values.update(extra)
-    return AgentSettings.load(values)
+    s = credentials.apply(AgentSettings.load(values))
+    if mqtt is not None:
+        s = dataclasses.replace(s, mqtt_host=mqtt[0], mqtt_port=mqtt[1])
+        if tls and s.mqtt_cafile is None:
+            raise AgentError("mqtt_cafile", f"mqtts://{mqtt[0]}:{mqtt[1]} needs the fleet CA: "
+                             "--mqtt-ca FILE, or enrol first (fedfleet agent enrol)")  # fmt: skip
+        if not tls and s.mqtt_cafile is not None:
+            raise AgentError("mqtt", "this device speaks TLS to its broker (its credential or "
+                             "--mqtt-ca): give --mqtt as mqtts://host:port")  # fmt: skip
+    return s
 
 
 def writable_dir(path: Path) -> None:
@@ -191,11 +214,10 @@ async def _run(settings: AgentSettings, probe_kind: str, crash: CrashPoints | No
 
 
 async def _predict(settings: AgentSettings, input_path: str, logits: bool) -> int:
-    import httpx
-
+    from edge_agent.agent import http_client
     from edge_agent.data import load_predict_input
     from edge_agent.inference import OnnxModel
-    from edge_agent.models import ModelClient
+    from edge_agent.model_cache import model_client
     from schemas.modelspec import forward
 
     if not settings.model_name:
@@ -203,11 +225,8 @@ async def _predict(settings: AgentSettings, input_path: str, logits: bool) -> in
     x, labelled = load_predict_input(
         input_path, label_col=settings.label_column, feature_cols=settings.feature_cols
     )
-    cache = settings.state_dir / "models" if settings.state_dir is not None else None
-    async with httpx.AsyncClient(timeout=settings.http_timeout_s) as http:
-        mc = ModelClient(
-            http, settings.api_url, cache_dir=cache, public_key_hex=settings.public_key_hex
-        )
+    async with http_client(settings) as http:
+        mc = model_client(settings, http)  # pinned key, freshness, as the running agent
         model = await mc.pull(settings.model_name)
         spec = model.manifest.spec
         if x.shape[1] != spec.n_features:
@@ -251,8 +270,48 @@ def accuracy_line(labelled: Dataset, pred: npt.NDArray[np.integer], spec: ModelS
     return line
 
 
+def build_enrol_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedfleet agent enrol",
+        description="trade an operator's one-use enrolment token for this device's own "
+                    "credential, stored (owner-only) in --state-dir",
+    )  # fmt: skip
+    p.add_argument("--api", required=True, help="coordinator REST base URL")
+    p.add_argument("--token", required=True, help="enrolment token (POST /v1/enrolment-tokens)")
+    p.add_argument("--device-id", required=True)
+    p.add_argument("--state-dir", required=True, type=Path)
+    p.add_argument("--ca", type=Path, help="the fleet CA (PEM) an https:// --api must chain to "
+                   "(default: the system's trust store)")  # fmt: skip
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+async def _enrol(ns: argparse.Namespace) -> int:
+    import httpx
+
+    writable_dir(ns.state_dir)
+    verify: ssl.SSLContext | bool = True
+    if ns.ca is not None:
+        try:
+            verify = mqtt_auth.tls_context(ns.ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise AgentError("ca", f"cannot load {ns.ca}: {exc}") from None
+    async with httpx.AsyncClient(timeout=30.0, verify=verify) as http:
+        cred = await credentials.enrol(http, ns.api, ns.token, ns.device_id, ns.state_dir)
+    print(json.dumps({**cred.public(), "state_dir": str(ns.state_dir)}))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, *, crash: CrashPoints | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "enrol":
+        ens = build_enrol_parser().parse_args(args[1:])
+        logging.basicConfig(level=getattr(logging, str(ens.log_level).upper(), logging.INFO))
+        try:
+            return asyncio.run(_enrol(ens))
+        except FedfleetError as exc:
+            print(f"fedfleet agent enrol: {exc}", file=sys.stderr)
+            return 2
     predict = bool(args) and args[0] == "predict"
     if args and args[0] in ("predict", "run"):
         args = args[1:]
@@ -263,7 +322,9 @@ def main(argv: Sequence[str] | None = None, *, crash: CrashPoints | None = None)
     )
     try:
         if predict:
-            settings = settings_from(ns, device_id=ns.device_id or "predict", inference=True)
+            stored = credentials.load(Path(ns.state_dir)) if ns.state_dir else None
+            device = ns.device_id or (stored.device_id if stored is not None else "predict")
+            settings = settings_from(ns, device_id=device, inference=True)
             return asyncio.run(_predict(settings, ns.input, ns.logits))
         return asyncio.run(_run(settings_from(ns), ns.probe, crash))
     except FedfleetError as exc:  # settings, data, model, server: one line

@@ -6,6 +6,12 @@ uses, so a simulator can wrap a cache (e.g. to add download time). A store that 
 implements ``ScoringStore`` (``ModelCache`` does) lets ``eval`` tasks score the version they
 name and ``stats`` tasks read only the manifest; ``pull_for_eval``/``manifest_for_stats``
 fall back to ``pull`` (the latest version) for a store that does not.
+
+``model_client(settings, http)`` builds the agent's ``ModelClient`` from its settings: the
+weights cache in ``{state_dir}/models``, the highest accepted ``latest`` publications in
+``{state_dir}/model-publications.json`` (both only when the agent is durable), the pinned
+key from ``public_key_hex`` or ``model_key_file`` (default ``{state_dir}/model-signing.pub``)
+and ``require_pinned_key``.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import numpy.typing as npt
 
 from edge_agent.errors import NoModelError
 from edge_agent.inference import OnnxModel, logits_fn
-from edge_agent.models import ModelClient, VerifiedModel
+from edge_agent.models import ModelClient, PublicationLog, VerifiedModel
 from edge_agent.settings import AgentSettings
 from schemas.messages import ModelManifest
 from schemas.types import F32
@@ -68,6 +74,29 @@ async def manifest_for_stats(store: ModelStore, name: str) -> ModelManifest:
     return (await store.pull(name)).manifest
 
 
+PUBLICATIONS_FILE = "model-publications.json"
+KEY_FILE = "model-signing.pub"
+
+
+def model_client(settings: AgentSettings, http: httpx.AsyncClient) -> ModelClient:
+    """The ``ModelClient`` an agent with ``settings`` uses (see the module docstring)."""
+    s = settings
+    state = s.state_dir if s.durable else None
+    key_file = s.model_key_file
+    if key_file is None and s.state_dir is not None:
+        key_file = s.state_dir / KEY_FILE
+    return ModelClient(
+        http,
+        s.api_url,
+        cache_dir=None if state is None else state / "models",
+        public_key_hex=s.public_key_hex,
+        max_bytes=s.max_model_bytes,
+        key_file=key_file,
+        require_pinned_key=s.require_pinned_key,
+        publications=PublicationLog(None if state is None else state / PUBLICATIONS_FILE),
+    )
+
+
 class ModelCache:
     """The default ``ModelStore``: a ``ModelClient`` plus the current model and ONNX runtime."""
 
@@ -79,15 +108,7 @@ class ModelCache:
         self.onnx_version = -1
 
     def open(self, http: httpx.AsyncClient) -> None:
-        s = self.settings
-        cache = s.state_dir / "models" if s.durable and s.state_dir is not None else None
-        self.client = ModelClient(
-            http,
-            s.api_url,
-            cache_dir=cache,
-            public_key_hex=s.public_key_hex,
-            max_bytes=s.max_model_bytes,
-        )
+        self.client = model_client(self.settings, http)
 
     def _client(self) -> ModelClient:
         assert self.client is not None, "agent not started"

@@ -8,6 +8,15 @@ and ``X-Fedfleet-Signature``; ``latest.onnx`` likewise (signature over
 
 Nothing is used before its sha256 digest and Ed25519 signature verify; a failure is a
 ``ModelVerifyError`` (refuse) or ``ModelFetchError`` (retry later).
+
+Freshness: a ``latest`` answer (manifest or ONNX) carries the registry's publication,
+signed (``schemas.signing.latest_message``). ``PublicationLog`` remembers per model the
+highest one accepted (a file in the state dir: it survives restarts) and ``check_fresh``
+refuses a lower one (``rollback``: an older version; ``stale_latest``): a replayed older
+answer. An operator's rollback is a *new*, higher publication, so it is accepted. With a
+pinned key (``public_key_hex``, or the hex in ``key_file``) a ``latest`` without a valid
+publication signature is refused (``publication_unsigned`` / ``publication_signature``);
+``require_pinned_key`` refuses to fetch the key from the server (``key_not_pinned``).
 """
 
 from __future__ import annotations
@@ -29,7 +38,14 @@ from schemas.atomic import atomic_write
 from schemas.errors import SchemaError
 from schemas.messages import ModelManifest
 from schemas.modelspec import num_params
-from schemas.signing import onnx_message, weights_message
+from schemas.signing import (
+    PUBLICATION_HEADER,
+    PUBLICATION_SIGNATURE_HEADER,
+    latest_message,
+    latest_onnx_message,
+    onnx_message,
+    weights_message,
+)
 from schemas.types import F32
 
 log = logging.getLogger(__name__)
@@ -53,6 +69,62 @@ class VerifiedOnnx:
     data: bytes
 
 
+class Publication(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where a verified ``latest`` answer stands: the registry's publication and the
+    version it made ``latest``."""
+
+    publication: int
+    version: int
+
+
+def check_fresh(seen: Publication | None, got: Publication) -> None:
+    """Refuse a ``latest`` older than the newest accepted (``seen``). A higher publication
+    is newer even with a lower version (an operator's rollback); an equal one must name
+    the same version (the registry gives each publication one version)."""
+    if seen is None or got.publication > seen.publication:
+        return
+    if got.publication == seen.publication:
+        if got.version != seen.version:
+            detail = f"publication {got.publication} is v{got.version}, was v{seen.version}"
+            raise ModelVerifyError("publication_conflict", detail)
+        return
+    reason = "rollback" if got.version < seen.version else "stale_latest"
+    raise ModelVerifyError(reason, f"latest is publication {got.publication} (v{got.version}); "
+                           f"{seen.publication} (v{seen.version}) was accepted")  # fmt: skip
+
+
+class PublicationLog:
+    """The highest publication accepted per model name: a JSON file (``path``, kept across
+    restarts; unreadable = empty, logged) or memory (``path=None``)."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self._seen: dict[str, Publication] = {}
+        if path is not None and path.exists():
+            try:
+                self._seen = msgspec.json.decode(path.read_bytes(), type=dict[str, Publication])
+            except (OSError, msgspec.DecodeError) as exc:
+                log.warning("ignoring unreadable %s: %s", path, exc)
+
+    def get(self, name: str) -> Publication | None:
+        return self._seen.get(name)
+
+    def check(self, name: str, got: Publication) -> None:
+        check_fresh(self._seen.get(name), got)
+
+    def accept(self, name: str, got: Publication) -> None:
+        """Remember ``got`` if it is newer (written to the file before returning)."""
+        seen = self._seen.get(name)
+        if seen is not None and got.publication <= seen.publication:
+            return
+        self._seen[name] = got
+        if self.path is not None:
+            try:
+                atomic_write(self.path, msgspec.json.encode(self._seen))
+            except OSError as exc:
+                log.warning("cannot write %s: %s", self.path, exc)
+
+
 def load_public_key(hex_key: str) -> Ed25519PublicKey:
     try:
         return Ed25519PublicKey.from_public_bytes(bytes.fromhex(hex_key))
@@ -68,6 +140,32 @@ def verify_signature(key: Ed25519PublicKey, signature_hex: str, message: str) ->
         key.verify(bytes.fromhex(signature_hex), message.encode("ascii"))
     except (InvalidSignature, ValueError):
         raise ModelVerifyError("signature", "Ed25519 signature does not verify") from None
+
+
+def verify_publication(
+    key: Ed25519PublicKey, resp: httpx.Response, name: str, version: int, digest: str, *,
+    onnx: bool = False, required: bool = True,
+) -> Publication | None:  # fmt: skip
+    """The signed publication of a ``latest`` answer (``digest``: of the weights, or of
+    the ONNX bytes when ``onnx``); None when the answer has none and none is ``required``."""
+    raw = resp.headers.get(PUBLICATION_HEADER)
+    if raw is None:
+        if required:
+            raise ModelVerifyError("publication_unsigned", "latest answer has no publication")
+        return None
+    try:
+        publication = int(raw)
+    except ValueError:
+        raise ModelVerifyError("publication", f"bad {PUBLICATION_HEADER} header") from None
+    if publication < 0:
+        raise ModelVerifyError("publication", f"bad {PUBLICATION_HEADER} header")
+    build = latest_onnx_message if onnx else latest_message
+    sig = resp.headers.get(PUBLICATION_SIGNATURE_HEADER, "")
+    try:
+        verify_signature(key, sig, build(name, publication, version, digest))
+    except ModelVerifyError as exc:
+        raise ModelVerifyError(f"publication_{exc.reason}", exc.detail) from None
+    return Publication(publication, version)
 
 
 def _header_digest(resp: httpx.Response) -> str:
@@ -117,11 +215,18 @@ class ModelClient:
         cache_dir: Path | None = None,
         public_key_hex: str = "",
         max_bytes: int = 256 << 20,
+        key_file: Path | None = None,
+        require_pinned_key: bool = False,
+        publications: PublicationLog | None = None,
     ) -> None:
         self._http = http
         self._api = api_url.rstrip("/")
         self._dir = cache_dir
         self._key = load_public_key(public_key_hex) if public_key_hex else None
+        self._pinned = self._key is not None  # False: the key was fetched from the server
+        self._key_file = key_file
+        self._require_pinned = require_pinned_key
+        self.publications = publications if publications is not None else PublicationLog()
         self._max = max_bytes
         self._mem: dict[str, bytes] = {}  # digest -> bytes (memory mode; last 2 kept)
         self._onnx: VerifiedOnnx | None = None
@@ -150,9 +255,27 @@ class ModelClient:
             raise ModelVerifyError("too_large", f"GET {path}: {len(resp.content)} bytes")
         return resp
 
+    def _key_from_file(self) -> Ed25519PublicKey | None:
+        path = self._key_file
+        if path is None or not path.exists():
+            return None
+        try:
+            text = path.read_text(encoding="ascii").strip()
+        except (OSError, ValueError) as exc:
+            raise ModelVerifyError("public_key", f"cannot read {path}: {exc}") from None
+        return load_public_key(text)
+
     async def public_key(self) -> Ed25519PublicKey:
-        """The pinned key, or the coordinator's key fetched once (trust on first use)."""
+        """The pinned key (``public_key_hex``, else the hex in ``key_file`` once it exists),
+        or, unless ``require_pinned_key``, the coordinator's key fetched once (trust on
+        first use: ``key_not_pinned`` when refused)."""
         if self._key is None:
+            self._key = self._key_from_file()
+            self._pinned = self._key is not None
+        if self._key is None:
+            if self._require_pinned:
+                detail = "no pinned model-signing key; require_pinned_key: not fetching one"
+                raise ModelVerifyError("key_not_pinned", detail)
             resp = await self._get("/v1/keys/model-signing")
             try:
                 body = resp.json()
@@ -164,18 +287,35 @@ class ModelClient:
             log.warning("using model-signing key fetched from %s (not pinned)", self._api)
         return self._key
 
+    def _fresh(self, key: Ed25519PublicKey, resp: httpx.Response, name: str, version: int,
+               digest: str, *, onnx: bool = False) -> Publication | None:  # fmt: skip
+        """The verified publication of a ``latest`` answer, refused if older than one
+        accepted (required with a pinned key; an unpinned key accepts an answer without)."""
+        got = verify_publication(key, resp, name, version, digest, onnx=onnx,
+                                 required=self._pinned)  # fmt: skip
+        if got is not None:
+            self.publications.check(name, got)
+        return got
+
     async def latest_manifest(self, name: str) -> ModelManifest:
-        return await self._manifest(name, f"/v1/models/{name}/latest")
+        """The latest manifest; its publication verified, no older than one accepted,
+        and remembered."""
+        key = await self.public_key()
+        resp, manifest = await self._manifest(name, f"/v1/models/{name}/latest")
+        got = self._fresh(key, resp, name, manifest.version, manifest.digest)
+        if got is not None:
+            self.publications.accept(name, got)
+        return manifest
 
     async def version_manifest(self, name: str, version: int) -> ModelManifest:
         """The manifest of published ``version`` (``ModelGone`` when the server has not
         got it, or no longer)."""
-        manifest = await self._manifest(name, f"/v1/models/{name}/versions/{version}")
+        _, manifest = await self._manifest(name, f"/v1/models/{name}/versions/{version}")
         if manifest.version != version:
             raise ModelVerifyError("manifest", f"asked for v{version}, got v{manifest.version}")
         return manifest
 
-    async def _manifest(self, name: str, path: str) -> ModelManifest:
+    async def _manifest(self, name: str, path: str) -> tuple[httpx.Response, ModelManifest]:
         resp = await self._get(path)
         try:
             manifest = decode_manifest(resp.content)
@@ -183,7 +323,7 @@ class ModelClient:
             raise ModelVerifyError("manifest", str(exc)) from None
         if manifest.model_name != name:
             raise ModelVerifyError("manifest", f"asked for {name}, got {manifest.model_name}")
-        return manifest
+        return resp, manifest
 
     # ----------------------------------------------------------------- weights cache
 
@@ -316,7 +456,10 @@ class ModelClient:
             raise ModelVerifyError("version", "bad X-Fedfleet-Version header") from None
         sig = resp.headers.get("X-Fedfleet-Signature", "")
         verify_signature(key, sig, onnx_message(name, version, digest))
+        got = self._fresh(key, resp, name, version, digest, onnx=True)
         art = VerifiedOnnx(name, version, digest, resp.content)
+        if got is not None:
+            self.publications.accept(name, got)
         self._onnx = art
         if self._dir is not None:
             atomic_write(self._dir / f"{name}.onnx", resp.content)

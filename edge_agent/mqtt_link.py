@@ -10,14 +10,18 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
 
 from edge_agent.link import LinkConfig, LinkError, Message
 from edge_agent.session import SessionLink
+from schemas import mqtt_auth
 
 
 class MqttConnection:
@@ -62,12 +66,21 @@ class MqttConnection:
         return True
 
 
+def tls_context(cafile: Path) -> ssl.SSLContext:
+    """The broker verified against the fleet CA only (``schemas.mqtt_auth``)."""
+    try:
+        return mqtt_auth.tls_context(cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise LinkError("tls", f"cannot load the fleet CA {cafile}: {exc}") from None
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MqttConnector:
     host: str
     port: int
     username: str = ""
     password: str = ""
+    cafile: Path | None = None  # set: TLS, the broker verified against this CA
     timeout_s: float = 10.0
 
     @contextlib.asynccontextmanager
@@ -86,10 +99,17 @@ class MqttConnector:
             clean_session=not config.persistent,
             keepalive=config.keepalive_s,
             timeout=self.timeout_s,
+            tls_context=tls_context(self.cafile) if self.cafile is not None else None,
         )
         try:
             async with client:
                 yield MqttConnection(client)
+        except MqttConnectError as exc:
+            # CONNACK 4/5 (MQTT 3.1.1) or 134/135 (MQTT 5): the broker refuses this
+            # credential (wrong, or revoked): not a network fault
+            rc = getattr(exc.rc, "value", exc.rc)
+            code = "not_authorized" if rc in (4, 5, 134, 135) else "mqtt"
+            raise LinkError(code, str(exc)) from exc
         except aiomqtt.MqttError as exc:
             raise LinkError("mqtt", str(exc)) from exc
 
@@ -105,7 +125,9 @@ class MqttLink(SessionLink):
         port: int,
         username: str = "",
         password: str = "",
+        cafile: Path | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        connector = MqttConnector(host=host, port=port, username=username, password=password)
+        connector = MqttConnector(host=host, port=port, username=username, password=password,
+                                  cafile=cafile)  # fmt: skip
         super().__init__(config, connector, rng=rng)

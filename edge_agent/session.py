@@ -129,8 +129,18 @@ class SessionLink:
             except LinkError as exc:
                 if cancelling():  # the disconnect of a cancelled session failed: stop
                     raise asyncio.CancelledError from exc
-                cb.on_error("mqtt")
-                log.info("%s: session lost: %s", c.client_id, exc)
+                if exc.code == "not_authorized":
+                    # a wrong or revoked credential: retrying soon cannot help; keep
+                    # trying at the slowest pace (an operator may enrol it again)
+                    cb.on_error("not_authorized")
+                    if attempt < 30:
+                        log.warning("%s: the broker refuses this device's credential (%s); "
+                                    "revoked? enrol again (fedfleet agent enrol)",
+                                    c.client_id, exc)  # fmt: skip
+                    attempt = 30
+                else:
+                    cb.on_error("mqtt")
+                    log.info("%s: session lost: %s", c.client_id, exc)
             except Exception:  # never let the session die on a bug in a handler
                 if cancelling():
                     raise asyncio.CancelledError from None

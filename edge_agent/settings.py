@@ -31,6 +31,12 @@ class AgentSettings:
     mqtt_port: int = 1883
     mqtt_username: str = ""
     mqtt_password: str = ""
+    # set: TLS to the broker, its certificate verified against this CA (never plain TCP);
+    # an enrolled device gets all three from its credential (edge_agent.credentials)
+    mqtt_cafile: Path | None = None
+    # set: the coordinator's HTTPS certificate is verified against this CA only (else the
+    # system's trust store); an enrolled device on an https api_url gets the fleet CA
+    api_cafile: Path | None = None
     mqtt_keepalive_s: int = 30
     api_url: str = "http://127.0.0.1:8000"
     state_dir: Path | None = None  # None: in-memory outbox and model cache (simulation)
@@ -60,6 +66,12 @@ class AgentSettings:
     idle_max_load: float = 0.5  # LinuxProbe: idle iff 1-min load average per CPU <= this
     idle_input_s: float = 300.0  # LinuxProbe: and no user input for this long (0: ignore)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # True: never fetch /v1/keys/model-signing (no trust on first use); without a pinned
+    # key every model pull is refused ``key_not_pinned``
+    require_pinned_key: bool = False
+    # the pinned key as hex in a file (enrolment writes it), read when ``public_key_hex``
+    # is empty and the file exists; None: ``{state_dir}/model-signing.pub``
+    model_key_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.device_id:
@@ -83,6 +95,9 @@ class AgentSettings:
                                                  f"{self.eval_fraction}")  # fmt: skip
         if self.http_upload_min_bytes < 0:
             raise SettingsError("http_upload_min_bytes", "http_upload_min_bytes must be >= 0")
+        if self.mqtt_password and self.mqtt_cafile is None:
+            raise SettingsError("mqtt_cafile", "a broker password is only sent over TLS: "
+                                               "set mqtt_cafile (the fleet CA)")  # fmt: skip
         if not self.label_column:
             raise SettingsError("label_column", "label_column must not be empty")
 

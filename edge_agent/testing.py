@@ -4,7 +4,8 @@
 versioned manifests and weights, ONNX, the signing key) from memory through
 ``httpx.MockTransport``, signs with a fresh Ed25519 key, and can be told to tamper with
 what it serves or to forget a version (``drop_version``). ONNX artifacts come from the
-coordinator's own exporter.
+coordinator's own exporter. ``latest`` answers carry a signed publication that grows at
+every ``publish``/``rollback``/``unpin``, as the registry's do.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from schemas.messages import ModelManifest, ModelSpecMsg
 from schemas.modelspec import num_params
 from schemas.onnx_export import export
-from schemas.signing import onnx_message, weights_message
+from schemas.signing import (
+    PUBLICATION_HEADER,
+    PUBLICATION_SIGNATURE_HEADER,
+    latest_message,
+    latest_onnx_message,
+    onnx_message,
+    weights_message,
+)
 from schemas.types import F32
 
 
@@ -53,6 +61,8 @@ class FakeModelServer:
     not_modified: int = 0
     gone: set[tuple[str, int]] = field(default_factory=set)  # (name, version) answered 404
     _models: dict[str, list[_Published]] = field(default_factory=dict)
+    publications: dict[str, int] = field(default_factory=dict)  # name -> current publication
+    pins: dict[str, int] = field(default_factory=dict)  # name -> version served as latest
 
     @property
     def public_key_hex(self) -> str:
@@ -89,7 +99,23 @@ class FakeModelServer:
         odig = hashlib.sha256(onnx_bytes).hexdigest()
         osig = self.key.sign(onnx_message(name, version, odig).encode("ascii")).hex()
         versions.append(_Published(manifest, data, onnx_bytes, osig))
+        self.publications[name] = self.publications.get(name, 0) + 1
         return manifest
+
+    def rollback(self, name: str, version: int) -> None:
+        """Serve ``version`` as ``latest`` (a new publication), as ``POST .../rollback``."""
+        self.pins[name] = version
+        self.publications[name] += 1
+
+    def unpin(self, name: str) -> None:
+        self.pins.pop(name, None)
+        self.publications[name] += 1
+
+    def _publication(self, name: str, version: int, digest: str, onnx: bool) -> dict[str, str]:
+        pub = self.publications[name]
+        msg = (latest_onnx_message if onnx else latest_message)(name, pub, version, digest)
+        sig = self.key.sign(msg.encode("ascii")).hex()
+        return {PUBLICATION_HEADER: str(pub), PUBLICATION_SIGNATURE_HEADER: sig}
 
     def drop_version(self, name: str, version: int) -> None:
         """The registry no longer has ``version``: its manifest and weights answer 404."""
@@ -114,9 +140,11 @@ class FakeModelServer:
         if self.fail_status:
             return httpx.Response(self.fail_status)
         versions = self._models[parts[2]]
-        latest = versions[-1]
+        latest = versions[self.pins.get(parts[2], -1)]
         if parts[3] == "latest":
-            return httpx.Response(200, content=msgspec.json.encode(latest.manifest))
+            m = latest.manifest
+            headers = self._publication(m.model_name, m.version, m.digest, False)
+            return httpx.Response(200, content=msgspec.json.encode(m), headers=headers)
         if parts[3] == "latest.onnx":
             if not self.with_onnx:
                 return httpx.Response(404)
@@ -145,6 +173,8 @@ class FakeModelServer:
             "X-Fedfleet-Signature": self._sig(sig, msg),
             "X-Fedfleet-Version": str(m.version),
         }
+        if onnx:  # the only ONNX route is latest.onnx
+            headers.update(self._publication(m.model_name, m.version, digest, True))
         if request.headers.get("If-None-Match") == etag:
             self.not_modified += 1
             return httpx.Response(304, headers=headers)

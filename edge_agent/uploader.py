@@ -13,6 +13,7 @@ server's token, dedupe and ack-after-Kafka rules are the same (``coordinator.upl
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import random
 import time
@@ -40,25 +41,32 @@ class HttpUploads:
         self.url = settings.api_url.rstrip("/") + "/v1/uploads"
         self.stats = stats
         self._http: httpx.AsyncClient | None = None
+        # the device's own credential (a coordinator with require_enrolment checks it)
+        self.headers = {"Content-Type": MSGPACK}
+        if settings.mqtt_username:
+            pair = f"{settings.mqtt_username}:{settings.mqtt_password}".encode()
+            self.headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
 
     def open(self, http: httpx.AsyncClient) -> None:
         self._http = http
 
     async def post(self, data: bytes) -> bytes | None:
         """The ``UploadAck`` the server answered (MessagePack), or None: not delivered
-        (unreachable, 5xx), to be sent again later. A body the server can never take (413,
-        422) is answered with a local ``rejected`` ack, so it leaves the outbox."""
+        (unreachable, 5xx, 401: a credential the server does not take now), to be sent again
+        later. A body the server can never take (403: it names another device than the
+        credential, 413, 422) is answered with a local ``rejected`` ack, so it leaves the
+        outbox."""
         if self._http is None:
             return None
         try:
-            r = await self._http.post(self.url, content=data, headers={"Content-Type": MSGPACK})
+            r = await self._http.post(self.url, content=data, headers=self.headers)
         except httpx.HTTPError as exc:
             self.stats.count_error("http_upload_unreachable")
             log.debug("http upload failed: %r", exc)
             return None
         if r.status_code == 200:
             return r.content
-        if r.status_code in (413, 422):
+        if r.status_code in (403, 413, 422):
             self.stats.count_error(f"http_upload_{r.status_code}")
             try:
                 upd = decode_update_ids(data)

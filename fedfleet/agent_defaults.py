@@ -18,8 +18,9 @@ from pathlib import Path
 
 from stack import envfile
 
-FIELDS = {"mqtt_host", "mqtt_port", "api_url"}
-FLAGS = {"--mqtt": ("mqtt_host", "mqtt_port"), "--api": ("api_url",)}
+FIELDS = {"mqtt_host", "mqtt_port", "api_url", "mqtt_cafile", "api_cafile"}
+FLAGS = {"--mqtt": ("mqtt_host", "mqtt_port"), "--api": ("api_url",),
+         "--mqtt-ca": ("mqtt_cafile",)}  # fmt: skip
 
 
 def _given_by_flags(argv: Sequence[str]) -> set[str]:

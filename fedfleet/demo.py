@@ -86,6 +86,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", type=Path, default=d.out_dir)
     p.add_argument("--json", action="store_true", help="last stdout line is a JSON summary")
+    p.add_argument("--secure", action="store_true",
+                   help="its own stack in the secure mode: TLS broker and HTTPS, every device "
+                        "enrolled with its own credential (docs/security.md)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -107,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     if settings.devices < 1 or settings.shards < 1:
         raise StackError("demo: --devices and --shards must be >= 1")
-    stack = LocalStack(settings_from(args, use_stack_file=True),
+    secure = bool(getattr(args, "secure", False))
+    stack = LocalStack(settings_from(args, use_stack_file=not secure, secure=secure),
                        log=lambda m: print(f"[stack] {m}", file=sys.stderr))  # fmt: skip
     summary = _run_loop(demo(settings, stack))
     if settings.as_json:
@@ -201,6 +205,7 @@ async def final_evaluation(
 
 
 async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
+    from sim.enrol import enrol_fleet
     from sim.fleet import FleetSpec, SimulatedFleet
     from sim.load_services import Api
     from sim.services import ServiceSet
@@ -226,8 +231,10 @@ async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
         await services.start()
         print(f"[demo] coordinator REST: {services.rest_url}  (try {services.rest_url}/v1/fleet"
               f" and {services.rest_url}/docs)", file=err)  # fmt: skip
-        async with httpx.AsyncClient(base_url=services.rest_url, timeout=30.0) as http:
-            admin = {"Authorization": f"Bearer {services.admin_token}"}
+        admin = {"Authorization": f"Bearer {services.admin_token}"}
+        # as the operator: fleet-status reads need a token on a secure stack
+        async with httpx.AsyncClient(base_url=services.rest_url, timeout=30.0,
+                                     verify=services.verify, headers=admin) as http:  # fmt: skip
             spec = await Api(http, services.admin_token).model_spec(task)
             body = job_body(s, spec, model_name=task.model_name, train_extra=task.train_extra)
             r = await http.post("/v1/jobs", json=body, headers=admin)
@@ -240,9 +247,17 @@ async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
                 devices=s.devices, seed=s.seed, dirichlet_alpha=s.dirichlet_alpha,
                 time_scale=s.time_scale, id_prefix=run or "dev",
             )  # fmt: skip
+            creds, ca = None, None
+            if info.mqtt_tls:  # every simulated device enrols, as a phone would
+                t_enrol = time.monotonic()
+                creds = await enrol_fleet(http, services.rest_url, services.admin_token,
+                                          fleet_spec.device_ids())  # fmt: skip
+                ca = Path(info.mqtt_cafile)
+                print(f"[demo] enrolled {len(creds)} devices in "
+                      f"{time.monotonic() - t_enrol:.1f}s", file=err)  # fmt: skip
             fleet = SimulatedFleet(
                 fleet_spec, train, mqtt_host=info.mqtt_host, mqtt_port=info.mqtt_port,
-                api_url=services.rest_url, public_key_hex=key,
+                api_url=services.rest_url, public_key_hex=key, credentials=creds, ca_file=ca,
             )  # fmt: skip
             await stack.enter_async_context(fleet)
             monitor = ModelMonitor(http, task.model_name, job_id, test, public_key_hex=key)

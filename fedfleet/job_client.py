@@ -10,12 +10,15 @@ Errors (each one line, with the exit status the CLI gives it)::
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from schemas.errors import FedfleetError
+from schemas.mqtt_auth import tls_context
 from stack import envfile
 
 DEFAULT_TOKEN = "change-me"  # CoordinatorSettings.admin_token's default
@@ -47,14 +50,17 @@ class Target:
 
     url: str = envfile.DEFAULT_COORDINATOR_URL
     token: str = DEFAULT_TOKEN
+    ca_file: str = ""  # an https:// coordinator's certificate chains to this CA ("": system)
 
     @classmethod
     def resolve(cls, url: str | None = None, token: str | None = None) -> Target:
         env = os.environ
         sf = None
-        if not (url or env.get(envfile.URL_VAR)) or not (token or env.get(envfile.TOKEN_VAR)):
+        if (not (url or env.get(envfile.URL_VAR)) or not (token or env.get(envfile.TOKEN_VAR))
+                or not env.get(envfile.CA_VAR)):  # fmt: skip
             sf = envfile.read()
         return cls(
+            ca_file=env.get(envfile.CA_VAR) or (sf.info.mqtt_cafile if sf else ""),
             url=(url or env.get(envfile.URL_VAR) or (sf.coordinator_url if sf else "")
                  or envfile.DEFAULT_COORDINATOR_URL).rstrip("/"),
             token=(token or env.get(envfile.TOKEN_VAR) or (sf.admin_token if sf else "")
@@ -79,8 +85,11 @@ class JobClient:
     def __init__(self, target: Target, *, timeout: float = 15.0,
                  transport: httpx.BaseTransport | None = None) -> None:  # fmt: skip
         self.target = target
+        verify: ssl.SSLContext | bool = True
+        if target.ca_file and target.url.startswith("https://"):
+            verify = tls_context(Path(target.ca_file))
         self._http = httpx.Client(
-            base_url=target.url, timeout=timeout, transport=transport,
+            base_url=target.url, timeout=timeout, transport=transport, verify=verify,
             headers={"Authorization": f"Bearer {target.token}"},
         )  # fmt: skip
 

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from schemas.errors import FedfleetError
+from schemas.settings import parse_mqtt_url
 from stack import envfile
 from stack.errors import ConfigError
-from stack.launcher import kafka_bootstrap, parse_host_port, preflight
+from stack.launcher import kafka_bootstrap, preflight
 
 ENV_PREFIX = {"CoordinatorSettings": envfile.COORDINATOR, "AggregatorSettings": envfile.AGGREGATOR}
 
@@ -65,7 +66,14 @@ def server_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "kafka", None):
         out["kafka_bootstrap"] = kafka_bootstrap(args.kafka)
     if getattr(args, "mqtt", None):
-        host, port = parse_host_port(args.mqtt, 1883, "MQTT")
+        try:
+            host, port, tls = parse_mqtt_url(args.mqtt)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if tls and not getattr(args, "cfg_mqtt_cafile", None):
+            raise ConfigError(f"MQTT: {args.mqtt} is TLS: give the fleet CA (--mqtt-cafile) "
+                              "and the broker credential (--mqtt-username, "
+                              "--mqtt-password-file)")  # fmt: skip
         out["mqtt_host"], out["mqtt_port"] = host, port
     if getattr(args, "redis", None):
         out["redis_url"] = args.redis
@@ -131,6 +139,7 @@ def run_coordinator(args: argparse.Namespace) -> int:
         kafka=settings.kafka_bootstrap,
         mqtt=(settings.mqtt_host, settings.mqtt_port),
         redis=settings.redis_url,
+        mqtt_credentials=settings.mqtt_credentials(),
     )
 
     async def body(stop: asyncio.Event) -> None:

@@ -53,6 +53,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_server_flags(up)
     up.add_argument("--detach", action="store_true", help="leave it running; stop with `down`")
     up.add_argument("--json", action="store_true")
+    up.add_argument("--secure", action="store_true",
+                    help="the broker in its secure mode: TLS from a fleet CA, no anonymous "
+                         "access, per-device credentials the coordinator enrols "
+                         "(docs/security.md)")  # fmt: skip
     up.add_argument("--admin-token", help="admin token recorded for coordinators and "
                     "`fedfleet job` (default: a random one)")  # fmt: skip
     up.add_argument(
@@ -102,12 +106,13 @@ def run(args: argparse.Namespace) -> int:
     if args.detach:
         workdir = cache_root() / "stack" / "run"
         shutil.rmtree(workdir, ignore_errors=True)
-        launcher = LocalStack(settings_from(args, detach=True, workdir=workdir), log=log)
+        launcher = LocalStack(settings_from(args, detach=True, workdir=workdir,
+                                            secure=args.secure), log=log)  # fmt: skip
         info = launcher.start()
         _record(info, args, token)
         _print(info, args.json)
         return 0
-    launcher = LocalStack(settings_from(args), log=log)
+    launcher = LocalStack(settings_from(args, secure=args.secure), log=log)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -127,7 +132,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _record(info: StackInfo, args: argparse.Namespace, token: str) -> None:
-    where = envfile.write(envfile.StackFile(info=info, coordinator_url=args.coordinator_url,
+    url = args.coordinator_url
+    if info.tls_certfile and url.startswith("http://"):  # a secure stack serves HTTPS
+        url = "https://" + url[len("http://"):]
+    where = envfile.write(envfile.StackFile(info=info, coordinator_url=url,
                                             admin_token=token))  # fmt: skip
     if not args.json:
         print(f"addresses in {where}: every fedfleet command uses them; for a shell, "

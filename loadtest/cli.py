@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--duration", type=float, default=d.duration_s, help="steady phase (s)")
     sc.add_argument("--connect-rate", type=float, default=d.connect_per_s)
     sc.add_argument("--storm-timeout", type=float, default=d.storm_timeout_s)
+    sc.add_argument("--secure", action="store_true",
+                    help="its own stack in the secure mode; every device enrols first "
+                         "(enrolment cost grows with the fleet: BENCHMARKS.md)")  # fmt: skip
     _server_flags(sc)
 
     tr = sub.add_parser("train", help="FedAsync vs FedBuff vs sync FedAvg, time to accuracy")
@@ -76,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--local-epochs", type=int, help=f"default {t.local_epochs}")
     tr.add_argument("--batch-size", type=int, help=f"default {t.batch_size}")
     tr.add_argument("--time-scale", type=float, default=t.time_scale)
+    tr.add_argument("--secure", action="store_true",
+                    help="its own stack in the secure mode (TLS broker, HTTPS, Redis password); "
+                         "every simulated device enrols with its own credential")  # fmt: skip
     tr.add_argument(
         "--task-seconds",
         type=float,
@@ -130,7 +136,10 @@ def train_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def stack_settings(args: argparse.Namespace) -> StackSettings:
-    """Servers from flags > ``FEDFLEET_KAFKA/MQTT/REDIS`` > the stack file; else started."""
+    """Servers from flags > ``FEDFLEET_KAFKA/MQTT/REDIS`` > the stack file; else started.
+    ``--secure``: a secure stack of its own (its broker and Redis; Kafka may be shared)."""
+    if getattr(args, "secure", False):
+        return StackSettings.from_env(kafka_url=args.kafka, secure=True)
     s = StackSettings.from_env(kafka_url=args.kafka, mqtt_url=args.mqtt, redis_url=args.redis)
     if args.scenario == "failover" and getattr(args, "fault", "aggregator") != "aggregator":
         return s  # a Redis fault kills the embedded redis-server: never a shared one

@@ -157,7 +157,8 @@ async def environment(
         stack.callback(services.stop)
         await services.start()
         http = await stack.enter_async_context(
-            httpx.AsyncClient(base_url=services.rest_url, timeout=30.0)
+            httpx.AsyncClient(base_url=services.rest_url, timeout=30.0, verify=services.verify,
+                              headers={"Authorization": f"Bearer {services.admin_token}"})
         )
         yield Env(info, services, http, Api(http, services.admin_token), workdir, run_id,
                   launcher)

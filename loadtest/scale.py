@@ -16,6 +16,7 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from redis.asyncio import Redis
 
 from coordinator.keys import Keys
 from loadtest.runner import Env, ProcWatch, Progress, Timeline
+from sim.enrol import enrol_fleet
 from sim.fleet import FleetSpec
 from sim.pool import FleetPool
 
@@ -110,13 +112,21 @@ async def run_scale(env: Env, s: ScaleSettings, *, quiet: bool) -> dict[str, Any
     lag_ids = random.Random(s.seed + 1).sample(ids, min(len(ids), s.lag_sample))
     reader = LagReader(redis, prefix, lag_ids)
     timeline = Timeline()
+    creds, ca, enrol_s = None, None, 0.0
+    if env.info.mqtt_tls:  # a secure stack: every device enrols before the storm
+        t_enrol = time.monotonic()
+        creds = await enrol_fleet(env.http, env.services.rest_url, env.services.admin_token, ids)
+        enrol_s = time.monotonic() - t_enrol
+        ca = Path(env.info.mqtt_cafile)
     pool = FleetPool(
         spec, processes=s.processes, mqtt_host=env.info.mqtt_host, mqtt_port=env.info.mqtt_port,
-        api_url=env.services.rest_url, log_dir=env.workdir, report_s=0.5,
+        api_url=env.services.rest_url, log_dir=env.workdir, report_s=0.5, credentials=creds,
+        ca_file=ca,
     )  # fmt: skip
     out: dict[str, Any] = {
         "devices": s.devices, "processes": pool.processes,
         "telemetry_interval_s": round(interval, 3), "rate_target": s.rate,
+        "secure": env.info.mqtt_tls, "enrol_s": round(enrol_s, 2),
     }  # fmt: skip
     rest_lags: list[float] = []
     stop_rest = asyncio.Event()

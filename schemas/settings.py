@@ -153,3 +153,15 @@ def parse_address(url: str, default_port: int, what: str) -> tuple[str, int]:
     except ValueError:
         raise ValueError(f"{what}: bad port in {url!r}") from None
     return u.hostname, port
+
+
+def parse_mqtt_url(url: str, default_port: int = 1883) -> tuple[str, int, bool]:
+    """``host:port``, ``mqtt://host:port`` or ``mqtts://host:port`` (TLS; default port
+    8883) -> ``(host, port, tls)``; ``ValueError`` with a one-line reason otherwise. The
+    caller that gets ``tls=True`` must connect with TLS or refuse: never plain TCP."""
+    tls = url.lower().startswith(("mqtts://", "ssl://"))
+    if tls:
+        host, port = parse_address("mqtt://" + url.split("://", 1)[1], 8883, "MQTT")
+        return host, port, True
+    host, port = parse_address(url, default_port, "MQTT")
+    return host, port, False

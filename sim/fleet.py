@@ -11,18 +11,24 @@ several processes can share the work (`sim.pool`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
+import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 
 from edge_agent.agent import EdgeAgent
+from edge_agent.credentials import DeviceCredential
 from edge_agent.data import Dataset, partition_dirichlet
 from edge_agent.settings import AgentSettings
 from schemas.aio import cancel_all
+from schemas.mqtt_auth import tls_context
 from sim.hetero import DiurnalProbe, SimLink, sim_agent
 
 log = logging.getLogger(__name__)
@@ -53,6 +59,10 @@ class FleetSpec:
     dropout_share: float = 0.02  # share of the probe's network changes that go offline
     task: str = "digits"  # the rows a worker process loads (``sim.tasks.task_data``)
 
+    def device_ids(self) -> list[str]:
+        """The ids of this slice's devices, as ``SimulatedFleet`` names them."""
+        return [f"{self.id_prefix}-{g:06d}" for g in range(self.first, self.first + self.devices)]
+
 
 class SimulatedFleet:
     """Owns the agents' lifecycles; ``async with`` starts them, leaving stops them all."""
@@ -66,8 +76,14 @@ class SimulatedFleet:
         mqtt_port: int,
         api_url: str,
         public_key_hex: str = "",
+        credentials: Mapping[str, DeviceCredential] | None = None,
+        ca_file: Path | None = None,
     ) -> None:
+        """``credentials``: each device's own (``sim.enrol.enrol_fleet``), for a secure
+        stack: TLS to the broker and HTTPS verified against ``ca_file``, the fleet CA."""
         self.spec = spec
+        self.credentials = credentials
+        self.ca_file = ca_file
         self.train = train
         self.mqtt_host = mqtt_host
         self.mqtt_port = mqtt_port
@@ -115,7 +131,7 @@ class SimulatedFleet:
             diurnal=s.diurnal,
         )
         settings = AgentSettings(
-            device_id=f"{s.id_prefix}-{g:06d}",
+            device_id=f"{s.id_prefix}-{g:06d}",  # as FleetSpec.device_ids
             mqtt_host=self.mqtt_host,
             mqtt_port=self.mqtt_port,
             api_url=self.api_url,
@@ -127,6 +143,13 @@ class SimulatedFleet:
             reconnect_max_s=s.reconnect_max_s,
             resend_interval_s=10.0,
         )
+        if self.credentials is not None:
+            cred = self.credentials[settings.device_id]
+            settings = dataclasses.replace(
+                settings, mqtt_username=cred.username, mqtt_password=cred.password,
+                mqtt_cafile=self.ca_file, api_cafile=self.ca_file,
+                public_key_hex=cred.model_signing_key,
+            )  # fmt: skip
         agent, link = sim_agent(
             settings, probe, data, http=self._http, time_scale=s.time_scale if s.transfer else 0.0
         )
@@ -167,7 +190,10 @@ class SimulatedFleet:
 
     async def start(self) -> None:
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        self._http = httpx.AsyncClient(limits=limits, timeout=30.0)
+        verify: ssl.SSLContext | bool = True
+        if self.ca_file is not None:
+            verify = tls_context(self.ca_file)
+        self._http = httpx.AsyncClient(limits=limits, timeout=30.0, verify=verify)
         self._build()
         gap = 1.0 / self.spec.connect_per_s if self.spec.connect_per_s > 0 else 0.0
         self._tasks = [None] * len(self.agents)

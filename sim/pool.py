@@ -11,10 +11,12 @@ import contextlib
 import json
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from edge_agent.credentials import DeviceCredential
 from sim.fleet import FleetSpec
 
 _SUM_KEYS = ("connected", "busy", "rss_mb", "affected")
@@ -64,8 +66,14 @@ class FleetPool:
         public_key_hex: str = "",
         log_dir: Path,
         report_s: float = 1.0,
+        credentials: Mapping[str, DeviceCredential] | None = None,
+        ca_file: Path | None = None,
     ) -> None:
+        """``credentials``/``ca_file``: a secure stack's enrolled fleet (``sim.enrol``); each
+        worker gets only its slice's credentials, over its stdin (never argv or a file)."""
         self.spec = spec
+        self.credentials = credentials
+        self.ca_file = ca_file
         self.processes = max(1, min(processes, spec.devices))
         self.cfg = {"mqtt_host": mqtt_host, "mqtt_port": mqtt_port, "api_url": api_url,
                     "public_key_hex": public_key_hex, "report_s": report_s}  # fmt: skip
@@ -99,7 +107,11 @@ class FleetPool:
             w = _Worker(i, proc)
             w.reader = asyncio.create_task(w.read())
             self.workers.append(w)
-            await w.send({**self.cfg, "spec": asdict(sl)})
+            cfg: dict[str, Any] = {**self.cfg, "spec": asdict(sl)}
+            if self.credentials is not None:
+                cfg["credentials"] = {d: asdict(self.credentials[d]) for d in sl.device_ids()}
+                cfg["ca_file"] = str(self.ca_file) if self.ca_file else ""
+            await w.send(cfg)
 
     async def __aenter__(self) -> FleetPool:
         await self.start()

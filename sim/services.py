@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import sys
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from schemas.mqtt_auth import tls_context
 from stack import StackInfo
 from stack.errors import StackError
 from stack.procs import ManagedProcess, free_port
@@ -49,7 +51,13 @@ class ServiceSet:
 
     @property
     def rest_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        scheme = "https" if self.info.tls_certfile else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What an HTTP client checks the coordinator's certificate against."""
+        return tls_context(Path(self.info.mqtt_cafile)) if self.info.tls_certfile else True
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -59,19 +67,19 @@ class ServiceSet:
     def start_coordinator(self) -> None:
         argv = [
             sys.executable, "-m", "fedfleet", "coordinator",
-            "--kafka", self.info.kafka_bootstrap,
-            "--mqtt", self.info.mqtt_url,
-            "--redis", self.info.redis_url,
+            *self.info.coordinator_args(),
             "--http-port", str(self.http_port),
             "--topic-prefix", self.topic_prefix,
             "--admin-token", self.admin_token,
             "--model-store-dir", str(self.workdir / "models"),
             "--signing-key-path", str(self.workdir / "keys" / "model-signing.ed25519"),
+            "--task-key-path", str(self.workdir / "keys" / "task-token.key"),
             "--retention", "500",
             *self.coordinator_args,
         ]  # fmt: skip
+        env = {**self._env(), **self.info.coordinator_env()}
         self.coordinator = ManagedProcess(
-            "coordinator", argv, log_path=self.workdir / "coordinator.log", env=self._env()
+            "coordinator", argv, log_path=self.workdir / "coordinator.log", env=env
         )
         self.coordinator.start()
 
@@ -107,7 +115,7 @@ class ServiceSet:
     async def wait_ready(self, timeout: float) -> None:
         assert self.coordinator is not None
         deadline = time.monotonic() + timeout
-        async with httpx.AsyncClient(timeout=2.0) as http:
+        async with httpx.AsyncClient(timeout=2.0, verify=self.verify) as http:
             while time.monotonic() < deadline:
                 if not self.coordinator.alive():
                     raise StackError(
@@ -125,7 +133,7 @@ class ServiceSet:
 
     async def aggregator_rejections(self) -> dict[str, float]:
         """Updates rejected by the aggregators, by reason (summed over their /metrics)."""
-        async with httpx.AsyncClient(timeout=3.0) as http:
+        async with httpx.AsyncClient(timeout=3.0, verify=self.verify) as http:
             return (await scrape(http, self.aggregator_metrics_ports)).rejected
 
     def check_alive(self) -> None:

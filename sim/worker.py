@@ -19,9 +19,11 @@ import resource
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from edge_agent import mqtt_patch
+from edge_agent.credentials import DeviceCredential
 from sim.fleet import FleetSpec, SimulatedFleet
 from sim.tasks import task_data
 
@@ -109,9 +111,13 @@ async def amain() -> None:
     cfg = json.loads(sys.stdin.readline())
     spec = FleetSpec(**cfg["spec"])
     train, _ = task_data(spec.task, spec.seed)
+    creds = None
+    if cfg.get("credentials") is not None:
+        creds = {d: DeviceCredential(**c) for d, c in cfg["credentials"].items()}
     fleet = SimulatedFleet(
         spec, train, mqtt_host=cfg["mqtt_host"], mqtt_port=int(cfg["mqtt_port"]),
         api_url=cfg["api_url"], public_key_hex=cfg.get("public_key_hex", ""),
+        credentials=creds, ca_file=Path(cfg["ca_file"]) if cfg.get("ca_file") else None,
     )  # fmt: skip
     report_s = float(cfg.get("report_s", 1.0))
     done = asyncio.Event()

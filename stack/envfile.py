@@ -35,6 +35,8 @@ DEFAULT_COORDINATOR_URL = "http://127.0.0.1:8000"  # CoordinatorSettings' defaul
 COORDINATOR, AGGREGATOR, AGENT = "FEDFLEET_", "FEDFLEET_AGG_", "FEDFLEET_AGENT_"
 # The job CLI's own variables (the token is the coordinator's FEDFLEET_ADMIN_TOKEN).
 URL_VAR, TOKEN_VAR = "FEDFLEET_COORDINATOR_URL", "FEDFLEET_ADMIN_TOKEN"
+# the CA the coordinator's HTTPS certificate chains to (the job CLI, curl --cacert)
+CA_VAR = "FEDFLEET_CA_FILE"
 
 
 def path(env: Mapping[str, str] | None = None) -> Path:
@@ -127,6 +129,19 @@ def service_env(sf: StackFile) -> dict[str, str]:
         # fedfleet job
         URL_VAR: sf.coordinator_url,
     }
+    if i.mqtt_tls:  # the secure broker: the coordinator's credential, agents' CA
+        out.update({
+            f"{COORDINATOR}MQTT_CAFILE": i.mqtt_cafile,
+            f"{COORDINATOR}MQTT_USERNAME": i.mqtt_username,
+            f"{COORDINATOR}MQTT_PASSWORD_FILE": i.mqtt_password_file,
+            f"{COORDINATOR}REQUIRE_ENROLMENT": "1",
+            f"{COORDINATOR}FLEET_READS_NEED_TOKEN": "1",
+            f"{COORDINATOR}TLS_CERTFILE": i.tls_certfile,
+            f"{COORDINATOR}TLS_KEYFILE": i.tls_keyfile,
+            f"{AGENT}MQTT_CAFILE": i.mqtt_cafile,
+            f"{AGENT}API_CAFILE": i.mqtt_cafile,  # the coordinator's HTTPS: the fleet CA
+            CA_VAR: i.mqtt_cafile,
+        })  # fmt: skip
     if sf.admin_token:
         out[TOKEN_VAR] = sf.admin_token  # the coordinator's FEDFLEET_ADMIN_TOKEN too
     return out

@@ -45,10 +45,6 @@ class PkiError(StackError):
     """The fleet CA or a server certificate cannot be created, loaded or trusted."""
 
 
-class DynsecError(StackError):
-    """Mosquitto's dynamic-security plugin answered a command with an error (or not at all)."""
-
-
 class ConfigError(_Sentence):
     """A configuration value is invalid."""
 
@@ -57,7 +53,6 @@ class ConfigError(_Sentence):
 
 __all__ = [
     "ConfigError",
-    "DynsecError",
     "FallbackRefused",
     "FedfleetError",
     "PkiError",

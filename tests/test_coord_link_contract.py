@@ -19,7 +19,7 @@ import aiomqtt
 import pytest
 from prometheus_client import CollectorRegistry
 
-from coordinator.dispatcher import run_dispatcher
+from coordinator.dispatcher import run_dispatcher, with_token
 from coordinator.kafka import ensure_topics, make_producer, start_consumer, stop_quietly
 from coordinator.link import INGEST_LEAVES, FleetLink, MemoryFleetLink
 from coordinator.metrics import CoordinatorMetrics, counter_value
@@ -30,6 +30,7 @@ from schemas.messages import Task, decode
 from tests.test_coordinator_integration import eventually
 
 pytestmark = pytest.mark.integration
+TASK_KEY = bytes(range(32))
 
 
 class Devices:
@@ -179,7 +180,7 @@ async def test_wait_ready_fails_with_a_typed_error_when_no_session_comes(
 
 def _task(dev: str, n: int, deadline: float) -> Task:
     return Task(task_id=f"t{n}", job_id="j", device_id=dev, model_name="m",
-                upload_token=f"tok{n}", issued_ts=deadline - 60, deadline_ts=deadline)  # fmt: skip
+                upload_token="", issued_ts=deadline - 60, deadline_ts=deadline)  # fmt: skip
 
 
 async def test_a_sent_task_reaches_its_device_once_and_a_past_lease_never(
@@ -195,7 +196,7 @@ async def test_a_sent_task_reaches_its_device_once_and_a_past_lease_never(
     async with contextlib.AsyncExitStack() as ex:
         sink: TaskSink
         if kind == "memory":
-            sink = DirectTaskSink(mem.publish, metrics)
+            sink = DirectTaskSink(mem.publish, metrics, TASK_KEY)
         else:
             await ensure_topics(s)
             producer = make_producer(s)
@@ -203,7 +204,7 @@ async def test_a_sent_task_reaches_its_device_once_and_a_past_lease_never(
             ex.push_async_callback(stop_quietly, producer)
             consumer = await start_consumer(s, s.tasks_topic, f"{unique_prefix}disp")
             ex.push_async_callback(stop_quietly, consumer)
-            loop = asyncio.create_task(run_dispatcher(consumer, mem.publish, metrics))
+            loop = asyncio.create_task(run_dispatcher(consumer, mem.publish, metrics, TASK_KEY))
             ex.callback(loop.cancel)
             sink = KafkaTaskSink(producer, s.tasks_topic)
         past, live = _task(dev, 1, time.time() - 1), _task(dev, 2, time.time() + 600)
@@ -215,7 +216,8 @@ async def test_a_sent_task_reaches_its_device_once_and_a_past_lease_never(
 
         got = await eventually(arrived, timeout=60)
         await asyncio.sleep(0.3)
-        assert [decode(b, Task) for b in mem.received(dev, "task")] == [live]
+        # as sent, with its token derived from the task key filled in
+        assert [decode(b, Task) for b in mem.received(dev, "task")] == [with_token(live, TASK_KEY)]
         assert counter_value(metrics.rejected, source="fl.tasks", reason="past_deadline") == 1
         assert counter_value(metrics.tasks_dispatched) == 1
         assert len(got) == 1

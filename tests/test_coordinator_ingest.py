@@ -11,6 +11,8 @@ import msgspec
 import numpy as np
 import pytest
 
+from coordinator.metrics import counter_value
+from coordinator.tasks import deployment_tag
 from schemas.codec import frame as fr
 from schemas.messages import Pace, ShardUpdate, TaskResponse, Update, UpdateChunk, decode, encode
 from tests.test_coordinator_ingest_support import (
@@ -86,6 +88,16 @@ async def test_selection_upload_ack_duplicate_and_reject(rig: Rig) -> None:
     unknown = update_for(task, bounds, task_id="t-unknown")
     await rig.router.handle(f"fleet/{task.device_id}/update", encode(unknown))
     assert acks(rig, task.device_id)[-1].reason == "unknown_task"
+    # a task of another deployment on the same broker (another topic prefix): left for its
+    # own coordinator to answer, never refused here (the device would drop it)
+    ours = deployment_tag(rig.state.settings.topic_prefix)
+    other = "000000" if ours != "000000" else "111111"
+    n_acks = len(acks(rig, task.device_id))
+    foreign = update_for(task, bounds, task_id=f"t-{other}-0123456789abcdef")
+    await rig.router.handle(f"fleet/{task.device_id}/update", encode(foreign))
+    assert len(acks(rig, task.device_id)) == n_acks
+    assert counter_value(rig.state.metrics.rejected, source="update", reason="foreign_task") == 1
+    assert task.task_id.startswith(f"t-{ours}-")  # this deployment's ids carry its tag
     stats = await rig.state.stats.stats(jid)
     assert stats["updates_accepted"] == 1 and stats["tasks_issued"] == 2
 

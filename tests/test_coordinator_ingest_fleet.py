@@ -91,17 +91,17 @@ async def test_declined_and_aborted_free_the_slot(rig: Rig) -> None:
 
 
 async def test_dispatcher_pushes_tasks_and_skips_stale_or_bad() -> None:
-    from coordinator.dispatcher import dispatch_record
+    from coordinator.dispatcher import dispatch_record, with_token
     from tests.test_coordinator_support import metrics
 
-    pub = Published()
+    pub, key = Published(), bytes(range(32))
     now = time.time()
-    task = Task(task_id="t1", job_id="j", device_id="d7", model_name="m", upload_token="x",
+    task = Task(task_id="t1", job_id="j", device_id="d7", model_name="m", upload_token="",
                 issued_ts=now, deadline_ts=now + 10)  # fmt: skip
-    assert await dispatch_record(encode(task), pub, metrics(), now)
-    assert pub.items == [("fleet/d7/task", encode(task), 1)]
-    assert not await dispatch_record(encode(task), pub, metrics(), now + 11)
-    assert not await dispatch_record(b"\xc1", pub, metrics(), now)
+    assert await dispatch_record(encode(task), pub, metrics(), now, key=key)
+    assert pub.items == [("fleet/d7/task", encode(with_token(task, key)), 1)]
+    assert not await dispatch_record(encode(task), pub, metrics(), now + 11, key=key)
+    assert not await dispatch_record(b"\xc1", pub, metrics(), now, key=key)
     assert len(pub.items) == 1
 
 

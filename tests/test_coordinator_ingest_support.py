@@ -19,6 +19,7 @@ from coordinator.ingest import Router, TelemetryBatcher
 from coordinator.jobs import build_job
 from coordinator.keys import Keys
 from coordinator.selector import Selector
+from coordinator.tasks import deployment_tag
 from coordinator.uploads import UploadHandler
 from schemas.messages import (
     JobSpec,
@@ -76,6 +77,7 @@ async def rig(redis_url: str, tmp_path: Path) -> AsyncIterator[Rig]:  # noqa: F8
         metrics=state.metrics,
         on_uploaded=selector.wake,
         newest_versions=newest_versions,
+        deployment=deployment_tag(s.topic_prefix),
     )
     batcher = TelemetryBatcher(state.fleet, state.metrics, batch=100, interval_s=0.01)
     router = Router(

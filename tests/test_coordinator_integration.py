@@ -121,6 +121,7 @@ def coordinator_settings(
         mqtt_port=stack.mqtt_port, redis_url=stack.redis_url, topic_prefix=prefix,
         redis_prefix=prefix, mqtt_share_group=prefix.strip("."),
         model_store_dir=tmp_path / "models", signing_key_path=tmp_path / "key",
+        task_key_path=tmp_path / "task.key",
         admin_token="adm", selection_tick_s=0.2, lease_s=lease_s, max_shards=2, http_port=0,
     )  # fmt: skip
 
@@ -266,6 +267,7 @@ async def test_restart_keeps_jobs_and_registry_state(
         kafka_bootstrap=stack.kafka_bootstrap, mqtt_host=stack.mqtt_host,
         mqtt_port=stack.mqtt_port, redis_url=stack.redis_url, topic_prefix=unique_prefix,
         model_store_dir=tmp_path / "models", signing_key_path=tmp_path / "key",
+        task_key_path=tmp_path / "task.key",
         admin_token="adm", max_shards=2, http_port=0,
     )  # fmt: skip
     name = f"{unique_prefix}r"
@@ -322,6 +324,7 @@ async def test_two_coordinators_share_the_fleet(
         kafka_bootstrap=stack.kafka_bootstrap, mqtt_host=stack.mqtt_host,
         mqtt_port=stack.mqtt_port, redis_url=stack.redis_url, topic_prefix=unique_prefix,
         model_store_dir=tmp_path / "models", signing_key_path=tmp_path / "key",
+        task_key_path=tmp_path / "task.key",
         admin_token="adm", max_shards=2, selection_tick_s=0.2, http_port=0,
     )  # fmt: skip
     m1 = CoordinatorMetrics(registry=CollectorRegistry())

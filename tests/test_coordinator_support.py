@@ -30,7 +30,7 @@ from coordinator.selector import Selector
 from coordinator.settings import CoordinatorSettings
 from coordinator.signing import Signer
 from coordinator.task_sink import KafkaTaskSink
-from coordinator.tasks import TaskStore
+from coordinator.tasks import TaskStore, load_task_key
 from schemas.messages import JobSpec
 
 _METRICS: CoordinatorMetrics | None = None
@@ -115,7 +115,8 @@ async def make_state(redis: Redis, tmp: Path, prefix: str) -> tuple[AppState, li
     r: Any = redis
     settings = CoordinatorSettings(
         redis_prefix=prefix, admin_token="secret",
-        model_store_dir=tmp / "models", signing_key_path=tmp / "key", max_shards=4,
+        model_store_dir=tmp / "models", signing_key_path=tmp / "key",
+        task_key_path=tmp / "task.key", max_shards=4,
         telemetry_ttl_s=60.0, lease_s=30.0, http_port=0,
     )  # fmt: skip
     signer = Signer.load_or_create(settings.signing_key_path)
@@ -171,6 +172,7 @@ def make_selector(state: AppState, r: Redis, **kw: Any) -> Selector:
         settings=state.settings, fleet=state.fleet, tasks=state.tasks, jobs=state.jobs,
         rounds=RoundStore(r, p), stats=state.stats, lock=RedisLock(r, Keys(p).selector_lock),
         publish=None, metrics=state.metrics,
+        task_key=load_task_key(state.settings.task_key_path),
     )  # fmt: skip
     args.update(kw)
     return Selector(**args)

@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 
 from coordinator.api import AppState, create_app
 from coordinator.core import CoordinatorCore, build_core
+from coordinator.dispatcher import with_token
 from coordinator.errors import JobError
 from coordinator.evaluation import Evaluation, combine, complete_accuracies, should_open
 from coordinator.jobs import Job, build_job
@@ -33,6 +34,7 @@ from coordinator.metrics import CoordinatorMetrics, counter_value
 from coordinator.policy import StopConfig, stop_reason
 from coordinator.settings import CoordinatorSettings
 from coordinator.stopping import plateau_reason, target_reason
+from coordinator.tasks import load_task_key
 from schemas.messages import (
     EvalReport,
     JobSpec,
@@ -51,13 +53,16 @@ __all__ = ["redis_url"]  # fixture
 
 
 class RecordingSink:
-    """The task sink: records every task the core hands on."""
+    """The task sink: records every task the core hands on, as the dispatcher pushes it
+    (its upload token derived from ``key``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: bytes) -> None:
+        self.key = key
         self.tasks: list[Task] = []
 
     async def send(self, task: Task) -> None:
-        self.tasks.append(task)
+        assert task.upload_token == ""  # a sink never gets the token
+        self.tasks.append(with_token(task, self.key))
 
     def of(self, kind: str) -> list[Task]:
         return [t for t in self.tasks if t.task_kind == kind]
@@ -145,10 +150,12 @@ async def rig(redis_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
     s = CoordinatorSettings(
         redis_prefix=f"e{uuid.uuid4().hex[:8]}:", admin_token="secret",
         model_store_dir=tmp_path / "models", signing_key_path=tmp_path / "key",
-        lease_s=30.0, telemetry_ttl_s=600.0, stats_min_reports=3, pace_enabled=False,
+        task_key_path=tmp_path / "task.key", lease_s=30.0, telemetry_ttl_s=600.0,
+        stats_min_reports=3, pace_enabled=False,
     )  # fmt: skip
     m = CoordinatorMetrics(registry=CollectorRegistry())
-    sink, published, journal = RecordingSink(), Published(), MemoryJobJournal()
+    key = load_task_key(s.task_key_path)
+    sink, published, journal = RecordingSink(key), Published(), MemoryJobJournal()
     jobs_topic: list[JobSpec] = []
     holder: dict[str, Rig] = {}
 
@@ -172,7 +179,7 @@ async def rig(redis_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
 
     core = build_core(s, redis, metrics=m, producer=FakeProducer(), task_sink=sink,
                       publish=published, fail_job=fail_job, complete_job=complete_job,
-                      write_spec=write_spec)  # fmt: skip
+                      write_spec=write_spec, task_key=key)  # fmt: skip
     holder["rig"] = r = Rig(core, sink, published, journal, jobs_topic, m, redis)
     yield r
     await redis.aclose()

@@ -61,7 +61,8 @@ def test_coordinator_cli_exits_2_when_its_rest_port_is_taken(stack: Any, tmp_pat
     argv = [sys.executable, "-m", "fedfleet", "coordinator", "--kafka", stack.kafka_bootstrap,
             "--mqtt", stack.mqtt_url, "--redis", stack.redis_url, "--http-port", str(port),
             "--topic-prefix", f"edge{port}.", "--model-store-dir", str(tmp_path / "m"),
-            "--signing-key-path", str(tmp_path / "k"), "--admin-token", "x"]  # fmt: skip
+            "--signing-key-path", str(tmp_path / "k"), "--task-key-path", str(tmp_path / "tk"),
+            "--admin-token", "x"]  # fmt: skip
     try:
         t0 = time.monotonic()
         p = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)

@@ -158,15 +158,18 @@ def test_agent_settings_use_the_same_grammar(tmp_path: Path) -> None:
 
 def test_agent_takes_the_mqtt_address_as_every_command_does() -> None:
     """``--mqtt mqtt://host:port`` (what ``stack up`` prints) is host and port, not a host
-    named ``mqtt://host`` retried forever; an unsupported scheme is a one-line refusal."""
+    named ``mqtt://host`` retried forever; ``mqtts://`` is TLS (port 8883 by default); an
+    unsupported scheme is a one-line refusal."""
     import argparse
 
     from edge_agent.cli import mqtt_address
 
-    assert mqtt_address("mqtt://127.0.0.1:2883") == ("127.0.0.1", 2883)
-    assert mqtt_address("10.0.0.5:1884") == ("10.0.0.5", 1884)
-    assert mqtt_address("broker") == ("broker", 1883)
-    for bad, why in [("mqtts://h:1", "TLS"), ("http://h:1", "scheme"), ("h:port", "port")]:
+    assert mqtt_address("mqtt://127.0.0.1:2883") == ("127.0.0.1", 2883, False)
+    assert mqtt_address("10.0.0.5:1884") == ("10.0.0.5", 1884, False)
+    assert mqtt_address("broker") == ("broker", 1883, False)
+    assert mqtt_address("mqtts://broker") == ("broker", 8883, True)
+    assert mqtt_address("mqtts://10.0.0.5:18883") == ("10.0.0.5", 18883, True)
+    for bad, why in [("https://h:1", "scheme"), ("http://h:1", "scheme"), ("h:port", "port")]:
         with pytest.raises(argparse.ArgumentTypeError) as e:
             mqtt_address(bad)
         assert why in str(e.value)

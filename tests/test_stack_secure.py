@@ -29,10 +29,13 @@ import pytest
 from aiomqtt.exceptions import MqttConnectError
 from cryptography import x509
 
-from stack import dynsec, pki
-from stack.dynsec_client import DynsecClient
-from stack.errors import DynsecError, PkiError, StackError
-from stack.mqtt import Mosquitto, MqttCredentials, dynsec_plugin, mosquitto_binary, mqtt_ping
+from coordinator.broker_admin import DynsecClient
+from schemas import dynsec
+from schemas.dynsec import DynsecError
+from schemas.mqtt_auth import MqttCredentials
+from stack import pki
+from stack.errors import PkiError, StackError
+from stack.mqtt import Mosquitto, dynsec_plugin, mosquitto_binary, mqtt_ping
 
 ROOT = Path(__file__).resolve().parent.parent
 GUARD_S = 15.0  # hang guard, never an expectation
@@ -122,7 +125,7 @@ def test_device_id_pattern_is_the_wire_id() -> None:
 
 def test_leaves_are_the_ones_the_services_use() -> None:
     """The ACLs name exactly the leaves the coordinator reads and writes and the agent
-    publishes and subscribes to (a new leaf must be added to stack.dynsec)."""
+    publishes and subscribes to (a new leaf must be added to schemas.dynsec)."""
     from coordinator.link import INGEST_LEAVES
 
     coordinator_writes = {
@@ -606,3 +609,42 @@ def test_a_coordinator_secret_the_broker_refuses_fails_the_start_at_once(
             again.wait_ready()
     finally:
         again.stop()
+
+
+# ------------------------------------------------------------------ Redis with a password
+
+
+def test_secure_redis_refuses_clients_without_its_password(tmp_path: Path) -> None:
+    import redis as redis_sync
+
+    from stack.launcher import StackInfo, redacted
+    from stack.redis import RedisServer, redis_binary
+
+    if redis_binary() is None:
+        if os.environ.get("FEDFLEET_REQUIRE_REAL") == "1":
+            pytest.fail("FEDFLEET_REQUIRE_REAL=1 but redis-server is not installed")
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path / "redis", password=True)
+    server.start()
+    try:
+        server.wait_ready()
+        assert server.password and server.password in server.url
+        assert mode(tmp_path / "redis" / "redis.secret") == 0o600
+        assert mode(tmp_path / "redis" / "redis.conf") == 0o600
+        assert server.password not in " ".join(server.proc.argv)  # type: ignore[union-attr]
+        anon = redis_sync.Redis(host="127.0.0.1", port=server.port, socket_timeout=GUARD_S)
+        with pytest.raises(redis_sync.exceptions.AuthenticationError):
+            anon.ping()
+        wrong = redis_sync.Redis(host="127.0.0.1", port=server.port, password="nope",
+                                 socket_timeout=GUARD_S)  # fmt: skip
+        with pytest.raises(redis_sync.exceptions.AuthenticationError):
+            wrong.ping()
+        assert redis_sync.Redis.from_url(server.url, socket_timeout=GUARD_S).ping()
+        info = StackInfo(kafka_bootstrap="k:1", mqtt_host="h", mqtt_port=1, redis_url=server.url,
+                         kafka_impl="k", mqtt_impl="m", redis_impl="r")  # fmt: skip
+        assert server.password not in str(info.describe())
+        assert server.password not in " ".join(info.coordinator_args())
+        assert info.coordinator_env() == {"FEDFLEET_REDIS_URL": server.url}
+        assert redacted("redis://127.0.0.1:1/0") == "redis://127.0.0.1:1/0"
+    finally:
+        server.stop()

@@ -19,7 +19,16 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from coordinator.api import artifacts, evaluations, fleet, health, jobs, models, uploads
+from coordinator.api import (
+    artifacts,
+    enrol,
+    evaluations,
+    fleet,
+    health,
+    jobs,
+    models,
+    uploads,
+)
 from coordinator.api.state import AppState, app_state
 from coordinator.errors import JobError, NotFound
 
@@ -65,7 +74,7 @@ def create_app(state: AppState) -> FastAPI:
                             status_code=503, headers={"Retry-After": "2"})  # fmt: skip
 
     routers = (health.router, fleet.router, jobs.router, evaluations.router, models.router,
-               artifacts.router, uploads.router)  # fmt: skip
+               artifacts.router, uploads.router, enrol.router)  # fmt: skip
     for r in routers:
         app.include_router(r)
     return app

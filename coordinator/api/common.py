@@ -49,9 +49,34 @@ def admin(
     token = state.settings.admin_token.encode()
     got = creds.credentials.encode() if creds is not None else b""
     if creds is None or creds.scheme.lower() != "bearer" or not hmac.compare_digest(got, token):
+        why = "missing" if creds is None else "wrong"
+        state.metrics.auth_refused.labels(what="admin", reason=why).inc()
         raise HTTPException(
             401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
         )
+
+
+def fleet_reader(
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    state: Annotated[AppState, Depends(app_state)],
+) -> None:
+    """Fleet-status reads (every device's battery, network, task): with
+    ``fleet_reads_need_token`` they need the admin token or the read-only operator token."""
+    s = state.settings
+    if not s.fleet_reads_need_token:
+        return
+    got = creds.credentials.encode() if creds is not None else b""
+    ok = creds is not None and creds.scheme.lower() == "bearer" and (
+        hmac.compare_digest(got, s.admin_token.encode())
+        or (bool(s.operator_token) and hmac.compare_digest(got, s.operator_token.encode()))
+    )  # fmt: skip
+    if not ok:
+        why = "missing" if creds is None else "wrong"
+        state.metrics.auth_refused.labels(what="operator", reason=why).inc()
+        raise HTTPException(
+            401, "fleet status needs the operator or admin bearer token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )  # fmt: skip
 
 
 def not_modified(inm: str | None, etag: str) -> bool:

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query
 
-from coordinator.api.common import R404, R422
+from coordinator.api.common import R401, R404, R422, fleet_reader
 from coordinator.api.state import AppState, app_state
 from coordinator.errors import NotFound
 from coordinator.fleet import device_json, device_state, fleet_summary
@@ -17,7 +17,7 @@ router = APIRouter(tags=["fleet"])
 State = Annotated[AppState, Depends(app_state)]
 
 
-@router.get("/v1/fleet")
+@router.get("/v1/fleet", dependencies=[Depends(fleet_reader)], responses=R401)
 async def fleet(state: State) -> dict[str, Any]:
     now = time.time()
     views = await state.fleet.all_views(now)
@@ -31,7 +31,7 @@ async def fleet(state: State) -> dict[str, Any]:
     return out
 
 
-@router.get("/v1/devices", responses=R422)
+@router.get("/v1/devices", dependencies=[Depends(fleet_reader)], responses={**R401, **R422})
 async def devices(
     state: State,
     state_: Annotated[str | None, Query(alias="state", pattern="^(offline|idle|training)$")] = None,
@@ -51,7 +51,8 @@ async def devices(
             "devices": [device_json(v) for v in views]}  # fmt: skip
 
 
-@router.get("/v1/devices/{device_id}", responses={**R404, **R422})
+@router.get("/v1/devices/{device_id}", dependencies=[Depends(fleet_reader)],
+            responses={**R401, **R404, **R422})  # fmt: skip
 async def device(state: State, device_id: Annotated[str, Path(max_length=128)]) -> dict[str, Any]:
     d = await state.fleet.get(device_id)
     if d is None:

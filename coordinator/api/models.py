@@ -1,5 +1,10 @@
 """Models: manifests, weights and ONNX (signed, with ETags), rollback/unpin (admin), and
-the signing key. Registry reads touch the filesystem, so they run in worker threads."""
+the signing key. Registry reads touch the filesystem, so they run in worker threads.
+
+The ``latest`` answers (manifest and ``latest.onnx``) also carry the model's publication
+(``X-Fedfleet-Publication``) and its signature (``X-Fedfleet-Publication-Signature``, over
+``schemas.signing.latest_message`` / ``latest_onnx_message``): devices refuse a ``latest``
+older than one they accepted. Version routes are unchanged."""
 
 from __future__ import annotations
 
@@ -24,7 +29,9 @@ from coordinator.api.common import (
 )
 from coordinator.api.state import AppState, app_state
 from coordinator.errors import JobError, NotFound
+from coordinator.registry import Latest
 from schemas.messages import ModelManifest
+from schemas.signing import PUBLICATION_HEADER, PUBLICATION_SIGNATURE_HEADER
 
 router = APIRouter(tags=["models"])
 State = Annotated[AppState, Depends(app_state)]
@@ -36,9 +43,17 @@ JSON_MANIFEST: dict[str, Any] = {"content": {"application/json": {"schema": {"ty
                  "description": "the ModelManifest"}  # fmt: skip
 
 
-def _manifest_response(m: ModelManifest, inm: str | None) -> Response:
+def _publication(headers: dict[str, str], publication: int, sig: str) -> dict[str, str]:
+    headers[PUBLICATION_HEADER] = str(publication)
+    headers[PUBLICATION_SIGNATURE_HEADER] = sig
+    return headers
+
+
+def _manifest_response(m: ModelManifest, inm: str | None, lt: Latest | None = None) -> Response:
     etag = f'"m{m.version}-{m.digest[:32]}"'
     headers = signed_headers(etag, m.digest, m.signature)
+    if lt is not None:
+        _publication(headers, lt.publication, lt.signature)
     if not_modified(inm, etag):
         return Response(status_code=304, headers=headers)
     body = msgspec.json.encode(msgspec.to_builtins(m))
@@ -53,8 +68,8 @@ async def models(state: State) -> dict[str, Any]:
 @router.get("/v1/models/{name}/latest", response_class=Response,
             responses={200: JSON_MANIFEST, **READ})  # fmt: skip
 async def latest(state: State, name: Name, if_none_match: IfNoneMatch = None) -> Response:
-    m = await asyncio.to_thread(state.registry.latest, name)
-    return _manifest_response(m, if_none_match)
+    lt = await asyncio.to_thread(state.registry.latest_signed, name)
+    return _manifest_response(lt.manifest, if_none_match, lt)
 
 
 @router.get("/v1/models/{name}/versions", responses={**R404, **R422})
@@ -63,8 +78,9 @@ async def versions(state: State, name: Name) -> dict[str, Any]:
         vs = state.registry.versions(name)
         if not vs:
             raise NotFound("model", name)
-        return {"model_name": name, "versions": vs, "latest": state.registry.latest(name).version,
-                "pinned": state.registry.pinned(name)}  # fmt: skip
+        ptr = state.registry.publication(name)
+        return {"model_name": name, "versions": vs, "latest": ptr.version,
+                "pinned": state.registry.pinned(name), "publication": ptr.publication}  # fmt: skip
 
     return await asyncio.to_thread(read)
 
@@ -95,7 +111,8 @@ async def weights(
 @router.get("/v1/models/{name}/latest.onnx", response_class=Response,
             responses={200: {**BINARY, "description": "ONNX model"}, **READ})  # fmt: skip
 async def latest_onnx(state: State, name: Name, if_none_match: IfNoneMatch = None) -> Response:
-    m = await asyncio.to_thread(state.registry.latest, name)
+    lt = await asyncio.to_thread(state.registry.latest_signed, name)
+    m = lt.manifest
     key = (name, m.version, m.digest)
     hit = state.onnx_cache.get(key)
     if hit is None:
@@ -106,6 +123,8 @@ async def latest_onnx(state: State, name: Name, if_none_match: IfNoneMatch = Non
     data, digest, sig = hit
     headers = signed_headers(f'"{digest}"', digest, sig)
     headers["X-Fedfleet-Version"] = str(m.version)
+    psig = state.registry.sign_latest(name, lt.publication, m.version, digest, onnx=True)
+    _publication(headers, lt.publication, psig)
     if not_modified(if_none_match, f'"{digest}"'):
         return Response(status_code=304, headers=headers)
     return Response(data, media_type="application/octet-stream", headers=headers)
@@ -119,8 +138,13 @@ async def rollback(state: State, name: Name, body: Annotated[Any, Body()]) -> di
         v = msgspec.convert(body, RollbackBody, strict=True).version
     except msgspec.ValidationError:
         raise JobError("validation", 'body must be {"version": <int >= 0>}') from None
-    m = await asyncio.to_thread(state.registry.rollback, name, v)
-    return {"model_name": name, "pinned": m.version, "digest": m.digest}
+
+    def do() -> dict[str, Any]:
+        m = state.registry.rollback(name, v)
+        pub = state.registry.publication(name).publication
+        return {"model_name": name, "pinned": m.version, "digest": m.digest, "publication": pub}
+
+    return await asyncio.to_thread(do)
 
 
 @router.delete("/v1/models/{name}/pin", dependencies=[Depends(admin)],
@@ -130,7 +154,9 @@ async def unpin(state: State, name: Name) -> dict[str, Any]:
         if not state.registry.versions(name):
             raise NotFound("model", name)
         state.registry.unpin(name)
-        return {"model_name": name, "pinned": None, "latest": state.registry.latest(name).version}
+        ptr = state.registry.publication(name)
+        return {"model_name": name, "pinned": None, "latest": ptr.version,
+                "publication": ptr.publication}  # fmt: skip
 
     return await asyncio.to_thread(do)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from coordinator.artifacts import ArtifactStore
+from coordinator.enrolment import Enroller
 from coordinator.evalstore import EvalStore
 from coordinator.fleet import FleetStore
 from coordinator.jobs import JobStore
@@ -43,6 +44,9 @@ class AppState:
     # POST /v1/uploads: an upload whose ack is returned (the service passes
     # ``coordinator.uploads.replying``); None: uploads only over MQTT
     upload: Callable[[Update], Awaitable[UploadAck]] | None = None
+    # enrolment and revocation, and the device credentials HTTP uploads are checked
+    # against (None: no enrolment on this coordinator)
+    enroller: Enroller | None = None
 
 
 def app_state(request: Request) -> AppState:

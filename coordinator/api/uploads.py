@@ -16,8 +16,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from coordinator.api.common import R422, R503, ErrorBody, Responses
+from coordinator.api.common import R401, R422, R503, ErrorBody, Responses
 from coordinator.api.state import AppState, app_state
 from schemas.errors import SchemaError
 from schemas.messages import UPDATE_MAX_BYTES, Update, decode, encode
@@ -35,6 +36,30 @@ UPDATE_BODY = {"requestBody": {"required": True, "content": {"application/octet-
     "schema": {"type": "string", "format": "binary"}}}}}  # fmt: skip
 
 
+R403: Responses = {403: {"model": ErrorBody, "description": "the update names another device "
+                         "than the credential"}}  # fmt: skip
+BASIC_DOC = ("the device's own credential (device id and the password from enrolment); "
+             "required when require_enrolment is set")
+basic = HTTPBasic(auto_error=False, description=BASIC_DOC)
+
+
+async def authenticated_device(
+    state: AppState, creds: HTTPBasicCredentials | None
+) -> str | None:
+    """The device the request's Basic credential proves (None: none was needed). With
+    ``require_enrolment`` a missing, wrong or revoked credential is 401."""
+    if not state.settings.require_enrolment:
+        return None
+    why = "missing"
+    if creds is not None and state.enroller is not None:
+        if await state.enroller.store.verify(creds.username, creds.password):
+            return creds.username
+        why = "wrong"
+    state.metrics.auth_refused.labels(what="device", reason=why).inc()
+    raise HTTPException(401, f"{why} device credential",
+                        headers={"WWW-Authenticate": 'Basic realm="fedfleet devices"'})  # fmt: skip
+
+
 async def read_bounded(request: Request, limit: int) -> bytearray:
     """The request body, streamed into one buffer; 413 once it exceeds ``limit``."""
     declared = request.headers.get("content-length")
@@ -50,11 +75,15 @@ async def read_bounded(request: Request, limit: int) -> bytearray:
 
 @router.post(
     "/v1/uploads", response_class=Response, openapi_extra=UPDATE_BODY,
-    responses={**ACK_BODY, **R413, **R422, **R503},
+    responses={**ACK_BODY, **R401, **R403, **R413, **R422, **R503},
 )  # fmt: skip
-async def upload(request: Request, state: State) -> Response:
+async def upload(
+    request: Request, state: State,
+    creds: Annotated[HTTPBasicCredentials | None, Depends(basic)],
+) -> Response:  # fmt: skip
     if state.upload is None:
         raise HTTPException(503, "this coordinator does not take uploads")
+    device = await authenticated_device(state, creds)
     body = await read_bounded(request, UPDATE_MAX_BYTES)
     try:
         upd = decode(body, Update, max_bytes=UPDATE_MAX_BYTES)
@@ -62,5 +91,9 @@ async def upload(request: Request, state: State) -> Response:
         state.metrics.rejected.labels(source="http_update", reason=exc.reason).inc()
         raise HTTPException(422, f"not an update: {exc}") from None
     del body
+    if device is not None and device != upd.device_id:
+        state.metrics.auth_refused.labels(what="device", reason="device_mismatch").inc()
+        state.metrics.rejected.labels(source="http_update", reason="device_mismatch").inc()
+        raise HTTPException(403, "the update names another device than the credential")
     ack = await state.upload(upd)
     return Response(encode(ack), media_type=MSGPACK)

@@ -1,5 +1,5 @@
 """Mosquitto's dynamic-security plugin: the fleet's roles, its initial config file, and the
-``$CONTROL/dynamic-security/v1`` commands, as plain dicts (no I/O but ``write_config``).
+``$CONTROL/dynamic-security/v1`` commands, as plain dicts (no I/O).
 
 A device is a dynsec *client*: username = device id, password = a random secret, holding
 its own role ``device:<id>`` whose literal ACLs confine it to ``fleet/<id>/...``
@@ -16,8 +16,8 @@ random bytes, ``iterations`` (101, what ``mosquitto_ctrl dynsec init`` and the p
 written by ``mosquitto_ctrl dynsec init``.
 
 The command builders only build dicts, so a service can send them over its own MQTT
-session; ``stack.dynsec_client.DynsecClient`` is the small aiomqtt sender the stack and
-the tests use.
+session; ``coordinator.broker_admin.DynsecClient`` is the aiomqtt sender the coordinator
+(enrolment, revocation) and the tests use; ``stack.mqtt`` writes the initial file.
 """
 
 from __future__ import annotations
@@ -28,11 +28,23 @@ import json
 import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-from stack.errors import DynsecError
-from stack.pki import private_dir, write_private
+from schemas.errors import FedfleetError
+from schemas.messages import ID_PATTERN
+
+
+class DynsecError(FedfleetError):
+    """Mosquitto's dynamic-security plugin answered a command with an error (or not at all),
+    or a name is not one it may hold."""
+
+    code = "dynsec"
+
+    def __init__(self, message: str) -> None:
+        super().__init__("", message)
+
+    def __str__(self) -> str:
+        return self.detail or self.code
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = f"{CONTROL_TOPIC}/response"
@@ -48,9 +60,9 @@ COORDINATOR_ROLE = "coordinator"
 ADMIN_ROLE = "fleet-admin"
 COORDINATOR_USER = "coordinator"
 RESERVED_USERNAMES = frozenset({COORDINATOR_USER})
-# the wire's device id (schemas.messages.Id; a test keeps the two equal): never "/", "+"
-# or "#", so "fleet/<id>/#" cannot widen to other devices' topics
-DEVICE_ID_PATTERN = r"^[A-Za-z0-9._:\-]+$"
+# the wire's device id (schemas.messages.Id): never "/", "+" or "#", so "fleet/<id>/#"
+# cannot widen to other devices' topics
+DEVICE_ID_PATTERN = ID_PATTERN
 DEVICE_ID_MAX = 128
 
 ITERATIONS = 101  # Mosquitto 2.0's default (mosquitto_ctrl and createClient)
@@ -197,12 +209,6 @@ def initial_config(coordinator_password: str, *, iterations: int = ITERATIONS) -
         "roles": [coordinator_role(), admin_role()],
         "defaultACLAccess": dict(DENY_ALL),
     }
-
-
-def write_config(path: Path, config: Mapping[str, Any]) -> Path:
-    """Write the config file owner-only (it holds password hashes)."""
-    private_dir(path.parent)
-    return write_private(path, json.dumps(config, indent=1).encode())
 
 
 # ------------------------------------------------------------------ $CONTROL commands

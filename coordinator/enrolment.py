@@ -1,0 +1,273 @@
+"""Device enrolment and revocation: one-use enrolment tokens in, per-device credentials out.
+
+An operator asks for enrolment tokens (``POST /v1/enrolment-tokens``, admin token): each is
+256 random bits, valid for ``ttl_s``, usable once, optionally bound to one device id, and
+kept only as its sha256. A device trades one for its own credential (``POST /v1/enrol``):
+the coordinator mints a password (256 random bits), has the broker let the device in with
+it (``BrokerAdmin.enrol``: Mosquitto's dynamic-security plugin confines the id to
+``fleet/<id>/...``), records the password's sha256, and answers the password once. A
+revocation (``POST /v1/devices/{id}/revoke``) removes the device from the broker (its live
+sessions are cut) and marks the credential revoked.
+
+Redis (one hash slot, ``{enrol}``; ``coordinator.keys``)::
+
+    enroltok:{enrol}:<sha>  hash  expires_ts, device_id ("" = any), label, created_ts,
+                                  used_ts, used_by; kept a day past expiry so an expired
+                                  token is told apart from an unknown one
+    cred:{enrol}:<id>       hash  secret_sha, enrolled_ts, revoked_ts ("" while valid)
+    enrolled:{enrol}        set   ids with a valid credential
+
+Both secrets are random 256-bit strings, so an unsalted sha256 is enough to keep them
+useless to someone who reads Redis (there is nothing to guess); checks compare digests in
+constant time. Token and password are never logged.
+
+The consume step is one script (refusals: ``token_unknown``, ``token_used``,
+``token_expired``, ``token_device``, ``already_enrolled``); if the broker then fails, the
+token is given back (``release``) so the device can try again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from coordinator.broker_admin import BrokerAdmin
+from coordinator.errors import EnrolmentRefused, EnrolmentUnavailable, NotFound
+from coordinator.fleet import FleetStore
+from coordinator.keys import Keys
+from coordinator.metrics import CoordinatorMetrics
+from schemas import dynsec
+from schemas.dynsec import DynsecError
+
+log = logging.getLogger(__name__)
+
+TOKEN_BYTES = 32
+TOMBSTONE_S = 86400.0  # an expired or used token stays readable this long (its refusal reason)
+
+REFUSALS = ("token_unknown", "token_used", "token_expired", "token_device", "already_enrolled")
+
+# KEYS[1] token hash, KEYS[2] enrolled set; ARGV: device id, now
+_CONSUME = """
+local h = redis.call('HMGET', KEYS[1], 'expires_ts', 'used_ts', 'device_id')
+if not h[1] then return 'token_unknown' end
+if h[2] and h[2] ~= '' then return 'token_used' end
+if tonumber(h[1]) <= tonumber(ARGV[2]) then return 'token_expired' end
+if h[3] and h[3] ~= '' and h[3] ~= ARGV[1] then return 'token_device' end
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 'already_enrolled' end
+redis.call('HSET', KEYS[1], 'used_ts', ARGV[2], 'used_by', ARGV[1])
+return 'ok'
+"""
+
+# KEYS[1] credential hash, KEYS[2] enrolled set; ARGV: device id, now
+_REVOKE = """
+if redis.call('SREM', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'revoked_ts', ARGV[2])
+return 1
+"""
+
+
+def new_secret() -> str:
+    """An enrolment token or a device password: 256 random bits, URL-safe text."""
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def matches(secret: str, stored_sha: str) -> bool:
+    return bool(stored_sha) and hmac.compare_digest(digest(secret), stored_sha)
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    device_id: str
+    enrolled_ts: float
+    revoked_ts: float | None
+
+    @property
+    def valid(self) -> bool:
+        return self.revoked_ts is None
+
+
+class EnrolmentStore:
+    """Redis adapter for enrolment tokens and device credentials."""
+
+    def __init__(self, redis: Redis, prefix: str) -> None:
+        self._r: Any = redis
+        self._k = Keys(prefix)
+        self._consume: Any = redis.register_script(_CONSUME)
+        self._revoke: Any = redis.register_script(_REVOKE)
+
+    async def issue(
+        self, count: int, ttl_s: float, *, device_id: str = "", label: str = "",
+        now: float | None = None,
+    ) -> tuple[list[str], float]:  # fmt: skip
+        """``count`` new tokens valid for ``ttl_s``; returns (tokens, expires_ts)."""
+        now = time.time() if now is None else now
+        expires = now + ttl_s
+        tokens = [new_secret() for _ in range(count)]
+        pipe = self._r.pipeline(transaction=False)
+        for t in tokens:
+            key = self._k.enrol_token(digest(t))
+            fields = {"expires_ts": repr(expires), "device_id": device_id, "label": label,
+                      "created_ts": repr(now), "used_ts": ""}  # fmt: skip
+            pipe.hset(key, mapping=fields)
+            pipe.expire(key, int(ttl_s + TOMBSTONE_S))
+        await pipe.execute()
+        return tokens, expires
+
+    async def consume(self, token: str, device_id: str, now: float | None = None) -> str:
+        """Take ``token`` for ``device_id``: ``"ok"`` or one of ``REFUSALS``."""
+        now = time.time() if now is None else now
+        got = await self._consume(
+            keys=[self._k.enrol_token(digest(token)), self._k.enrolled],
+            args=[device_id, repr(now)],
+        )
+        return str(got)
+
+    async def release(self, token: str) -> None:
+        """Give a consumed token back (the broker refused or was down: nothing enrolled)."""
+        key = self._k.enrol_token(digest(token))
+        await self._r.hset(key, mapping={"used_ts": "", "used_by": ""})
+
+    async def record(self, device_id: str, password: str, now: float | None = None) -> float:
+        """The device holds ``password`` from now on; returns the enrolment time."""
+        now = time.time() if now is None else now
+        pipe = self._r.pipeline(transaction=True)
+        cred = {"secret_sha": digest(password), "enrolled_ts": repr(now), "revoked_ts": ""}
+        pipe.hset(self._k.credential(device_id), mapping=cred)
+        pipe.sadd(self._k.enrolled, device_id)
+        await pipe.execute()
+        return now
+
+    async def revoke(self, device_id: str, now: float | None = None) -> bool:
+        """Mark the credential revoked; False when the id held no valid credential."""
+        now = time.time() if now is None else now
+        keys = [self._k.credential(device_id), self._k.enrolled]
+        got = await self._revoke(keys=keys, args=[device_id, repr(now)])
+        return bool(int(got))
+
+    async def get(self, device_id: str) -> Credential | None:
+        h = await self._r.hgetall(self._k.credential(device_id))
+        if not h:
+            return None
+        revoked = h.get("revoked_ts") or ""
+        return Credential(device_id, float(h.get("enrolled_ts") or 0.0),
+                          float(revoked) if revoked else None)  # fmt: skip
+
+    async def verify(self, device_id: str, password: str) -> bool:
+        """True when ``password`` is ``device_id``'s valid credential."""
+        sha, revoked = await self._r.hmget(self._k.credential(device_id), "secret_sha",
+                                           "revoked_ts")  # fmt: skip
+        return not revoked and matches(password, sha or "")
+
+    async def enrolled(self, device_ids: list[str]) -> set[str]:
+        """The ids among ``device_ids`` that hold a valid credential (one round trip)."""
+        if not device_ids:
+            return set()
+        flags = await self._r.smismember(self._k.enrolled, device_ids)
+        return {d for d, f in zip(device_ids, flags, strict=True) if int(f)}
+
+    async def count(self) -> int:
+        return int(await self._r.scard(self._k.enrolled))
+
+
+class Enroller:
+    """The enrolment flow over its three stores: tokens and credentials (Redis), the
+    broker's credential store (``BrokerAdmin``; None: the broker has none, enrolment is
+    unavailable) and the fleet view (probation, forgetting a revoked device)."""
+
+    def __init__(
+        self, store: EnrolmentStore, broker: BrokerAdmin | None, fleet: FleetStore,
+        metrics: CoordinatorMetrics, *, probation_s: float = 0.0,
+    ) -> None:  # fmt: skip
+        self.store, self.broker, self.fleet = store, broker, fleet
+        self.metrics = metrics
+        self.probation_s = probation_s
+
+    def _broker(self) -> BrokerAdmin:
+        if self.broker is None:
+            self.metrics.enrolments.labels(outcome="unavailable").inc()
+            raise EnrolmentUnavailable(
+                "no_broker_admin",
+                "this coordinator has no broker credential store: enrolment needs the secure "
+                "broker (Mosquitto with the dynamic-security plugin; docs/security.md)",
+            )
+        return self.broker
+
+    async def issue(self, count: int, ttl_s: float, *, device_id: str = "",
+                    label: str = "") -> tuple[list[str], float]:  # fmt: skip
+        if device_id:
+            _check_id(device_id)
+        tokens, expires = await self.store.issue(count, ttl_s, device_id=device_id, label=label)
+        self.metrics.enrolment_tokens.inc(len(tokens))
+        return tokens, expires
+
+    async def enrol(self, token: str, device_id: str) -> tuple[str, float]:
+        """``(password, enrolled_ts)`` for a device presenting a valid enrolment token."""
+        broker = self._broker()
+        try:
+            _check_id(device_id)
+        except EnrolmentRefused as exc:
+            self.metrics.enrolments.labels(outcome=exc.code).inc()
+            raise
+        verdict = await self.store.consume(token, device_id)
+        if verdict != "ok":
+            self.metrics.enrolments.labels(outcome=verdict).inc()
+            raise EnrolmentRefused(verdict, _WHY.get(verdict, verdict))
+        password = new_secret()
+        try:
+            await broker.enrol(device_id, password)
+        except DynsecError as exc:
+            await self.store.release(token)
+            self.metrics.enrolments.labels(outcome="broker_error").inc()
+            log.warning("enrolment of %s: broker refused or unreachable: %s", device_id, exc)
+            raise EnrolmentUnavailable("broker_error", str(exc)) from None
+        ts = await self.store.record(device_id, password)
+        if self.probation_s > 0:
+            await self.fleet.probation(device_id, ts + self.probation_s)
+        self.metrics.enrolments.labels(outcome="enrolled").inc()
+        log.info("device %s enrolled", device_id)
+        return password, ts
+
+    async def revoke(self, device_id: str) -> float:
+        """Cut ``device_id`` off (broker first, so its sessions end now); returns when."""
+        cred = await self.store.get(device_id)
+        if cred is None or not cred.valid:
+            raise NotFound("device", f"{device_id} holds no valid credential")
+        try:
+            await self._broker().revoke(device_id)
+        except DynsecError as exc:
+            raise EnrolmentUnavailable("broker_error", str(exc)) from None
+        now = time.time()
+        await self.store.revoke(device_id, now)
+        await self.fleet.forget(device_id)
+        self.metrics.revocations.inc()
+        log.info("device %s revoked", device_id)
+        return now
+
+
+_WHY = {
+    "token_unknown": "enrolment token is not known",
+    "token_used": "enrolment token was already used",
+    "token_expired": "enrolment token has expired",
+    "token_device": "enrolment token is bound to another device id",
+    "already_enrolled": "device id is enrolled; revoke it first to enrol it again",
+}
+
+
+def _check_id(device_id: str) -> str:
+    try:
+        dynsec.check_device_id(device_id)
+    except DynsecError as exc:
+        code = "reserved_id" if device_id in dynsec.RESERVED_USERNAMES else "bad_id"
+        raise EnrolmentRefused(code, str(exc)) from None
+    return device_id
