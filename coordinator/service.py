@@ -159,6 +159,10 @@ class Coordinator:
 
         if s.admin_token in ("", "change-me"):
             log.warning("admin_token is the default: set FEDFLEET_ADMIN_TOKEN")
+        if s.require_enrolment and self.broker_admin is None:
+            log.warning("require_enrolment is on but this coordinator has no broker credential "
+                        "store (mqtt_username/mqtt_password_file/mqtt_cafile): no device can "
+                        "enrol, so every device's telemetry will be refused")  # fmt: skip
         task_key = load_task_key(s.task_key_path)  # upload tokens: shared by all coordinators
         if self._task_sink_factory is None:
             sink: TaskSink = KafkaTaskSink(self.producer, s.tasks_topic)
