@@ -23,14 +23,13 @@ at that multiplier.
 from __future__ import annotations
 
 import argparse
-import heapq
 import itertools
 import json
-import random
 import time
 from typing import Any, cast
 
 import numpy as np
+from bench_quality import schedule  # the same arrival sequence as the quality bench
 
 from aggregator.strategies import StrategyOptions, build_strategy
 from aggregator.strategies.adaptive import AdaptiveClip
@@ -45,23 +44,6 @@ from sim.byzantine import ATTACKS, Attack, AttackKind, ByzantineTrainer
 SPEC = ModelSpecMsg(family="softmax", n_features=64, n_classes=10)
 TRAIN = TrainConfig(lr=0.5, local_epochs=5, batch_size=8)  # the demo's
 CODEC = CodecConfig(topk=0.0, quant="int8")  # the demo's (error feedback on)
-
-
-def schedule(n_updates: int, devices: int, concurrency: int, seed: int) -> list[tuple[int, int]]:
-    """(device, dispatch_index) in arrival order; dispatch_index says which model it saw."""
-    rng = random.Random(seed)
-    heap: list[tuple[float, int, int]] = []
-    dispatched = 0
-    for _ in range(concurrency):
-        heapq.heappush(heap, (rng.lognormvariate(0, 0.8), dispatched, rng.randrange(devices)))
-        dispatched += 1
-    order: list[tuple[int, int]] = []
-    while len(order) < n_updates:
-        now, idx, dev = heapq.heappop(heap)
-        order.append((dev, idx))
-        heapq.heappush(heap, (now + rng.lognormvariate(0, 0.8), dispatched, rng.randrange(devices)))
-        dispatched += 1
-    return order
 
 
 def run(args: argparse.Namespace, seed: int, attack: str, multiplier: float) -> dict[str, Any]:

@@ -18,8 +18,9 @@ Redis (one hash slot, ``{enrol}``; ``coordinator.keys``)::
     enrolled:{enrol}        set   ids with a valid credential
 
 Both secrets are random 256-bit strings, so an unsalted sha256 is enough to keep them
-useless to someone who reads Redis (there is nothing to guess); checks compare digests in
-constant time. Token and password are never logged.
+useless to someone who reads Redis (there is nothing to guess); they are hashed and
+compared (in constant time) as upload tokens are (``coordinator.tasks.token_sha``).
+Token and password are never logged.
 
 The consume step is one script (refusals: ``token_unknown``, ``token_used``,
 ``token_expired``, ``token_device``, ``already_enrolled``); if the broker then fails, the
@@ -28,8 +29,6 @@ token is given back (``release``) so the device can try again.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import secrets
 import time
@@ -43,6 +42,7 @@ from coordinator.errors import EnrolmentRefused, EnrolmentUnavailable, NotFound
 from coordinator.fleet import FleetStore
 from coordinator.keys import Keys
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.tasks import token_matches, token_sha
 from schemas import dynsec
 from schemas.dynsec import DynsecError
 
@@ -78,14 +78,6 @@ def new_secret() -> str:
     return secrets.token_urlsafe(TOKEN_BYTES)
 
 
-def digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def matches(secret: str, stored_sha: str) -> bool:
-    return bool(stored_sha) and hmac.compare_digest(digest(secret), stored_sha)
-
-
 @dataclass(frozen=True, slots=True)
 class Credential:
     device_id: str
@@ -116,7 +108,7 @@ class EnrolmentStore:
         tokens = [new_secret() for _ in range(count)]
         pipe = self._r.pipeline(transaction=False)
         for t in tokens:
-            key = self._k.enrol_token(digest(t))
+            key = self._k.enrol_token(token_sha(t))
             fields = {"expires_ts": repr(expires), "device_id": device_id, "label": label,
                       "created_ts": repr(now), "used_ts": ""}  # fmt: skip
             pipe.hset(key, mapping=fields)
@@ -128,21 +120,21 @@ class EnrolmentStore:
         """Take ``token`` for ``device_id``: ``"ok"`` or one of ``REFUSALS``."""
         now = time.time() if now is None else now
         got = await self._consume(
-            keys=[self._k.enrol_token(digest(token)), self._k.enrolled],
+            keys=[self._k.enrol_token(token_sha(token)), self._k.enrolled],
             args=[device_id, repr(now)],
         )
         return str(got)
 
     async def release(self, token: str) -> None:
         """Give a consumed token back (the broker refused or was down: nothing enrolled)."""
-        key = self._k.enrol_token(digest(token))
+        key = self._k.enrol_token(token_sha(token))
         await self._r.hset(key, mapping={"used_ts": "", "used_by": ""})
 
     async def record(self, device_id: str, password: str, now: float | None = None) -> float:
         """The device holds ``password`` from now on; returns the enrolment time."""
         now = time.time() if now is None else now
         pipe = self._r.pipeline(transaction=True)
-        cred = {"secret_sha": digest(password), "enrolled_ts": repr(now), "revoked_ts": ""}
+        cred = {"secret_sha": token_sha(password), "enrolled_ts": repr(now), "revoked_ts": ""}
         pipe.hset(self._k.credential(device_id), mapping=cred)
         pipe.sadd(self._k.enrolled, device_id)
         await pipe.execute()
@@ -167,7 +159,7 @@ class EnrolmentStore:
         """True when ``password`` is ``device_id``'s valid credential."""
         sha, revoked = await self._r.hmget(self._k.credential(device_id), "secret_sha",
                                            "revoked_ts")  # fmt: skip
-        return not revoked and matches(password, sha or "")
+        return not revoked and token_matches(password, sha or "")
 
     async def enrolled(self, device_ids: list[str]) -> set[str]:
         """The ids among ``device_ids`` that hold a valid credential (one round trip)."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import ssl
 import time
 import warnings
 import zlib
@@ -31,6 +30,7 @@ import httpx
 import numpy.typing as npt
 
 from edge_agent.crash import CrashPoints
+from edge_agent.credentials import https_verify
 from edge_agent.data import Dataset, data_abort_reason
 from edge_agent.errors import Aborted, AgentError, DataError, NoModelError, TrainerUnavailable
 from edge_agent.evaluation import build_report, publish_until
@@ -50,7 +50,6 @@ from edge_agent.stats import AgentStats
 from edge_agent.trainer_factory import ArtifactTrainer, make_trainer
 from edge_agent.trainers import Trainer
 from edge_agent.uploader import HttpUploads, Uploader
-from schemas import mqtt_auth
 from schemas.aio import cancel_all
 from schemas.errors import SchemaError
 from schemas.messages import (
@@ -101,12 +100,7 @@ def agent_link_config(settings: AgentSettings) -> LinkConfig:
 def http_client(settings: AgentSettings) -> httpx.AsyncClient:
     """The agent's HTTP client (model pulls, HTTP uploads): the coordinator's certificate
     verified against ``api_cafile`` when set, else the system's trust store."""
-    verify: ssl.SSLContext | bool = True
-    if settings.api_cafile is not None:
-        try:
-            verify = mqtt_auth.tls_context(settings.api_cafile)
-        except (OSError, ssl.SSLError) as exc:
-            raise AgentError("api_cafile", f"cannot load {settings.api_cafile}: {exc}") from None
+    verify = https_verify(settings.api_cafile, "api_cafile")
     return httpx.AsyncClient(timeout=settings.http_timeout_s, verify=verify)
 
 

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import logging
 import signal
-import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +35,6 @@ from edge_agent.data import Dataset
 from edge_agent.errors import AgentError, DataError
 from edge_agent.labels import class_names, to_classes
 from edge_agent.settings import AgentSettings
-from schemas import mqtt_auth
 from schemas.atomic import check_writable_dir
 from schemas.errors import FedfleetError
 from schemas.messages import ModelSpecMsg
@@ -290,12 +288,7 @@ async def _enrol(ns: argparse.Namespace) -> int:
     import httpx
 
     writable_dir(ns.state_dir)
-    verify: ssl.SSLContext | bool = True
-    if ns.ca is not None:
-        try:
-            verify = mqtt_auth.tls_context(ns.ca)
-        except (OSError, ssl.SSLError) as exc:
-            raise AgentError("ca", f"cannot load {ns.ca}: {exc}") from None
+    verify = credentials.https_verify(ns.ca, "ca")
     async with httpx.AsyncClient(timeout=30.0, verify=verify) as http:
         cred = await credentials.enrol(http, ns.api, ns.token, ns.device_id, ns.state_dir)
     print(json.dumps({**cred.public(), "state_dir": str(ns.state_dir)}))

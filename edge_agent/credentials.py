@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import ssl
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import httpx
 
 from edge_agent.errors import AgentError
 from edge_agent.settings import AgentSettings
+from schemas import mqtt_auth
 from schemas.atomic import atomic_write
 
 CREDENTIAL_FILE = "credential.json"
@@ -37,6 +39,18 @@ CA_FILE = "ca.pem"
 class CredentialError(AgentError):
     """Enrolment failed, or the stored credential cannot be used (codes: enrol_refused,
     enrol_unreachable, credential_file, credential_mode, device_id)."""
+
+
+def https_verify(cafile: Path | None, field: str) -> ssl.SSLContext | bool:
+    """What an HTTP client checks the coordinator's certificate against: ``cafile`` only
+    (the fleet CA), or the system's trust store when None; an unreadable CA is an
+    ``AgentError`` naming the setting ``field``."""
+    if cafile is None:
+        return True
+    try:
+        return mqtt_auth.tls_context(cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise AgentError(field, f"cannot load {cafile}: {exc}") from None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -205,7 +205,7 @@ async def final_evaluation(
 
 
 async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
-    from sim.enrol import enrol_fleet
+    from sim.enrol import enrol_if_secure
     from sim.fleet import FleetSpec, SimulatedFleet
     from sim.load_services import Api
     from sim.services import ServiceSet
@@ -247,17 +247,15 @@ async def demo(s: DemoSettings, launcher: LocalStack) -> dict[str, Any]:
                 devices=s.devices, seed=s.seed, dirichlet_alpha=s.dirichlet_alpha,
                 time_scale=s.time_scale, id_prefix=run or "dev",
             )  # fmt: skip
-            creds, ca = None, None
-            if info.mqtt_tls:  # every simulated device enrols, as a phone would
-                t_enrol = time.monotonic()
-                creds = await enrol_fleet(http, services.rest_url, services.admin_token,
-                                          fleet_spec.device_ids())  # fmt: skip
-                ca = Path(info.mqtt_cafile)
-                print(f"[demo] enrolled {len(creds)} devices in "
-                      f"{time.monotonic() - t_enrol:.1f}s", file=err)  # fmt: skip
+            # on a secure stack every simulated device enrols, as a phone would
+            enrolled = await enrol_if_secure(http, services, fleet_spec.device_ids())
+            if enrolled.credentials is not None:
+                print(f"[demo] enrolled {len(enrolled.credentials)} devices in "
+                      f"{enrolled.seconds:.1f}s", file=err)  # fmt: skip
             fleet = SimulatedFleet(
                 fleet_spec, train, mqtt_host=info.mqtt_host, mqtt_port=info.mqtt_port,
-                api_url=services.rest_url, public_key_hex=key, credentials=creds, ca_file=ca,
+                api_url=services.rest_url, public_key_hex=key,
+                credentials=enrolled.credentials, ca_file=enrolled.ca_file,
             )  # fmt: skip
             await stack.enter_async_context(fleet)
             monitor = ModelMonitor(http, task.model_name, job_id, test, public_key_hex=key)

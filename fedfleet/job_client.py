@@ -10,15 +10,14 @@ Errors (each one line, with the exit status the CLI gives it)::
 from __future__ import annotations
 
 import os
-import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from edge_agent.credentials import https_verify
 from schemas.errors import FedfleetError
-from schemas.mqtt_auth import tls_context
 from stack import envfile
 
 DEFAULT_TOKEN = "change-me"  # CoordinatorSettings.admin_token's default
@@ -85,9 +84,8 @@ class JobClient:
     def __init__(self, target: Target, *, timeout: float = 15.0,
                  transport: httpx.BaseTransport | None = None) -> None:  # fmt: skip
         self.target = target
-        verify: ssl.SSLContext | bool = True
-        if target.ca_file and target.url.startswith("https://"):
-            verify = tls_context(Path(target.ca_file))
+        https_ca = target.ca_file and target.url.startswith("https://")
+        verify = https_verify(Path(target.ca_file) if https_ca else None, "ca_file")
         self._http = httpx.Client(
             base_url=target.url, timeout=timeout, transport=transport, verify=verify,
             headers={"Authorization": f"Bearer {target.token}"},

@@ -16,7 +16,6 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +23,7 @@ from redis.asyncio import Redis
 
 from coordinator.keys import Keys
 from loadtest.runner import Env, ProcWatch, Progress, Timeline
-from sim.enrol import enrol_fleet
+from sim.enrol import enrol_if_secure
 from sim.fleet import FleetSpec
 from sim.pool import FleetPool
 
@@ -106,27 +105,22 @@ async def run_scale(env: Env, s: ScaleSettings, *, quiet: bool) -> dict[str, Any
         transfer=False, connect_per_s=s.connect_per_s, id_prefix=f"sc{env.run_id}",
         keepalive_s=120, reconnect_max_s=20.0, time_scale=1.0,
     )  # fmt: skip
-    ids = [f"{spec.id_prefix}-{i:06d}" for i in range(s.devices)]
+    ids = spec.device_ids()
     prefix = env.services.redis_prefix
     redis = Redis.from_url(env.info.redis_url, decode_responses=True)
     lag_ids = random.Random(s.seed + 1).sample(ids, min(len(ids), s.lag_sample))
     reader = LagReader(redis, prefix, lag_ids)
     timeline = Timeline()
-    creds, ca, enrol_s = None, None, 0.0
-    if env.info.mqtt_tls:  # a secure stack: every device enrols before the storm
-        t_enrol = time.monotonic()
-        creds = await enrol_fleet(env.http, env.services.rest_url, env.services.admin_token, ids)
-        enrol_s = time.monotonic() - t_enrol
-        ca = Path(env.info.mqtt_cafile)
+    enrolled = await enrol_if_secure(env.http, env.services, ids)  # a secure stack: first
     pool = FleetPool(
         spec, processes=s.processes, mqtt_host=env.info.mqtt_host, mqtt_port=env.info.mqtt_port,
-        api_url=env.services.rest_url, log_dir=env.workdir, report_s=0.5, credentials=creds,
-        ca_file=ca,
+        api_url=env.services.rest_url, log_dir=env.workdir, report_s=0.5,
+        credentials=enrolled.credentials, ca_file=enrolled.ca_file,
     )  # fmt: skip
     out: dict[str, Any] = {
         "devices": s.devices, "processes": pool.processes,
         "telemetry_interval_s": round(interval, 3), "rate_target": s.rate,
-        "secure": env.info.mqtt_tls, "enrol_s": round(enrol_s, 2),
+        "secure": env.info.mqtt_tls, "enrol_s": round(enrolled.seconds, 2),
     }  # fmt: skip
     rest_lags: list[float] = []
     stop_rest = asyncio.Event()

@@ -32,7 +32,7 @@ from redis.asyncio import Redis
 from loadtest.runner import Env, Progress, Timeline
 from schemas.messages import ModelSpecMsg
 from schemas.modelspec import num_params
-from sim.enrol import enrol_fleet
+from sim.enrol import enrol_if_secure
 from sim.fleet import FleetSpec
 from sim.load_services import wait_quiet
 from sim.monitor import ModelMonitor, fed_text
@@ -261,18 +261,14 @@ async def run_train(env: Env, s: TrainSettings, *, quiet: bool) -> dict[str, Any
         telemetry_interval_s=2.0, id_prefix=f"tr{env.run_id}", connect_per_s=500.0,
         task=s.task,
     )  # fmt: skip
-    creds, ca = None, None
-    if env.info.mqtt_tls:  # a secure stack: every device enrols, as a phone would
-        t_enrol = time.monotonic()
-        creds = await enrol_fleet(env.http, env.services.rest_url, env.services.admin_token,
-                                  spec.device_ids())  # fmt: skip
-        ca = Path(env.info.mqtt_cafile)
-        print(f"[train] enrolled {len(creds)} devices in {time.monotonic() - t_enrol:.1f}s",
-              file=sys.stderr)  # fmt: skip
+    enrolled = await enrol_if_secure(env.http, env.services, spec.device_ids())
+    if enrolled.credentials is not None:  # a secure stack: every device enrolled first
+        print(f"[train] enrolled {len(enrolled.credentials)} devices in "
+              f"{enrolled.seconds:.1f}s", file=sys.stderr)  # fmt: skip
     pool = FleetPool(spec, processes=s.processes, mqtt_host=env.info.mqtt_host,
                      mqtt_port=env.info.mqtt_port, api_url=env.services.rest_url,
-                     public_key_hex=key, log_dir=env.workdir, credentials=creds,
-                     ca_file=ca)  # fmt: skip
+                     public_key_hex=key, log_dir=env.workdir,
+                     credentials=enrolled.credentials, ca_file=enrolled.ca_file)  # fmt: skip
     runs = [Run(st, c, run_label(st, c, s), task, model_spec)
             for st in s.strategies for c in s.codecs]  # fmt: skip
     timeline = Timeline()

@@ -13,11 +13,15 @@ tens of minutes for 10,000.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
 from edge_agent.credentials import DeviceCredential, request_credential
+from sim.services import ServiceSet
 
 TOKENS_PER_REQUEST = 1000
 
@@ -46,3 +50,26 @@ async def enrol_fleet(
 
     await asyncio.gather(*(one(t, d) for t, d in zip(tokens, device_ids, strict=True)))
     return out
+
+
+@dataclass(frozen=True)
+class EnrolledFleet:
+    """What a simulated fleet connects with: its devices' credentials and the fleet CA
+    (both None on an anonymous stack), and how long enrolling them took."""
+
+    credentials: dict[str, DeviceCredential] | None = None
+    ca_file: Path | None = None
+    seconds: float = 0.0
+
+
+async def enrol_if_secure(
+    http: httpx.AsyncClient, services: ServiceSet, device_ids: Sequence[str]
+) -> EnrolledFleet:
+    """On a secure stack every device enrols first (``enrol_fleet`` with the services'
+    admin token); on an anonymous one there is nothing to do."""
+    info = services.info
+    if not info.mqtt_tls:
+        return EnrolledFleet()
+    t0 = time.monotonic()
+    creds = await enrol_fleet(http, services.rest_url, services.admin_token, device_ids)
+    return EnrolledFleet(creds, Path(info.mqtt_cafile), time.monotonic() - t0)

@@ -14,7 +14,6 @@ import asyncio
 import dataclasses
 import logging
 import random
-import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +23,10 @@ import httpx
 import numpy as np
 
 from edge_agent.agent import EdgeAgent
-from edge_agent.credentials import DeviceCredential
+from edge_agent.credentials import DeviceCredential, https_verify
 from edge_agent.data import Dataset, partition_dirichlet
 from edge_agent.settings import AgentSettings
 from schemas.aio import cancel_all
-from schemas.mqtt_auth import tls_context
 from sim.hetero import DiurnalProbe, SimLink, sim_agent
 
 log = logging.getLogger(__name__)
@@ -59,9 +57,13 @@ class FleetSpec:
     dropout_share: float = 0.02  # share of the probe's network changes that go offline
     task: str = "digits"  # the rows a worker process loads (``sim.tasks.task_data``)
 
+    def device_id(self, g: int) -> str:
+        """The id of device ``g`` of the whole fleet."""
+        return f"{self.id_prefix}-{g:06d}"
+
     def device_ids(self) -> list[str]:
-        """The ids of this slice's devices, as ``SimulatedFleet`` names them."""
-        return [f"{self.id_prefix}-{g:06d}" for g in range(self.first, self.first + self.devices)]
+        """The ids of this slice's devices."""
+        return [self.device_id(g) for g in range(self.first, self.first + self.devices)]
 
 
 class SimulatedFleet:
@@ -131,7 +133,7 @@ class SimulatedFleet:
             diurnal=s.diurnal,
         )
         settings = AgentSettings(
-            device_id=f"{s.id_prefix}-{g:06d}",  # as FleetSpec.device_ids
+            device_id=s.device_id(g),
             mqtt_host=self.mqtt_host,
             mqtt_port=self.mqtt_port,
             api_url=self.api_url,
@@ -190,9 +192,7 @@ class SimulatedFleet:
 
     async def start(self) -> None:
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        verify: ssl.SSLContext | bool = True
-        if self.ca_file is not None:
-            verify = tls_context(self.ca_file)
+        verify = https_verify(self.ca_file, "ca_file")
         self._http = httpx.AsyncClient(limits=limits, timeout=30.0, verify=verify)
         self._build()
         gap = 1.0 / self.spec.connect_per_s if self.spec.connect_per_s > 0 else 0.0

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from schemas.mqtt_auth import tls_context
+from edge_agent.credentials import https_verify
 from stack import StackInfo
 from stack.errors import StackError
 from stack.procs import ManagedProcess, free_port
@@ -57,7 +57,8 @@ class ServiceSet:
     @property
     def verify(self) -> ssl.SSLContext | bool:
         """What an HTTP client checks the coordinator's certificate against."""
-        return tls_context(Path(self.info.mqtt_cafile)) if self.info.tls_certfile else True
+        ca = Path(self.info.mqtt_cafile) if self.info.tls_certfile else None
+        return https_verify(ca, "mqtt_cafile")
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)

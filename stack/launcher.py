@@ -101,13 +101,6 @@ class StackInfo:
     def mqtt_url(self) -> str:
         return f"{'mqtts' if self.mqtt_tls else 'mqtt'}://{self.mqtt_host}:{self.mqtt_port}"
 
-    def mqtt_credentials(self) -> MqttCredentials | None:
-        """The coordinator's broker credential (None: an anonymous broker)."""
-        if not self.mqtt_tls:
-            return None
-        secret = Path(self.mqtt_password_file).read_text().strip()
-        return MqttCredentials(self.mqtt_username, secret, Path(self.mqtt_cafile))
-
     def coordinator_env(self) -> dict[str, str]:
         """Environment variables a ``fedfleet coordinator`` process on this stack needs."""
         if urlparse(self.redis_url).password:

@@ -4,8 +4,10 @@ on a cut, and the simulator's collaborator wrappers (``SimLink``, ``SimModels``)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
@@ -111,19 +113,29 @@ def _probe() -> SimulatedProbe:
     return SimulatedProbe(seed=1, battery=90, charging=True, network="wifi", compute_speed=1e6)
 
 
-async def test_agent_on_a_memory_link_delivers_and_leaves_a_will(
-    digits: tuple[Dataset, Dataset],
-) -> None:
+@contextlib.asynccontextmanager
+async def memory_agent(
+    device: str, data: Dataset, **agent_kw: Any
+) -> AsyncIterator[tuple[Coord, EdgeAgent]]:
+    """A coordinator stand-in and one agent (``device``, on ``data``) on a fresh
+    ``MemoryBroker``, both connected; the agent stops (its farewell status) on exit."""
     broker, srv = MemoryBroker(), _server()
     coord = Coord(broker)
-    settings = _settings(srv, "m1")
+    settings = _settings(srv, device)
     link = MemoryLink(agent_link_config(settings), broker)
     async with (
         coord.link,
-        EdgeAgent(settings, _probe(), digits[0], http=srv.client(), link=link) as agent,
+        EdgeAgent(settings, _probe(), data, http=srv.client(), link=link, **agent_kw) as agent,
     ):
         await coord.link.wait_connected(5)
         await agent.wait_connected(5)
+        yield coord, agent
+
+
+async def test_agent_on_a_memory_link_delivers_and_leaves_a_will(
+    digits: tuple[Dataset, Dataset],
+) -> None:
+    async with memory_agent("m1", digits[0]) as (coord, agent):
         await until(lambda: bool(coord.got("status")) and bool(coord.got("telemetry")))
         assert decode(coord.got("status")[0], DeviceStatus).state == "online"
 
@@ -197,23 +209,14 @@ async def test_data_that_cannot_train_the_job_aborts_with_a_typed_reason(
     """No trainer traceback: the task is aborted with ``data_<code>: <detail>``."""
     from edge_agent.errors import DataError
 
-    broker, srv = MemoryBroker(), _server()
-    coord = Coord(broker)
-    settings = _settings(srv, f"bad-{case}")
     x, y = digits[0].x, digits[0].y
     data, problem = {
         "features": (Dataset(x[:, :10], y), None),  # 10 features, the job's model takes 64
         "labels": (Dataset(x, y + 10), None),  # labels 10..19, the job has 10 classes
         "unloadable": (Dataset.none(), DataError("non_finite", "features contain NaN")),
     }[case]
-    link = MemoryLink(agent_link_config(settings), broker)
-    async with (
-        coord.link,
-        EdgeAgent(settings, _probe(), data, http=srv.client(), link=link,
-                  data_problem=problem) as agent,  # fmt: skip
-    ):
-        await agent.wait_connected(5)
-        await coord.task(settings.device_id, "t-bad")
+    async with memory_agent(f"bad-{case}", data, data_problem=problem) as (coord, agent):
+        await coord.task(agent.settings.device_id, "t-bad")
         await until(lambda: len(coord.got("task_status")) >= 2)
     responses = [decode(b, TaskResponse) for b in coord.got("task_status")]
     assert responses[-1].status == "aborted"

@@ -4,7 +4,6 @@ plugin in the secure mode) and the in-memory one; then the enrolment flow
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -26,24 +25,16 @@ from schemas.dynsec import DynsecError
 from schemas.messages import Telemetry
 from schemas.mqtt_auth import MqttCredentials
 from stack import StackInfo
-from stack.mqtt import Mosquitto, dynsec_plugin, mosquitto_binary
+from stack.mqtt import Mosquitto
+from tests.secure_broker import secure_mosquitto
 
 GUARD_S = 15.0
 
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    if mosquitto_binary() is None or dynsec_plugin() is None:
-        if os.environ.get("FEDFLEET_REQUIRE_REAL") == "1":
-            pytest.fail("FEDFLEET_REQUIRE_REAL=1 but mosquitto/dynsec is not installed")
-        pytest.skip("mosquitto 2 with the dynamic-security plugin is not installed")
-    server = Mosquitto(tmp_path_factory.mktemp("admin") / "mqtt", secure=True)
-    server.start()
-    try:
-        server.wait_ready()
+    with secure_mosquitto(tmp_path_factory.mktemp("admin") / "mqtt") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(params=["memory", "dynsec"])
@@ -54,6 +45,13 @@ def admin(request: pytest.FixtureRequest) -> BrokerAdmin:
     broker: Mosquitto = request.getfixturevalue("broker")  # sync: before the test's loop
     assert broker.credentials is not None
     return DynsecBrokerAdmin(broker.host, broker.port, broker.credentials)
+
+
+def telemetry(device_id: str, ts: float) -> Telemetry:
+    """A healthy device's report (always eligible)."""
+    return Telemetry(device_id=device_id, battery=80.0, charging=True, network="wifi",
+                     metered=False, bandwidth_kbps=1000.0, rtt_ms=20.0, idle=True,
+                     ts=ts)  # fmt: skip
 
 
 def new_id() -> str:
@@ -189,9 +187,7 @@ async def test_revocation_forgets_the_device_and_probation_holds_new_ones(
     fleet = enroller.fleet
     (tok,), _ = await enroller.issue(1, 600)
     password, ts = await enroller.enrol(tok, "dev-a")
-    t = Telemetry(device_id="dev-a", battery=80.0, charging=True, network="wifi",
-                  metered=False, bandwidth_kbps=1000.0, rtt_ms=20.0, idle=True, ts=ts)  # fmt: skip
-    await fleet.write_telemetry([t], now=ts)
+    await fleet.write_telemetry([telemetry("dev-a", ts)], now=ts)
     (view,) = await fleet.views(["dev-a"], now=ts)
     assert view.cooldown_until == pytest.approx(ts + 300.0)  # not selected during probation
     await enroller.revoke("dev-a")
@@ -216,9 +212,7 @@ async def test_telemetry_of_ids_without_a_credential_is_refused(
                                admit=enroller.store.enrolled)  # fmt: skip
     now = time.time()
     for dev in ("dev-a", "ghost-1", "ghost-2"):
-        batcher.add(Telemetry(device_id=dev, battery=80.0, charging=True, network="wifi",
-                              metered=False, bandwidth_kbps=1000.0, rtt_ms=20.0, idle=True,
-                              ts=now))  # fmt: skip
+        batcher.add(telemetry(dev, now))
     assert await batcher.flush() == 1
     assert await enroller.fleet.all_ids() == ["dev-a"]
     assert counter_value(enroller.metrics.rejected, source="telemetry", reason="not_enrolled") == 2

@@ -18,7 +18,6 @@ from the fleet CA, no anonymous access and the dynamic-security plugin; the coor
 from __future__ import annotations
 
 import asyncio
-import os
 import stat
 import time
 from collections.abc import Iterator
@@ -39,8 +38,8 @@ from schemas.messages import Update, UpdateChunk, encode
 from schemas.mqtt_auth import MqttCredentials
 from sim.services import ServiceSet
 from stack import LocalStack, StackInfo, StackSettings
-from stack.mqtt import dynsec_plugin, mosquitto_binary
 from tests.csv_fleet import ADMIN, AUTH, Fleet, run_job, until
+from tests.secure_broker import require_dynsec
 
 pytestmark = pytest.mark.integration
 DEVICES = 6
@@ -50,10 +49,7 @@ GUARD_S = 15.0  # hang guard, never an expectation
 @pytest.fixture(scope="module")
 def secure_stack(stack: StackInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
     """The session's Kafka and Redis, and a broker of its own in the secure mode."""
-    if mosquitto_binary() is None or dynsec_plugin() is None:
-        if os.environ.get("FEDFLEET_REQUIRE_REAL") == "1":
-            pytest.fail("FEDFLEET_REQUIRE_REAL=1 but mosquitto/dynsec is not installed")
-        pytest.skip("mosquitto 2 with the dynamic-security plugin is not installed")
+    require_dynsec()
     workdir = tmp_path_factory.mktemp("securestack")
     settings = StackSettings(kafka_url=stack.kafka_bootstrap, redis_url=stack.redis_url,
                              secure=True, workdir=workdir)  # fmt: skip

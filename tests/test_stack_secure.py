@@ -36,6 +36,7 @@ from schemas.mqtt_auth import MqttCredentials
 from stack import pki
 from stack.errors import PkiError, StackError
 from stack.mqtt import Mosquitto, dynsec_plugin, mosquitto_binary, mqtt_ping
+from tests.secure_broker import secure_mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
 GUARD_S = 15.0  # hang guard, never an expectation
@@ -225,17 +226,8 @@ async def test_the_server_certificate_serves_https_by_name(tmp_path: Path) -> No
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    if mosquitto_binary() is None or dynsec_plugin() is None:
-        if os.environ.get("FEDFLEET_REQUIRE_REAL") == "1":
-            pytest.fail("FEDFLEET_REQUIRE_REAL=1 but mosquitto/dynsec is not installed")
-        pytest.skip("mosquitto 2 with the dynamic-security plugin is not installed")
-    server = Mosquitto(tmp_path_factory.mktemp("secure") / "mqtt", secure=True)
-    server.start()
-    try:
-        server.wait_ready()
+    with secure_mosquitto(tmp_path_factory.mktemp("secure") / "mqtt") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def coordinator(broker: Mosquitto) -> MqttCredentials:

@@ -26,13 +26,12 @@ from coordinator.metrics import CoordinatorMetrics, counter_value
 from coordinator.service import Coordinator
 from coordinator.task_sink import DirectTaskSink, KafkaTaskSink
 from coordinator.tasks import derive_token, load_task_key, token_matches, token_sha
-from edge_agent.agent import EdgeAgent, agent_link_config
+from edge_agent.agent import EdgeAgent
 from edge_agent.data import Dataset, load_digits_split
-from edge_agent.memory_link import MemoryLink
 from edge_agent.probe import SimulatedProbe
 from edge_agent.settings import AgentSettings
 from schemas.messages import Task, TaskResponse, decode, encode
-from tests.test_agent_memory_link import Coord, _probe, _server, _settings, until
+from tests.test_agent_memory_link import memory_agent, until
 from tests.test_coordinator_integration import AUTH, _read_topic, coordinator_settings, eventually
 from tests.test_coordinator_support import FakeProducer, Published
 
@@ -216,18 +215,7 @@ def digits() -> tuple[Dataset, Dataset]:
 
 
 async def test_the_agent_declines_a_task_without_a_token(digits: tuple[Dataset, Dataset]) -> None:
-    from edge_agent.memory_link import MemoryBroker
-
-    broker, srv = MemoryBroker(), _server()
-    coord = Coord(broker)
-    settings = _settings(srv, "nt1")
-    link = MemoryLink(agent_link_config(settings), broker)
-    async with (
-        coord.link,
-        EdgeAgent(settings, _probe(), digits[0], http=srv.client(), link=link) as agent,
-    ):
-        await coord.link.wait_connected(5)
-        await agent.wait_connected(5)
+    async with memory_agent("nt1", digits[0]) as (coord, agent):
         t = Task(task_id="t-nt", job_id="job-1", device_id="nt1", model_name="digits",
                  upload_token="", issued_ts=time.time(), deadline_ts=time.time() + 60)  # fmt: skip
         assert await coord.link.publish("fleet/nt1/task", encode(t), 1)

@@ -41,19 +41,28 @@ BINARY: dict[str, Any] = {"content": {"application/octet-stream": {"schema": {"t
 bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <admin_token>")
 
 
+def _bearer_ok(creds: HTTPAuthorizationCredentials | None, *tokens: str) -> bool:
+    """``creds`` is ``Bearer <t>`` for one of the (non-empty) ``tokens``, compared in
+    constant time."""
+    if creds is None or creds.scheme.lower() != "bearer":
+        return False
+    got = creds.credentials.encode()
+    return any(hmac.compare_digest(got, t.encode()) for t in tokens if t)
+
+
+def _refuse(state: AppState, what: str, creds: object, detail: str) -> HTTPException:
+    why = "missing" if creds is None else "wrong"
+    state.metrics.auth_refused.labels(what=what, reason=why).inc()
+    return HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
+
+
 def admin(
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     state: Annotated[AppState, Depends(app_state)],
 ) -> None:
     """Write endpoints need ``Authorization: Bearer <admin_token>``."""
-    token = state.settings.admin_token.encode()
-    got = creds.credentials.encode() if creds is not None else b""
-    if creds is None or creds.scheme.lower() != "bearer" or not hmac.compare_digest(got, token):
-        why = "missing" if creds is None else "wrong"
-        state.metrics.auth_refused.labels(what="admin", reason=why).inc()
-        raise HTTPException(
-            401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
-        )
+    if not _bearer_ok(creds, state.settings.admin_token):
+        raise _refuse(state, "admin", creds, "missing or wrong bearer token")
 
 
 def fleet_reader(
@@ -63,20 +72,9 @@ def fleet_reader(
     """Fleet-status reads (every device's battery, network, task): with
     ``fleet_reads_need_token`` they need the admin token or the read-only operator token."""
     s = state.settings
-    if not s.fleet_reads_need_token:
-        return
-    got = creds.credentials.encode() if creds is not None else b""
-    ok = creds is not None and creds.scheme.lower() == "bearer" and (
-        hmac.compare_digest(got, s.admin_token.encode())
-        or (bool(s.operator_token) and hmac.compare_digest(got, s.operator_token.encode()))
-    )  # fmt: skip
-    if not ok:
-        why = "missing" if creds is None else "wrong"
-        state.metrics.auth_refused.labels(what="operator", reason=why).inc()
-        raise HTTPException(
-            401, "fleet status needs the operator or admin bearer token",
-            headers={"WWW-Authenticate": "Bearer"},
-        )  # fmt: skip
+    if s.fleet_reads_need_token and not _bearer_ok(creds, s.admin_token, s.operator_token):
+        raise _refuse(state, "operator", creds,
+                      "fleet status needs the operator or admin bearer token")  # fmt: skip
 
 
 def not_modified(inm: str | None, etag: str) -> bool:

@@ -66,8 +66,6 @@ NO_ENROLMENT = ("no enrolment on this coordinator: it has no broker credential s
 
 
 def _unavailable(exc: EnrolmentUnavailable) -> HTTPException:
-    if exc.code == "no_broker_admin":  # never: _enroller refused it already
-        return HTTPException(404, NO_ENROLMENT)
     return HTTPException(503, f"{exc.code}: {exc.detail}", headers={"Retry-After": "5"})
 
 
