@@ -27,7 +27,7 @@ from stack.mqtt import Mosquitto
 
 async def run(devices: int, step: int, batch: int) -> list[dict[str, Any]]:
     workdir = Path(tempfile.mkdtemp(prefix="dynsec-bench-"))
-    broker = Mosquitto(workdir / "mqtt", secure=True)
+    broker = Mosquitto(workdir / "mqtt", secure=True, auth="dynsec")
     broker.start()
     rows: list[dict[str, Any]] = []
     try:

@@ -37,6 +37,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from coordinator.api import AppState, create_app
 from coordinator.artifacts import DiskCache, KafkaArtifacts
 from coordinator.broker_admin import BrokerAdmin, DynsecBrokerAdmin
+from coordinator.broker_passwd import PasswdBrokerAdmin
 from coordinator.core import build_core
 from coordinator.dispatcher import run_dispatcher
 from coordinator.errors import CoordinatorError
@@ -66,6 +67,7 @@ from coordinator.tasks import load_task_key
 from coordinator.uploads import replying
 from schemas.aio import cancel_all, cancelling
 from schemas.messages import JobSpec, ModelSpecMsg, encode
+from schemas.mqtt_auth import MqttCredentials
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ class Coordinator:
             client_id=settings.client_id, share_group=settings.share_group,
         )  # fmt: skip
         if broker_admin is None and creds is not None:
-            broker_admin = DynsecBrokerAdmin(settings.mqtt_host, settings.mqtt_port, creds)
+            broker_admin = broker_admin_for(settings, creds)
         self.broker_admin = broker_admin
         self._task_sink_factory = task_sink
         self._stack: AsyncExitStack | None = None
@@ -182,7 +184,7 @@ class Coordinator:
                           complete_job=self.complete_job, write_spec=self.write_spec,
                           artifacts=self.artifacts,
                           broker_admin=self.broker_admin, task_key=task_key)  # fmt: skip
-        if isinstance(self.broker_admin, DynsecBrokerAdmin):
+        if isinstance(self.broker_admin, DynsecBrokerAdmin | PasswdBrokerAdmin):
             stack.push_async_callback(self.broker_admin.close)
         self.core = core
         self.signer, self.registry, self.fleet, self.tasks = (
@@ -372,6 +374,14 @@ class Coordinator:
 
     async def apply_shard_version(self, value: bytes) -> int | None:
         return await self.core.apply_shard_version(value)
+
+
+def broker_admin_for(s: CoordinatorSettings, creds: MqttCredentials) -> BrokerAdmin:
+    """The broker's credential store the settings name: its password file, else dynsec."""
+    if s.mqtt_passwd_file is not None and s.mqtt_broker_pidfile is not None:
+        return PasswdBrokerAdmin(s.mqtt_passwd_file, s.mqtt_broker_pidfile, s.mqtt_host,
+                                 s.mqtt_port, creds.cafile)  # fmt: skip
+    return DynsecBrokerAdmin(s.mqtt_host, s.mqtt_port, creds)
 
 
 def redis_client(url: str) -> Any:

@@ -100,10 +100,14 @@ class CoordinatorSettings:
     max_artifact_bytes: int = 256 << 20
     # secure mode (docs/security.md). The broker: TLS verified against mqtt_cafile, as
     # mqtt_username with the password in mqtt_password_file (owner-only); the coordinator
-    # then enrols and revokes devices in the broker's dynamic-security plugin
+    # then enrols and revokes devices in the broker's credential store: its password file
+    # (mqtt_passwd_file, reloaded by a SIGHUP to the pid in mqtt_broker_pidfile; both or
+    # neither) or else its dynamic-security plugin (over MQTT)
     mqtt_username: str = ""  # "" = anonymous (insecure broker)
     mqtt_password_file: Path | None = None
     mqtt_cafile: Path | None = None  # set: TLS to the broker (never falls back to plain TCP)
+    mqtt_passwd_file: Path | None = None
+    mqtt_broker_pidfile: Path | None = None
     # telemetry and status from an id without a valid credential are refused (not_enrolled),
     # and HTTP uploads need the device's credential (Basic auth)
     require_enrolment: bool = False
@@ -160,6 +164,12 @@ class CoordinatorSettings:
               "tls_certfile and tls_keyfile go together")  # fmt: skip
         check(not self.mqtt_username or self.mqtt_cafile is not None, "mqtt_cafile",
               "a broker password is only sent over TLS: set mqtt_cafile")  # fmt: skip
+        check((self.mqtt_passwd_file is None) == (self.mqtt_broker_pidfile is None),
+              "mqtt_broker_pidfile",
+              "mqtt_passwd_file and mqtt_broker_pidfile go together")  # fmt: skip
+        check(self.mqtt_passwd_file is None or bool(self.mqtt_username), "mqtt_passwd_file",
+              "the password-file store needs the coordinator's own broker credential "
+              "(mqtt_username, mqtt_password_file, mqtt_cafile)")  # fmt: skip
 
     def mqtt_credentials(self) -> MqttCredentials | None:
         """The coordinator's broker credential (None: anonymous); the password is read

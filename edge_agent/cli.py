@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -274,12 +275,21 @@ def build_enrol_parser() -> argparse.ArgumentParser:
         description="trade an operator's one-use enrolment token for this device's own "
                     "credential, stored (owner-only) in --state-dir",
     )  # fmt: skip
-    p.add_argument("--api", required=True, help="coordinator REST base URL")
-    p.add_argument("--token", required=True, help="enrolment token (POST /v1/enrolment-tokens)")
+    env = os.environ
+    p.add_argument("--api", default=env.get("FEDFLEET_AGENT_API_URL") or None,
+                   help="coordinator REST base URL (default: FEDFLEET_AGENT_API_URL, or the "
+                        "stack file's)")  # fmt: skip
+    p.add_argument("--token", help="enrolment token (POST /v1/enrolment-tokens); without "
+                   "one, --admin-token asks the coordinator for one bound to --device-id")
+    p.add_argument("--admin-token", default=env.get("FEDFLEET_ADMIN_TOKEN") or None,
+                   help="the operator's admin token (default: FEDFLEET_ADMIN_TOKEN, or the "
+                        "stack file's): enrol a device from the operator's machine")  # fmt: skip
     p.add_argument("--device-id", required=True)
     p.add_argument("--state-dir", required=True, type=Path)
-    p.add_argument("--ca", type=Path, help="the fleet CA (PEM) an https:// --api must chain to "
-                   "(default: the system's trust store)")  # fmt: skip
+    p.add_argument("--ca", type=Path, default=env.get("FEDFLEET_AGENT_API_CAFILE") or None,
+                   help="the fleet CA (PEM) an https:// --api must chain to (default: "
+                        "FEDFLEET_AGENT_API_CAFILE, or the stack file's; else the system's "
+                        "trust store)")  # fmt: skip
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -287,10 +297,17 @@ def build_enrol_parser() -> argparse.ArgumentParser:
 async def _enrol(ns: argparse.Namespace) -> int:
     import httpx
 
+    if not ns.api:
+        raise AgentError("api", "give the coordinator's URL (--api; no stack file names one)")
+    if not ns.token and not ns.admin_token:
+        raise AgentError("token", "give an enrolment token (--token), or the operator's "
+                                  "admin token (--admin-token) to ask for one")  # fmt: skip
     writable_dir(ns.state_dir)
     verify = credentials.https_verify(ns.ca, "ca")
     async with httpx.AsyncClient(timeout=30.0, verify=verify) as http:
-        cred = await credentials.enrol(http, ns.api, ns.token, ns.device_id, ns.state_dir)
+        token = ns.token or await credentials.issue_token(http, ns.api, ns.admin_token,
+                                                          ns.device_id)  # fmt: skip
+        cred = await credentials.enrol(http, ns.api, token, ns.device_id, ns.state_dir)
     print(json.dumps({**cred.public(), "state_dir": str(ns.state_dir)}))
     return 0
 

@@ -164,6 +164,22 @@ async def request_credential(
     return cred, str(body.get("ca_pem", ""))
 
 
+async def issue_token(
+    http: httpx.AsyncClient, api_url: str, admin_token: str, device_id: str, *,
+    ttl_s: float = 600.0,
+) -> str:  # fmt: skip
+    """``POST /v1/enrolment-tokens`` as the operator: one token, bound to ``device_id``."""
+    url = api_url.rstrip("/") + "/v1/enrolment-tokens"
+    body = {"count": 1, "ttl_s": ttl_s, "device_id": device_id, "label": "fedfleet agent enrol"}
+    try:
+        r = await http.post(url, json=body, headers={"Authorization": f"Bearer {admin_token}"})
+    except httpx.HTTPError as exc:
+        raise CredentialError("enrol_unreachable", f"POST {url}: {exc!r}") from None
+    if r.status_code != 201:
+        raise CredentialError("token_refused", f"POST {url}: {r.status_code} {r.text[:200]}")
+    return str(r.json()["tokens"][0])
+
+
 async def enrol(
     http: httpx.AsyncClient, api_url: str, token: str, device_id: str, state_dir: Path
 ) -> DeviceCredential:

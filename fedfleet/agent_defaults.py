@@ -60,7 +60,13 @@ def agent_env(argv: Sequence[str], env: Mapping[str, str] | None = None) -> dict
     if taken & {"mqtt_host", "mqtt_port"}:
         taken |= {"mqtt_host", "mqtt_port"}
     values = envfile.defaults_for(envfile.AGENT, FIELDS - taken, env)
-    return {envfile.AGENT + k.upper(): str(v) for k, v in values.items()}
+    out = {envfile.AGENT + k.upper(): str(v) for k, v in values.items()}
+    if argv[:1] == ["enrol"] and not env.get(envfile.TOKEN_VAR):
+        # the operator enrolling a device on the stack's own machine: its admin token
+        sf = envfile.read()
+        if sf is not None and sf.admin_token:
+            out[envfile.TOKEN_VAR] = sf.admin_token
+    return out
 
 
 @contextlib.contextmanager

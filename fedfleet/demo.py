@@ -30,6 +30,7 @@ from sim.monitor import ModelMonitor, ProgressView
 from sim.tasks import DEFAULTS, TASKS, central_reference, load_task
 from stack import LocalStack, StackInfo
 from stack.errors import StackError
+from stack.insecure import warn_insecure
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,9 +87,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", type=Path, default=d.out_dir)
     p.add_argument("--json", action="store_true", help="last stdout line is a JSON summary")
-    p.add_argument("--secure", action="store_true",
-                   help="its own stack in the secure mode: TLS broker and HTTPS, every device "
-                        "enrolled with its own credential (docs/security.md)")  # fmt: skip
+    p.add_argument("--insecure", action="store_true",
+                   help="debugging only: anonymous MQTT, plain HTTP, no Redis password, and "
+                        "servers from flags, FEDFLEET_* or the stack file (the default is "
+                        "its own stack in the secure mode: TLS broker and HTTPS, every "
+                        "device enrolled with its own credential; docs/security.md)")  # fmt: skip
+    p.add_argument("--secure", action="store_true", help=argparse.SUPPRESS)  # the default
     p.set_defaults(func=run)
 
 
@@ -110,7 +114,12 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     if settings.devices < 1 or settings.shards < 1:
         raise StackError("demo: --devices and --shards must be >= 1")
-    secure = bool(getattr(args, "secure", False))
+    secure = not getattr(args, "insecure", False)
+    if secure and (args.mqtt or args.redis):
+        raise StackError("demo: the secure default starts its own broker and Redis; drop "
+                         "--mqtt/--redis, or add --insecure to use those servers")  # fmt: skip
+    if not secure:
+        warn_insecure("fedfleet demo")
     stack = LocalStack(settings_from(args, use_stack_file=not secure, secure=secure),
                        log=lambda m: print(f"[stack] {m}", file=sys.stderr))  # fmt: skip
     summary = _run_loop(demo(settings, stack))

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from stack import LocalStack, StackInfo, StackSettings, envfile
 from stack.errors import StackError
+from stack.insecure import warn_insecure
 from stack.kafka import cache_root, kafka_lib_dir
+from stack.mqtt import AUTH_STORES
 from stack.procs import kill_tree, pid_alive
 
 
@@ -53,10 +55,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_server_flags(up)
     up.add_argument("--detach", action="store_true", help="leave it running; stop with `down`")
     up.add_argument("--json", action="store_true")
-    up.add_argument("--secure", action="store_true",
-                    help="the broker in its secure mode: TLS from a fleet CA, no anonymous "
-                         "access, per-device credentials the coordinator enrols "
-                         "(docs/security.md)")  # fmt: skip
+    up.add_argument("--insecure", action="store_true",
+                    help="debugging only: an anonymous plain-TCP broker, plain HTTP, Redis "
+                         "without a password (the default is the secure mode: TLS from a "
+                         "fleet CA, no anonymous access, per-device credentials the "
+                         "coordinator enrols, a Redis password; docs/security.md)")  # fmt: skip
+    up.add_argument("--secure", action="store_true", help=argparse.SUPPRESS)  # the default
+    up.add_argument("--broker-auth", choices=AUTH_STORES, default="passwd",
+                    help="where the secure broker keeps device credentials: its password "
+                         "file (default; enrolment cost flat in the fleet size) or the "
+                         "dynamic-security plugin")  # fmt: skip
     up.add_argument("--admin-token", help="admin token recorded for coordinators and "
                     "`fedfleet job` (default: a random one)")  # fmt: skip
     up.add_argument(
@@ -103,16 +111,20 @@ def run(args: argparse.Namespace) -> int:
                          "it first")  # fmt: skip
     token = args.admin_token or secrets.token_urlsafe(18)
     log = print if not args.json else (lambda m: print(m, file=sys.stderr))
+    secure = not args.insecure
+    if not secure:
+        warn_insecure("fedfleet stack up")
+    mode = {"secure": secure, "broker_auth": args.broker_auth} if secure else {"secure": False}
     if args.detach:
         workdir = cache_root() / "stack" / "run"
         shutil.rmtree(workdir, ignore_errors=True)
-        launcher = LocalStack(settings_from(args, detach=True, workdir=workdir,
-                                            secure=args.secure), log=log)  # fmt: skip
+        launcher = LocalStack(settings_from(args, detach=True, workdir=workdir, **mode),
+                              log=log)  # fmt: skip
         info = launcher.start()
         _record(info, args, token)
         _print(info, args.json)
         return 0
-    launcher = LocalStack(settings_from(args, secure=args.secure), log=log)
+    launcher = LocalStack(settings_from(args, **mode), log=log)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

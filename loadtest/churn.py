@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 from coordinator.keys import Keys
 from loadtest.runner import Env, Progress, Timeline
 from loadtest.train import TrainSettings, job_body
+from sim.enrol import enrol_if_secure
 from sim.fleet import FleetSpec
 from sim.load_services import wait_quiet
 from sim.pool import FleetPool
@@ -86,9 +87,11 @@ async def run_churn(env: Env, s: ChurnSettings, *, quiet: bool) -> dict[str, Any
     spec = FleetSpec(devices=s.devices, seed=s.seed, time_scale=1.0, base_samples_per_s=10.0,
                      speed_sigma=1.0, telemetry_interval_s=2.0, id_prefix=f"ch{env.run_id}",
                      reconnect_max_s=5.0)  # fmt: skip
+    enrolled = await enrol_if_secure(env.http, env.services, spec.device_ids())
     pool = FleetPool(spec, processes=s.processes, mqtt_host=env.info.mqtt_host,
                      mqtt_port=env.info.mqtt_port, api_url=env.services.rest_url,
-                     public_key_hex=key, log_dir=env.workdir)  # fmt: skip
+                     public_key_hex=key, log_dir=env.workdir,
+                     credentials=enrolled.credentials, ca_file=enrolled.ca_file)  # fmt: skip
     redis = Redis.from_url(env.info.redis_url, decode_responses=True)
     prefix = env.services.redis_prefix
     ports = env.services.metrics_ports

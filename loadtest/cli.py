@@ -24,12 +24,22 @@ from loadtest import report
 from loadtest.runner import environment
 from schemas.errors import FedfleetError
 from stack import StackSettings, envfile
+from stack.errors import ConfigError
+from stack.insecure import warn_insecure
 
 
 def _server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kafka", metavar="HOST:PORT", help="use this Kafka instead of starting one")
-    p.add_argument("--mqtt", metavar="URL", help="use this MQTT broker (mqtt://host:port)")
-    p.add_argument("--redis", metavar="URL", help="use this Redis (redis://host:port/db)")
+    p.add_argument("--mqtt", metavar="URL", help="use this MQTT broker (mqtt://host:port; "
+                   "with --insecure)")  # fmt: skip
+    p.add_argument("--redis", metavar="URL", help="use this Redis (redis://host:port/db; "
+                   "with --insecure)")  # fmt: skip
+    p.add_argument("--insecure", action="store_true",
+                   help="debugging only: anonymous MQTT, plain HTTP, no Redis password, and "
+                        "servers from flags, FEDFLEET_* or the stack file (the default is a "
+                        "secure stack of its own: TLS broker, HTTPS, Redis password, every "
+                        "simulated device enrolled with its own credential)")  # fmt: skip
+    p.add_argument("--secure", action="store_true", help=argparse.SUPPRESS)  # the default
     p.add_argument("--out", type=Path, default=None, help="report directory")
     p.add_argument("--json", action="store_true", help="last stdout line is the JSON summary")
     p.add_argument("--seed", type=int, default=0)
@@ -54,9 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--duration", type=float, default=d.duration_s, help="steady phase (s)")
     sc.add_argument("--connect-rate", type=float, default=d.connect_per_s)
     sc.add_argument("--storm-timeout", type=float, default=d.storm_timeout_s)
-    sc.add_argument("--secure", action="store_true",
-                    help="its own stack in the secure mode; every device enrols first "
-                         "(enrolment cost grows with the fleet: BENCHMARKS.md)")  # fmt: skip
     _server_flags(sc)
 
     tr = sub.add_parser("train", help="FedAsync vs FedBuff vs sync FedAvg, time to accuracy")
@@ -79,9 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--local-epochs", type=int, help=f"default {t.local_epochs}")
     tr.add_argument("--batch-size", type=int, help=f"default {t.batch_size}")
     tr.add_argument("--time-scale", type=float, default=t.time_scale)
-    tr.add_argument("--secure", action="store_true",
-                    help="its own stack in the secure mode (TLS broker, HTTPS, Redis password); "
-                         "every simulated device enrols with its own credential")  # fmt: skip
     tr.add_argument(
         "--task-seconds",
         type=float,
@@ -136,10 +140,17 @@ def train_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def stack_settings(args: argparse.Namespace) -> StackSettings:
-    """Servers from flags > ``FEDFLEET_KAFKA/MQTT/REDIS`` > the stack file; else started.
-    ``--secure``: a secure stack of its own (its broker and Redis; Kafka may be shared)."""
-    if getattr(args, "secure", False):
+    """The default: a secure stack of its own (its broker and Redis; Kafka may be shared).
+    ``--insecure``: servers from flags > ``FEDFLEET_KAFKA/MQTT/REDIS`` > the stack file;
+    else started, anonymous. A Redis wipe (``failover --fault redis-wipe``) also wipes the
+    enrolment records, so that fault runs insecure."""
+    wipe = args.scenario == "failover" and getattr(args, "fault", "") == "redis-wipe"
+    if not args.insecure and not wipe:
+        if args.mqtt or args.redis:
+            raise ConfigError("the secure default starts its own broker and Redis: drop "
+                              "--mqtt/--redis, or add --insecure to use those servers")  # fmt: skip
         return StackSettings.from_env(kafka_url=args.kafka, secure=True)
+    warn_insecure(f"fedfleet loadtest {args.scenario}" + (" --fault redis-wipe" * wipe))
     s = StackSettings.from_env(kafka_url=args.kafka, mqtt_url=args.mqtt, redis_url=args.redis)
     if args.scenario == "failover" and getattr(args, "fault", "aggregator") != "aggregator":
         return s  # a Redis fault kills the embedded redis-server: never a shared one

@@ -45,6 +45,7 @@ from loadtest.runner import Env, Progress, Timeline
 from loadtest.train import TrainSettings, job_body
 from schemas.errors import SchemaError
 from schemas.messages import ShardUpdate, decode
+from sim.enrol import enrol_if_secure
 from sim.fleet import FleetSpec
 from sim.load_services import wait_quiet
 from sim.pool import FleetPool
@@ -174,9 +175,11 @@ async def run_failover(env: Env, s: FailoverSettings, *, quiet: bool) -> dict[st
     body["strategy"].pop("max_staleness", None)  # the product default
     spec = FleetSpec(devices=s.devices, seed=s.seed, id_prefix=f"fo{env.run_id}",
                      reconnect_max_s=5.0)  # fmt: skip
+    enrolled = await enrol_if_secure(env.http, env.services, spec.device_ids())
     pool = FleetPool(spec, processes=1, mqtt_host=env.info.mqtt_host,
                      mqtt_port=env.info.mqtt_port, api_url=env.services.rest_url,
-                     public_key_hex=key, log_dir=env.workdir)  # fmt: skip
+                     public_key_hex=key, log_dir=env.workdir,
+                     credentials=enrolled.credentials, ca_file=enrolled.ca_file)  # fmt: skip
     svc = env.services
     timeline = Timeline()
     kills: list[dict[str, Any]] = []

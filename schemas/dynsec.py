@@ -59,7 +59,9 @@ DEVICE_ROLE = "device"
 COORDINATOR_ROLE = "coordinator"
 ADMIN_ROLE = "fleet-admin"
 COORDINATOR_USER = "coordinator"
-RESERVED_USERNAMES = frozenset({COORDINATOR_USER})
+# the password-file store's reload probe (schemas.passwd): never a device
+PROBE_USER = "coordinator-probe"
+RESERVED_USERNAMES = frozenset({COORDINATOR_USER, PROBE_USER})
 # the wire's device id (schemas.messages.Id): never "/", "+" or "#", so "fleet/<id>/#"
 # cannot widen to other devices' topics
 DEVICE_ID_PATTERN = ID_PATTERN

@@ -142,6 +142,9 @@ def service_env(sf: StackFile) -> dict[str, str]:
             f"{AGENT}API_CAFILE": i.mqtt_cafile,  # the coordinator's HTTPS: the fleet CA
             CA_VAR: i.mqtt_cafile,
         })  # fmt: skip
+    if i.mqtt_passwd_file:
+        out[f"{COORDINATOR}MQTT_PASSWD_FILE"] = i.mqtt_passwd_file
+        out[f"{COORDINATOR}MQTT_BROKER_PIDFILE"] = i.mqtt_broker_pidfile
     if sf.admin_token:
         out[TOKEN_VAR] = sf.admin_token  # the coordinator's FEDFLEET_ADMIN_TOKEN too
     return out

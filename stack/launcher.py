@@ -59,8 +59,10 @@ class StackSettings:
     workdir: Path | None = None
     detach: bool = False
     # the broker in its secure mode (TLS, no anonymous access, per-device credentials:
-    # docs/security.md); needs Mosquitto 2 with its dynamic-security plugin
+    # docs/security.md), its credentials in Mosquitto's password file ("passwd") or in
+    # the dynamic-security plugin ("dynsec")
     secure: bool = False
+    broker_auth: str = "passwd"
 
     @classmethod
     def from_env(cls, **overrides: Any) -> StackSettings:
@@ -92,6 +94,10 @@ class StackInfo:
     mqtt_cafile: str = ""
     mqtt_username: str = ""
     mqtt_password_file: str = ""
+    # the broker's password file and pid, when it keeps its credentials there: the
+    # coordinator manages the file and signals the reload
+    mqtt_passwd_file: str = ""
+    mqtt_broker_pidfile: str = ""
     # the server certificate (fleet CA; 127.0.0.1 and localhost) a coordinator on this
     # stack serves HTTPS with
     tls_certfile: str = ""
@@ -117,6 +123,9 @@ class StackInfo:
             out += ["--mqtt-cafile", self.mqtt_cafile, "--mqtt-username", self.mqtt_username,
                     "--mqtt-password-file", self.mqtt_password_file,
                     "--require-enrolment", "--fleet-reads-need-token"]  # fmt: skip
+        if self.mqtt_passwd_file:
+            out += ["--mqtt-passwd-file", self.mqtt_passwd_file,
+                    "--mqtt-broker-pidfile", self.mqtt_broker_pidfile]  # fmt: skip
         if self.tls_certfile:
             out += ["--tls-certfile", self.tls_certfile, "--tls-keyfile", self.tls_keyfile]
         return out
@@ -196,7 +205,7 @@ class LocalStack:
 
     def _pick_mqtt(self, workdir: Path) -> Server:
         if self.settings.secure:  # no fallback: amqtt has no per-device ACLs
-            return Mosquitto(workdir / "mqtt", secure=True)
+            return Mosquitto(workdir / "mqtt", secure=True, auth=self.settings.broker_auth)
         if mosquitto_binary():
             return Mosquitto(workdir / "mqtt")
         self._fallback("MQTT", "mosquitto", "amqtt")
@@ -251,7 +260,8 @@ class LocalStack:
             _check_external("Kafka", s.kafka_url, _kafka_check)
         if s.mqtt_url:
             if s.secure:
-                raise ConfigError("a secure stack starts its own broker: drop the MQTT URL")
+                raise ConfigError("a secure stack starts its own broker: drop the MQTT URL "
+                                  "(--mqtt or FEDFLEET_MQTT), or run with --insecure")
             _check_external("MQTT", s.mqtt_url, _mqtt_check)
         if s.redis_url:
             _check_external("Redis", s.redis_url, _redis_check)
@@ -275,6 +285,9 @@ class LocalStack:
                       "mqtt_password_file": str(mqtt.secret_file),
                       "tls_certfile": str(mqtt.tls.server_cert),
                       "tls_keyfile": str(mqtt.tls.server_key)}  # fmt: skip
+            if mqtt.auth == "passwd":
+                secure |= {"mqtt_passwd_file": str(mqtt.passwd_file),
+                           "mqtt_broker_pidfile": str(mqtt.pid_file)}  # fmt: skip
         return StackInfo(
             kafka_bootstrap=kafka.bootstrap if kafka else kafka_bootstrap(s.kafka_url),  # type: ignore[attr-defined]
             mqtt_host=mhost,

@@ -2,8 +2,11 @@
 
 ``Mosquitto(workdir, secure=True)`` is the fleet's secure mode (docs/security.md): one TLS
 listener (the fleet CA from ``stack.pki``, TLS 1.2+, no client certificates), no
-anonymous access, and the dynamic-security plugin holding every credential
-(``schemas.dynsec``); ``credentials`` is then the coordinator's. The default (insecure) mode
+anonymous access, and a credential store the coordinator manages: ``auth="passwd"`` (the
+default) Mosquitto's password file with a ``%u`` ACL file (``schemas.passwd``; the
+coordinator rewrites the file in batches and signals a reload), ``auth="dynsec"`` the
+dynamic-security plugin (``schemas.dynsec``; over MQTT, but its cost per enrolment grows
+with the fleet). ``credentials`` is then the coordinator's. The default (insecure) mode
 is a plain anonymous listener on loopback.
 """
 
@@ -17,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from schemas import dynsec
+from schemas import dynsec, passwd
 from schemas.mqtt_auth import MqttCredentials
 from stack.errors import StackError
 from stack.pki import LOCAL_HOSTS, TlsFiles, ensure_tls, private_dir, write_private
@@ -29,6 +32,11 @@ DYNSEC_PLUGIN_PATHS = (
     "/usr/lib/mosquitto_dynamic_security.so",
     "/usr/local/lib/mosquitto_dynamic_security.so",
 )
+
+
+# where a secure broker keeps its credentials: Mosquitto's password file + a %u ACL file
+# (the default: enrolment cost linear in the fleet) or the dynamic-security plugin
+AUTH_STORES = ("passwd", "dynsec")
 
 
 def mosquitto_binary() -> str | None:
@@ -115,13 +123,16 @@ class Mosquitto(_Broker):
         *,
         max_connections: int = -1,
         secure: bool = False,
+        auth: str = "passwd",
         hosts: tuple[str, ...] = LOCAL_HOSTS,
     ) -> None:
         binary = mosquitto_binary()
         if binary is None:
             raise StackError("MQTT: mosquitto not installed (apt-get install -y mosquitto)")
-        plugin = dynsec_plugin() if secure else None
-        if secure and plugin is None:
+        if auth not in AUTH_STORES:
+            raise StackError(f"MQTT: auth must be one of {', '.join(AUTH_STORES)}, not {auth!r}")
+        plugin = dynsec_plugin() if secure and auth == "dynsec" else None
+        if secure and auth == "dynsec" and plugin is None:
             raise StackError(
                 "MQTT: secure mode needs Mosquitto 2's dynamic-security plugin "
                 f"(mosquitto_dynamic_security.so, looked in {', '.join(DYNSEC_PLUGIN_PATHS)})"
@@ -131,22 +142,37 @@ class Mosquitto(_Broker):
         self.max_connections = max_connections
         self.secure = secure
         self.hosts = hosts
+        self.auth = auth
         self.plugin = plugin
         self.tls: TlsFiles | None = None
         self.dynsec_file = workdir / "dynsec" / "dynamic-security.json"
+        # auth="passwd": the broker's password file (the coordinator owns it), its static
+        # ACL file, and the broker's pid (the coordinator signals a reload)
+        self.passwd_file = workdir / "auth" / "passwd"
+        self.acl_file = workdir / "auth" / "acl"
+        self.pid_file = workdir / "auth" / "mosquitto.pid"
+
+    @property
+    def store_file(self) -> Path:
+        """The credential store: the dynsec plugin's JSON, or the password file."""
+        return self.dynsec_file if self.auth == "dynsec" else self.passwd_file
 
     def _secure_lines(self) -> list[str]:
-        """Prepare the CA, server certificate and dynsec state; the config lines."""
-        assert self.plugin is not None
+        """Prepare the CA, server certificate and credential store; the config lines."""
         self.tls = ensure_tls(self.workdir / "tls", self.hosts)
         self.credentials = MqttCredentials(
             dynsec.COORDINATOR_USER, self._coordinator_secret(), self.tls.ca_cert
         )
+        if self.auth == "dynsec":
+            assert self.plugin is not None
+            store = [f"plugin {self.plugin}", f"plugin_opt_config_file {self.dynsec_file}"]
+        else:
+            self.acl_file.write_text(passwd.acl_text())
+            store = [f"password_file {self.passwd_file}", f"acl_file {self.acl_file}"]
         return [
             "per_listener_settings false",
             "allow_anonymous false",
-            f"plugin {self.plugin}",
-            f"plugin_opt_config_file {self.dynsec_file}",
+            *store,
             f"listener {self.port} 127.0.0.1",
             f"cafile {self.tls.ca_cert}",
             f"certfile {self.tls.server_cert}",
@@ -158,24 +184,27 @@ class Mosquitto(_Broker):
     @property
     def secret_file(self) -> Path:
         """The coordinator's broker password (0600)."""
-        return self.dynsec_file.parent / "coordinator.secret"
+        return self.store_file.parent / "coordinator.secret"
 
     def _coordinator_secret(self) -> str:
-        secret = self.secret_file
+        secret, store = self.secret_file, self.store_file
         private_dir(secret.parent)
-        have_conf, have_secret = self.dynsec_file.exists(), secret.exists()
+        have_conf, have_secret = store.exists(), secret.exists()
         if have_conf and have_secret:
             return secret.read_text().strip()
         if have_conf or have_secret:
             raise StackError(
-                f"MQTT: only one of {self.dynsec_file.name} and {secret.name} is in "
+                f"MQTT: only one of {store.name} and {secret.name} is in "
                 f"{secret.parent}; remove the other to start with a fresh credential store"
             )
         password = dynsec.new_password()
         write_private(secret, password.encode())
         # owner-only: it holds password hashes
-        config = json.dumps(dynsec.initial_config(password), indent=1).encode()
-        write_private(self.dynsec_file, config)
+        if self.auth == "dynsec":
+            config = json.dumps(dynsec.initial_config(password), indent=1).encode()
+        else:
+            config = passwd.initial(password, dynsec.new_password())
+        write_private(store, config)
         return password
 
     def start(self) -> None:
@@ -208,6 +237,9 @@ class Mosquitto(_Broker):
             )
         )
         self._launch([self.binary, "-c", str(conf)], "mosquitto.log")
+        if self.secure and self.auth == "passwd":  # mosquitto writes one only as a daemon
+            assert self.proc is not None
+            write_private(self.pid_file, f"{self.proc.pid}\n".encode())
 
 
 class Amqtt(_Broker):

@@ -1,5 +1,5 @@
-"""The secure broker for tests: Mosquitto with the dynamic-security plugin, or a skip (a
-failure under ``FEDFLEET_REQUIRE_REAL=1``, as CI runs)."""
+"""The secure broker for tests: Mosquitto with the dynamic-security plugin or its password
+file, or a skip (a failure under ``FEDFLEET_REQUIRE_REAL=1``, as CI runs)."""
 
 from __future__ import annotations
 
@@ -22,10 +22,11 @@ def require_dynsec() -> None:
 
 
 @contextlib.contextmanager
-def secure_mosquitto(workdir: Path) -> Iterator[Mosquitto]:
-    """A started, ready ``Mosquitto(secure=True)`` below ``workdir``; stopped on exit."""
+def secure_mosquitto(workdir: Path, auth: str = "dynsec") -> Iterator[Mosquitto]:
+    """A started, ready ``Mosquitto(secure=True, auth=auth)`` below ``workdir``; stopped
+    on exit."""
     require_dynsec()
-    server = Mosquitto(workdir, secure=True)
+    server = Mosquitto(workdir, secure=True, auth=auth)
     server.start()
     try:
         server.wait_ready()

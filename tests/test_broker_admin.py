@@ -1,5 +1,5 @@
-"""The ``BrokerAdmin`` port: one contract for the real adapter (Mosquitto's dynamic-security
-plugin in the secure mode) and the in-memory one; then the enrolment flow
+"""The ``BrokerAdmin`` port: one contract for the real adapters (Mosquitto's password file
+and its dynamic-security plugin, in the secure mode) and the in-memory one; then the enrolment flow
 (``coordinator.enrolment``) on the real Redis with the in-memory broker."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from coordinator.broker_admin import BrokerAdmin, DynsecBrokerAdmin, MemoryBrokerAdmin
+from coordinator.broker_passwd import PasswdBrokerAdmin
 from coordinator.enrolment import Enroller, EnrolmentStore
 from coordinator.errors import EnrolmentRefused, EnrolmentUnavailable, NotFound
 from coordinator.fleet import FleetStore
@@ -37,11 +38,22 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
         yield server
 
 
-@pytest.fixture(params=["memory", "dynsec"])
+@pytest.fixture(scope="module")
+def passwd_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    with secure_mosquitto(tmp_path_factory.mktemp("admin-pw") / "mqtt", auth="passwd") as srv:
+        yield srv
+
+
+@pytest.fixture(params=["memory", "dynsec", "passwd"])
 def admin(request: pytest.FixtureRequest) -> BrokerAdmin:
-    """Each adapter; the real one opens its session on first use (closed by the test)."""
+    """Each adapter; a real one opens its session on first use (closed by the test)."""
     if request.param == "memory":
         return MemoryBrokerAdmin()
+    if request.param == "passwd":
+        pw: Mosquitto = request.getfixturevalue("passwd_broker")
+        assert pw.credentials is not None
+        return PasswdBrokerAdmin(pw.passwd_file, pw.pid_file, pw.host, pw.port,
+                                 pw.credentials.cafile)  # fmt: skip
     broker: Mosquitto = request.getfixturevalue("broker")  # sync: before the test's loop
     assert broker.credentials is not None
     return DynsecBrokerAdmin(broker.host, broker.port, broker.credentials)
@@ -62,7 +74,7 @@ async def test_contract_enrol_replace_revoke(admin: BrokerAdmin) -> None:
     try:
         await _contract(admin)
     finally:
-        if isinstance(admin, DynsecBrokerAdmin):
+        if isinstance(admin, DynsecBrokerAdmin | PasswdBrokerAdmin):
             await admin.close()
 
 
@@ -76,7 +88,7 @@ async def _contract(admin: BrokerAdmin) -> None:
     await admin.revoke(dev)
     assert not await admin.has_client(dev)
     await admin.revoke(dev)  # idempotent
-    for bad in ("a/b", "fleet/#", "+", "coordinator", ""):
+    for bad in ("a/b", "fleet/#", "+", "coordinator", "coordinator-probe", ""):
         with pytest.raises(DynsecError):
             await admin.enrol(bad, "pw")
 

@@ -59,7 +59,10 @@ def test_detached_stack_up_status_down(tmp_path: Path) -> None:
         assert status.returncode == 0, status.stdout
         recorded = json.loads(stack_file.read_text())
         assert recorded["kafka_bootstrap"] == info.kafka_bootstrap and recorded["admin_token"]
-        assert recorded["coordinator_url"] == "http://127.0.0.1:8000"
+        # secure by default: TLS broker with its password file, HTTPS, no banner
+        assert recorded["coordinator_url"] == "https://127.0.0.1:8000"
+        assert info.mqtt_tls and info.mqtt_passwd_file and info.mqtt_broker_pidfile
+        assert "INSECURE" not in up.stderr
         exports = fedfleet("stack", "env", env=env)
         assert exports.returncode == 0, exports.stderr
         assert f"export FEDFLEET_AGG_KAFKA_BOOTSTRAP={info.kafka_bootstrap}" in exports.stdout

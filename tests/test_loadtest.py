@@ -24,7 +24,9 @@ from stack import StackInfo
 
 
 def _servers(stack: StackInfo) -> list[str]:
-    return ["--kafka", stack.kafka_bootstrap, "--mqtt", stack.mqtt_url, "--redis", stack.redis_url]
+    """The secure default: the session's Kafka, and a broker and Redis of the scenario's
+    own (TLS, per-device credentials, a Redis password; every device enrols first)."""
+    return ["--kafka", stack.kafka_bootstrap]
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
@@ -266,7 +268,7 @@ def test_failover_kill9_of_redis_mid_job_loses_nothing_and_the_job_resumes(
     coordinator's journal). The job is served again within 10 s of Redis coming up and
     accepts updates again; per shard, applied ids == logged ids ⊇ acked ids."""
     out = tmp_path / "failover"
-    servers = ["--kafka", stack.kafka_bootstrap, "--mqtt", stack.mqtt_url]  # Redis: our own
+    servers = _servers(stack)  # Redis: our own (redis-wipe runs insecure: it wipes credentials)
     rc, summary = _run(["failover", "--fault", fault, "--devices", "60", "--concurrency",
                         "20", "--aggregators", "2", "--kills", "1", "--warmup-updates", "30",
                         "--down", "8", "--between", "12", "--out", str(out), "--json",

@@ -182,9 +182,17 @@ def test_demo_and_loadtest_use_the_stack_file_for_servers_nobody_named(stack_fil
         "k:1", "mqtt://127.0.0.1:11883", "redis://127.0.0.1:16379/0")  # fmt: skip
     from loadtest.cli import build_parser, stack_settings
 
-    args = build_parser().parse_args(["churn", "--redis", "redis://x:1/0"])
+    args = build_parser().parse_args(["churn", "--insecure", "--redis", "redis://x:1/0"])
     ls = stack_settings(args)
     assert (ls.kafka_url, ls.redis_url) == ("127.0.0.1:19092", "redis://x:1/0")
+    assert not ls.secure
     # a Redis fault kills the embedded redis-server: never one from the stack file
-    fo = stack_settings(build_parser().parse_args(["failover", "--fault", "redis"]))
+    fo = stack_settings(build_parser().parse_args(["failover", "--insecure", "--fault", "redis"]))
     assert fo.redis_url is None and fo.kafka_url is None
+    # the secure default: a broker and Redis of its own, whatever the stack file says
+    sec = stack_settings(build_parser().parse_args(["churn"]))
+    assert sec.secure and sec.mqtt_url is None and sec.redis_url is None
+    with pytest.raises(ConfigError, match="--insecure"):
+        stack_settings(build_parser().parse_args(["scale", "--mqtt", "mqtt://x:1"]))
+    wipe = stack_settings(build_parser().parse_args(["failover", "--fault", "redis-wipe"]))
+    assert not wipe.secure  # wiping Redis wipes the enrolment records too

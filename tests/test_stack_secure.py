@@ -531,7 +531,7 @@ async def test_dynsec_refusals_are_typed_errors(broker: Mosquitto) -> None:
 @pytest.mark.integration
 @needs_mosquitto
 def test_a_restart_keeps_the_ca_the_coordinator_and_enrolled_devices(tmp_path: Path) -> None:
-    first = Mosquitto(tmp_path / "mqtt", secure=True)
+    first = Mosquitto(tmp_path / "mqtt", secure=True, auth="dynsec")
     first.start()
     try:
         first.wait_ready()
@@ -541,7 +541,7 @@ def test_a_restart_keeps_the_ca_the_coordinator_and_enrolled_devices(tmp_path: P
     assert first.tls is not None and first.credentials is not None
     ca = first.tls.ca_cert.read_bytes()
 
-    again = Mosquitto(tmp_path / "mqtt", secure=True)
+    again = Mosquitto(tmp_path / "mqtt", secure=True, auth="dynsec")
     again.start()
     try:
         again.wait_ready()
@@ -561,7 +561,7 @@ def test_a_coordinator_secret_without_its_store_is_refused(tmp_path: Path) -> No
     secret = tmp_path / "mqtt" / "dynsec" / "coordinator.secret"
     secret.parent.mkdir(parents=True)
     secret.write_text("orphan")
-    server = Mosquitto(tmp_path / "mqtt", secure=True)
+    server = Mosquitto(tmp_path / "mqtt", secure=True, auth="dynsec")
 
     with pytest.raises(StackError, match="only one of"):
         server.start()
@@ -589,12 +589,12 @@ def test_the_default_mode_is_still_plain_and_anonymous(tmp_path: Path) -> None:
 def test_a_coordinator_secret_the_broker_refuses_fails_the_start_at_once(
     tmp_path: Path,
 ) -> None:
-    first = Mosquitto(tmp_path / "mqtt", secure=True)
+    first = Mosquitto(tmp_path / "mqtt", secure=True, auth="dynsec")
     first.start()
     first.stop()
     pki.write_private(first.dynsec_file.parent / "coordinator.secret", b"not the one")
 
-    again = Mosquitto(tmp_path / "mqtt", secure=True)
+    again = Mosquitto(tmp_path / "mqtt", secure=True, auth="dynsec")
     again.start()
     try:
         with pytest.raises(StackError, match="refused coordinator's credentials"):
