@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -290,8 +291,27 @@ def build_enrol_parser() -> argparse.ArgumentParser:
                    help="the fleet CA (PEM) an https:// --api must chain to (default: "
                         "FEDFLEET_AGENT_API_CAFILE, or the stack file's; else the system's "
                         "trust store)")  # fmt: skip
+    p.add_argument("--wait", type=float, default=30.0, metavar="S",
+                   help="wait up to S seconds for a coordinator that is still starting "
+                        "(GET /readyz) before enrolling (0: do not wait)")  # fmt: skip
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+async def _coordinator_up(http: Any, api: str, wait_s: float) -> None:
+    """Until the coordinator answers ``/readyz`` with 200 or ``wait_s`` passes (then the
+    enrolment request itself reports what is wrong). Only readiness is polled, never the
+    enrolment: a token is spent once."""
+    import httpx
+
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            if (await http.get(api.rstrip("/") + "/readyz")).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.5)
 
 
 async def _enrol(ns: argparse.Namespace) -> int:
@@ -305,6 +325,7 @@ async def _enrol(ns: argparse.Namespace) -> int:
     writable_dir(ns.state_dir)
     verify = credentials.https_verify(ns.ca, "ca")
     async with httpx.AsyncClient(timeout=30.0, verify=verify) as http:
+        await _coordinator_up(http, ns.api, ns.wait)
         token = ns.token or await credentials.issue_token(http, ns.api, ns.admin_token,
                                                           ns.device_id)  # fmt: skip
         cred = await credentials.enrol(http, ns.api, token, ns.device_id, ns.state_dir)

@@ -85,3 +85,19 @@ def test_demo_stop_rule_needs_versions_and_a_full_generation_of_updates() -> Non
     assert not stable(2, 50, s)  # too few versions
     assert not stable(3, 39, s)  # fewer than two generations of in-flight uploads seen
     assert stable(3, 40, s) and stable(8, 41, s)
+
+
+def test_agent_enrol_waits_for_the_coordinator_then_says_it_is_unreachable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``agent enrol --wait S`` polls /readyz of a coordinator that is not up yet; when it
+    never comes, the enrolment fails with one typed line, no traceback, no token spent."""
+    from edge_agent.cli import main
+
+    api = f"http://127.0.0.1:{free_port()}"
+    rc = main(["enrol", "--api", api, "--token", "t", "--device-id", "d1",
+               "--state-dir", str(tmp_path / "d1"), "--wait", "1"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "enrol_unreachable" in err and "Traceback" not in err
+    assert not (tmp_path / "d1" / "credential.json").exists()
