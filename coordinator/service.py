@@ -97,8 +97,10 @@ class Coordinator:
             settings.mqtt_host, settings.mqtt_port, credentials=creds,
             client_id=settings.client_id, share_group=settings.share_group,
         )  # fmt: skip
+        # the store the coordinator opens itself it also closes; an injected one its owner
+        self._own_admin: DynsecBrokerAdmin | PasswdBrokerAdmin | None = None
         if broker_admin is None and creds is not None:
-            broker_admin = broker_admin_for(settings, creds)
+            broker_admin = self._own_admin = broker_admin_for(settings, creds)
         self.broker_admin = broker_admin
         self._task_sink_factory = task_sink
         self._stack: AsyncExitStack | None = None
@@ -184,8 +186,8 @@ class Coordinator:
                           complete_job=self.complete_job, write_spec=self.write_spec,
                           artifacts=self.artifacts,
                           broker_admin=self.broker_admin, task_key=task_key)  # fmt: skip
-        if isinstance(self.broker_admin, DynsecBrokerAdmin | PasswdBrokerAdmin):
-            stack.push_async_callback(self.broker_admin.close)
+        if self._own_admin is not None:
+            stack.push_async_callback(self._own_admin.close)
         self.core = core
         self.signer, self.registry, self.fleet, self.tasks = (
             core.signer, core.registry, core.fleet, core.tasks)  # fmt: skip
@@ -376,7 +378,9 @@ class Coordinator:
         return await self.core.apply_shard_version(value)
 
 
-def broker_admin_for(s: CoordinatorSettings, creds: MqttCredentials) -> BrokerAdmin:
+def broker_admin_for(
+    s: CoordinatorSettings, creds: MqttCredentials
+) -> DynsecBrokerAdmin | PasswdBrokerAdmin:
     """The broker's credential store the settings name: its password file, else dynsec."""
     if s.mqtt_passwd_file is not None and s.mqtt_broker_pidfile is not None:
         return PasswdBrokerAdmin(s.mqtt_passwd_file, s.mqtt_broker_pidfile, s.mqtt_host,

@@ -30,7 +30,7 @@ from sim.monitor import ModelMonitor, ProgressView
 from sim.tasks import DEFAULTS, TASKS, central_reference, load_task
 from stack import LocalStack, StackInfo
 from stack.errors import StackError
-from stack.insecure import warn_insecure
+from stack.insecure import add_insecure_flag, warn_insecure
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,12 +87,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", type=Path, default=d.out_dir)
     p.add_argument("--json", action="store_true", help="last stdout line is a JSON summary")
-    p.add_argument("--insecure", action="store_true",
-                   help="debugging only: anonymous MQTT, plain HTTP, no Redis password, and "
-                        "servers from flags, FEDFLEET_* or the stack file (the default is "
-                        "its own stack in the secure mode: TLS broker and HTTPS, every "
-                        "device enrolled with its own credential; docs/security.md)")  # fmt: skip
-    p.add_argument("--secure", action="store_true", help=argparse.SUPPRESS)  # the default
+    add_insecure_flag(p, "anonymous MQTT, plain HTTP, no Redis password, and servers from "
+                         "flags, FEDFLEET_* or the stack file",
+                      "its own stack in the secure mode: TLS broker and HTTPS, every device "
+                      "enrolled with its own credential")  # fmt: skip
     p.set_defaults(func=run)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from stack import LocalStack, StackInfo, StackSettings, envfile
 from stack.errors import StackError
-from stack.insecure import warn_insecure
+from stack.insecure import add_insecure_flag, warn_insecure
 from stack.kafka import cache_root, kafka_lib_dir
 from stack.mqtt import AUTH_STORES
 from stack.procs import kill_tree, pid_alive
@@ -55,15 +55,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_server_flags(up)
     up.add_argument("--detach", action="store_true", help="leave it running; stop with `down`")
     up.add_argument("--json", action="store_true")
-    up.add_argument("--insecure", action="store_true",
-                    help="debugging only: an anonymous plain-TCP broker, plain HTTP, Redis "
-                         "without a password (the default is the secure mode: TLS from a "
-                         "fleet CA, no anonymous access, per-device credentials the "
-                         "coordinator enrols, a Redis password; docs/security.md)")  # fmt: skip
-    up.add_argument("--secure", action="store_true", help=argparse.SUPPRESS)  # the default
+    add_insecure_flag(up, "an anonymous plain-TCP broker, plain HTTP, Redis without a "
+                          "password",
+                      "the secure mode: TLS from a fleet CA, no anonymous access, per-device "
+                      "credentials the coordinator enrols, a Redis password")  # fmt: skip
     up.add_argument("--broker-auth", choices=AUTH_STORES, default="passwd",
                     help="where the secure broker keeps device credentials: its password "
-                         "file (default; enrolment cost flat in the fleet size) or the "
+                         "file (default; scales to 100,000 devices) or the "
                          "dynamic-security plugin")  # fmt: skip
     up.add_argument("--admin-token", help="admin token recorded for coordinators and "
                     "`fedfleet job` (default: a random one)")  # fmt: skip

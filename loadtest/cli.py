@@ -25,7 +25,7 @@ from loadtest.runner import environment
 from schemas.errors import FedfleetError
 from stack import StackSettings, envfile
 from stack.errors import ConfigError
-from stack.insecure import warn_insecure
+from stack.insecure import add_insecure_flag, warn_insecure
 
 
 def _server_flags(p: argparse.ArgumentParser) -> None:
@@ -34,12 +34,10 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
                    "with --insecure)")  # fmt: skip
     p.add_argument("--redis", metavar="URL", help="use this Redis (redis://host:port/db; "
                    "with --insecure)")  # fmt: skip
-    p.add_argument("--insecure", action="store_true",
-                   help="debugging only: anonymous MQTT, plain HTTP, no Redis password, and "
-                        "servers from flags, FEDFLEET_* or the stack file (the default is a "
-                        "secure stack of its own: TLS broker, HTTPS, Redis password, every "
-                        "simulated device enrolled with its own credential)")  # fmt: skip
-    p.add_argument("--secure", action="store_true", help=argparse.SUPPRESS)  # the default
+    add_insecure_flag(p, "anonymous MQTT, plain HTTP, no Redis password, and servers from "
+                         "flags, FEDFLEET_* or the stack file",
+                      "a secure stack of its own: TLS broker, HTTPS, Redis password, every "
+                      "simulated device enrolled with its own credential")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="report directory")
     p.add_argument("--json", action="store_true", help="last stdout line is the JSON summary")
     p.add_argument("--seed", type=int, default=0)

@@ -7,6 +7,7 @@ block that cannot be missed, naming what is open.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import TextIO
 
@@ -29,3 +30,12 @@ def banner(command: str) -> str:
 def warn_insecure(command: str, out: TextIO | None = None) -> None:
     """Print the banner for ``command`` on stderr (or ``out``)."""
     print(banner(command), file=out or sys.stderr, flush=True)
+
+
+def add_insecure_flag(p: argparse.ArgumentParser, insecure: str, default: str) -> None:
+    """``--insecure`` (help: ``insecure`` says what it turns off, ``default`` what runs
+    without it) and a hidden ``--secure`` that earlier versions needed and is now a no-op."""
+    p.add_argument("--insecure", action="store_true",
+                   help=f"debugging only: {insecure} (the default is {default}; "
+                        "docs/security.md)")  # fmt: skip
+    p.add_argument("--secure", action="store_true", help=argparse.SUPPRESS)  # the default

@@ -13,7 +13,6 @@ import asyncio
 import os
 import stat
 import subprocess
-import typing
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -28,21 +27,20 @@ from schemas import dynsec, passwd
 from schemas.dynsec import DynsecError
 from schemas.mqtt_auth import MqttCredentials
 from stack.mqtt import Mosquitto, mosquitto_binary
-from tests.secure_broker import secure_mosquitto
+from tests.secure_broker import (
+    GUARD_S,
+    code,
+    coordinator,
+    first_message,
+    secure_mosquitto,
+    session,
+)
 
-GUARD_S = 15.0
 NOT_AUTHORIZED = (5, 134, 135)
-V5 = aiomqtt.ProtocolVersion.V5
 needs_mosquitto = pytest.mark.skipif(
     mosquitto_binary() is None and os.environ.get("FEDFLEET_REQUIRE_REAL") != "1",
     reason="mosquitto is not installed",
 )
-
-
-def code(rc: object) -> int:
-    value = getattr(rc, "value", rc)
-    assert isinstance(value, int)
-    return value
 
 
 # ------------------------------------------------------------------ pure
@@ -105,34 +103,12 @@ async def admin(broker: Mosquitto) -> AsyncIterator[PasswdBrokerAdmin]:
         yield adm
 
 
-def coordinator(broker: Mosquitto) -> MqttCredentials:
-    assert broker.credentials is not None
-    return broker.credentials
-
-
-def session(broker: Mosquitto, creds: MqttCredentials, **kw: typing.Any) -> aiomqtt.Client:
-    return aiomqtt.Client(
-        broker.host, broker.port, identifier=f"{creds.username}-{uuid.uuid4().hex[:6]}",
-        protocol=V5, timeout=GUARD_S, **creds.client_kwargs(), **kw,
-    )  # fmt: skip
-
-
 async def enrol(admin: PasswdBrokerAdmin, broker: Mosquitto, *names: str) -> list[MqttCredentials]:
     tag = uuid.uuid4().hex[:6]
     devs = [MqttCredentials(f"{n}-{tag}", dynsec.new_password(), coordinator(broker).cafile)
             for n in names]  # fmt: skip
     await asyncio.gather(*(admin.enrol(d.username, d.password) for d in devs))
     return devs
-
-
-async def first_message(client: aiomqtt.Client) -> tuple[str, bytes]:
-    async def get() -> tuple[str, bytes]:
-        async for msg in client.messages:
-            payload = msg.payload
-            return str(msg.topic), bytes(payload) if isinstance(payload, bytes) else b""
-        raise AssertionError("session ended")
-
-    return await asyncio.wait_for(get(), GUARD_S)
 
 
 async def refused(broker: Mosquitto, creds: MqttCredentials | None) -> int:

@@ -36,12 +36,18 @@ from schemas.mqtt_auth import MqttCredentials
 from stack import pki
 from stack.errors import PkiError, StackError
 from stack.mqtt import Mosquitto, dynsec_plugin, mosquitto_binary, mqtt_ping
-from tests.secure_broker import secure_mosquitto
+from tests.secure_broker import (
+    GUARD_S,
+    V5,
+    code,
+    coordinator,
+    first_message,
+    secure_mosquitto,
+    session,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-GUARD_S = 15.0  # hang guard, never an expectation
 NOT_AUTHORIZED = (5, 135)  # CONNACK: MQTT 3.1.1 / MQTT 5 "not authorized"
-V5 = aiomqtt.ProtocolVersion.V5
 
 needs_mosquitto = pytest.mark.skipif(
     (mosquitto_binary() is None or dynsec_plugin() is None)
@@ -52,12 +58,6 @@ needs_mosquitto = pytest.mark.skipif(
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-def code(rc: object) -> int:
-    value = getattr(rc, "value", rc)
-    assert isinstance(value, int)
-    return value
 
 
 # ------------------------------------------------------------------ dynsec: pure
@@ -230,18 +230,6 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
         yield server
 
 
-def coordinator(broker: Mosquitto) -> MqttCredentials:
-    assert broker.credentials is not None
-    return broker.credentials
-
-
-def session(broker: Mosquitto, creds: MqttCredentials, **kw: typing.Any) -> aiomqtt.Client:
-    return aiomqtt.Client(
-        broker.host, broker.port, identifier=f"{creds.username}-{uuid.uuid4().hex[:6]}",
-        protocol=V5, timeout=GUARD_S, **creds.client_kwargs(), **kw,
-    )  # fmt: skip
-
-
 async def enrol(broker: Mosquitto, *names: str) -> list[MqttCredentials]:
     """Fresh devices (unique ids per call: the broker is shared by the module)."""
     tag = uuid.uuid4().hex[:6]
@@ -252,16 +240,6 @@ async def enrol(broker: Mosquitto, *names: str) -> list[MqttCredentials]:
     async with DynsecClient(broker.host, broker.port, coordinator(broker)) as admin:
         await admin.run(*(c for d in devices for c in dynsec.enrol_device(d.username, d.password)))
     return devices
-
-
-async def first_message(client: aiomqtt.Client) -> tuple[str, bytes]:
-    async def get() -> tuple[str, bytes]:
-        async for msg in client.messages:
-            payload = msg.payload
-            return str(msg.topic), bytes(payload) if isinstance(payload, bytes) else b""
-        raise AssertionError("session ended")
-
-    return await asyncio.wait_for(get(), GUARD_S)
 
 
 async def until_disconnected(client: aiomqtt.Client) -> aiomqtt.MqttError:
