@@ -20,6 +20,7 @@ from typing import Any
 from coordinator.aborts import AbortHandler, FailJob
 from coordinator.artifacts import ArtifactStore, MemoryArtifacts
 from coordinator.broker_admin import BrokerAdmin
+from coordinator.cred_journal import CredentialJournal
 from coordinator.dispatcher import Publish
 from coordinator.enrolment import Enroller, EnrolmentStore
 from coordinator.errors import CoordinatorError, NotFound
@@ -128,6 +129,7 @@ def build_core(
     artifacts: ArtifactStore | None = None,
     broker_admin: BrokerAdmin | None = None,
     task_key: bytes | None = None,
+    credentials: CredentialJournal | None = None,
 ) -> CoordinatorCore:
     """Wire every part over ``redis`` (a ``decode_responses=True`` client the caller owns).
     ``producer`` takes accepted uploads (``fl.updates``), ``task_sink`` leased tasks;
@@ -138,7 +140,8 @@ def build_core(
     standardisation (``coordinator.lifecycle.set_spec``); ``artifacts`` holds onnx jobs'
     model artifacts (default: in memory); ``broker_admin`` the broker's credential store
     enrolment writes to (None: the broker has none, enrolment answers 503); ``task_key``
-    the key upload tokens are derived with (None: ``load_task_key(s.task_key_path)``)."""
+    the key upload tokens are derived with (None: ``load_task_key(s.task_key_path)``);
+    ``credentials`` the durable record of enrolments (None: Redis only)."""
     signer = Signer.load_or_create(s.signing_key_path)
     task_key = task_key if task_key is not None else load_task_key(s.task_key_path)
     artifacts = artifacts if artifacts is not None else MemoryArtifacts()
@@ -150,7 +153,8 @@ def build_core(
     stats = JobStatsStore(redis, s.key_prefix)
     rounds = RoundStore(redis, s.key_prefix)
     enrolment = EnrolmentStore(redis, s.key_prefix)
-    enroller = Enroller(enrolment, broker_admin, fleet, metrics, probation_s=s.probation_s)
+    enroller = Enroller(enrolment, broker_admin, fleet, metrics, probation_s=s.probation_s,
+                        journal=credentials)  # fmt: skip
     batcher = TelemetryBatcher(
         fleet, metrics, batch=s.telemetry_batch, interval_s=s.telemetry_flush_s,
         admit=enrolment.enrolled if s.require_enrolment else None,

@@ -14,7 +14,8 @@ Redis (one hash slot, ``{enrol}``; ``coordinator.keys``)::
     enroltok:{enrol}:<sha>  hash  expires_ts, device_id ("" = any), label, created_ts,
                                   used_ts, used_by; kept a day past expiry so an expired
                                   token is told apart from an unknown one
-    cred:{enrol}:<id>       hash  secret_sha, enrolled_ts, revoked_ts ("" while valid)
+    cred:{enrol}:<id>       hash  secret_sha, enrolled_ts, revoked_ts ("" while valid),
+                                  revision (its record in the credential journal)
     enrolled:{enrol}        set   ids with a valid credential
 
 Both secrets are random 256-bit strings, so an unsalted sha256 is enough to keep them
@@ -29,15 +30,17 @@ token is given back (``release``) so the device can try again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from redis.asyncio import Redis
 
 from coordinator.broker_admin import BrokerAdmin
+from coordinator.cred_journal import CredentialJournal, StoredCredential
 from coordinator.errors import EnrolmentRefused, EnrolmentUnavailable, NotFound
 from coordinator.fleet import FleetStore
 from coordinator.keys import Keys
@@ -65,10 +68,10 @@ redis.call('HSET', KEYS[1], 'used_ts', ARGV[2], 'used_by', ARGV[1])
 return 'ok'
 """
 
-# KEYS[1] credential hash, KEYS[2] enrolled set; ARGV: device id, now
+# KEYS[1] credential hash, KEYS[2] enrolled set; ARGV: device id, now, revision
 _REVOKE = """
 if redis.call('SREM', KEYS[2], ARGV[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'revoked_ts', ARGV[2])
+redis.call('HSET', KEYS[1], 'revoked_ts', ARGV[2], 'revision', ARGV[3])
 return 1
 """
 
@@ -130,22 +133,56 @@ class EnrolmentStore:
         key = self._k.enrol_token(token_sha(token))
         await self._r.hset(key, mapping={"used_ts": "", "used_by": ""})
 
-    async def record(self, device_id: str, password: str, now: float | None = None) -> float:
+    async def record(self, device_id: str, password: str, now: float | None = None,
+                     *, revision: int = 0) -> float:  # fmt: skip
         """The device holds ``password`` from now on; returns the enrolment time."""
         now = time.time() if now is None else now
-        pipe = self._r.pipeline(transaction=True)
-        cred = {"secret_sha": token_sha(password), "enrolled_ts": repr(now), "revoked_ts": ""}
-        pipe.hset(self._k.credential(device_id), mapping=cred)
-        pipe.sadd(self._k.enrolled, device_id)
-        await pipe.execute()
+        await self.put(StoredCredential(device_id, token_sha(password), now, 0.0, revision))
         return now
 
-    async def revoke(self, device_id: str, now: float | None = None) -> bool:
+    async def put(self, c: StoredCredential) -> None:
+        """Write a credential as it is (enrolment, or a restore from the journal)."""
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hset(self._k.credential(c.device_id), mapping={
+            "secret_sha": c.secret_sha, "enrolled_ts": repr(c.enrolled_ts),
+            "revoked_ts": repr(c.revoked_ts) if c.revoked_ts else "",
+            "revision": str(c.revision)})  # fmt: skip
+        if c.revoked_ts:
+            pipe.srem(self._k.enrolled, c.device_id)
+        else:
+            pipe.sadd(self._k.enrolled, c.device_id)
+        await pipe.execute()
+
+    async def revoke(self, device_id: str, now: float | None = None,
+                     *, revision: int = 0) -> bool:  # fmt: skip
         """Mark the credential revoked; False when the id held no valid credential."""
         now = time.time() if now is None else now
         keys = [self._k.credential(device_id), self._k.enrolled]
-        got = await self._revoke(keys=keys, args=[device_id, repr(now)])
+        got = await self._revoke(keys=keys, args=[device_id, repr(now), str(revision)])
         return bool(int(got))
+
+    async def stored(self, device_id: str) -> StoredCredential | None:
+        """The credential as Redis holds it (with its journal revision; 0: unrecorded)."""
+        h = await self._r.hgetall(self._k.credential(device_id))
+        if not h or not h.get("secret_sha"):
+            return None
+        revoked = h.get("revoked_ts") or ""
+        return StoredCredential(device_id, h["secret_sha"], float(h.get("enrolled_ts") or 0.0),
+                                float(revoked) if revoked else 0.0,
+                                int(h.get("revision") or 0))  # fmt: skip
+
+    async def revisions(self, device_ids: list[str]) -> dict[str, int]:
+        """The journal revision of each credential Redis holds among ``device_ids``."""
+        pipe = self._r.pipeline(transaction=False)
+        for d in device_ids:
+            pipe.hmget(self._k.credential(d), "secret_sha", "revision")
+        got = await pipe.execute()
+        return {d: int(rev or 0) for d, (sha, rev) in zip(device_ids, got, strict=True) if sha}
+
+    async def device_ids(self) -> list[str]:
+        """Every id Redis holds a credential for (valid or revoked)."""
+        head = self._k.credential("")
+        return [k[len(head):] async for k in self._r.scan_iter(match=head + "*", count=1000)]
 
     async def get(self, device_id: str) -> Credential | None:
         h = await self._r.hgetall(self._k.credential(device_id))
@@ -180,10 +217,25 @@ class Enroller:
     def __init__(
         self, store: EnrolmentStore, broker: BrokerAdmin | None, fleet: FleetStore,
         metrics: CoordinatorMetrics, *, probation_s: float = 0.0,
+        journal: CredentialJournal | None = None,
     ) -> None:  # fmt: skip
         self.store, self.broker, self.fleet = store, broker, fleet
         self.metrics = metrics
         self.probation_s = probation_s
+        # the durable record (``coordinator.cred_journal``); None: Redis only (tests)
+        self.journal = journal
+
+    async def _journal(self, cred: StoredCredential) -> StoredCredential:
+        if self.journal is None:
+            return cred
+        try:
+            return await self.journal.append(cred)
+        except Exception as exc:  # Kafka down or refusing: the caller answers 503
+            log.warning("credential journal write for %s failed: %s: %s", cred.device_id,
+                        type(exc).__name__, exc)  # fmt: skip
+            raise EnrolmentUnavailable(
+                "journal_error", "the credential journal (Kafka) did not take the record; "
+                "try again") from None
 
     def _broker(self) -> BrokerAdmin:
         if self.broker is None:
@@ -223,7 +275,17 @@ class Enroller:
             self.metrics.enrolments.labels(outcome="broker_error").inc()
             log.warning("enrolment of %s: broker refused or unreachable: %s", device_id, exc)
             raise EnrolmentUnavailable("broker_error", str(exc)) from None
-        ts = await self.store.record(device_id, password)
+        ts = time.time()
+        try:  # the record is durable before the device gets its password
+            cred = await self._journal(
+                StoredCredential(device_id, token_sha(password), ts, 0.0, 0))
+        except EnrolmentUnavailable:
+            await self.store.release(token)
+            with contextlib.suppress(DynsecError):  # undo: no credential without a record
+                await broker.revoke(device_id)
+            self.metrics.enrolments.labels(outcome="journal_error").inc()
+            raise
+        await self.store.put(cred)
         if self.probation_s > 0:
             await self.fleet.probation(device_id, ts + self.probation_s)
         self.metrics.enrolments.labels(outcome="enrolled").inc()
@@ -240,7 +302,12 @@ class Enroller:
         except DynsecError as exc:
             raise EnrolmentUnavailable("broker_error", str(exc)) from None
         now = time.time()
-        await self.store.revoke(device_id, now)
+        stored = await self.store.stored(device_id)
+        if stored is not None:  # a revocation is recorded before it is answered
+            rec = await self._journal(replace(stored, revoked_ts=now))
+            await self.store.revoke(device_id, now, revision=rec.revision)
+        else:  # pragma: no cover - the credential vanished between get and now
+            await self.store.revoke(device_id, now)
         await self.fleet.forget(device_id)
         self.metrics.revocations.inc()
         log.info("device %s revoked", device_id)

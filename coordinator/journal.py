@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import msgspec
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from coordinator.compacted import CompactedTopic, next_revision
 from coordinator.jobs import Job, JobStore
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.policy import EligibilityPolicy, SelectionConfig, StopConfig
@@ -32,14 +32,6 @@ from schemas.errors import FedfleetError
 from schemas.messages import JobSpec
 
 log = logging.getLogger(__name__)
-
-CATCH_UP_TIMEOUT_S = 30.0
-
-
-class JournalError(FedfleetError):
-    code = "journal"
-    retriable = True
-
 
 class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     spec: JobSpec
@@ -93,7 +85,7 @@ class _Index:
 
     def next_revision(self, job_id: str) -> int:
         cur = self.jobs.get(job_id)
-        return max(time.time_ns(), cur[0] + 1 if cur else 0)
+        return next_revision(cur[0] if cur else None)
 
 
 class MemoryJobJournal:
@@ -122,59 +114,31 @@ class MemoryJobJournal:
 
 
 class KafkaJobJournal:
-    """The journal on its compacted topic. ``start`` reads it to its end (so a job created
-    before this process started is known before REST serves); ``run`` tails it."""
+    """The journal on its compacted topic (``coordinator.compacted``): ``start`` reads it to
+    its end, ``run`` tails it."""
 
     def __init__(self, s: CoordinatorSettings, producer: Any) -> None:
         self.s = s
-        self.producer = producer
-        self.topic = s.journal_topic
         self._index = _Index()
-        self._consumer: AIOKafkaConsumer | None = None
-        self._tp = TopicPartition(self.topic, 0)
+        self.log = CompactedTopic(s, producer, s.journal_topic, self._index.fold,
+                                  name="journal")  # fmt: skip
+        self.topic = self.log.topic
 
     async def start(self) -> None:
-        c = AIOKafkaConsumer(
-            bootstrap_servers=self.s.kafka_bootstrap, group_id=None, enable_auto_commit=False,
-            client_id=f"{self.s.client_id}-journal",
-        )  # fmt: skip
-        await c.start()
-        self._consumer = c
-        c.assign([self._tp])
-        await c.seek_to_beginning(self._tp)
-        await self.catch_up()
+        await self.log.start()
 
     async def stop(self) -> None:
-        if self._consumer is not None:
-            c, self._consumer = self._consumer, None
-            await asyncio.wait_for(c.stop(), 30)
+        await self.log.stop()
 
     async def catch_up(self) -> None:
-        """Read every record written so far (bounded: ``JournalError`` if Kafka stalls)."""
-        c = self._consumer
-        assert c is not None, "start() first"
-        end = (await c.end_offsets([self._tp]))[self._tp]
-        deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
-        while await c.position(self._tp) < end:
-            if time.monotonic() > deadline:
-                raise JournalError("catch_up", f"could not read {self.topic} to offset {end}")
-            for recs in (await c.getmany(self._tp, timeout_ms=200)).values():
-                for r in recs:
-                    self._index.fold(r.value)
+        await self.log.catch_up()
 
     async def run(self) -> None:
-        c = self._consumer
-        assert c is not None, "start() first"
-        while True:
-            for recs in (await c.getmany(self._tp, timeout_ms=1000)).values():
-                for r in recs:
-                    self._index.fold(r.value)
+        await self.log.run()
 
     async def append(self, job: Job) -> int:
         rev = self._index.next_revision(job.spec.job_id)
-        value = encode_record(job, rev)
-        await self.producer.send_and_wait(self.topic, value=value, key=job.spec.job_id.encode())
-        self._index.fold(value)  # our own write is known at once (the tail sees it again)
+        await self.log.put(job.spec.job_id, encode_record(job, rev))
         return rev
 
     def latest(self) -> dict[str, tuple[int, Job]]:
@@ -218,9 +182,9 @@ async def journal_unrecorded_jobs(journal: JobJournal, jobs: JobStore) -> list[s
     return added
 
 
-async def run_recovery(
-    journal: JobJournal, jobs: JobStore, metrics: CoordinatorMetrics, every_s: float
-) -> None:
+async def run_recovery(steps: list[Callable[[], Awaitable[Any]]], every_s: float) -> None:
+    """Every ``every_s``: each restore step in turn (jobs, credentials)."""
     while True:
-        await restore_lost_jobs(journal, jobs, metrics)
+        for step in steps:
+            await step()
         await asyncio.sleep(every_s)

@@ -96,20 +96,26 @@ async def group_members(s: CoordinatorSettings, group: str, timeout_s: float = 5
 
 
 async def ensure_topics(s: CoordinatorSettings) -> None:
-    """Create the six topics if missing (existing topics are left as they are)."""
+    """Create the seven topics if missing (existing topics are left as they are), with
+    replication factor min(3, brokers) and, at 3, ``min.insync.replicas`` 2."""
     admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, client_id=s.client_id)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
+        # replicated on a cluster (3 copies, writes need 2 of them with acks=all), so one
+        # broker may die without losing an acknowledged record; 1 copy on a single broker
+        rf = min(3, len((await admin.describe_cluster())["brokers"]) or 1)
+        isr = {"min.insync.replicas": "2"} if rf >= 3 else {}
+        compact = {"cleanup.policy": "compact", **isr}
+        big = {"max.message.bytes": str(80 << 20), **isr}
         wanted = [
-            NewTopic(s.jobs_topic, 1, 1, topic_configs={"cleanup.policy": "compact"}),
-            NewTopic(s.journal_topic, 1, 1, topic_configs={"cleanup.policy": "compact"}),
-            NewTopic(s.tasks_topic, s.task_partitions, 1),
-            NewTopic(
-                s.updates_topic, s.max_shards, 1, topic_configs={"max.message.bytes": str(80 << 20)}
-            ),
-            NewTopic(s.models_topic, 1, 1, topic_configs={"max.message.bytes": str(80 << 20)}),
-            NewTopic(s.artifacts_topic, 1, 1, topic_configs={"cleanup.policy": "compact"}),
+            NewTopic(s.jobs_topic, 1, rf, topic_configs=compact),
+            NewTopic(s.journal_topic, 1, rf, topic_configs=compact),
+            NewTopic(s.credentials_topic, 1, rf, topic_configs=compact),
+            NewTopic(s.tasks_topic, s.task_partitions, rf, topic_configs=isr),
+            NewTopic(s.updates_topic, s.max_shards, rf, topic_configs=big),
+            NewTopic(s.models_topic, 1, rf, topic_configs=big),
+            NewTopic(s.artifacts_topic, 1, rf, topic_configs=compact),
         ]
         todo = [t for t in wanted if t.name not in existing]
         if todo:

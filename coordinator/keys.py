@@ -33,7 +33,7 @@ hash to one slot::
     {p}enroltok:{{enrol}}:{sha}  hash  EnrolmentStore  an enrolment token (by its sha256):
                                                          expiry, bound device, used_ts/used_by
     {p}cred:{{enrol}}:{id}  hash    EnrolmentStore       a device credential: secret sha256,
-                                                         enrolled_ts, revoked_ts
+                                                         enrolled_ts, revoked_ts, journal revision
     {p}enrolled:{{enrol}}   set     EnrolmentStore       device ids holding a valid credential
 
 (``{{job}}`` is the job id inside literal braces, e.g. ``ff:fl.round:{job-1a2b}``;

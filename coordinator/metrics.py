@@ -95,6 +95,12 @@ class CoordinatorMetrics:
             "Jobs restored into Redis from the job journal (Redis lost or rolled them back)",
             registry=registry,
         )
+        self.credentials_restored = Counter(
+            "fedfleet_coord_credentials_restored_total",
+            "Device credentials restored into Redis from the credential journal (Redis lost "
+            "or rolled them back)",
+            registry=registry,
+        )
         self.enrolments = Counter(
             "fedfleet_coord_enrolments_total",
             "Enrolment attempts by outcome (enrolled, token_unknown, token_used, token_expired, "

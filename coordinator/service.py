@@ -39,6 +39,11 @@ from coordinator.artifacts import DiskCache, KafkaArtifacts
 from coordinator.broker_admin import BrokerAdmin, DynsecBrokerAdmin
 from coordinator.broker_passwd import PasswdBrokerAdmin
 from coordinator.core import build_core
+from coordinator.cred_journal import (
+    KafkaCredentialJournal,
+    journal_unrecorded_credentials,
+    restore_lost_credentials,
+)
 from coordinator.dispatcher import run_dispatcher
 from coordinator.errors import CoordinatorError
 from coordinator.fleet import run_sweep
@@ -159,7 +164,8 @@ class Coordinator:
         await self.producer.start()
         stack.push_async_callback(stop_quietly, self.producer)
         await wait_for_topics(self.producer, [s.jobs_topic, s.journal_topic, s.tasks_topic,
-                                              s.updates_topic, s.models_topic], 30)  # fmt: skip
+                                              s.updates_topic, s.models_topic,
+                                              s.credentials_topic], 30)  # fmt: skip
 
         if s.admin_token in ("", "change-me"):
             log.warning("admin_token is the default: set FEDFLEET_ADMIN_TOKEN")
@@ -177,6 +183,10 @@ class Coordinator:
         self.journal = KafkaJobJournal(s, self.producer)
         await self.journal.start()
         stack.push_async_callback(self.journal.stop)
+        # the credential journal likewise: an enrolled fleet survives a Redis wipe
+        self.credentials = KafkaCredentialJournal(s, self.producer)
+        await self.credentials.start()
+        stack.push_async_callback(self.credentials.stop)
         # onnx jobs' artifacts: durable on Kafka, cached next to the model store
         self.artifacts = KafkaArtifacts(s.kafka_bootstrap, s.artifacts_topic,
                                         DiskCache(s.model_store_dir / "artifacts"),
@@ -185,7 +195,8 @@ class Coordinator:
                           task_sink=sink, publish=self.publish, fail_job=self.fail_job,
                           complete_job=self.complete_job, write_spec=self.write_spec,
                           artifacts=self.artifacts,
-                          broker_admin=self.broker_admin, task_key=task_key)  # fmt: skip
+                          broker_admin=self.broker_admin, task_key=task_key,
+                          credentials=self.credentials)  # fmt: skip
         if self._own_admin is not None:
             stack.push_async_callback(self._own_admin.close)
         self.core = core
@@ -196,6 +207,9 @@ class Coordinator:
         self.selector, self.uploads, self.router = core.selector, core.uploads, core.router
         await journal_unrecorded_jobs(self.journal, self.jobs)
         await restore_lost_jobs(self.journal, self.jobs, self.metrics)
+        creds = core.enroller.store
+        await journal_unrecorded_credentials(self.credentials, creds)
+        await restore_lost_credentials(self.credentials, creds, self.metrics)
         await self._fetch_artifacts()
 
         self._spawn("telemetry", self.batcher.run)
@@ -211,9 +225,12 @@ class Coordinator:
         self._spawn("registry", lambda: self._registry_loop(mconsumer))
         self._spawn("selector", self.selector.run)
         self._spawn("journal", self.journal.run)
+        self._spawn("credentials", self.credentials.run)
         self._spawn("fleet-sweep", lambda: run_sweep(self.fleet, s.device_sweep_s, self.metrics))
-        self._spawn("recovery", lambda: run_recovery(
-            self.journal, self.jobs, self.metrics, s.recovery_check_s))  # fmt: skip
+        self._spawn("recovery", lambda: run_recovery([
+            lambda: restore_lost_jobs(self.journal, self.jobs, self.metrics),
+            lambda: restore_lost_credentials(self.credentials, creds, self.metrics),
+        ], s.recovery_check_s))  # fmt: skip
         stack.push_async_callback(self._cancel_tasks)
 
         upload = replying(core.uploads, self._upload_slots)

@@ -208,6 +208,11 @@ class CoordinatorSettings:
         return f"{self.topic_prefix}jobjournal"
 
     @property
+    def credentials_topic(self) -> str:
+        """Device credentials' durable record (compacted; ``coordinator.cred_journal``)."""
+        return f"{self.topic_prefix}credentials"
+
+    @property
     def tasks_topic(self) -> str:
         return f"{self.topic_prefix}tasks"
 
