@@ -39,9 +39,9 @@ from aggregator.errors import AggregatorError, CheckpointError, ConfigError, Upd
 from aggregator.job_shard import JobShard
 from aggregator.metrics import AggregatorMetrics
 from aggregator.settings import AggregatorSettings
-from aggregator.shard import Decoded, Outcome, PartitionState, predecode
+from aggregator.shard import Decoded, Outcome, PartitionState, decode_update
 from schemas.errors import SchemaError
-from schemas.messages import JobSpec, ShardVersion, decode, encode
+from schemas.messages import JobSpec, ShardUpdate, ShardVersion, decode, encode
 
 log = logging.getLogger("fedfleet.aggregator")
 
@@ -92,6 +92,8 @@ class AggregatorWorker:
         self._closed = False
         self._stop = asyncio.Event()
         self._builds: list[asyncio.Future[ShardVersion]] = []
+        # labelled counter per (shard, strategy): labels() costs more than the inc()
+        self._applied_child: dict[tuple[int, str], Any] = {}
         self.assignments = 0  # number of completed assignment callbacks
 
     # ------------------------------------------------------------------ lifecycle
@@ -403,12 +405,7 @@ class AggregatorWorker:
             part = self.partitions.get(tp.partition)
             if part is None:
                 continue
-            for rec in records:
-                if rec.offset < part.next_offset:
-                    continue
-                await self._handle(part, rec.value or b"", rec.offset)
-                if part.outbox:
-                    self._start_builds(part)
+            await self._apply_records(part, records)
             self._since_ckpt[tp.partition] = self._since_ckpt.get(tp.partition, 0) + len(records)
             self._last_record[tp.partition] = time.monotonic()
             hw = self._consumer.highwater(tp) if self._consumer is not None else None
@@ -419,17 +416,43 @@ class AggregatorWorker:
         await self._publish_outboxes()
         return await self._checkpoint()
 
-    async def _handle(self, part: PartitionState, item: bytes | Decoded, offset: int) -> Outcome:
-        t0 = time.perf_counter()
-        if not isinstance(item, Decoded):
-            try:
-                item = predecode(item, max_bytes=self.settings.max_update_bytes)
-            except Exception as exc:  # never crash on one record; handle() counts it
-                log.exception("unexpected decode error on %s@%d", part.key, offset)
-                item = Decoded(None, error=UpdateRejected("internal", str(exc)))
-        if item.msg is not None and item.msg.job_id not in self.jobs:
-            if item.msg.job_id not in self.set_aside:
-                await self.catch_up_jobs()
+    async def _apply_records(self, part: PartitionState, records: list[Any]) -> int:
+        """Fold one fetched batch of a partition in, in offset order; how many were new.
+
+        Each record is handled synchronously (no task switch per record); the loop only
+        awaits to catch up on ``{prefix}jobs`` when a record names a job not known yet.
+        """
+        handled = 0
+        jobs, set_aside = self.jobs, self.set_aside
+        for rec in records:
+            offset = rec.offset
+            if offset < part.next_offset:
+                continue
+            t0 = time.perf_counter()
+            item = self._decode(part, rec.value or b"", offset)
+            if type(item) is ShardUpdate and item.job_id not in jobs:
+                if item.job_id not in set_aside:
+                    await self.catch_up_jobs()
+            self._apply(part, item, offset, t0)
+            handled += 1
+            if part.outbox:
+                self._start_builds(part)
+        return handled
+
+    def _decode(self, part: PartitionState, raw: bytes, offset: int) -> ShardUpdate | Decoded:
+        """The record's message (its payload is decoded by the partition, after the
+        shard/job/bounds/dedupe checks), or its decode failure for ``handle`` to count."""
+        try:
+            return decode_update(raw, max_bytes=self.settings.max_update_bytes)
+        except UpdateRejected as exc:
+            return Decoded(None, error=exc)
+        except Exception as exc:  # never crash on one record; handle() counts it
+            log.exception("unexpected decode error on %s@%d", part.key, offset)
+            return Decoded(None, error=UpdateRejected("internal", str(exc)))
+
+    def _apply(
+        self, part: PartitionState, item: ShardUpdate | Decoded, offset: int, t0: float
+    ) -> Outcome:
         try:
             out = part.handle(item, offset, self._job_of)
         except Exception:  # never crash on one record; count and go on
@@ -439,8 +462,13 @@ class AggregatorWorker:
         m = self.metrics
         m.apply_seconds.observe(time.perf_counter() - t0)
         if out.status in ("applied", "buffered"):
-            js = part.jobs[out.job_id]
-            m.applied.labels(shard=str(part.shard), strategy=js.job.strategy.name).inc()
+            name = part.jobs[out.job_id].job.strategy.name
+            child = self._applied_child.get((part.shard, name))
+            if child is None:
+                child = self._applied_child[part.shard, name] = m.applied.labels(
+                    shard=str(part.shard), strategy=name
+                )
+            child.inc()
             if out.staleness is not None:
                 m.staleness.observe(out.staleness)
         else:

@@ -283,15 +283,17 @@ async def kafka_rate(
     worker = AggregatorWorker(settings, store=FileCheckpointStore(ckdir))
     if artifact is not None:  # what the coordinator writes to {prefix}artifacts; read at start
         worker.artifacts.put(artifact, job.spec.artifact)
-    times: list[float] = []
-    orig = worker._handle
+    times: list[float] = []  # when the last record of each fetched batch was applied
+    handled: list[int] = []
+    orig = worker._apply_records
 
-    async def timed(part: Any, raw: bytes, offset: int) -> Any:
-        out = await orig(part, raw, offset)
+    async def timed(part: Any, records: list[Any]) -> int:
+        n = await orig(part, records)
         times.append(time.perf_counter())
-        return out
+        handled.append(n)
+        return n
 
-    worker._handle = timed  # type: ignore[method-assign,assignment]
+    worker._apply_records = timed  # type: ignore[method-assign]
     async with worker:
         t_first: list[float] = []
         orig_assigned = worker._on_assigned
@@ -305,7 +307,7 @@ async def kafka_rate(
     shutil.rmtree(ckdir, ignore_errors=True)
     published = int(worker.metrics.value("fedfleet_aggregator_versions_published_total"))
     ckpt_s = worker.metrics.value("fedfleet_aggregator_checkpoint_seconds_sum")
-    return len(times) / (times[-1] - t_first[0]), published, ckpt_s
+    return sum(handled) / (times[-1] - t_first[0]), published, ckpt_s
 
 
 async def committed(bootstrap: str, group: str, topic: str, parts: int) -> list[int]:

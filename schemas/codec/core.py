@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 import numpy as np
 import numpy.typing as npt
 import zstandard
@@ -171,18 +173,22 @@ def encode(
 
 
 def _indices(planes: list[bytes | memoryview], head: fr.Header) -> npt.NDArray[np.int64]:
-    low = planes[1] if head.nlow == 1 else b"".join(planes[1:])
-    return kn.ef_decode(planes[0], low, head.nlow, head.k, head.length)
+    """The index streams are ``planes[0]`` (bitmap) and ``planes[1 : 1 + nlow]``."""
+    nlow = head.nlow
+    low = planes[1] if nlow == 1 else b"".join(planes[1 : 1 + nlow])
+    return kn.ef_decode(planes[0], low, nlow, head.k, head.length)
 
 
-def _values(planes: list[bytes | memoryview], head: fr.Header) -> tuple[F32 | None, float]:
-    """Float32 values, or ``(None, scale)`` for int8 (the caller keeps the int8 plane)."""
-    if head.quant == fr.QUANT_CODES["int8"]:
-        # |q| <= 127, so with a bounded scale every value is finite: no scan needed.
-        if not 0.0 <= head.scale or not 127.0 * head.scale < qt.F32_OVERFLOW:
-            reason = "non_finite" if head.scale != head.scale or head.scale > 0 else "codec"
-            raise SchemaError(reason, f"bad int8 scale {head.scale!r}")
-        return None, head.scale
+def _int8_scale(scale: float) -> float:
+    # |q| <= 127, so with a bounded scale every value is finite: no scan needed.
+    if not 0.0 <= scale or not 127.0 * scale < qt.F32_OVERFLOW:
+        reason = "non_finite" if scale != scale or scale > 0 else "codec"
+        raise SchemaError(reason, f"bad int8 scale {scale!r}")
+    return scale
+
+
+def _values(planes: list[bytes | memoryview], head: fr.Header) -> F32:
+    """Float32 values of an fp16 or lossless frame (int8 keeps its plane, see decode)."""
     if head.quant == fr.QUANT_CODES["fp16"]:
         if not (0.0 < head.scale < float("inf")):
             raise SchemaError("codec", "bad fp16 scale")
@@ -195,7 +201,7 @@ def _values(planes: list[bytes | memoryview], head: fr.Header) -> tuple[F32 | No
         vals = fr.join_planes(planes, "<f4").astype(np.float32, copy=False)
     if not np.isfinite(vals).all():
         raise SchemaError("non_finite", "decoded values contain NaN or Inf")
-    return vals, 1.0
+    return vals
 
 
 def _int8(plane: bytes | memoryview) -> npt.NDArray[np.int8]:
@@ -203,6 +209,9 @@ def _int8(plane: bytes | memoryview) -> npt.NDArray[np.int8]:
     if kn.has_int8_min(q):
         raise SchemaError("codec", "int8 value -128 is never produced by the encoder")
     return q
+
+
+_QUANT_INT8: Final = fr.QUANT_CODES["int8"]
 
 
 def decode(
@@ -229,16 +238,22 @@ def decode(
         raise SchemaError("too_large", f"frame of {len(frame)} bytes > {max_frame_bytes}")
     try:
         head = fr.parse(frame, int(expected_length))
-        n_streams = len(head.sizes)
-        if head.k * n_streams > max_decoded_bytes:
-            raise SchemaError("too_large", f"{head.k * n_streams} decoded bytes > limit")
+        if head.k * len(head.sizes) > max_decoded_bytes:
+            raise SchemaError("too_large", f"{head.k * len(head.sizes)} decoded bytes > limit")
         planes = fr.read_planes(frame, head)
-        sparse = head.sparse
-        n_index = 1 + head.nlow if sparse else 0
-        values, qscale = _values(planes[n_index:], head)
-        q = _int8(planes[n_index]) if values is None else None
-        indices = _indices(planes[:n_index], head) if sparse else None
-        if indices is not None:
+        n_index = 1 + head.nlow if head.flags & fr.FLAG_SPARSE else 0
+        q: npt.NDArray[np.int8] | None = None
+        values: F32 | None = None
+        qscale = 1.0
+        # checked in this order: values (scale, finiteness, int8 range), then indices
+        if head.quant == _QUANT_INT8:
+            qscale = _int8_scale(head.scale)
+            q = _int8(planes[n_index])
+        else:
+            values = _values(planes[n_index:], head)
+        indices = None
+        if n_index:
+            indices = _indices(planes, head)
             indices.setflags(write=False)  # add_to relies on them staying as checked
     except SchemaError:
         raise

@@ -57,7 +57,11 @@ MAX_LENGTH: Final = 0xFFFFFFFF
 
 _HEAD = struct.Struct("<4sBBBBIIf")
 _U32 = struct.Struct("<I")
-_SIZES: Final = {n: struct.Struct(f"<{n}I") for n in range(1, 2 + MAX_LOW_BYTES + 4)}
+# the stream-size table and the CRC after it, read in one unpack per stream count
+_SIZES_CRC: Final = {n: struct.Struct(f"<{n + 1}I") for n in range(1, 2 + MAX_LOW_BYTES + 4)}
+_SIZE_MASK: Final = ~RAW_BIT & 0xFFFFFFFF  # size field -> stream bytes
+_stream_bytes: Final = _SIZE_MASK.__and__
+_new_header: Final = tuple.__new__  # Header(...) without the generated __new__'s frame
 HEAD_SIZE: Final = _HEAD.size
 MIN_FRAME: Final = HEAD_SIZE + 2 * _U32.size  # header, >= 1 stream size, crc
 
@@ -82,11 +86,11 @@ class Header(NamedTuple):
 
     def stream_sizes(self) -> list[int]:
         """Decoded size of every stream, in order (fixed by the header)."""
-        vals = [self.k] * QUANT_ITEMSIZE[self.quant]
-        if not self.sparse:
-            return vals
-        bitmap = ef_bitmap_bytes(self.k, self.length, self.nlow)
-        return [bitmap, *[self.k] * self.nlow, *vals]
+        k = self.k
+        if not self.flags & FLAG_SPARSE:
+            return [k] * QUANT_ITEMSIZE[self.quant]
+        bitmap = ef_bitmap_bytes(k, self.length, self.nlow)
+        return [bitmap, *[k] * (self.nlow + QUANT_ITEMSIZE[self.quant])]
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
@@ -163,46 +167,48 @@ def pack(
 
 def parse(frame: bytes | bytearray | memoryview, expected_length: int) -> Header:
     """Validate the header of ``frame`` (magic, version, CRC, sizes, length)."""
-    if len(frame) < MIN_FRAME:
-        raise SchemaError("codec", f"frame of {len(frame)} bytes is shorter than a header")
+    total = len(frame)
+    if total < MIN_FRAME:
+        raise SchemaError("codec", f"frame of {total} bytes is shorter than a header")
     magic, version, quant, flags, nlow, length, k, scale = _HEAD.unpack_from(frame, 0)
     if magic != MAGIC:
         raise SchemaError("codec", "bad magic")
     if version != FORMAT_VERSION:
         raise SchemaError("codec", f"unsupported codec format version {version}")
-    if quant not in QUANT_ITEMSIZE:
+    itemsize = QUANT_ITEMSIZE.get(quant)
+    if itemsize is None:
         raise SchemaError("codec", f"unknown quantisation code {quant}")
     if flags & ~KNOWN_FLAGS:
         raise SchemaError("codec", f"unknown flags {flags:#x}")
-    sparse = bool(flags & FLAG_SPARSE)
+    sparse = flags & FLAG_SPARSE
     if nlow > (MAX_LOW_BYTES if sparse else 0):
         raise SchemaError("codec", f"low bytes {nlow} inconsistent with flags {flags:#x}")
-    n = (1 + nlow if sparse else 0) + QUANT_ITEMSIZE[quant]
+    n = 1 + nlow + itemsize if sparse else itemsize
     end = HEAD_SIZE + _U32.size * n
-    if len(frame) < end + _U32.size:
+    if total < end + _U32.size:
         raise SchemaError("codec", "truncated header")
-    sizes = _SIZES[n].unpack_from(frame, HEAD_SIZE)
-    (crc,) = _U32.unpack_from(frame, end)
-    if zlib.crc32(memoryview(frame)[:end]) != crc:
+    words = _SIZES_CRC[n].unpack_from(frame, HEAD_SIZE)  # n sizes, then the CRC
+    if zlib.crc32(frame[:end]) != words[n]:
         raise SchemaError("codec", "header checksum mismatch")
+    sizes = words[:n]
     body = end + _U32.size
-    if body + sum(size & ~RAW_BIT for size in sizes) != len(frame):
+    if body + sum(map(_stream_bytes, sizes)) != total:
         raise SchemaError("codec", "stream sizes do not add up to the frame size")
     if length != expected_length:
         raise SchemaError("shape", f"frame length {length} != expected {expected_length}")
     if k < 1 or k > length or (not sparse and k != length):
         raise SchemaError("shape", f"entry count {k} invalid for length {length}")
-    return Header(quant, flags, nlow, length, k, float(scale), tuple(sizes), body)
+    return _new_header(Header, (quant, flags, nlow, length, k, float(scale), sizes, body))
 
 
 def read_planes(frame: bytes | bytearray | memoryview, head: Header) -> list[bytes | memoryview]:
     """Every stream, decompressed or as a view of a raw one, each exactly its fixed size."""
     view = memoryview(frame)
-    dctx = _decompressor()
+    dctx: zstandard.ZstdDecompressor | None = None
     out: list[bytes | memoryview] = []
     pos = head.body_offset
     for size, want in zip(head.sizes, head.stream_sizes(), strict=True):
-        n = size & ~RAW_BIT
+        n = size & _SIZE_MASK
         chunk = view[pos : pos + n]
         pos += n
         if size & RAW_BIT:
@@ -216,6 +222,8 @@ def read_planes(frame: bytes | bytearray | memoryview, head: Header) -> list[byt
             raise SchemaError("codec", f"bad zstd frame: {exc}") from None
         if declared != want:
             raise SchemaError("codec", f"stream declares {declared} bytes, expected {want}")
+        if dctx is None:
+            dctx = _decompressor()
         try:
             plane = dctx.decompress(chunk, max_output_size=want, allow_extra_data=False)
         except zstandard.ZstdError as exc:
