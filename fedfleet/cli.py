@@ -1,4 +1,5 @@
-"""The `fedfleet` command: stack, demo, coordinator, aggregator, agent, job, loadtest."""
+"""The `fedfleet` command: stack, demo, coordinator, aggregator, agent, job, loadtest,
+deploy."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from schemas.errors import FedfleetError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fedfleet import demo, example_data, job_cli, services, stack_cli
+    from fedfleet import demo, deploy_cli, example_data, job_cli, services, stack_cli
 
     parser = argparse.ArgumentParser(
         prog="fedfleet", description="Asynchronous federated learning for edge fleets"
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     services.register(sub)
     job_cli.register(sub)
     example_data.register(sub)
+    deploy_cli.register(sub)
     # parsed by their own packages (see main); listed here so --help shows them
     sub.add_parser("agent", help="the edge agent: run on a device, predict (fedfleet agent -h)")
     sub.add_parser("loadtest", help="fleet simulations: scale, train, churn, failover")
