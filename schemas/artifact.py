@@ -25,6 +25,8 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from schemas.artifact_probe import PROBE, ProbeError
+from schemas.artifact_probe import TIMEOUT_S as PROBE_TIMEOUT_S
 from schemas.errors import FedfleetError, SchemaError
 from schemas.messages import MAX_INPUT_RANK, ModelSpecMsg, ParamMsg
 from schemas.modelspec import init_params, layout
@@ -38,13 +40,14 @@ Floats = Sequence[float] | npt.NDArray[np.floating[Any]]
 CODES = frozenset(
     {
         "not_onnx",  # not a parseable ONNX model (or no graph / no nodes)
-        "external_data",  # tensors stored outside the file
+        "external_data",  # a tensor (anywhere, subgraphs too) stored outside the file
         "checker",  # onnx.checker.check_model failed, or no default-domain opset
         "inputs",  # not exactly one real input, or its per-example dims are not fixed
         "outputs",  # no output, logits not [N, n_classes >= 2]
         "dtype",  # the input or logits are not float32
         "trainable",  # no float32 initializer to train, or a named one is missing/not float32
-        "probe",  # onnxruntime cannot run it on zeros, or the logits are not finite
+        "probe",  # onnxruntime cannot run it on zeros (or crashed, or timed out), or the
+        # logits are not finite
         "too_large",  # file bytes or parameters beyond the limit
         "shape",  # a flat vector / parameter shape does not fit the artifact
         "standardize",  # input_mean / input_std do not fit the input or are not finite
@@ -94,10 +97,45 @@ def _parse(data: bytes) -> onnx.ModelProto:
         raise ArtifactError("not_onnx", f"not an ONNX model ({type(exc).__name__})") from None
     if not model.HasField("graph") or not model.graph.node:
         raise ArtifactError("not_onnx", "not an ONNX model (no graph nodes)")
-    for t in model.graph.initializer:
-        if t.data_location == TensorProto.EXTERNAL:
-            raise ArtifactError("external_data", f"initializer {t.name!r} is stored outside")
+    for where, t in _tensors(model.graph):
+        if t.data_location == TensorProto.EXTERNAL or len(t.external_data):
+            raise ArtifactError("external_data", f"{where} {t.name!r} is stored outside the file")
+    bad = next(_not_text(model.graph), None)
+    if bad is not None:  # protobuf hands a non-UTF-8 string field over as bytes
+        raise ArtifactError("checker", f"a name or dim is not UTF-8 text: {bad!r}"[:300])
     return model
+
+
+def _not_text(g: onnx.GraphProto) -> Iterator[object]:
+    """The names and symbolic dims in ``g`` and its subgraphs that are not ``str``."""
+    for v in (*g.input, *g.output, *g.value_info):
+        dims = v.type.tensor_type.shape.dim
+        yield from (x for x in (v.name, *(d.dim_param for d in dims)) if not isinstance(x, str))
+    for t in g.initializer:
+        if not isinstance(t.name, str):
+            yield t.name
+    for n in g.node:
+        yield from (x for x in (*n.input, *n.output, n.op_type, n.domain) if not isinstance(x, str))
+        for sg in _subgraphs(n):
+            yield from _not_text(sg)
+
+
+def _tensors(g: onnx.GraphProto, where: str = "") -> Iterator[tuple[str, onnx.TensorProto]]:
+    """Every tensor stored in ``g`` (initializers, sparse ones, node attributes) and its
+    subgraphs, with where it sits."""
+    for t in g.initializer:
+        yield f"{where}initializer", t
+    for s in g.sparse_initializer:
+        yield f"{where}sparse initializer", s.values
+        yield f"{where}sparse initializer indices", s.indices
+    for n in g.node:
+        for a in n.attribute:
+            at = f"{where}attribute {a.name!r} of {n.op_type} node, tensor"
+            yield from ((at, t) for t in (a.t, *a.tensors))
+            for s in (a.sparse_tensor, *a.sparse_tensors):
+                yield from ((at, t) for t in (s.values, s.indices))
+        for sg in _subgraphs(n):
+            yield from _tensors(sg, f"{where}subgraph {sg.name!r}: ")
 
 
 def _check(model: onnx.ModelProto) -> None:
@@ -205,7 +243,7 @@ def _input_shape(v: onnx.ValueInfoProto) -> tuple[int, ...]:
         raise ArtifactError("inputs", f"input {v.name!r} is not a tensor")
     tt = v.type.tensor_type
     if tt.elem_type != TensorProto.FLOAT:
-        dt = TensorProto.DataType.Name(tt.elem_type)
+        dt = _dtype_name(tt.elem_type)
         raise ArtifactError("dtype", f"input {v.name!r} is {dt}, need FLOAT (float32)")
     dims = tt.shape.dim if tt.HasField("shape") else []
     if not 2 <= len(dims) <= 1 + MAX_INPUT_RANK:
@@ -216,6 +254,13 @@ def _input_shape(v: onnx.ValueInfoProto) -> tuple[int, ...]:
     if math.prod(shape) > 1 << 20:
         raise ArtifactError("inputs", f"input {v.name!r} has {math.prod(shape)} features")
     return shape
+
+
+def _dtype_name(elem_type: int) -> str:
+    try:
+        return str(TensorProto.DataType.Name(elem_type))
+    except ValueError:  # a number the enum does not know
+        return f"data type {elem_type}"
 
 
 def _check_logits_decl(v: onnx.ValueInfoProto) -> None:
@@ -266,27 +311,24 @@ def _trainable(
         raise ArtifactError("trainable", exc.detail) from None
 
 
-def _probe(data: bytes, input_shape: tuple[int, ...]) -> int:
-    """Run the artifact on zeros ``[2, *input_shape]``; the number of classes."""
-    import onnxruntime as ort  # heavy: only where an artifact is checked
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+def _probe(data: bytes, input_shape: tuple[int, ...], timeout_s: float) -> int:
+    """Run the artifact on zeros ``[2, *input_shape]`` (in the probe process,
+    ``schemas.artifact_probe``: a hang, a memory bomb or a crash costs only that child);
+    the number of classes."""
     try:
-        sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-        logits, probs = sess.run([LOGITS, PROBS], {INPUT: np.zeros((2, *input_shape), np.float32)})
-    except Exception as exc:
-        hint = " (is the batch dim fixed inside the graph?)" if "shape" in str(exc).lower() else ""
-        raise ArtifactError("probe", _first_line(exc) + hint) from None
-    logits, probs = np.asarray(logits), np.asarray(probs)
-    if logits.ndim != 2 or logits.shape[0] != 2 or not 2 <= logits.shape[1] <= 1 << 16:
-        raise ArtifactError("outputs", f"logits of a batch of 2 have shape {logits.shape}")
-    if logits.dtype != np.float32 or probs.shape != logits.shape:
-        raise ArtifactError("dtype", f"logits are {logits.dtype} {probs.shape}")
-    if not (np.isfinite(logits).all() and np.isfinite(probs).all()):
+        r = PROBE.run(data, input_shape, timeout_s)
+    except ProbeError as exc:
+        text = str(exc)
+        hint = " (is the batch dim fixed inside the graph?)" if "shape" in text.lower() else ""
+        raise ArtifactError("probe", text[:400] + hint) from None
+    shape = r.logits_shape
+    if len(shape) != 2 or shape[0] != 2 or not 2 <= shape[1] <= 1 << 16:
+        raise ArtifactError("outputs", f"logits of a batch of 2 have shape {shape}")
+    if r.dtype != "float32" or r.probs_shape != shape:
+        raise ArtifactError("dtype", f"logits are {r.dtype} {r.probs_shape}")
+    if not r.finite:
         raise ArtifactError("probe", "logits on zeros are not finite")
-    return int(logits.shape[1])
+    return int(shape[1])
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -298,11 +340,13 @@ def normalize(
     trainable: Sequence[str] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_params: int = DEFAULT_MAX_PARAMS,
+    probe_timeout_s: float = PROBE_TIMEOUT_S,
 ) -> ArtifactInfo:
     """Check a user's ONNX file and bring it to the normalised form (module docstring).
 
     ``trainable``: initializer names to train (default: every non-empty float32
     initializer); the flat order is the graph's initializer order either way.
+    ``probe_timeout_s``: the longest the probe run may take (session build included).
     """
     if isinstance(data, bytes | bytearray | memoryview) and len(data) > max_bytes:
         raise ArtifactError("too_large", f"{len(data)} bytes > limit {max_bytes}")
@@ -343,7 +387,7 @@ def normalize(
     g.output.append(onnx.ValueInfoProto())
     for v, name in zip(g.output, (LOGITS, PROBS), strict=True):  # [N, ?] until the probe
         v.CopyFrom(helper.make_tensor_value_info(name, TensorProto.FLOAT, [batch.dim_param, None]))
-    n_classes = _probe(model.SerializeToString(), input_shape)
+    n_classes = _probe(model.SerializeToString(), input_shape, probe_timeout_s)
     for v in g.output:
         v.CopyFrom(
             helper.make_tensor_value_info(v.name, TensorProto.FLOAT, [batch.dim_param, n_classes])
