@@ -23,6 +23,7 @@ from typing import Any
 from loadtest import report
 from loadtest.runner import environment
 from schemas.errors import FedfleetError
+from sim.byzantine import ATTACKS
 from stack import StackSettings, envfile
 from stack.errors import ConfigError
 from stack.insecure import add_insecure_flag, warn_insecure
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--target-accuracy", type=float, help=f"default {t.target_accuracy}")
     tr.add_argument("--time-budget", type=float, default=t.budget_s, help="seconds per run")
     tr.add_argument("--concurrency", type=int, help=f"default {t.concurrency} (mnist1d: 10)")
-    tr.add_argument("--lr", type=float, help=f"default {t.lr} (mnist1d: Adam, 2e-3)")
+    tr.add_argument("--lr", type=float,
+                    help=f"default {t.lr} (mnist1d: SGD with momentum 0.9, 0.05)")
     tr.add_argument("--local-epochs", type=int, help=f"default {t.local_epochs}")
     tr.add_argument("--batch-size", type=int, help=f"default {t.batch_size}")
     tr.add_argument("--time-scale", type=float, default=t.time_scale)
@@ -94,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--over-selection", type=float, default=t.over_selection)
     tr.add_argument("--round-deadline", type=float, default=t.round_deadline_s)
     tr.add_argument("--processes", type=int, default=t.processes)
+    tr.add_argument("--byzantine", type=float, default=t.byzantine, metavar="SHARE",
+                    help="share of the fleet that uploads forged models (digits task)")
+    tr.add_argument("--attack", choices=ATTACKS, default=t.attack,
+                    help="what a Byzantine device uploads (sim/byzantine.py)")
+    tr.add_argument("--bounds", default=",".join(t.bounds),
+                    help="the update-norm bound per run: on (the jobs' default adaptive "
+                         "clipping), off, or on,off (every run with and without)")  # fmt: skip
     _server_flags(tr)
 
     ch = sub.add_parser("churn", help="devices vanish mid-task or flap; nothing stranded/lost")
@@ -122,7 +131,38 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what is killed: aggregators in turn, or redis-server (redis-wipe: "
                          "it also loses its data and comes back empty)")  # fmt: skip
     _server_flags(fo)
+
+    fa = sub.add_parser(
+        "faults", help="kill -9 / partition / slow link of each server, each on a host "
+        "(network namespace) of its own; exactly once per shard",
+    )  # fmt: skip
+    _faults_flags(fa)
     return p
+
+
+def _faults_flags(fa: argparse.ArgumentParser) -> None:
+    from loadtest.faults import FAULTS, FaultSettings
+
+    d = FaultSettings()
+    fa.add_argument("--faults", default=",".join(d.faults),
+                    help=f"comma-separated, in order: {', '.join(FAULTS)}; NAME:HOST picks "
+                         "the host (partition:agg-2, slow:kafka-3)")  # fmt: skip
+    for flag, name, kind in (("--devices", "devices", int), ("--concurrency", "concurrency", int),
+                             ("--coordinators", "coordinators", int),
+                             ("--aggregators", "aggregators", int),
+                             ("--warmup-updates", "warmup_updates", int),
+                             ("--down", "down_s", float), ("--partition-s", "partition_s", float),
+                             ("--slow-s", "slow_s", float), ("--slow-kbit", "slow_kbit", int),
+                             ("--slow-delay-ms", "slow_delay_ms", int),
+                             ("--between", "between_s", float),
+                             ("--resume-timeout", "resume_timeout_s", float),
+                             ("--session-timeout-ms", "session_timeout_ms", int),
+                             ("--kafka-heap-mb", "kafka_heap_mb", int)):  # fmt: skip
+        fa.add_argument(flag, dest=name, type=kind, default=getattr(d, name))
+    fa.add_argument("--out", type=Path, default=None, help="report directory")
+    fa.add_argument("--json", action="store_true", help="last stdout line is the JSON summary")
+    fa.add_argument("--seed", type=int, default=0)
+    fa.add_argument("-v", "--verbose", action="store_true")
 
 
 def train_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -140,15 +180,14 @@ def train_values(args: argparse.Namespace) -> dict[str, Any]:
 def stack_settings(args: argparse.Namespace) -> StackSettings:
     """The default: a secure stack of its own (its broker and Redis; Kafka may be shared).
     ``--insecure``: servers from flags > ``FEDFLEET_KAFKA/MQTT/REDIS`` > the stack file;
-    else started, anonymous. A Redis wipe (``failover --fault redis-wipe``) also wipes the
-    enrolment records, so that fault runs insecure."""
-    wipe = args.scenario == "failover" and getattr(args, "fault", "") == "redis-wipe"
-    if not args.insecure and not wipe:
+    else started, anonymous. (A Redis wipe, ``failover --fault redis-wipe``, runs secure
+    too: the coordinator restores the devices' credentials from its credential journal.)"""
+    if not args.insecure:
         if args.mqtt or args.redis:
             raise ConfigError("the secure default starts its own broker and Redis: drop "
                               "--mqtt/--redis, or add --insecure to use those servers")  # fmt: skip
         return StackSettings.from_env(kafka_url=args.kafka, secure=True)
-    warn_insecure(f"fedfleet loadtest {args.scenario}" + (" --fault redis-wipe" * wipe))
+    warn_insecure(f"fedfleet loadtest {args.scenario}")
     s = StackSettings.from_env(kafka_url=args.kafka, mqtt_url=args.mqtt, redis_url=args.redis)
     if args.scenario == "failover" and getattr(args, "fault", "aggregator") != "aggregator":
         return s  # a Redis fault kills the embedded redis-server: never a shared one
@@ -178,6 +217,8 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], lis
             over_selection=args.over_selection, round_deadline_s=args.round_deadline,
             processes=args.processes, seed=args.seed, task=args.task,
             codecs=tuple(args.codecs.split(",")), max_updates=args.max_updates,
+            byzantine=args.byzantine, attack=args.attack,
+            bounds=tuple(args.bounds.split(",")),
             **train_values(args),
         )  # fmt: skip
         async with environment(stack_settings(args), aggregators=2, log=log) as env:
@@ -203,6 +244,18 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], lis
         ) as env:  # fmt: skip
             res_f = await run_failover(env, fs, quiet=quiet)
         return failover_report(res_f, out_dir)
+    if args.scenario == "faults":
+        from dataclasses import fields
+
+        from loadtest.faults import FaultSettings, cluster, faults_report, run_faults
+
+        warn_insecure("fedfleet loadtest faults")  # hosts span namespaces: see loadtest/faults.py
+        names = {f.name for f in fields(FaultSettings)} - {"faults"}
+        fa = FaultSettings(faults=tuple(x for x in args.faults.split(",") if x),
+                           **{k: v for k, v in vars(args).items() if k in names})  # fmt: skip
+        async with cluster(fa, log, keep_logs=out_dir / "logs") as cl:
+            res_fa = await run_faults(cl, fa, quiet=quiet)
+        return faults_report(res_fa, out_dir)
     from loadtest.churn import ChurnSettings, churn_report, run_churn
 
     cs = ChurnSettings(devices=args.devices, share=args.share, duration_s=args.duration,

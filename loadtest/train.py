@@ -39,6 +39,7 @@ from sim.monitor import ModelMonitor, fed_text
 from sim.pool import FleetPool
 from sim.services import AggMetrics, scrape
 from sim.tasks import LEARNING, Task, codec_of, load_task
+from stack.errors import StackError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,7 +65,15 @@ class TrainSettings:
     codecs: tuple[str, ...] = ("int8",)  # see codec_of
     max_updates: int = 0  # >0: a run ends after this many accepted updates, not at target
     publish_every: int = 1
+    # a share of the fleet uploads forged models (sim.byzantine; the digits task only)
+    byzantine: float = 0.0
+    attack: str = "sign_flip"
+    # the update-norm bound per run: "on" the jobs' default (adaptive clipping), "off"
+    # clip_multiplier 0; both: every strategy x codec runs with and without it
+    bounds: tuple[str, ...] = ("on",)
 
+
+BOUNDS = ("on", "off")
 
 # TrainSettings fields a task sets when the user does not (sim.tasks.LEARNING)
 TASK_FIELDS = ("devices", "concurrency", "lr", "local_epochs", "batch_size",
@@ -75,8 +84,9 @@ def task_defaults(task: str) -> dict[str, Any]:
     return {k: v for k, v in LEARNING.get(task, {}).items() if k in TASK_FIELDS}
 
 
-def run_label(strategy: str, codec: str, s: TrainSettings) -> str:
-    return strategy if len(s.codecs) == 1 else f"{strategy}+{codec}"
+def run_label(strategy: str, codec: str, s: TrainSettings, bound: str = "on") -> str:
+    label = strategy if len(s.codecs) == 1 else f"{strategy}+{codec}"
+    return label if len(s.bounds) == 1 else f"{label}+{'clip' if bound == 'on' else 'noclip'}"
 
 
 def fed_round(acc: float | None) -> float | None:
@@ -84,7 +94,7 @@ def fed_round(acc: float | None) -> float | None:
 
 
 def job_body(s: TrainSettings, strategy: str, run_id: str, *, task: Task | None = None,
-             spec: dict[str, Any] | None = None, codec: str = "int8",
+             spec: dict[str, Any] | None = None, codec: str = "int8", bound: str = "on",
              ) -> dict[str, Any]:  # fmt: skip
     """One run's job: ``spec`` the model's (default the digits softmax), ``task`` gives the
     model name and the task's training extras (e.g. the optimizer)."""
@@ -98,8 +108,12 @@ def job_body(s: TrainSettings, strategy: str, run_id: str, *, task: Task | None 
         strat.update(buffer_size=s.concurrency, server_lr=1.0)
         selection = {"mode": "sync", "over_selection": s.over_selection,
                      "round_deadline_s": s.round_deadline_s}  # fmt: skip
+    if bound == "off":  # no update-norm bound (the jobs' default is adaptive clipping)
+        strat["clip_multiplier"] = 0.0
     name = (task.model_name if task else "digits") + f"-{strategy}"
     tag = strategy if len(s.codecs) == 1 else f"{strategy}-{codec.replace('.', '')}"
+    if len(s.bounds) > 1:
+        tag += "-clip" if bound == "on" else "-noclip"
     return {
         "model_name": f"{name}-{tag}-{run_id}" if tag != strategy else f"{name}-{run_id}",
         "job_id": f"{tag}-{run_id}",
@@ -127,6 +141,7 @@ class Run:
     label: str
     task: Task
     spec: dict[str, Any] | None  # the uploaded artifact's spec (None: the task's built-in)
+    bound: str = "on"  # the update-norm bound (BOUNDS)
 
 
 async def _one(
@@ -135,7 +150,8 @@ async def _one(
 ) -> dict[str, Any]:  # fmt: skip
     strategy = run.strategy
     spec = run.spec or run.task.spec
-    body = job_body(s, strategy, env.run_id, task=run.task, spec=spec, codec=run.codec)
+    body = job_body(s, strategy, env.run_id, task=run.task, spec=spec, codec=run.codec,
+                    bound=run.bound)  # fmt: skip
     ports = env.services.metrics_ports
     m0 = await scrape(env.http, ports)
     st0 = pool.snapshot()["stats"]
@@ -214,6 +230,7 @@ async def _one(
         "strategy": strategy,
         "label": run.label,
         "codec": run.codec,
+        "bound": run.bound,
         "codec_config": body["codec"],
         "num_params": num_params(msgspec.convert(spec, ModelSpecMsg)),
         "job_id": job_id,
@@ -250,6 +267,11 @@ async def run_train(env: Env, s: TrainSettings, *, quiet: bool) -> dict[str, Any
     task = load_task(s.task, s.seed)
     for c in s.codecs:
         codec_of(c)  # a bad name fails before the fleet starts
+    if any(b not in BOUNDS for b in s.bounds):
+        raise StackError(f"--bounds takes {' and/or '.join(BOUNDS)}, got {','.join(s.bounds)}")
+    if s.byzantine and s.task != "digits":
+        raise StackError("--byzantine needs a built-in model (--task digits): an onnx job "
+                         "trains with its artifact's own trainer")  # fmt: skip
     model_spec = await env.api.model_spec(task)
     key = await env.api.public_key()
     # A speed-1 device with the mean partition takes ``task_s`` of real time per task.
@@ -259,7 +281,7 @@ async def run_train(env: Env, s: TrainSettings, *, quiet: bool) -> dict[str, Any
         devices=s.devices, seed=s.seed, time_scale=s.time_scale,
         base_samples_per_s=bsps, speed_sigma=s.speed_sigma,
         telemetry_interval_s=2.0, id_prefix=f"tr{env.run_id}", connect_per_s=500.0,
-        task=s.task,
+        task=s.task, byzantine_share=s.byzantine, attack=s.attack,
     )  # fmt: skip
     enrolled = await enrol_if_secure(env.http, env.services, spec.device_ids())
     if enrolled.credentials is not None:  # a secure stack: every device enrolled first
@@ -269,8 +291,8 @@ async def run_train(env: Env, s: TrainSettings, *, quiet: bool) -> dict[str, Any
                      mqtt_port=env.info.mqtt_port, api_url=env.services.rest_url,
                      public_key_hex=key, log_dir=env.workdir,
                      credentials=enrolled.credentials, ca_file=enrolled.ca_file)  # fmt: skip
-    runs = [Run(st, c, run_label(st, c, s), task, model_spec)
-            for st in s.strategies for c in s.codecs]  # fmt: skip
+    runs = [Run(st, c, run_label(st, c, s, b), task, model_spec, b)
+            for st in s.strategies for c in s.codecs for b in s.bounds]  # fmt: skip
     timeline = Timeline()
     results: list[dict[str, Any]] = []
     async with pool:
@@ -307,7 +329,7 @@ def codec_comparison(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per run: uplink bytes per update against fp32 dense (4 bytes a parameter, and the
     fp32 run of the same strategy when there is one), and its final accuracy against that
     run's (points)."""
-    dense = {r["strategy"]: r for r in results if r["codec"] == "fp32"}
+    dense = {(r["strategy"], r["bound"]): r for r in results if r["codec"] == "fp32"}
     out: list[dict[str, Any]] = []
     for r in results:
         bpu = r["bytes_per_update"]
@@ -316,7 +338,7 @@ def codec_comparison(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "ratio_vs_fp32_raw": round(4 * r["num_params"] / bpu, 1) if bpu else None,
             "final_accuracy": r["final_accuracy"], "updates_accepted": r["updates_accepted"],
         }  # fmt: skip
-        ref = dense.get(r["strategy"])
+        ref = dense.get((r["strategy"], r["bound"]))
         if ref is not None and ref is not r and bpu and ref["bytes_per_update"]:
             row["ratio_vs_fp32_run"] = round(ref["bytes_per_update"] / bpu, 1)
             row["accuracy_vs_fp32_run_pt"] = round(

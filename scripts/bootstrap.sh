@@ -25,10 +25,10 @@ log "installing fedfleet[$EXTRAS]"
 need_fallback=0
 if ! command -v mosquitto >/dev/null && [[ ! -x /usr/sbin/mosquitto ]] || ! command -v redis-server >/dev/null; then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
-    log "installing mosquitto, redis-server, kcat from Debian's packages"
+    log "installing mosquitto, redis-server, kcat, iproute2 from Debian's packages"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null
-    apt-get install -y -q mosquitto redis-server kcat >/dev/null
+    apt-get install -y -q mosquitto redis-server kcat iproute2 >/dev/null  # ip netns: faults
   else
     log "cannot install Debian packages here (not root or no apt-get): using pip fallbacks"
     need_fallback=1

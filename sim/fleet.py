@@ -17,7 +17,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import numpy as np
@@ -26,7 +26,9 @@ from edge_agent.agent import EdgeAgent
 from edge_agent.credentials import DeviceCredential, https_verify
 from edge_agent.data import Dataset, partition_dirichlet
 from edge_agent.settings import AgentSettings
+from edge_agent.trainer_factory import make_trainer
 from schemas.aio import cancel_all
+from sim.byzantine import ATTACKS, Attack, AttackKind, ByzantineTrainer
 from sim.hetero import DiurnalProbe, SimLink, sim_agent
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,27 @@ class FleetSpec:
     reconnect_max_s: float = 30.0
     dropout_share: float = 0.02  # share of the probe's network changes that go offline
     task: str = "digits"  # the rows a worker process loads (``sim.tasks.task_data``)
+    # a share of the whole fleet uploads forged models (``sim.byzantine``; built-in
+    # families only: an onnx job trains with the artifact's own trainer)
+    byzantine_share: float = 0.0
+    attack: str = "sign_flip"
+
+    def __post_init__(self) -> None:
+        if self.attack not in ATTACKS:
+            raise ValueError(f"unknown attack {self.attack!r}; one of {', '.join(ATTACKS)}")
+        if not 0.0 <= self.byzantine_share < 1.0:
+            raise ValueError(f"byzantine_share must be in [0, 1), got {self.byzantine_share}")
+
+    def byzantine(self) -> frozenset[int]:
+        """The indices (of the whole fleet) of the Byzantine devices: the first
+        ``round(byzantine_share * total)`` of a permutation drawn from ``seed``, so every
+        worker process and every run with the same seed picks the same ones."""
+        total = self.total or self.devices
+        k = round(self.byzantine_share * total)
+        if k <= 0:
+            return frozenset()
+        order = np.random.default_rng([self.seed, 0xB7]).permutation(total)
+        return frozenset(int(g) for g in order[:k])
 
     def device_id(self, g: int) -> str:
         """The id of device ``g`` of the whole fleet."""
@@ -103,6 +126,7 @@ class SimulatedFleet:
         self._http: httpx.AsyncClient | None = None
         self._rng = random.Random(spec.seed ^ 0x5EED ^ spec.first)
         self._retired: list[EdgeAgent] = []
+        self._byzantine = spec.byzantine()
 
     # ----------------------------------------------------------------- building
 
@@ -152,9 +176,14 @@ class SimulatedFleet:
                 mqtt_cafile=self.ca_file, api_cafile=self.ca_file,
                 public_key_hex=cred.model_signing_key,
             )  # fmt: skip
+        trainer = None
+        if g in self._byzantine:
+            kind = cast(AttackKind, s.attack)
+            trainer = ByzantineTrainer(make_trainer(settings.trainer), Attack(kind=kind))
         agent, link = sim_agent(
-            settings, probe, data, http=self._http, time_scale=s.time_scale if s.transfer else 0.0
-        )
+            settings, probe, data, http=self._http, trainer=trainer,
+            time_scale=s.time_scale if s.transfer else 0.0,
+        )  # fmt: skip
         self.links.append(link)
         agent.on_event = self._hook
         if i < len(self.probes):

@@ -33,6 +33,7 @@ from edge_agent.models import VerifiedModel
 from edge_agent.pacing import SimulatedCompute
 from edge_agent.probe import DeviceProbe, SimulatedProbe
 from edge_agent.settings import AgentSettings
+from edge_agent.trainers import Trainer
 from schemas.messages import ModelManifest
 from schemas.types import F32
 
@@ -183,10 +184,12 @@ def sim_agent(
     http: httpx.AsyncClient | None = None,
     time_scale: float = 1.0,
     link: DeviceLink | None = None,
+    trainer: Trainer | None = None,
 ) -> tuple[EdgeAgent, SimLink]:
     """The real ``EdgeAgent`` with simulated transfer time (``time_scale`` 0: none) for
     model pulls and uploads, using the probe's current bandwidth, and simulated compute
-    time (``SimulatedCompute``: the probe's ``compute_delay``); also its ``SimLink``."""
+    time (``SimulatedCompute``: the probe's ``compute_delay``); also its ``SimLink``.
+    ``trainer`` replaces the built-in one (e.g. a ``sim.byzantine.ByzantineTrainer``)."""
 
     def kbps() -> float:
         return float(probe.read().bandwidth_kbps)
@@ -196,6 +199,7 @@ def sim_agent(
     models = SimModels(ModelCache(settings), kbps, time_scale)
     pacer = SimulatedCompute(probe)
     agent = EdgeAgent(
-        settings, probe, dataset, http=http, rng=rng, link=sim_link, models=models, pacer=pacer
+        settings, probe, dataset, http=http, rng=rng, link=sim_link, models=models, pacer=pacer,
+        trainer=trainer,
     )
     return agent, sim_link

@@ -16,6 +16,7 @@ import pytest
 from loadtest import report
 from loadtest.churn import task_summary
 from loadtest.cli import main
+from loadtest.train import TrainSettings, job_body, run_label
 from sim.fleet import FleetSpec
 from sim.hetero import diurnal_plug_factor, transfer_delay
 from sim.pool import FleetPool
@@ -74,6 +75,30 @@ def test_train_flags_override_the_tasks_learning_defaults() -> None:
     assert v["devices"] == 1000 and v["lr"] == 2e-3 and v["concurrency"] == 4
     assert v["stable_versions"] == 10 and v["publish_every"] == 5
     assert train_values(build_parser().parse_args(["train"])) == {}
+
+
+def test_byzantine_devices_are_a_fixed_share_picked_by_seed() -> None:
+    whole = FleetSpec(devices=100, seed=3, byzantine_share=0.2, attack="scaled")
+    picked = whole.byzantine()
+    assert len(picked) == 20 and picked <= set(range(100))
+    # a worker's slice sees the same set (it draws over the whole fleet, not its slice)
+    part = FleetSpec(devices=50, first=50, total=100, seed=3, byzantine_share=0.2)
+    assert part.byzantine() == picked
+    assert FleetSpec(devices=100, seed=4, byzantine_share=0.2).byzantine() != picked
+    assert FleetSpec(devices=100).byzantine() == frozenset()
+    with pytest.raises(ValueError, match="attack"):
+        FleetSpec(attack="nope")
+
+
+def test_train_runs_with_and_without_the_update_bound() -> None:
+    s = TrainSettings(strategies=("fedasync",), bounds=("on", "off"))
+    on = job_body(s, "fedasync", "r1", bound="on")
+    off = job_body(s, "fedasync", "r1", bound="off")
+    assert "clip_multiplier" not in on["strategy"]  # the jobs' default bound applies
+    assert off["strategy"]["clip_multiplier"] == 0.0
+    assert on["job_id"] != off["job_id"] and on["model_name"] != off["model_name"]
+    assert run_label("fedasync", "int8", s, "off") == "fedasync+noclip"
+    assert run_label("fedasync", "int8", TrainSettings(), "on") == "fedasync"
 
 
 def test_slices_cover_the_fleet_once() -> None:
@@ -193,6 +218,26 @@ def test_train_small(stack: StackInfo, tmp_path: Path, capsys: pytest.CaptureFix
 
 
 @pytest.mark.integration
+def test_train_with_byzantine_devices_runs_with_and_without_the_bound(
+    stack: StackInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """20 % of the fleet uploads 100x-scaled updates over the real (secure) brokers; the same
+    fleet trains one job with the default update-norm bound and one without."""
+    out = tmp_path / "byz"
+    rc, summary = _run(["train", "--devices", "40", "--concurrency", "8", "--strategies",
+                        "fedasync", "--byzantine", "0.2", "--attack", "scaled", "--bounds",
+                        "on,off", "--max-updates", "30", "--time-budget", "60",
+                        "--task-seconds", "0.3", "--out", str(out), "--json",
+                        *_servers(stack)], capsys)  # fmt: skip
+    assert rc == 0, summary
+    runs = {r["label"]: r for r in summary["strategies"]}
+    assert set(runs) == {"fedasync+clip", "fedasync+noclip"}
+    assert summary["settings"]["byzantine"] == 0.2
+    for r in runs.values():
+        assert r["updates_accepted"] >= 30, r
+
+
+@pytest.mark.integration
 @pytest.mark.timeout(420)
 def test_train_mnist1d_compares_codecs_on_the_users_model(
     stack: StackInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -268,7 +313,8 @@ def test_failover_kill9_of_redis_mid_job_loses_nothing_and_the_job_resumes(
     coordinator's journal). The job is served again within 10 s of Redis coming up and
     accepts updates again; per shard, applied ids == logged ids ⊇ acked ids."""
     out = tmp_path / "failover"
-    servers = _servers(stack)  # Redis: our own (redis-wipe runs insecure: it wipes credentials)
+    servers = _servers(stack)  # secure, Redis our own: a wipe loses the credentials too,
+    # and the coordinator restores them from its credential journal (fl.credentials)
     rc, summary = _run(["failover", "--fault", fault, "--devices", "60", "--concurrency",
                         "20", "--aggregators", "2", "--kills", "1", "--warmup-updates", "30",
                         "--down", "8", "--between", "12", "--out", str(out), "--json",

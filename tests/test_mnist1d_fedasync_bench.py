@@ -84,3 +84,14 @@ def test_add_delta_adds_the_scaled_delta_on_the_sent_coordinates_only() -> None:
 
     mod.add_delta(x, None, np.array([2.0, 2.0, 2.0], dtype=np.float32), 0.25)
     np.testing.assert_array_equal(x, np.array([1.5, 2.5, 5.5], dtype=np.float32))
+
+
+def test_topk_share_is_the_kept_part_of_the_squared_norm_per_slice() -> None:
+    # two slices of 4: the top quarter (one coordinate each) keeps 3^2 and 4^2 of
+    # 1 + 9 + 0 + 0 + 16 + 1 + 1 + 1 = 29
+    d = np.array([1.0, -3.0, 0.0, 0.0, 1.0, 1.0, -4.0, 1.0], dtype=np.float32)
+
+    share = _bench().topk_share(d, [0, 4, 8], 0.25)
+
+    assert share == (9.0 + 16.0) / 29.0
+    assert _bench().topk_share(np.zeros(8, dtype=np.float32), [0, 4, 8], 0.25) == 1.0
