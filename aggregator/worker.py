@@ -367,7 +367,13 @@ class AggregatorWorker:
             return []
         # only at the end of the log: a replay never re-decides what the original decided
         tps = [TopicPartition(self.settings.updates_topic, p) for p in due]
-        ends = await self._consumer.end_offsets(tps)
+        try:
+            ends = await self._consumer.end_offsets(tps)
+        except KafkaError as exc:  # a leader cut off: not announced now, asked again later
+            self.metrics.errors.labels(kind="end_offsets").inc()
+            log.warning("end offsets of %s unknown (%s); idle announcement deferred",
+                        [tp.partition for tp in tps], exc)  # fmt: skip
+            return []
         return [
             tp.partition
             for tp in tps
@@ -491,14 +497,33 @@ class AggregatorWorker:
         builds, self._builds = self._builds, []
         if self._producer is None:
             return
-        futs = []
-        for b in builds:
-            sv = await b
-            key = f"{sv.job_id}:{sv.shard}".encode()
-            futs.append(await self._producer.send(self.settings.models_topic, encode(sv), key=key))
-        for f in futs:
-            await f
+        futs: list[asyncio.Future[Any]] = []
+        error: BaseException | None = None
+        try:
+            for b in builds:
+                sv = await b
+                key = f"{sv.job_id}:{sv.shard}".encode()
+                futs.append(await self._producer.send(self.settings.models_topic, encode(sv),
+                                                      key=key))  # fmt: skip
+        except KafkaError as exc:  # no metadata for the topic in time: not even queued
+            error = exc
+        done = 0
+        for r in await asyncio.gather(*futs, return_exceptions=True):  # every outcome read
+            if isinstance(r, BaseException):
+                error = error or r
+                break
+            done += 1
             self.metrics.published.inc()
+        if error is not None:
+            if not isinstance(error, KafkaError):
+                raise error
+            # Kafka did not take them (a leader cut off, a timeout): keep every
+            # announcement not acknowledged, in order, ahead of newer ones, and send them
+            # again on the next round (a version announced twice is applied once)
+            self._builds = builds[done:] + self._builds
+            self.metrics.errors.labels(kind="publish").inc()
+            log.warning("announcing %d version(s) failed, will retry: %s: %s",
+                        len(builds) - done, type(error).__name__, error)  # fmt: skip
 
     async def _checkpoint(
         self, *, force: bool = False, only: list[int] | None = None

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from aiokafka.errors import KafkaTimeoutError
+from prometheus_client import CollectorRegistry
 
 from aggregator import checkpoint as ck
+from aggregator.metrics import AggregatorMetrics
+from aggregator.settings import AggregatorSettings
 from aggregator.shard import PartitionState
-from schemas.messages import ShardUpdate, StrategyConfig
+from aggregator.worker import AggregatorWorker
+from coordinator.metrics import counter_value
+from schemas.messages import ShardUpdate, ShardVersion, StrategyConfig, decode
 from tests.reference.streams import make_job, random_stream, shard_updates
 
 
@@ -340,3 +347,49 @@ def test_stopped_job_still_applies_updates_the_coordinator_accepted() -> None:
     outs = [st.handle(u, i, {job.job_id: stopped}.get) for i, u in enumerate(ups[1:], 1)]
     assert [o.status for o in outs] == ["applied", "applied"]
     assert st.handle(ups[2], 3, {job.job_id: stopped}.get).reason == "duplicate"
+
+
+class _FlakyProducer:
+    """While ``down`` (a leader cut off), Kafka refuses every send; then takes them."""
+
+    def __init__(self) -> None:
+        self.down = True
+        self.sent: list[bytes] = []
+
+    async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.down:
+            fut.set_exception(KafkaTimeoutError("leader cut off"))
+        else:
+            self.sent.append(value)
+            fut.set_result(None)
+        return fut
+
+
+async def test_announcements_kafka_refused_are_kept_in_order_and_sent_again(
+    tmp_path: Path,
+) -> None:
+    """A publish that times out does not end the worker: the versions not acknowledged
+    stay queued, ahead of newer ones, and go out on the next round."""
+    worker = AggregatorWorker(AggregatorSettings(checkpoint_dir=str(tmp_path)),
+                              metrics=AggregatorMetrics(CollectorRegistry()))  # fmt: skip
+    producer = _FlakyProducer()
+    worker._producer = producer
+    loop = asyncio.get_running_loop()
+
+    def built(version: int) -> asyncio.Future[ShardVersion]:
+        f: asyncio.Future[ShardVersion] = loop.create_future()
+        f.set_result(ShardVersion(job_id="j", model_name="m", shard=0, start=0, stop=1,
+                                  version=version, params=b"", updates_applied=version,
+                                  ts=1.0))  # fmt: skip
+        return f
+
+    worker._builds = [built(1), built(2)]
+    await worker._publish_outboxes()  # refused: nothing acknowledged, nothing lost
+    assert producer.sent == [] and len(worker._builds) == 2
+    assert counter_value(worker.metrics.errors, kind="publish") == 1
+    worker._builds.append(built(3))
+    producer.down = False
+    await worker._publish_outboxes()
+    versions = [decode(v, ShardVersion).version for v in producer.sent]
+    assert versions == [1, 2, 3] and worker._builds == []
