@@ -79,7 +79,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--concurrency", type=int, help=f"default {d.concurrency} (mnist1d: 10)")
     p.add_argument("--alpha", type=float, help=f"FedAsync mixing α (default {d.alpha})")
     p.add_argument("--lr", type=float,
-                   help=f"default {d.lr} (mnist1d: SGD with momentum 0.9, 0.05)")
+                   help=f"default {d.lr} (mnist1d: Adam, 2e-3)")
     p.add_argument("--local-epochs", type=int, help=f"default {d.local_epochs} (mnist1d: 3)")
     p.add_argument("--batch-size", type=int, help=f"default {d.batch_size} (mnist1d: 16)")
     p.add_argument("--topk", type=float, default=d.topk, help="top-k fraction (0 = dense)")

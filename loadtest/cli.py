@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--time-budget", type=float, default=t.budget_s, help="seconds per run")
     tr.add_argument("--concurrency", type=int, help=f"default {t.concurrency} (mnist1d: 10)")
     tr.add_argument("--lr", type=float,
-                    help=f"default {t.lr} (mnist1d: SGD with momentum 0.9, 0.05)")
+                    help=f"default {t.lr} (mnist1d: Adam, 2e-3)")
     tr.add_argument("--local-epochs", type=int, help=f"default {t.local_epochs}")
     tr.add_argument("--batch-size", type=int, help=f"default {t.batch_size}")
     tr.add_argument("--time-scale", type=float, default=t.time_scale)
@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--over-selection", type=float, default=t.over_selection)
     tr.add_argument("--round-deadline", type=float, default=t.round_deadline_s)
     tr.add_argument("--processes", type=int, default=t.processes)
+    tr.add_argument("--optimizer", choices=("sgd", "momentum", "adam"),
+                    help="the devices' local optimizer (default: the task's; mnist1d: adam; "
+                         "top-k codecs want momentum with --lr 0.05)")  # fmt: skip
+    tr.add_argument("--momentum", type=float, default=t.momentum, help="for momentum")
     tr.add_argument("--byzantine", type=float, default=t.byzantine, metavar="SHARE",
                     help="share of the fleet that uploads forged models (digits task)")
     tr.add_argument("--attack", choices=ATTACKS, default=t.attack,
@@ -218,6 +222,7 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], lis
             processes=args.processes, seed=args.seed, task=args.task,
             codecs=tuple(args.codecs.split(",")), max_updates=args.max_updates,
             byzantine=args.byzantine, attack=args.attack,
+            optimizer=args.optimizer or "", momentum=args.momentum,
             bounds=tuple(args.bounds.split(",")),
             **train_values(args),
         )  # fmt: skip

@@ -71,6 +71,8 @@ class TrainSettings:
     # the update-norm bound per run: "on" the jobs' default (adaptive clipping), "off"
     # clip_multiplier 0; both: every strategy x codec runs with and without it
     bounds: tuple[str, ...] = ("on",)
+    optimizer: str = ""  # "" = the task's (sim.tasks); sgd | momentum | adam
+    momentum: float = 0.9  # for optimizer "momentum"
 
 
 BOUNDS = ("on", "off")
@@ -100,6 +102,10 @@ def job_body(s: TrainSettings, strategy: str, run_id: str, *, task: Task | None 
     model name and the task's training extras (e.g. the optimizer)."""
     strat: dict[str, Any] = {"name": strategy}
     selection: dict[str, Any] = {"mode": "async"}
+    train = {"lr": s.lr, "local_epochs": s.local_epochs, "batch_size": s.batch_size,
+             **(task.train_extra if task else {})}  # fmt: skip
+    if s.optimizer:  # the run's optimizer over the task's
+        train.update(optimizer=s.optimizer, momentum=s.momentum)
     if strategy in ("fedasync", "fedasync_delta"):
         strat.update(alpha=0.6, staleness="polynomial", staleness_a=0.5, max_staleness=200)
     elif strategy == "fedbuff":
@@ -120,8 +126,7 @@ def job_body(s: TrainSettings, strategy: str, run_id: str, *, task: Task | None 
         "spec": spec or {"family": "softmax", "n_features": 64, "n_classes": 10},
         "shards": 2,
         "strategy": strat,
-        "train": {"lr": s.lr, "local_epochs": s.local_epochs, "batch_size": s.batch_size,
-                  **(task.train_extra if task else {})},
+        "train": train,
         "codec": codec_of(codec),
         "concurrency": s.concurrency,
         "target_accuracy": s.target_accuracy,

@@ -99,6 +99,9 @@ def test_train_runs_with_and_without_the_update_bound() -> None:
     assert on["job_id"] != off["job_id"] and on["model_name"] != off["model_name"]
     assert run_label("fedasync", "int8", s, "off") == "fedasync+noclip"
     assert run_label("fedasync", "int8", TrainSettings(), "on") == "fedasync"
+    mom = job_body(TrainSettings(optimizer="momentum", lr=0.05), "fedasync", "r2")
+    assert mom["train"]["optimizer"] == "momentum" and mom["train"]["momentum"] == 0.9
+    assert "optimizer" not in on["train"]  # the task's (digits: the job default)
 
 
 def test_slices_cover_the_fleet_once() -> None:
