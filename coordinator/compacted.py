@@ -34,6 +34,26 @@ def next_revision(current: int | None) -> int:
     return max(time.time_ns(), current + 1 if current is not None else 0)
 
 
+class MemoryLog:
+    """``CompactedTopic``'s in-process twin, for tests: instances built over one ``log``
+    list see each other's writes (a restarted process reads the list again)."""
+
+    def __init__(self, log: list[bytes] | None, fold: Fold) -> None:
+        self.log: list[bytes] = [] if log is None else log
+        self.fold = fold
+        self._read = 0
+
+    def catch_up(self) -> None:
+        for value in self.log[self._read :]:
+            self.fold(value)
+        self._read = len(self.log)
+
+    def put(self, value: bytes) -> None:
+        self.catch_up()
+        self.log.append(value)
+        self.catch_up()
+
+
 class CompactedTopic:
     """One partition of a compacted topic. ``start`` reads it to its end (so what was
     recorded before this process started is known before it serves); ``run`` tails it;
@@ -86,3 +106,21 @@ class CompactedTopic:
     async def put(self, key: str, value: bytes) -> None:
         await self.producer.send_and_wait(self.topic, value=value, key=key.encode())
         self.fold(value)  # our own write is known at once (the tail sees it again)
+
+
+class OnTopic:
+    """Base of a journal kept on a ``CompactedTopic`` (``self.log``): its lifecycle."""
+
+    log: CompactedTopic
+
+    async def start(self) -> None:
+        await self.log.start()
+
+    async def stop(self) -> None:
+        await self.log.stop()
+
+    async def catch_up(self) -> None:
+        await self.log.catch_up()
+
+    async def run(self) -> None:
+        await self.log.run()

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from coordinator.compacted import CompactedTopic, next_revision
+from coordinator.compacted import CompactedTopic, MemoryLog, OnTopic, next_revision
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.settings import CoordinatorSettings
 from schemas.errors import FedfleetError
@@ -110,43 +110,28 @@ class MemoryCredentialJournal:
     """In-process journal; instances built over the same ``log`` list see each other."""
 
     def __init__(self, log: list[bytes] | None = None) -> None:
-        self.log: list[bytes] = [] if log is None else log
         self._index = _Index()
-        self._read = 0
-
-    def _catch_up(self) -> None:
-        for value in self.log[self._read :]:
-            self._index.fold(value)
-        self._read = len(self.log)
+        self._log = MemoryLog(log, self._index.fold)
+        self.log = self._log.log
 
     async def append(self, cred: StoredCredential) -> StoredCredential:
-        self._catch_up()
+        self._log.catch_up()
         c = self._index.stamped(cred)
-        self.log.append(encode_record(c))
-        self._catch_up()
+        self._log.put(encode_record(c))
         return c
 
     def latest(self) -> dict[str, StoredCredential]:
-        self._catch_up()
+        self._log.catch_up()
         return dict(self._index.creds)
 
 
-class KafkaCredentialJournal:
+class KafkaCredentialJournal(OnTopic):
     """The journal on its compacted topic: ``start`` reads it to its end, ``run`` tails it."""
 
     def __init__(self, s: CoordinatorSettings, producer: Any) -> None:
         self._index = _Index()
         self.log = CompactedTopic(s, producer, s.credentials_topic, self._index.fold,
                                   name="credentials")  # fmt: skip
-
-    async def start(self) -> None:
-        await self.log.start()
-
-    async def stop(self) -> None:
-        await self.log.stop()
-
-    async def run(self) -> None:
-        await self.log.run()
 
     async def append(self, cred: StoredCredential) -> StoredCredential:
         c = self._index.stamped(cred)

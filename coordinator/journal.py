@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from coordinator.compacted import CompactedTopic, next_revision
+from coordinator.compacted import CompactedTopic, MemoryLog, OnTopic, next_revision
 from coordinator.jobs import Job, JobStore
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.policy import EligibilityPolicy, SelectionConfig, StopConfig
@@ -92,28 +92,22 @@ class MemoryJobJournal:
     """In-process journal; instances built over the same ``log`` list see each other."""
 
     def __init__(self, log: list[bytes] | None = None) -> None:
-        self.log: list[bytes] = [] if log is None else log
         self._index = _Index()
-        self._read = 0
-
-    def _catch_up(self) -> None:
-        for value in self.log[self._read :]:
-            self._index.fold(value)
-        self._read = len(self.log)
+        self._log = MemoryLog(log, self._index.fold)
+        self.log = self._log.log
 
     async def append(self, job: Job) -> int:
-        self._catch_up()
+        self._log.catch_up()
         rev = self._index.next_revision(job.spec.job_id)
-        self.log.append(encode_record(job, rev))
-        self._catch_up()
+        self._log.put(encode_record(job, rev))
         return rev
 
     def latest(self) -> dict[str, tuple[int, Job]]:
-        self._catch_up()
+        self._log.catch_up()
         return dict(self._index.jobs)
 
 
-class KafkaJobJournal:
+class KafkaJobJournal(OnTopic):
     """The journal on its compacted topic (``coordinator.compacted``): ``start`` reads it to
     its end, ``run`` tails it."""
 
@@ -123,18 +117,6 @@ class KafkaJobJournal:
         self.log = CompactedTopic(s, producer, s.journal_topic, self._index.fold,
                                   name="journal")  # fmt: skip
         self.topic = self.log.topic
-
-    async def start(self) -> None:
-        await self.log.start()
-
-    async def stop(self) -> None:
-        await self.log.stop()
-
-    async def catch_up(self) -> None:
-        await self.log.catch_up()
-
-    async def run(self) -> None:
-        await self.log.run()
 
     async def append(self, job: Job) -> int:
         rev = self._index.next_revision(job.spec.job_id)

@@ -82,8 +82,9 @@ def aggregator_args(s: FailoverSettings) -> tuple[str, ...]:
     )  # fmt: skip
 
 
-async def log_ids(bootstrap: str, topic: str, shards: int, job_id: str) -> list[set[str]]:
-    """Update ids of ``job_id`` on each partition of ``topic``, up to its current end."""
+async def log_index(bootstrap: str, topic: str, shards: int, job_id: str) -> list[dict[str, int]]:
+    """Per partition of ``topic``, up to its current end: ``job_id``'s update ids and the
+    timestamp (ms) of the first record of each."""
     c = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=None,
@@ -98,7 +99,7 @@ async def log_ids(bootstrap: str, topic: str, shards: int, job_id: str) -> list[
         c.assign(tps)
         await c.seek_to_beginning(*tps)
         ends = await c.end_offsets(tps)
-        out: list[set[str]] = [set() for _ in tps]
+        out: list[dict[str, int]] = [{} for _ in tps]
 
         async def behind() -> bool:
             return any([await c.position(tp) < ends[tp] for tp in tps])
@@ -111,7 +112,7 @@ async def log_ids(bootstrap: str, topic: str, shards: int, job_id: str) -> list[
                     except SchemaError:
                         continue
                     if u.job_id == job_id:
-                        out[tp.partition].add(u.update_id)
+                        out[tp.partition].setdefault(u.update_id, int(r.timestamp))
         return out
     finally:
         await c.stop()
@@ -244,7 +245,8 @@ async def run_failover(env: Env, s: FailoverSettings, *, quiet: bool) -> dict[st
         await pool.stop()
     svc.stop_aggregators()  # SIGTERM: final checkpoints
     topic = f"{svc.topic_prefix}updates"
-    logs = await log_ids(env.info.kafka_bootstrap, topic, s.aggregators, job_id)
+    logs = [set(ids) for ids in
+            await log_index(env.info.kafka_bootstrap, topic, s.aggregators, job_id)]  # fmt: skip
     applied = await asyncio.to_thread(
         applied_ids, svc.workdir / "checkpoints", topic, s.aggregators, job_id
     )

@@ -56,14 +56,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.failover import FailoverSettings, aggregator_args, applied_ids, ledger, refused
+from loadtest.failover import (
+    FailoverSettings,
+    aggregator_args,
+    applied_ids,
+    ledger,
+    log_index,
+    refused,
+)
 from loadtest.runner import Progress, Timeline
 from loadtest.train import TrainSettings, job_body
-from schemas.errors import SchemaError
-from schemas.messages import ShardUpdate, decode
 from sim.fleet import FleetSpec
 from sim.load_services import Api
 from sim.pool import FleetPool
@@ -308,33 +312,6 @@ def doubled_now(c: Cluster, shards: int, job_id: str) -> list[int]:
     except Exception:
         return [0] * shards
     return [max(0, int(a["count"]) - len(a["ids"])) for a in snap]
-
-
-async def log_index(bootstrap: str, topic: str, shards: int, job_id: str) -> list[dict[str, int]]:
-    """Per partition of ``topic``: ``job_id``'s update ids and their record timestamps (ms)."""
-    cons = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
-                            enable_auto_commit=False, isolation_level="read_committed",
-                            fetch_max_bytes=64 << 20,
-                            max_partition_fetch_bytes=64 << 20)  # fmt: skip
-    await cons.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(shards)]
-        cons.assign(tps)
-        await cons.seek_to_beginning(*tps)
-        ends = await cons.end_offsets(tps)
-        out: list[dict[str, int]] = [{} for _ in tps]
-        while any([await cons.position(tp) < ends[tp] for tp in tps]):
-            for tp, recs in (await cons.getmany(*tps, timeout_ms=1000)).items():
-                for r in recs:
-                    try:
-                        u = decode(r.value or b"", ShardUpdate, max_bytes=64 << 20)
-                    except SchemaError:
-                        continue
-                    if u.job_id == job_id:
-                        out[tp.partition].setdefault(u.update_id, int(r.timestamp))
-        return out
-    finally:
-        await cons.stop()
 
 
 async def agg_totals(http: httpx.AsyncClient, c: Cluster) -> float:

@@ -3,8 +3,6 @@ credentials a Redis lost or rolled back: an enrolled fleet is let in again after
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -14,7 +12,6 @@ from redis.asyncio import Redis
 
 from coordinator.broker_admin import MemoryBrokerAdmin
 from coordinator.cred_journal import (
-    CredentialJournal,
     KafkaCredentialJournal,
     MemoryCredentialJournal,
     StoredCredential,
@@ -26,13 +23,11 @@ from coordinator.cred_journal import (
 from coordinator.enrolment import Enroller, EnrolmentStore
 from coordinator.errors import EnrolmentUnavailable
 from coordinator.fleet import FleetStore
-from coordinator.kafka import ensure_topics, make_producer, stop_quietly
 from coordinator.metrics import CoordinatorMetrics, counter_value
-from coordinator.settings import CoordinatorSettings
+from tests import journal_rig as rig
 
 pytestmark = pytest.mark.integration
 
-Opener = Callable[[], contextlib.AbstractAsyncContextManager[CredentialJournal]]
 
 
 def cred(device_id: str, **over: Any) -> StoredCredential:
@@ -40,36 +35,9 @@ def cred(device_id: str, **over: Any) -> StoredCredential:
     return replace(c, **over)
 
 
-@contextlib.asynccontextmanager
-async def journals(kind: str, stack: Any, prefix: str) -> AsyncIterator[Opener]:
-    """An opener: each call is a fresh journal instance (a restarted process) over the same
-    durable log."""
-    if kind == "memory":
-        log: list[bytes] = []
-
-        @contextlib.asynccontextmanager
-        async def open_memory() -> AsyncIterator[CredentialJournal]:
-            yield MemoryCredentialJournal(log)
-
-        yield open_memory
-        return
-    s = CoordinatorSettings(kafka_bootstrap=stack.kafka_bootstrap, topic_prefix=prefix,
-                            http_port=0)  # fmt: skip
-    await ensure_topics(s)
-
-    @contextlib.asynccontextmanager
-    async def open_kafka() -> AsyncIterator[CredentialJournal]:
-        producer = make_producer(s)
-        await producer.start()
-        j = KafkaCredentialJournal(s, producer)
-        try:
-            await j.start()
-            yield j
-        finally:
-            await j.stop()
-            await stop_quietly(producer)
-
-    yield open_kafka
+def journals(kind: str, stack: Any, prefix: str) -> Any:
+    return rig.journals(kind, stack, prefix, memory=MemoryCredentialJournal,
+                        kafka=KafkaCredentialJournal)
 
 
 @pytest.fixture(params=["kafka", "memory"])

@@ -3,8 +3,6 @@ or rolled back."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -14,19 +12,16 @@ from redis.asyncio import Redis
 
 from coordinator.jobs import Job, JobStore, build_job
 from coordinator.journal import (
-    JobJournal,
     KafkaJobJournal,
     MemoryJobJournal,
     journal_unrecorded_jobs,
     restore_lost_jobs,
 )
-from coordinator.kafka import ensure_topics, make_producer, stop_quietly
 from coordinator.metrics import CoordinatorMetrics, counter_value
-from coordinator.settings import CoordinatorSettings
+from tests import journal_rig as rig
 
 pytestmark = pytest.mark.integration
 
-Opener = Callable[[], contextlib.AbstractAsyncContextManager[JobJournal]]
 
 
 def a_job(jid: str, **over: Any) -> Job:
@@ -37,36 +32,8 @@ def a_job(jid: str, **over: Any) -> Job:
     return build_job(body)
 
 
-@contextlib.asynccontextmanager
-async def journals(kind: str, stack: Any, prefix: str) -> AsyncIterator[Opener]:
-    """Yields an opener: each call is a fresh journal instance (a restarted process) over
-    the same durable log."""
-    if kind == "memory":
-        log: list[bytes] = []
-
-        @contextlib.asynccontextmanager
-        async def open_memory() -> AsyncIterator[JobJournal]:
-            yield MemoryJobJournal(log)
-
-        yield open_memory
-        return
-    s = CoordinatorSettings(kafka_bootstrap=stack.kafka_bootstrap, topic_prefix=prefix,
-                            http_port=0)
-    await ensure_topics(s)
-
-    @contextlib.asynccontextmanager
-    async def open_kafka() -> AsyncIterator[JobJournal]:
-        producer = make_producer(s)
-        await producer.start()
-        j = KafkaJobJournal(s, producer)
-        try:
-            await j.start()
-            yield j
-        finally:
-            await j.stop()
-            await stop_quietly(producer)
-
-    yield open_kafka
+def journals(kind: str, stack: Any, prefix: str) -> Any:
+    return rig.journals(kind, stack, prefix, memory=MemoryJobJournal, kafka=KafkaJobJournal)
 
 
 @pytest.fixture(params=["kafka", "memory"])
