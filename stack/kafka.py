@@ -17,7 +17,7 @@ from stack.procs import ManagedProcess, free_port
 REPO_ROOT = Path(__file__).resolve().parents[1]
 POM = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
 
-_LOG4J2 = """\
+LOG4J2 = """  # the brokers' log4j2 config: .format(log=..., level=...)\
 status = warn
 appender.file.type = File
 appender.file.name = FILE
@@ -137,7 +137,7 @@ class ApacheKafka:
         )
 
     def start(self) -> None:
-        cluster_id = _random_cluster_id()
+        cluster_id = random_cluster_id()
         cp = f"{self.lib}/*"
         for i in range(self.nodes):
             d = self.workdir / f"kafka-{i + 1}"
@@ -145,7 +145,7 @@ class ApacheKafka:
             props = d / "server.properties"
             props.write_text(self._props(i))
             log4j = d / "log4j2.properties"
-            log4j.write_text(_LOG4J2.format(log=d / "server.log", level="INFO"))
+            log4j.write_text(LOG4J2.format(log=d / "server.log", level="INFO"))
             fmt = subprocess.run(
                 ["java", "-cp", cp, f"-Dlog4j2.configurationFile={log4j}",
                  "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
@@ -191,7 +191,7 @@ class ApacheKafka:
         return [p.pid for p in self.procs if p.pid]
 
 
-def _random_cluster_id() -> str:
+def random_cluster_id() -> str:
     """A random KRaft cluster id that cannot be read as a command-line option.
 
     One base64url id in 64 starts with "-", which ``kafka-storage format -t`` parses as

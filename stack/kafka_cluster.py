@@ -17,39 +17,16 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from stack.errors import StackError
 from stack.hosted import HostedProcess
-from stack.kafka import kafka_brokers, kafka_lib_dir, kafka_version
+from stack.kafka import LOG4J2, kafka_brokers, kafka_lib_dir, kafka_version, random_cluster_id
 from stack.netns import Host
 
-_LOG4J2 = """\
-status = warn
-appender.file.type = File
-appender.file.name = FILE
-appender.file.fileName = {log}
-appender.file.layout.type = PatternLayout
-appender.file.layout.pattern = [%d] %p %m (%c)%n
-rootLogger.level = INFO
-rootLogger.appenderRef.file.ref = FILE
-logger.state.name = state.change.logger
-logger.state.level = warn
-"""
-
 PORT, CONTROLLER_PORT = 9092, 9093
-
-
-def cluster_id() -> str:
-    import base64
-
-    while True:  # an id starting with "-" reads as a flag to StorageTool
-        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        if not cid.startswith("-"):
-            return cid
 
 
 class KafkaCluster:
@@ -102,13 +79,13 @@ class KafkaCluster:
     def start(self) -> None:
         if self.nodes:
             return
-        cid, cp = cluster_id(), f"{self.lib}/*"
+        cid, cp = random_cluster_id(), f"{self.lib}/*"
         for i, host in enumerate(self.hosts):
             d = self.workdir / f"kafka-{i + 1}"
             d.mkdir(parents=True, exist_ok=True)
             props, log4j = d / "server.properties", d / "log4j2.properties"
             props.write_text(self._props(i))
-            log4j.write_text(_LOG4J2.format(log=d / "server.log"))
+            log4j.write_text(LOG4J2.format(log=d / "server.log", level="INFO"))
             fmt = subprocess.run(
                 ["java", "-cp", cp, f"-Dlog4j2.configurationFile={log4j}",
                  "kafka.tools.StorageTool", "format", "-t", cid, "-c", str(props)],

@@ -45,10 +45,10 @@ def test_kafka_cluster_id_never_looks_like_an_option(monkeypatch: pytest.MonkeyP
 
     draws = iter([uuid.UUID(bytes=b"\xfb" + bytes(15)), uuid.UUID(bytes=bytes(16))])
     monkeypatch.setattr(uuid, "uuid4", lambda: next(draws))
-    assert kafka_mod._random_cluster_id() == "AAAAAAAAAAAAAAAAAAAAAA"
+    assert kafka_mod.random_cluster_id() == "AAAAAAAAAAAAAAAAAAAAAA"
     monkeypatch.undo()
     for _ in range(2000):
-        cid = kafka_mod._random_cluster_id()
+        cid = kafka_mod.random_cluster_id()
         assert not cid.startswith("-") and len(cid) == 22
 
 
