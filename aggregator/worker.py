@@ -202,6 +202,24 @@ class AggregatorWorker:
             for rec in batch.get(self._jobs_tp, []):
                 await self._on_job_record(rec.value)
 
+    async def _catch_up_jobs_until_read(self, max_delay_s: float = 10.0) -> None:
+        """``catch_up_jobs``, retried while Kafka does not answer (a node cut off): a record
+        naming a job not read yet is decided only once ``{prefix}jobs`` has been read, never
+        as an unknown job because the read timed out."""
+        delay = 0.5
+        while True:
+            try:
+                await self.catch_up_jobs()
+                return
+            except KafkaError as exc:
+                if self._stop.is_set():
+                    raise
+                self.metrics.errors.labels(kind="jobs").inc()
+                log.warning("reading %s failed (%s); again in %.1f s",
+                            self.settings.jobs_topic, exc, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, max_delay_s)
+
     async def _poll_jobs(self) -> None:
         assert self._jobs_consumer is not None
         batch = await self._jobs_consumer.getmany(self._jobs_tp, timeout_ms=0)
@@ -438,7 +456,7 @@ class AggregatorWorker:
             item = self._decode(part, rec.value or b"", offset)
             if type(item) is ShardUpdate and item.job_id not in jobs:
                 if item.job_id not in set_aside:
-                    await self.catch_up_jobs()
+                    await self._catch_up_jobs_until_read()
             self._apply(part, item, offset, t0)
             handled += 1
             if part.outbox:

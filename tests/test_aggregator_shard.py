@@ -393,3 +393,22 @@ async def test_announcements_kafka_refused_are_kept_in_order_and_sent_again(
     await worker._publish_outboxes()
     versions = [decode(v, ShardVersion).version for v in producer.sent]
     assert versions == [1, 2, 3] and worker._builds == []
+
+
+async def test_a_job_read_that_times_out_is_retried_not_taken_as_an_unknown_job(
+    tmp_path: Path,
+) -> None:
+    worker = AggregatorWorker(AggregatorSettings(checkpoint_dir=str(tmp_path)),
+                              metrics=AggregatorMetrics(CollectorRegistry()))  # fmt: skip
+    calls = 0
+
+    async def flaky() -> None:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise KafkaTimeoutError("jobs topic leader cut off")
+
+    worker.catch_up_jobs = flaky  # type: ignore[method-assign]
+    await worker._catch_up_jobs_until_read(max_delay_s=0.01)
+    assert calls == 3
+    assert counter_value(worker.metrics.errors, kind="jobs") == 2
