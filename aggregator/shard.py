@@ -60,30 +60,13 @@ def decode_update(raw: bytes, *, max_bytes: int = UPDATE_MAX_BYTES) -> ShardUpda
 
 @dataclass(frozen=True, slots=True)
 class Decoded:
-    """A record decoded ahead of :meth:`PartitionState.handle` (the worker reads the job id
-    first, to catch up on ``fl.jobs``; decoding could also run in another thread).
-
-    ``error`` is the record's decode failure; ``chunk_error`` the payload's, reported at the
-    codec step, after the shard/job/bounds/dedupe checks, exactly as in-line decoding does.
-    """
+    """A record whose message could not be decoded ahead of :meth:`PartitionState.handle`
+    (the worker decodes the message first, to read its job id): ``handle`` counts
+    ``error`` as the record's rejection. The payload is always decoded by ``handle``,
+    after the shard/job/bounds/dedupe checks."""
 
     msg: ShardUpdate | None
-    chunk: ChunkLike | None = None
     error: UpdateRejected | None = None
-    chunk_error: UpdateRejected | None = None
-
-
-def predecode(raw: bytes, *, max_bytes: int = UPDATE_MAX_BYTES) -> Decoded:
-    """Decode a ``ShardUpdate`` record and its delta; never raises (pure, thread-safe)."""
-    try:
-        msg = decode_update(raw, max_bytes=max_bytes)
-    except UpdateRejected as exc:
-        return Decoded(None, error=exc)
-    try:
-        chunk = codec.decode(msg.payload, msg.stop - msg.start, max_frame_bytes=max_bytes)
-    except SchemaError as exc:
-        return Decoded(msg, chunk_error=UpdateRejected(exc.reason, exc.detail))
-    return Decoded(msg, chunk)
 
 
 JobLookup = Callable[[str], JobSpec | None]
@@ -190,16 +173,15 @@ class PartitionState:
     def handle(self, raw: bytes | ShardUpdate | Decoded, offset: int, lookup: JobLookup) -> Outcome:
         """Process the record at ``offset`` (records must come in offset order).
 
-        ``raw`` may be the record's bytes, its decoded message, or a :func:`predecode`
-        result (same outcome, decoding already done).
+        ``raw`` may be the record's bytes, its decoded message, or a :class:`Decoded`
+        decode failure.
         """
         self.next_offset = offset + 1
         self.dirty = True
         msg: ShardUpdate | None = None
-        pre: Decoded | None = None
         try:
             if isinstance(raw, Decoded):
-                pre, msg = raw, raw.msg
+                msg = raw.msg
                 if raw.error is not None:
                     raise raw.error
                 assert msg is not None
@@ -207,13 +189,11 @@ class PartitionState:
                 msg = raw
             else:
                 msg = decode_update(raw, max_bytes=self.max_update_bytes)
-            return self._handle(msg, offset, lookup, pre)
+            return self._handle(msg, offset, lookup)
         except UpdateRejected as exc:
             return self._reject(offset, exc.reason, msg)
 
-    def _handle(
-        self, msg: ShardUpdate, offset: int, lookup: JobLookup, pre: Decoded | None = None
-    ) -> Outcome:
+    def _handle(self, msg: ShardUpdate, offset: int, lookup: JobLookup) -> Outcome:
         if msg.shard != self.shard:
             raise UpdateRejected("shard_mismatch", f"shard {msg.shard} on partition {self.shard}")
         job = lookup(msg.job_id)
@@ -227,18 +207,12 @@ class PartitionState:
         if self.seen(msg.update_id):
             self.rejected["duplicate"] = self.rejected.get("duplicate", 0) + 1
             return Outcome(offset, "duplicate", "duplicate", msg.job_id, msg.update_id)
-        chunk: ChunkLike
-        if pre is not None and pre.chunk_error is not None:
-            raise pre.chunk_error
-        if pre is not None and pre.chunk is not None:
-            chunk = pre.chunk
-        else:
-            try:
-                chunk = codec.decode(
-                    msg.payload, msg.stop - msg.start, max_frame_bytes=self.max_update_bytes
-                )
-            except SchemaError as exc:
-                raise UpdateRejected(exc.reason, exc.detail) from None
+        try:
+            chunk: ChunkLike = codec.decode(
+                msg.payload, msg.stop - msg.start, max_frame_bytes=self.max_update_bytes
+            )
+        except SchemaError as exc:
+            raise UpdateRejected(exc.reason, exc.detail) from None
         js = self.job_shard(job)
         js.observe(msg)
         res = js.strategy.apply(Update(chunk, msg.base_version, msg.num_samples, msg.update_id))

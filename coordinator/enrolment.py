@@ -34,7 +34,7 @@ import contextlib
 import logging
 import secrets
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from redis.asyncio import Redis
@@ -79,17 +79,6 @@ return 1
 def new_secret() -> str:
     """An enrolment token or a device password: 256 random bits, URL-safe text."""
     return secrets.token_urlsafe(TOKEN_BYTES)
-
-
-@dataclass(frozen=True, slots=True)
-class Credential:
-    device_id: str
-    enrolled_ts: float
-    revoked_ts: float | None
-
-    @property
-    def valid(self) -> bool:
-        return self.revoked_ts is None
 
 
 class EnrolmentStore:
@@ -183,14 +172,6 @@ class EnrolmentStore:
         """Every id Redis holds a credential for (valid or revoked)."""
         head = self._k.credential("")
         return [k[len(head):] async for k in self._r.scan_iter(match=head + "*", count=1000)]
-
-    async def get(self, device_id: str) -> Credential | None:
-        h = await self._r.hgetall(self._k.credential(device_id))
-        if not h:
-            return None
-        revoked = h.get("revoked_ts") or ""
-        return Credential(device_id, float(h.get("enrolled_ts") or 0.0),
-                          float(revoked) if revoked else None)  # fmt: skip
 
     async def verify(self, device_id: str, password: str) -> bool:
         """True when ``password`` is ``device_id``'s valid credential."""
@@ -294,20 +275,16 @@ class Enroller:
 
     async def revoke(self, device_id: str) -> float:
         """Cut ``device_id`` off (broker first, so its sessions end now); returns when."""
-        cred = await self.store.get(device_id)
-        if cred is None or not cred.valid:
+        stored = await self.store.stored(device_id)
+        if stored is None or stored.revoked_ts:
             raise NotFound("device", f"{device_id} holds no valid credential")
         try:
             await self._broker().revoke(device_id)
         except DynsecError as exc:
             raise EnrolmentUnavailable("broker_error", str(exc)) from None
-        now = time.time()
-        stored = await self.store.stored(device_id)
-        if stored is not None:  # a revocation is recorded before it is answered
-            rec = await self._journal(replace(stored, revoked_ts=now))
-            await self.store.revoke(device_id, now, revision=rec.revision)
-        else:  # pragma: no cover - the credential vanished between get and now
-            await self.store.revoke(device_id, now)
+        now = time.time()  # the revocation is recorded before it is answered
+        rec = await self._journal(replace(stored, revoked_ts=now))
+        await self.store.revoke(device_id, now, revision=rec.revision)
         await self.fleet.forget(device_id)
         self.metrics.revocations.inc()
         log.info("device %s revoked", device_id)

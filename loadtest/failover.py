@@ -168,12 +168,18 @@ def refused(stats: dict[str, int]) -> dict[str, int]:
     return {k[8:]: v for k, v in stats.items() if k.startswith("updates_") and k[8:] not in skip}
 
 
+def fault_job(concurrency: int, seed: int, shards: int, run_id: str) -> dict[str, Any]:
+    """The job the fault scenarios train: FedAsync on ``shards`` shards, one per
+    aggregator, ``max_staleness`` at the product default."""
+    body = job_body(TrainSettings(concurrency=concurrency, seed=seed), "fedasync", run_id)
+    body["shards"] = shards
+    body["strategy"].pop("max_staleness", None)
+    return body
+
+
 async def run_failover(env: Env, s: FailoverSettings, *, quiet: bool) -> dict[str, Any]:
     key = await env.api.public_key()
-    ts = TrainSettings(concurrency=s.concurrency, seed=s.seed)
-    body = job_body(ts, "fedasync", env.run_id)
-    body["shards"] = s.aggregators
-    body["strategy"].pop("max_staleness", None)  # the product default
+    body = fault_job(s.concurrency, s.seed, s.aggregators, env.run_id)
     spec = FleetSpec(devices=s.devices, seed=s.seed, id_prefix=f"fo{env.run_id}",
                      reconnect_max_s=5.0)  # fmt: skip
     enrolled = await enrol_if_secure(env.http, env.services, spec.device_ids())

@@ -62,12 +62,12 @@ from loadtest.failover import (
     FailoverSettings,
     aggregator_args,
     applied_ids,
+    fault_job,
     ledger,
     log_index,
     refused,
 )
 from loadtest.runner import Progress, Timeline
-from loadtest.train import TrainSettings, job_body
 from sim.fleet import FleetSpec
 from sim.load_services import Api
 from sim.pool import FleetPool
@@ -413,10 +413,7 @@ async def run_fault(c: Cluster, s: FaultSettings, mon: Monitor, fault: str,
 
 
 async def run_faults(c: Cluster, s: FaultSettings, *, quiet: bool) -> dict[str, Any]:
-    ts = TrainSettings(concurrency=s.concurrency, seed=s.seed)
-    body = job_body(ts, "fedasync", c.run_id)
-    body["shards"] = s.aggregators
-    body["strategy"].pop("max_staleness", None)  # the product default
+    body = fault_job(s.concurrency, s.seed, s.aggregators, c.run_id)
     spec = FleetSpec(devices=s.devices, seed=s.seed, id_prefix=f"nf{c.run_id}",
                      reconnect_max_s=5.0)  # fmt: skip
     key = await c.api.public_key()

@@ -17,7 +17,8 @@ from stack.procs import ManagedProcess, free_port
 REPO_ROOT = Path(__file__).resolve().parents[1]
 POM = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
 
-LOG4J2 = """  # the brokers' log4j2 config: .format(log=..., level=...)\
+# the brokers' log4j2 config: .format(log=..., level=...)
+LOG4J2 = """\
 status = warn
 appender.file.type = File
 appender.file.name = FILE
@@ -141,23 +142,7 @@ class ApacheKafka:
         cp = f"{self.lib}/*"
         for i in range(self.nodes):
             d = self.workdir / f"kafka-{i + 1}"
-            d.mkdir(parents=True, exist_ok=True)
-            props = d / "server.properties"
-            props.write_text(self._props(i))
-            log4j = d / "log4j2.properties"
-            log4j.write_text(LOG4J2.format(log=d / "server.log", level="INFO"))
-            fmt = subprocess.run(
-                ["java", "-cp", cp, f"-Dlog4j2.configurationFile={log4j}",
-                 "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
-                capture_output=True, text=True, check=False,
-            )  # fmt: skip
-            if fmt.returncode != 0:
-                raise StackError(f"Kafka: storage format failed: {fmt.stderr.strip()[-300:]}")
-            argv = [
-                "java", f"-Xms{min(256, self.heap_mb)}m", f"-Xmx{self.heap_mb}m",
-                "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
-                f"-Dlog4j2.configurationFile={log4j}", "-cp", cp, "kafka.Kafka", str(props),
-            ]  # fmt: skip
+            argv = prepare_node(d, self._props(i), cluster_id, cp, self.heap_mb)
             p = ManagedProcess(
                 f"kafka-{i + 1}", argv, log_path=d / "stdout.log", detach=self.detach
             )
@@ -189,6 +174,28 @@ class ApacheKafka:
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs if p.pid]
+
+
+def prepare_node(d: Path, props_text: str, cluster_id: str, cp: str, heap_mb: int,
+                 *jvm: str) -> list[str]:  # fmt: skip
+    """Write a KRaft node's ``server.properties`` and log4j2 config in ``d``, format its
+    storage for ``cluster_id`` (classpath ``cp``); the node's command line (extra ``jvm``
+    flags before the class)."""
+    d.mkdir(parents=True, exist_ok=True)
+    props, log4j = d / "server.properties", d / "log4j2.properties"
+    props.write_text(props_text)
+    log4j.write_text(LOG4J2.format(log=d / "server.log", level="INFO"))
+    fmt = subprocess.run(
+        ["java", "-cp", cp, f"-Dlog4j2.configurationFile={log4j}",
+         "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if fmt.returncode != 0:
+        raise StackError(f"Kafka: storage format failed: {fmt.stderr.strip()[-300:]}")
+    return ["java", f"-Xms{min(256, heap_mb)}m", f"-Xmx{heap_mb}m", "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20", *jvm, "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={log4j}", "-cp", cp, "kafka.Kafka",
+            str(props)]  # fmt: skip
 
 
 def random_cluster_id() -> str:

@@ -15,7 +15,6 @@ directory (no re-format).
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 from stack.errors import StackError
 from stack.hosted import HostedProcess
-from stack.kafka import LOG4J2, kafka_brokers, kafka_lib_dir, kafka_version, random_cluster_id
+from stack.kafka import kafka_brokers, kafka_lib_dir, kafka_version, prepare_node, random_cluster_id
 from stack.netns import Host
 
 PORT, CONTROLLER_PORT = 9092, 9093
@@ -82,21 +81,8 @@ class KafkaCluster:
         cid, cp = random_cluster_id(), f"{self.lib}/*"
         for i, host in enumerate(self.hosts):
             d = self.workdir / f"kafka-{i + 1}"
-            d.mkdir(parents=True, exist_ok=True)
-            props, log4j = d / "server.properties", d / "log4j2.properties"
-            props.write_text(self._props(i))
-            log4j.write_text(LOG4J2.format(log=d / "server.log", level="INFO"))
-            fmt = subprocess.run(
-                ["java", "-cp", cp, f"-Dlog4j2.configurationFile={log4j}",
-                 "kafka.tools.StorageTool", "format", "-t", cid, "-c", str(props)],
-                capture_output=True, text=True, check=False,
-            )  # fmt: skip
-            if fmt.returncode != 0:
-                raise StackError(f"Kafka: storage format failed: {fmt.stderr.strip()[-300:]}")
-            argv = ["java", f"-Xms{min(256, self.heap_mb)}m", f"-Xmx{self.heap_mb}m",
-                    "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:TieredStopAtLevel=1",
-                    "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={log4j}",
-                    "-cp", cp, "kafka.Kafka", str(props)]  # fmt: skip
+            argv = prepare_node(d, self._props(i), cid, cp, self.heap_mb,
+                                "-XX:TieredStopAtLevel=1")  # fmt: skip
             self.nodes.append(HostedProcess(host, f"kafka-{i + 1}", argv,
                                             log_path=d / "stdout.log"))  # fmt: skip
         for node in self.nodes:

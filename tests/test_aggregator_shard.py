@@ -251,29 +251,6 @@ def test_old_checkpoint_without_cadence_fields_resumes_on_publish_every() -> Non
     assert [pv.version for pv in b.outbox] == [6, 8]
 
 
-def test_predecoded_records_give_the_same_outcomes_as_raw_ones() -> None:
-    from aggregator.shard import predecode
-    from schemas.messages import encode
-
-    job = make_job(StrategyConfig(name="fedasync", max_staleness=3), shards=2)
-    ups = shard_updates(job, random_stream(job, 12, seed=8, max_lag=5, dup_every=4), 0)
-    fields = {f: getattr(ups[0], f) for f in ups[0].__struct_fields__}
-    bad = [
-        ShardUpdate(**{**fields, "update_id": "b1", "payload": b"FFUC" + b"\0" * 30}),
-        ShardUpdate(**{**fields, "update_id": "b2", "shard": 1}),
-        ShardUpdate(**{**fields, "update_id": "b3", "job_id": "nope", "payload": b"x"}),
-    ]
-    raws = [encode(u) for u in [*ups, *bad]] + [b"junk"]
-    lookup = {job.job_id: job}.get
-    a, b = PartitionState("t", 0), PartitionState("t", 0)
-    outs_a = [a.handle(r, i, lookup) for i, r in enumerate(raws)]
-    outs_b = [b.handle(predecode(r), i, lookup) for i, r in enumerate(raws)]
-    assert outs_a == outs_b
-    assert {o.reason for o in outs_a} >= {"codec", "shard_mismatch", "unknown_job", "duplicate"}
-    np.testing.assert_array_equal(a.jobs[job.job_id].params, b.jobs[job.job_id].params)
-    assert a.rejected == b.rejected
-
-
 def test_the_workers_batch_path_gives_the_same_outcomes_as_raw_records(tmp_path: Path) -> None:
     """``AggregatorWorker._apply_records`` (message decoded first, payload decoded by the
     partition after its checks, no task switch per record) matches ``handle`` on raw
