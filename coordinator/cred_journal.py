@@ -51,6 +51,8 @@ class CredentialStore(Protocol):
 
     async def revisions(self, device_ids: list[str]) -> dict[str, int]: ...
     async def put(self, c: StoredCredential) -> None: ...
+    async def kept(self) -> bool: ...
+    async def checked(self) -> None: ...
     async def device_ids(self) -> list[str]: ...
     async def stored(self, device_id: str) -> StoredCredential | None: ...
 
@@ -83,11 +85,20 @@ class CredentialJournal(Protocol):
         """The newest record of every device read so far."""
         ...
 
+    def take_changed(self) -> set[str]:
+        """The devices whose record was read since the last call (cleared)."""
+        ...
+
 
 class _Index:
     def __init__(self) -> None:
         self.creds: dict[str, StoredCredential] = {}
+        self.changed: set[str] = set()
         self.bad = 0
+
+    def take_changed(self) -> set[str]:
+        changed, self.changed = self.changed, set()
+        return changed
 
     def fold(self, value: bytes | None) -> None:
         if value is None:
@@ -100,6 +111,7 @@ class _Index:
         cur = self.creds.get(c.device_id)
         if cur is None or c.revision >= cur.revision:
             self.creds[c.device_id] = c
+            self.changed.add(c.device_id)
 
     def stamped(self, c: StoredCredential) -> StoredCredential:
         cur = self.creds.get(c.device_id)
@@ -124,6 +136,10 @@ class MemoryCredentialJournal:
         self._log.catch_up()
         return dict(self._index.creds)
 
+    def take_changed(self) -> set[str]:
+        self._log.catch_up()
+        return self._index.take_changed()
+
 
 class KafkaCredentialJournal(OnTopic):
     """The journal on its compacted topic: ``start`` reads it to its end, ``run`` tails it."""
@@ -141,20 +157,30 @@ class KafkaCredentialJournal(OnTopic):
     def latest(self) -> dict[str, StoredCredential]:
         return dict(self._index.creds)
 
+    def take_changed(self) -> set[str]:
+        return self._index.take_changed()
+
 
 async def restore_lost_credentials(
     journal: CredentialJournal, store: CredentialStore, metrics: CoordinatorMetrics
 ) -> list[str]:
-    """Write back every credential Redis lacks or holds at an older revision; their ids."""
+    """Write back every credential Redis lacks or holds at an older revision; their ids.
+
+    Every record is compared when Redis may have lost or rolled back data since this
+    process last checked (``store.kept()`` false: first pass, wipe, older snapshot);
+    otherwise only the records read since then, so a quiet pass costs two Redis round
+    trips, not one per enrolled device."""
+    changed = journal.take_changed()
     latest = journal.latest()
-    if not latest:
-        return []
-    have = await store.revisions(list(latest))
+    ids = list(changed) if await store.kept() else list(latest)
+    have = await store.revisions(ids) if ids else {}
     restored = []
-    for device_id, cred in latest.items():
+    for device_id in ids:
+        cred = latest[device_id]
         if have.get(device_id, -1) < cred.revision:
             await store.put(cred)
             restored.append(device_id)
+    await store.checked()
     if restored:
         metrics.credentials_restored.inc(len(restored))
         log.warning("restored %d device credential(s) from the journal (Redis lacked them "

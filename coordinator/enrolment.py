@@ -89,6 +89,7 @@ class EnrolmentStore:
         self._k = Keys(prefix)
         self._consume: Any = redis.register_script(_CONSUME)
         self._revoke: Any = redis.register_script(_REVOKE)
+        self._checked: int | None = None  # the check counter after this process's last pass
 
     async def issue(
         self, count: int, ttl_s: float, *, device_id: str = "", label: str = "",
@@ -167,6 +168,17 @@ class EnrolmentStore:
             pipe.hmget(self._k.credential(d), "secret_sha", "revision")
         got = await pipe.execute()
         return {d: int(rev or 0) for d, (sha, rev) in zip(device_ids, got, strict=True) if sha}
+
+    async def kept(self) -> bool:
+        """True when Redis holds at least what it held at this process's last
+        :meth:`checked` (its check counter did not go back or vanish: no wipe, no older
+        snapshot since); False on the first call."""
+        cur = await self._r.get(self._k.cred_checks)
+        return self._checked is not None and cur is not None and int(cur) >= self._checked
+
+    async def checked(self) -> None:
+        """Mark the credentials verified against the journal up to now."""
+        self._checked = int(await self._r.incr(self._k.cred_checks))
 
     async def device_ids(self) -> list[str]:
         """Every id Redis holds a credential for (valid or revoked)."""

@@ -35,6 +35,7 @@ hash to one slot::
     {p}cred:{{enrol}}:{id}  hash    EnrolmentStore       a device credential: secret sha256,
                                                          enrolled_ts, revoked_ts, journal revision
     {p}enrolled:{{enrol}}   set     EnrolmentStore       device ids holding a valid credential
+    {p}credchecks:{{enrol}} string  EnrolmentStore       credential checks against the journal
 
 (``{{job}}`` is the job id inside literal braces, e.g. ``ff:fl.round:{job-1a2b}``;
 ``{{enrol}}`` is the literal ``{enrol}``: every enrolment key hashes to one slot, so the
@@ -153,3 +154,8 @@ class Keys:
     @property
     def enrolled(self) -> str:
         return f"{self.p}enrolled:{{enrol}}"
+
+    @property
+    def cred_checks(self) -> str:
+        """Counts credential checks against the journal (a wipe or rollback sets it back)."""
+        return f"{self.p}credchecks:{{enrol}}"

@@ -150,3 +150,41 @@ async def test_enrolment_and_revocation_are_journalled_and_survive_a_redis_wipe(
         for k in [k async for k in r.scan_iter(f"{prefix}*")]:
             await r.delete(k)
         await r.aclose()
+
+
+async def test_a_quiet_pass_compares_only_what_changed_and_a_wipe_everything(
+    stack: Any, unique_prefix: str
+) -> None:
+    """With Redis intact since the last pass, only records read since then are compared
+    (two round trips for a quiet fleet, not one per device); a wipe sets the check
+    counter back and the next pass compares them all."""
+    r: Any = Redis.from_url(stack.redis_url, decode_responses=True)
+    prefix = f"ff:{unique_prefix}"
+    store = EnrolmentStore(r, prefix)
+    compared: list[list[str]] = []
+    real = store.revisions
+
+    async def counting(ids: list[str]) -> dict[str, int]:
+        compared.append(sorted(ids))
+        return await real(ids)
+
+    store.revisions = counting  # type: ignore[method-assign,assignment]
+    metrics = CoordinatorMetrics(registry=CollectorRegistry())
+    j = MemoryCredentialJournal()
+    try:
+        for d in ("a", "b", "c"):
+            await store.put(await j.append(cred(d)))
+        assert await restore_lost_credentials(j, store, metrics) == []
+        assert compared == [["a", "b", "c"]]  # the first pass: everything
+        assert await restore_lost_credentials(j, store, metrics) == []
+        assert compared[1:] == []  # quiet: nothing read per device
+        await store.put(await j.append(cred("d")))
+        assert await restore_lost_credentials(j, store, metrics) == []
+        assert compared[1:] == [["d"]]
+        for k in [k async for k in r.scan_iter(f"{prefix}*")]:
+            await r.delete(k)
+        assert sorted(await restore_lost_credentials(j, store, metrics)) == ["a", "b", "c", "d"]
+    finally:
+        for k in [k async for k in r.scan_iter(f"{prefix}*")]:
+            await r.delete(k)
+        await r.aclose()
