@@ -15,13 +15,15 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aggregator.errors import AggregatorError
 from schemas.artifact_chunks import Reassembly, decode_chunk
 from schemas.errors import SchemaError
+from schemas.kafka_auth import KafkaTarget, as_kwargs
 from schemas.messages import ModelSpecMsg
 
 log = logging.getLogger(__name__)
 
 
 class ArtifactCache:
-    def __init__(self, bootstrap: str, topic: str, *, client_id: str = "fedfleet-aggregator",
+    def __init__(self, bootstrap: KafkaTarget, topic: str, *,
+                 client_id: str = "fedfleet-aggregator",
                  timeout_s: float = 60.0) -> None:  # fmt: skip
         self.bootstrap = bootstrap
         self.topic = topic
@@ -45,7 +47,7 @@ class ArtifactCache:
 
     async def _scan(self, digest: str) -> bytes:
         tp = TopicPartition(self.topic, 0)
-        c = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None,
+        c = AIOKafkaConsumer(**as_kwargs(self.bootstrap), group_id=None,
                              enable_auto_commit=False, client_id=f"{self.client_id}-artifacts",
                              fetch_max_bytes=8 << 20)  # fmt: skip
         asm = Reassembly(digest)

@@ -10,7 +10,7 @@ from aggregator.settings import AggregatorSettings
 def models_producer(s: AggregatorSettings) -> AIOKafkaProducer:
     """Idempotent, ``acks=all``: announcements on ``{prefix}models``."""
     return AIOKafkaProducer(
-        bootstrap_servers=s.kafka_bootstrap,
+        **s.kafka_kwargs(),
         client_id=s.client_id,
         acks="all",
         enable_idempotence=True,
@@ -22,7 +22,7 @@ def models_producer(s: AggregatorSettings) -> AIOKafkaProducer:
 def jobs_consumer(s: AggregatorSettings) -> AIOKafkaConsumer:
     """No group: ``{prefix}jobs`` is read whole, from the beginning, by every worker."""
     return AIOKafkaConsumer(
-        bootstrap_servers=s.kafka_bootstrap,
+        **s.kafka_kwargs(),
         client_id=f"{s.client_id}-jobs",
         group_id=None,
         enable_auto_commit=False,
@@ -35,7 +35,7 @@ def updates_consumer(s: AggregatorSettings) -> AIOKafkaConsumer:
     committed by hand, after the checkpoint that covers them."""
     fetch = s.max_update_bytes + (1 << 20)
     return AIOKafkaConsumer(
-        bootstrap_servers=s.kafka_bootstrap,
+        **s.kafka_kwargs(),
         client_id=s.client_id,
         group_id=s.group_id,
         enable_auto_commit=False,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from aggregator.errors import ConfigError
 from aggregator.strategies import StrategyOptions
-from schemas import settings
+from schemas import kafka_auth, settings
+from schemas.errors import SettingsError
 from schemas.messages import UPDATE_MAX_BYTES
 
 ENV_PREFIX = "FEDFLEET_AGG_"
@@ -55,6 +57,12 @@ class AggregatorSettings:
     dp_seed: int = 0
     models_zstd_level: int = -1  # ShardVersion params; float32 barely compresses, stay fast
     metrics_port: int | None = None  # serve Prometheus metrics when set
+    # Kafka over SASL_SSL (the secure stack; schemas.kafka_auth): TLS verified against
+    # kafka_cafile, a SCRAM login as kafka_username, its password in kafka_password_file
+    kafka_username: str = ""  # "" = plain text, no login
+    kafka_password_file: Path | None = None
+    kafka_cafile: Path | None = None
+    kafka_sasl_mechanism: str = kafka_auth.DEFAULT_MECHANISM
 
     def __post_init__(self) -> None:
         def need(ok: bool, why: str) -> None:
@@ -81,6 +89,25 @@ class AggregatorSettings:
         need(-7 <= self.models_zstd_level <= 22, "models_zstd_level must be in [-7, 22]")
         need(self.metrics_port is None or 0 <= self.metrics_port <= 65535,
              f"metrics_port must be in 0..65535, got {self.metrics_port}")  # fmt: skip
+        try:
+            kafka_auth.check_kafka_auth(self.kafka_username, self.kafka_password_file,
+                                        self.kafka_cafile, self.kafka_sasl_mechanism)  # fmt: skip
+        except SettingsError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def kafka_login(self) -> kafka_auth.KafkaAuth | None:
+        """The SASL_SSL login when ``kafka_username`` is set (None: plain text); the
+        password is read from its file here (missing or group-readable: ConfigError)."""
+        try:
+            return kafka_auth.kafka_auth(self.kafka_username, self.kafka_password_file,
+                                         self.kafka_cafile, self.kafka_sasl_mechanism)  # fmt: skip
+        except SettingsError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def kafka_kwargs(self) -> dict[str, Any]:
+        """aiokafka keyword arguments for every client this worker opens."""
+        return {"bootstrap_servers": self.kafka_bootstrap,
+                **kafka_auth.client_kwargs(self.kafka_login())}  # fmt: skip
 
     @property
     def jobs_topic(self) -> str:

@@ -86,7 +86,7 @@ class AggregatorWorker:
         self._jobs_consumer: AIOKafkaConsumer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._jobs_tp = TopicPartition(settings.jobs_topic, 0)
-        self.artifacts = ArtifactCache(settings.kafka_bootstrap, settings.artifacts_topic,
+        self.artifacts = ArtifactCache(settings.kafka_kwargs(), settings.artifacts_topic,
                                        client_id=settings.client_id)  # fmt: skip
         self._started = False
         self._closed = False

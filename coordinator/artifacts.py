@@ -36,6 +36,7 @@ from schemas.artifact_chunks import (
 )
 from schemas.atomic import atomic_write
 from schemas.errors import SchemaError
+from schemas.kafka_auth import KafkaTarget, as_kwargs
 from schemas.messages import ModelSpecMsg
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class MemoryArtifacts:
 class KafkaArtifacts:
     """Artifacts on ``topic`` (one partition, compacted), cached in ``cache``."""
 
-    def __init__(self, bootstrap: str, topic: str, cache: DiskCache, producer: Any,
+    def __init__(self, bootstrap: KafkaTarget, topic: str, cache: DiskCache, producer: Any,
                  *, client_id: str = "fedfleet") -> None:  # fmt: skip
         self.bootstrap = bootstrap
         self.topic = topic
@@ -134,12 +135,13 @@ class KafkaArtifacts:
             return hit
 
 
-async def read_artifact(bootstrap: str, topic: str, digest: str, *, client_id: str = "fedfleet",
+async def read_artifact(bootstrap: KafkaTarget, topic: str, digest: str, *,
+                        client_id: str = "fedfleet",
                         timeout_s: float = READ_TIMEOUT_S) -> bytes:  # fmt: skip
     """Scan ``topic`` from its start to its current end for ``digest``'s chunks. ``NotFound``
     if it is not there; ``CoordinatorError`` if Kafka does not answer in ``timeout_s``."""
     tp = TopicPartition(topic, 0)
-    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+    c = AIOKafkaConsumer(**as_kwargs(bootstrap), group_id=None, enable_auto_commit=False,
                          client_id=f"{client_id}-artifacts", fetch_max_bytes=8 << 20)  # fmt: skip
     asm = Reassembly(digest)
     deadline = time.monotonic() + timeout_s

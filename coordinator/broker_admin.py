@@ -28,6 +28,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from schemas import dynsec
 from schemas.dynsec import DynsecError
 from schemas.mqtt_auth import MqttCredentials
+from schemas.topics import DEFAULT_ROOT
 
 
 def _refused(code: int | ReasonCode) -> bool:
@@ -146,8 +147,9 @@ class DynsecBrokerAdmin:
     session (opened on first use, re-opened after a failure)."""
 
     def __init__(self, host: str, port: int, credentials: MqttCredentials, *,
-                 timeout: float = 10.0) -> None:  # fmt: skip
+                 timeout: float = 10.0, topic_root: str = DEFAULT_ROOT) -> None:  # fmt: skip
         self._args = (host, port, credentials)
+        self.topic_root = topic_root  # enrolled devices' roles name their topics under it
         self._timeout = timeout
         self._client: DynsecClient | None = None
         self._lock = asyncio.Lock()
@@ -185,7 +187,8 @@ class DynsecBrokerAdmin:
         # drop what an earlier enrolment of this id left (absent is fine), then create
         removed = await self._call(*dynsec.revoke_device(device_id))
         dynsec.raise_for_errors(r for r in removed if not _missing(r))
-        dynsec.raise_for_errors(await self._call(*dynsec.enrol_device(device_id, password)))
+        cmds = dynsec.enrol_device(device_id, password, self.topic_root)
+        dynsec.raise_for_errors(await self._call(*cmds))
 
     async def revoke(self, device_id: str) -> None:
         replies = await self._call(*dynsec.revoke_device(device_id))

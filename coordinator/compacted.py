@@ -68,7 +68,7 @@ class CompactedTopic:
 
     async def start(self) -> None:
         c = AIOKafkaConsumer(
-            bootstrap_servers=self.s.kafka_bootstrap, group_id=None, enable_auto_commit=False,
+            **self.s.kafka_kwargs(), group_id=None, enable_auto_commit=False,
             client_id=f"{self.s.client_id}-{self.name}",
         )  # fmt: skip
         await c.start()

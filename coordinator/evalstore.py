@@ -3,14 +3,14 @@ is ``coordinator.evaluation`` and ``coordinator.standardize``).
 
 Keys (named in ``coordinator.keys``)::
 
-    {p}evals:{{job}}          zset  evaluated version -> version (the index, oldest first)
-    {p}eval:{{job}}:{v}       hash  opened_ts, asked, reports, examples, loss_sum, correct,
-                                    ce.{i}, cc.{i} (per class), closed_ts, complete,
-                                    final, need (a completed job's final evaluation)
-    {p}evaldev:{{job}}:{v}    set   devices that reported for version v (never asked again)
-    {p}fedstats:{{job}}       hash  opened_ts, reports, rows, fsum.{i}, fsq.{i},
-                                    label.{raw} (rows), labeldev.{raw} (devices), closed_ts
-    {p}fedstatsdev:{{job}}    set   devices that reported statistics (never asked again)
+    {p}{t}evals:{job}       zset  evaluated version -> version (the index, oldest first)
+    {p}{t}eval:{job}:{v}    hash  opened_ts, asked, reports, examples, loss_sum, correct,
+                                 ce.{i}, cc.{i} (per class), closed_ts, complete,
+                                 final, need (a completed job's final evaluation)
+    {p}{t}evaldev:{job}:{v} set   devices that reported for version v (never asked again)
+    {p}{t}fedstats:{job}    hash  opened_ts, reports, rows, fsum.{i}, fsq.{i},
+                                 label.{raw} (rows), labeldev.{raw} (devices), closed_ts
+    {p}{t}fedstatsdev:{job} set   devices that reported statistics (never asked again)
 
 A report is folded in one script (``_FOLD``): its task must be of the report's kind and
 still ``offered``/``accepted``/``expired``, and the aggregate open; the task becomes

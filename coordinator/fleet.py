@@ -1,14 +1,14 @@
 """Fleet state in Redis: telemetry batching, TTL liveness, device views and summaries.
 
-Keys (named in ``coordinator.keys``; ``p`` = the coordinator's key prefix)::
+Keys (named in ``coordinator.keys``; ``p`` = the coordinator's key prefix, ``{t}`` its slot tag)::
 
-    {p}dev:{id}    hash  human-readable detail (telemetry fields, state, timestamps)
-    {p}selt        hash  device -> packed telemetry for selection (one field per device)
-    {p}sels        hash  device -> packed task state: current_task|cooldown|contrib|today|day
-    {p}seen        zset  device -> last_seen, online devices only (offline status removes it)
-    {p}lastseen    zset  device -> last_seen, every device ever seen
-    {p}contrib     zset  device -> contributions + a fixed per-device fraction (tie-break)
-    {p}hist:{id}   list  the device's last task outcomes
+    {p}{t}dev:{id} hash  human-readable detail (telemetry fields, state, timestamps)
+    {p}{t}selt     hash  device -> packed telemetry for selection (one field per device)
+    {p}{t}sels     hash  device -> packed task state: current_task|cooldown|contrib|today|day
+    {p}{t}seen     zset  device -> last_seen, online devices only (offline status removes it)
+    {p}{t}lastseen zset  device -> last_seen, every device ever seen
+    {p}{t}contrib  zset  device -> contributions + a fixed per-device fraction (tie-break)
+    {p}{t}hist:{id} list  the device's last task outcomes
 
 Selection never scans the whole fleet: ``candidates`` walks ``contrib`` from the
 least-contributed device upwards, a page at a time (a script keeps the page's online
@@ -128,23 +128,39 @@ def device_state(d: DeviceView) -> str:
     return "training" if d.current_task else "idle"
 
 
-# Mark telemetry senders live, except devices whose ``offline`` status is younger than the
-# grace: that telemetry was in flight (MQTT, the ingest batch) when the device said goodbye,
-# and must not make a departed device selectable again. Later telemetry revives it.
-# KEYS[1] seen, KEYS[2] lastseen; ARGV: now, grace, key prefix, device ids...
-_MARK_LIVE = """
+# One telemetry batch in one step (a concurrent sweep sees a device's records either
+# before or after it): each device's detail hash, packed selection record and ``contrib``
+# entry (NX: its fraction, if new) are written, and the senders are marked live, except
+# devices whose ``offline`` status is younger than the grace: that telemetry was in flight
+# (MQTT, the ingest batch) when the device said goodbye, and must not make a departed
+# device selectable again. Later telemetry revives it. Returns the devices marked live.
+# KEYS: selt, contrib, seen, lastseen, then each device's ``dev`` hash. ARGV: now, grace,
+# the number of detail fields F, their names, then per device: id, packed telemetry,
+# fraction, its F detail values.
+_WRITE_TELEMETRY = """
 local now = tonumber(ARGV[1])
 local grace = tonumber(ARGV[2])
+local nf = tonumber(ARGV[3])
+local i = 4 + nf
 local n = 0
-for i = 4, #ARGV do
-  local key = ARGV[3] .. ARGV[i]
-  local st = redis.call('HMGET', key, 'state', 'offline_ts')
+for d = 5, #KEYS do
+  local id = ARGV[i]
+  local h = {}
+  for f = 1, nf do
+    h[#h + 1] = ARGV[3 + f]
+    h[#h + 1] = ARGV[i + 2 + f]
+  end
+  redis.call('HSET', KEYS[d], unpack(h))
+  redis.call('HSET', KEYS[1], id, ARGV[i + 1])
+  redis.call('ZADD', KEYS[2], 'NX', ARGV[i + 2], id)
+  local st = redis.call('HMGET', KEYS[d], 'state', 'offline_ts')
   if st[1] ~= 'offline' or (tonumber(st[2]) or 0) + grace <= now then
-    redis.call('HSET', key, 'state', 'online')
-    redis.call('ZADD', KEYS[1], now, ARGV[i])
-    redis.call('ZADD', KEYS[2], now, ARGV[i])
+    redis.call('HSET', KEYS[d], 'state', 'online')
+    redis.call('ZADD', KEYS[3], now, id)
+    redis.call('ZADD', KEYS[4], now, id)
     n = n + 1
   end
+  i = i + 3 + nf
 end
 return n
 """
@@ -181,7 +197,8 @@ return out
 # ``task|cooldown|contributions|today|day`` holds a live task (offered / accepted /
 # uploading), a cooldown past now, or a task count of today. Returns {scanned, removed}.
 # KEYS: lastseen, seen, contrib, selt, sels; ARGV: cutoff, now, offset, limit, device key
-# prefix, history key prefix, task key prefix, today (unix day)
+# prefix, history key prefix, task key prefix, today (unix day). The device, history and
+# task keys it builds from those prefixes hash to the declared keys' slot (coordinator.keys).
 _SWEEP = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT',
                        tonumber(ARGV[3]), tonumber(ARGV[4]))
@@ -226,7 +243,7 @@ class FleetStore:
         self._k = Keys(prefix)
         self.ttl = ttl_s
         self.device_ttl = device_ttl_s
-        self._mark_live: Any = redis.register_script(_MARK_LIVE)
+        self._write_telemetry: Any = redis.register_script(_WRITE_TELEMETRY)
         self._mark_offline: Any = redis.register_script(_MARK_OFFLINE)
         self._sweep: Any = redis.register_script(_SWEEP)
         self._online_page: Any = redis.register_script(_ONLINE_PAGE)
@@ -236,25 +253,23 @@ class FleetStore:
         return bool(await self._r.ping())
 
     async def write_telemetry(self, batch: Iterable[Telemetry], now: float | None = None) -> int:
-        """Write a batch (latest per device wins) in one pipeline; returns records written."""
+        """Write a batch (latest per device wins) in one script; returns records written."""
         now = time.time() if now is None else now
         latest: dict[str, Telemetry] = {}
         for t in batch:
             latest[t.device_id] = t
         if not latest:
             return 0
-        # MULTI: a concurrent sweep sees a device's records either before or after it
-        pipe = self._r.pipeline(transaction=True)
+        k = self._k
+        names = list(telemetry_fields(next(iter(latest.values())), now))
+        args: list[str] = [repr(now), repr(OFFLINE_GRACE_S), str(len(names)), *names]
         for dev, t in latest.items():
-            pipe.hset(self._k.device(dev), mapping=telemetry_fields(t, now))
-        pipe.hset(self._k.selt, mapping={dev: pack_telemetry(t) for dev, t in latest.items()})
-        pipe.zadd(self._k.contrib, {d: frac(d) for d in latest}, nx=True)
-        await self._mark_live(  # queued on the pipeline (the async Script awaits the queueing)
-            keys=[self._k.seen, self._k.lastseen],
-            args=[repr(now), repr(OFFLINE_GRACE_S), self._k.device_prefix, *latest],
-            client=pipe,
+            fields = telemetry_fields(t, now)
+            args += [dev, pack_telemetry(t), repr(frac(dev)), *(fields[f] for f in names)]
+        await self._write_telemetry(
+            keys=[k.selt, k.contrib, k.seen, k.lastseen, *(k.device(d) for d in latest)],
+            args=args,
         )
-        await pipe.execute()
         return len(latest)
 
     async def write_status(self, s: DeviceStatus, now: float | None = None) -> None:

@@ -223,7 +223,7 @@ def job_json(
 
 
 class JobStore:
-    """``{p}job:{{id}}`` hash (spec JSON, eligibility JSON, selection JSON, status, the
+    """``{p}{t}job:{id}`` hash (spec JSON, eligibility JSON, selection JSON, status, the
     journal ``revision`` it was written at), ``{p}jobs`` zset, ``{p}ending`` set (ended
     jobs not swept yet)."""
 

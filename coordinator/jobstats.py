@@ -1,4 +1,4 @@
-"""The job-stats hash ``{p}jobstats:{{job}}``: one store owns its layout.
+"""The job-stats hash ``{p}{t}jobstats:{job}``: one store owns its layout.
 
 Fields (all integers)::
 

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 def make_producer(s: CoordinatorSettings) -> AIOKafkaProducer:
     return AIOKafkaProducer(
-        bootstrap_servers=s.kafka_bootstrap,
+        **s.kafka_kwargs(),
         acks="all",
         enable_idempotence=True,
         client_id=f"{s.client_id}-producer",
@@ -49,7 +49,7 @@ async def stop_quietly(c: AIOKafkaConsumer | AIOKafkaProducer, timeout_s: float 
 
 def make_consumer(s: CoordinatorSettings, group: str) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
-        bootstrap_servers=s.kafka_bootstrap,
+        **s.kafka_kwargs(),
         group_id=group,
         client_id=f"{s.client_id}-{group}",
         auto_offset_reset="earliest",
@@ -78,7 +78,7 @@ async def wait_for_topics(producer: AIOKafkaProducer, topics: list[str], timeout
 async def group_members(s: CoordinatorSettings, group: str, timeout_s: float = 5.0) -> int:
     """How many consumers are live members of ``group`` (0 for an empty or unknown group).
     A ``CoordinatorError`` when the cluster does not answer within ``timeout_s``."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, client_id=s.client_id)
+    admin = AIOKafkaAdminClient(**s.kafka_kwargs(), client_id=s.client_id)
     try:
         async with asyncio.timeout(timeout_s):
             await admin.start()
@@ -98,7 +98,7 @@ async def group_members(s: CoordinatorSettings, group: str, timeout_s: float = 5
 async def ensure_topics(s: CoordinatorSettings) -> None:
     """Create the seven topics if missing (existing topics are left as they are), with
     replication factor min(3, brokers) and, at 3, ``min.insync.replicas`` 2."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, client_id=s.client_id)
+    admin = AIOKafkaAdminClient(**s.kafka_kwargs(), client_id=s.client_id)
     await admin.start()
     try:
         existing = set(await admin.list_topics())

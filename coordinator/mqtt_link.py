@@ -17,17 +17,19 @@ import aiomqtt
 from coordinator.link import INGEST_LEAVES, PUBLISH_WAIT_S, Handler, wait_event
 from schemas.aio import cancelling
 from schemas.mqtt_auth import MqttCredentials
+from schemas.topics import DEFAULT_ROOT, check_root, from_wire, to_wire
 
 log = logging.getLogger(__name__)
 
 
-def subscriptions(share_group: str) -> list[tuple[str, int]]:
-    """Topic filters and their QoS (shared where several coordinators split the load)."""
+def subscriptions(share_group: str, root: str = DEFAULT_ROOT) -> list[tuple[str, int]]:
+    """Topic filters and their QoS (shared where several coordinators split the load),
+    under the deployment's topic ``root``."""
     share = f"$share/{share_group}/" if share_group else ""
     # every ingest leaf; status is retained and read by every coordinator (not shared),
     # telemetry is QoS 0 (the next report replaces a lost one)
     return [
-        (f"{'' if leaf == 'status' else share}fleet/+/{leaf}", 0 if leaf == "telemetry" else 1)
+        (f"{'' if leaf == 'status' else share}{root}/+/{leaf}", 0 if leaf == "telemetry" else 1)
         for leaf in INGEST_LEAVES
     ]
 
@@ -43,15 +45,19 @@ class MqttFleetLink:
         keepalive_s: int = 30,
         max_queued: int = 100_000,
         credentials: MqttCredentials | None = None,
+        topic_root: str = DEFAULT_ROOT,
     ) -> None:
         """``credentials``: username/password over TLS verified against their CA (None:
-        anonymous, plain TCP)."""
+        anonymous, plain TCP). ``topic_root``: the deployment's MQTT namespace; the
+        coordinator's canonical ``fleet/...`` topics are mapped to it here, both ways
+        (``schemas.topics``)."""
         self.host, self.port = host, port
         self.auth = credentials.client_kwargs() if credentials is not None else {}
         self.scheme = "mqtts" if credentials is not None else "mqtt"
         # MQTT ids must differ per live session (a restart must not take over the old one)
         self.identifier = f"{client_id}-mqtt-{secrets.token_hex(3)}"
-        self.filters = subscriptions(share_group)
+        self.root = check_root(topic_root)
+        self.filters = subscriptions(share_group, self.root)
         self.keepalive_s = keepalive_s
         self.max_queued = max_queued
         self._client: aiomqtt.Client | None = None
@@ -84,7 +90,7 @@ class MqttFleetLink:
                     async for msg in client.messages:
                         payload = msg.payload
                         data = payload if isinstance(payload, bytes | bytearray) else b""
-                        await handler(str(msg.topic), bytes(data))
+                        await handler(from_wire(str(msg.topic), self.root), bytes(data))
             except aiomqtt.MqttError as exc:
                 if cancelling():  # the disconnect of a cancelled session failed: stop anyway
                     raise asyncio.CancelledError from exc
@@ -103,4 +109,4 @@ class MqttFleetLink:
             client = self._client
             if client is None:
                 raise aiomqtt.MqttError(f"no MQTT session for {topic}")
-        await client.publish(topic, payload, qos=qos)
+        await client.publish(to_wire(topic, self.root), payload, qos=qos)

@@ -1,4 +1,4 @@
-"""Storage of the synchronous-round state machine: ``{p}round:{{job}}``, one hash per job.
+"""Storage of the synchronous-round state machine: ``{p}{t}round:{job}``, one hash per job.
 
 Fields: ``round``, ``started``, ``deadline``, ``target`` (uploads that fill it), ``taken``
 (uploads it admitted: incremented atomically by ``TaskStore.claim_in_round``, never past

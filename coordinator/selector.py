@@ -311,7 +311,7 @@ class Selector:
     async def sync_round(self, job: Job, now: float, taken: set[str]) -> list[Task]:
         """Synchronous baseline: run the job in rounds with over-selection and a deadline.
 
-        Round hash ``{p}round:{{job}}`` (``rounds.RoundStore``): ``round``, ``started``,
+        Round hash ``{p}{t}round:{job}`` (``rounds.RoundStore``): ``round``, ``started``,
         ``deadline``, ``target``
         (uploads that fill it), ``taken`` (uploads it admitted: incremented atomically by
         ``TaskStore.claim_in_round``, never past ``target``), ``invited``, ``carry``

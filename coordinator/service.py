@@ -28,11 +28,6 @@ from types import TracebackType
 from typing import Any
 
 import uvicorn
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from coordinator.api import AppState, create_app
 from coordinator.artifacts import DiskCache, KafkaArtifacts
@@ -66,6 +61,7 @@ from coordinator.link import FleetLink
 from coordinator.metrics import CoordinatorMetrics, default_metrics
 from coordinator.mqtt_link import MqttFleetLink
 from coordinator.ratelimit import limit_uploads
+from coordinator.redis_client import redis_client
 from coordinator.settings import CoordinatorSettings
 from coordinator.task_sink import KafkaTaskSink, TaskSink, TaskSinkFactory
 from coordinator.tasks import load_task_key
@@ -101,6 +97,7 @@ class Coordinator:
         self.link: FleetLink = link or MqttFleetLink(
             settings.mqtt_host, settings.mqtt_port, credentials=creds,
             client_id=settings.client_id, share_group=settings.share_group,
+            topic_root=settings.mqtt_topic_root,
         )  # fmt: skip
         # the store the coordinator opens itself it also closes; an injected one its owner
         self._own_admin: DynsecBrokerAdmin | PasswdBrokerAdmin | None = None
@@ -188,7 +185,7 @@ class Coordinator:
         await self.credentials.start()
         stack.push_async_callback(self.credentials.stop)
         # onnx jobs' artifacts: durable on Kafka, cached next to the model store
-        self.artifacts = KafkaArtifacts(s.kafka_bootstrap, s.artifacts_topic,
+        self.artifacts = KafkaArtifacts(s.kafka_kwargs(), s.artifacts_topic,
                                         DiskCache(s.model_store_dir / "artifacts"),
                                         self.producer, client_id=s.client_id)  # fmt: skip
         core = build_core(s, self.redis, metrics=self.metrics, producer=self.producer,
@@ -402,20 +399,7 @@ def broker_admin_for(
     if s.mqtt_passwd_file is not None and s.mqtt_broker_pidfile is not None:
         return PasswdBrokerAdmin(s.mqtt_passwd_file, s.mqtt_broker_pidfile, s.mqtt_host,
                                  s.mqtt_port, creds.cafile)  # fmt: skip
-    return DynsecBrokerAdmin(s.mqtt_host, s.mqtt_port, creds)
-
-
-def redis_client(url: str) -> Any:
-    """The coordinator's Redis client. After a Redis restart every pooled connection is
-    dead: an idle one is checked with a PING before use (``health_check_interval``) and a
-    command that finds its connection closed is sent once more on a new one, so a restart
-    costs a retry instead of a 503 per stale connection. (A command is re-sent only on a
-    connection error; the upload path's scripts are idempotent state transitions.)"""
-    return Redis.from_url(
-        url, decode_responses=True, health_check_interval=2,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-    )  # fmt: skip
+    return DynsecBrokerAdmin(s.mqtt_host, s.mqtt_port, creds, topic_root=s.mqtt_topic_root)
 
 
 async def supervise(

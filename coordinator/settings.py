@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from schemas import settings
+from schemas import kafka_auth, settings, topics
 from schemas.errors import SettingsError
 from schemas.mqtt_auth import MqttCredentials
 from schemas.settings import check, parse_mqtt_url
+
+# what coordinator.redis_client opens (redis+cluster://host:port: a Redis Cluster)
+REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -28,12 +31,15 @@ class CoordinatorSettings:
     kafka_bootstrap: str = "127.0.0.1:9092"
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = "redis://127.0.0.1:6379/0"  # redis+cluster://host:port: a Redis Cluster
     http_host: str = "127.0.0.1"
     http_port: int = 8000  # what agents default to (api_url); 0 = pick a free port
     topic_prefix: str = "fl."
     redis_prefix: str = ""  # "" = "ff:" + topic_prefix (isolates deployments by topic prefix)
     mqtt_share_group: str = ""  # "" = "coord" (default prefix) or "coord-<topic_prefix>"
+    # the deployment's MQTT namespace, <root>/<device>/<leaf> (schemas.topics): two
+    # deployments sharing a broker give each its own; told to devices at enrolment
+    mqtt_topic_root: str = "fleet"
     client_id: str = field(default_factory=lambda: f"coord-{secrets.token_hex(4)}")
     model_store_dir: Path = Path("var/models")
     signing_key_path: Path = Path("var/keys/model-signing.ed25519")
@@ -125,16 +131,23 @@ class CoordinatorSettings:
     # the secure stack passes the broker's server certificate from the fleet CA
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
+    # Kafka over SASL_SSL (the secure stack): TLS verified against kafka_cafile, a SCRAM
+    # login as kafka_username with the password in kafka_password_file (owner-only)
+    kafka_username: str = ""  # "" = plain text, no login
+    kafka_password_file: Path | None = None
+    kafka_cafile: Path | None = None
+    kafka_sasl_mechanism: str = kafka_auth.DEFAULT_MECHANISM
 
     def __post_init__(self) -> None:
         for name in ("kafka_bootstrap", "mqtt_host", "redis_url", "http_host", "topic_prefix",
                      "aggregator_group"):
             check(bool(str(getattr(self, name)).strip()), name, "must not be empty")
         check(1 <= self.mqtt_port <= 65535, "mqtt_port", f"{self.mqtt_port} is not in 1..65535")
+        topics.check_root(self.mqtt_topic_root)
         check(0 <= self.http_port <= 65535, "http_port",
               f"{self.http_port} is not in 0..65535 (0 picks a free port)")  # fmt: skip
-        check(self.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url",
-              f"{self.redis_url!r} is not a redis:// URL")  # fmt: skip
+        check(self.redis_url.startswith(REDIS_URL_SCHEMES), "redis_url",
+              f"{self.redis_url!r} is not a redis:// (or redis+cluster://) URL")  # fmt: skip
         for name in ("selection_tick_s", "lease_s", "telemetry_ttl_s", "pace_retry_s",
                      "telemetry_flush_s", "recovery_check_s", "data_hold_s",
                      "stats_timeout_s", "final_grace_s", "telemetry_max_ahead_s",
@@ -164,6 +177,8 @@ class CoordinatorSettings:
               "tls_certfile and tls_keyfile go together")  # fmt: skip
         check(not self.mqtt_username or self.mqtt_cafile is not None, "mqtt_cafile",
               "a broker password is only sent over TLS: set mqtt_cafile")  # fmt: skip
+        kafka_auth.check_kafka_auth(self.kafka_username, self.kafka_password_file,
+                                    self.kafka_cafile, self.kafka_sasl_mechanism)  # fmt: skip
         check((self.mqtt_passwd_file is None) == (self.mqtt_broker_pidfile is None),
               "mqtt_broker_pidfile",
               "mqtt_passwd_file and mqtt_broker_pidfile go together")  # fmt: skip
@@ -188,6 +203,17 @@ class CoordinatorSettings:
               f"{path} is readable by group or others (chmod 600 it)")  # fmt: skip
         check(bool(secret), "mqtt_password_file", f"{path} is empty")
         return MqttCredentials(self.mqtt_username, secret, self.mqtt_cafile)
+
+    def kafka_login(self) -> kafka_auth.KafkaAuth | None:
+        """The SASL_SSL login when ``kafka_username`` is set (None: plain text); the
+        password is read from its file here (missing or group-readable: SettingsError)."""
+        return kafka_auth.kafka_auth(self.kafka_username, self.kafka_password_file,
+                                     self.kafka_cafile, self.kafka_sasl_mechanism)  # fmt: skip
+
+    def kafka_kwargs(self) -> dict[str, Any]:
+        """aiokafka keyword arguments for every client this coordinator opens."""
+        return {"bootstrap_servers": self.kafka_bootstrap,
+                **kafka_auth.client_kwargs(self.kafka_login())}  # fmt: skip
 
     @property
     def device_broker(self) -> tuple[str, int, bool]:

@@ -20,7 +20,7 @@ version is evaluated first, on up to ``evaluation.final_devices`` devices, each 
 (``final_need``); it closes once that many reported, at ``timeout_s``, or once nothing is
 out and no eligible device is left (not before ``final_grace_s``).
 
-Side tasks lease in ``{p}sideleases:{{job}}``: they take no training slot, but the device is
+Side tasks lease in ``{p}{t}sideleases:{job}``: they take no training slot, but the device is
 busy (``FleetStore.assign_task``) until it reports, declines, aborts or the task expires.
 """
 

@@ -2,12 +2,12 @@
 
 Keys (named in ``coordinator.keys``)::
 
-    {p}task:{task_id}    hash   job_id, device_id, token_sha, state, issued_ts, deadline_ts,
+    {p}{t}task:{task_id} hash   job_id, device_id, token_sha, state, issued_ts, deadline_ts,
                                 update_id, reissue_of, round (sync rounds only)
-    {p}leases:{{job}}    zset   task_id -> deadline for tasks offered/accepted/uploading
-    {p}sideleases:{{job}} zset  the same for ``eval``/``stats`` tasks (``kind``): they take
+    {p}{t}leases:{job}   zset   task_id -> deadline for tasks offered/accepted/uploading
+    {p}{t}sideleases:{job} zset  the same for ``eval``/``stats`` tasks (``kind``): they take
                                 no training slot (``active_count`` counts training only)
-    {p}round:{{job}}     hash   the open sync round (``rounds.RoundStore``); ``taken``
+    {p}{t}round:{job}    hash   the open sync round (``rounds.RoundStore``); ``taken``
                                 counts the uploads it admitted (``claim_in_round``)
 
 Transitions are atomic (a Lua script checks the current state); the upload token is

@@ -31,6 +31,7 @@ from edge_agent.errors import AgentError
 from edge_agent.settings import AgentSettings
 from schemas import mqtt_auth
 from schemas.atomic import atomic_write
+from schemas.topics import DEFAULT_ROOT
 
 CREDENTIAL_FILE = "credential.json"
 CA_FILE = "ca.pem"
@@ -64,6 +65,7 @@ class DeviceCredential:
     model_signing_key: str
     api_url: str
     enrolled_ts: float
+    mqtt_topic_root: str = DEFAULT_ROOT  # credentials stored before roots existed: "fleet"
 
     def __repr__(self) -> str:  # never print the secret
         return (f"DeviceCredential(device_id={self.device_id!r}, "
@@ -121,6 +123,7 @@ def apply(settings: AgentSettings, cred: DeviceCredential | None = None) -> Agen
     ca = settings.state_dir / CA_FILE if settings.state_dir is not None else None
     changes: dict[str, Any] = {
         "mqtt_host": cred.mqtt_host, "mqtt_port": cred.mqtt_port,
+        "mqtt_topic_root": cred.mqtt_topic_root,
         "mqtt_username": settings.mqtt_username or cred.username,
         "mqtt_password": settings.mqtt_password or cred.password,
         "public_key_hex": settings.public_key_hex or cred.model_signing_key,
@@ -160,6 +163,7 @@ async def request_credential(
         mqtt_tls=bool(m["tls"]), username=m["username"], password=m["password"],
         model_signing_key=body["model_signing_key"], api_url=api_url,
         enrolled_ts=float(body["enrolled_ts"]),
+        mqtt_topic_root=str(m.get("topic_root") or DEFAULT_ROOT),
     )  # fmt: skip
     return cred, str(body.get("ca_pem", ""))
 

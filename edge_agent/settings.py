@@ -17,6 +17,7 @@ from typing import Any, Literal
 from edge_agent.errors import SettingsError
 from schemas import errors as base
 from schemas import settings
+from schemas.topics import check_root
 
 ENV_PREFIX = "FEDFLEET_AGENT_"
 AGENT_VERSION = "0.1.0"
@@ -29,6 +30,8 @@ class AgentSettings:
     device_id: str
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
+    # the deployment's MQTT namespace (schemas.topics); enrolment stores the coordinator's
+    mqtt_topic_root: str = "fleet"
     mqtt_username: str = ""
     mqtt_password: str = ""
     # set: TLS to the broker, its certificate verified against this CA (never plain TCP);
@@ -74,6 +77,7 @@ class AgentSettings:
     model_key_file: Path | None = None
 
     def __post_init__(self) -> None:
+        check_root(self.mqtt_topic_root)
         if not self.device_id:
             raise SettingsError("device_id", "device_id is required")
         if not 0 < self.mqtt_port < 65536:
@@ -107,7 +111,8 @@ class AgentSettings:
         return self.outbox == "file" or (self.outbox == "auto" and self.state_dir is not None)
 
     def topic(self, leaf: str) -> str:
-        return f"fleet/{self.device_id}/{leaf}"
+        """``<root>/<device_id>/<leaf>`` (``schemas.topics``)."""
+        return f"{self.mqtt_topic_root}/{self.device_id}/{leaf}"
 
     @classmethod
     def load(

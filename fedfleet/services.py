@@ -140,6 +140,7 @@ def run_coordinator(args: argparse.Namespace) -> int:
         mqtt=(settings.mqtt_host, settings.mqtt_port),
         redis=settings.redis_url,
         mqtt_credentials=settings.mqtt_credentials(),
+        kafka_auth=settings.kafka_login(),
     )
 
     async def body(stop: asyncio.Event) -> None:
@@ -155,7 +156,7 @@ def run_aggregator(args: argparse.Namespace) -> int:
     from aggregator.worker import AggregatorWorker
 
     settings = build_settings(AggregatorSettings, args)
-    preflight(kafka=settings.kafka_bootstrap)
+    preflight(kafka=settings.kafka_bootstrap, kafka_auth=settings.kafka_login())
 
     async def body(stop: asyncio.Event) -> None:
         async with AggregatorWorker(settings) as worker:

@@ -27,6 +27,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from coordinator.keys import Keys
+from coordinator.redis_client import redis_client
 from loadtest.runner import Env, Progress, Timeline
 from loadtest.train import TrainSettings, job_body
 from sim.enrol import enrol_if_secure
@@ -52,6 +53,8 @@ class ChurnSettings:
 
 
 async def task_records(redis: Redis, prefix: str, job_id: str) -> list[dict[str, str]]:
+    """Every task record of ``job_id`` (on a Redis Cluster ``scan_iter`` walks every
+    primary; the records share the deployment's slot, so one of them holds them all)."""
     keys = [k async for k in redis.scan_iter(match=Keys(prefix).task_pattern, count=1000)]
     out: list[dict[str, str]] = []
     for i in range(0, len(keys), 1000):
@@ -92,7 +95,7 @@ async def run_churn(env: Env, s: ChurnSettings, *, quiet: bool) -> dict[str, Any
                      mqtt_port=env.info.mqtt_port, api_url=env.services.rest_url,
                      public_key_hex=key, log_dir=env.workdir,
                      credentials=enrolled.credentials, ca_file=enrolled.ca_file)  # fmt: skip
-    redis = Redis.from_url(env.info.redis_url, decode_responses=True)
+    redis = redis_client(env.info.redis_url)  # a single Redis or a Redis Cluster
     prefix = env.services.redis_prefix
     ports = env.services.metrics_ports
     timeline = Timeline()

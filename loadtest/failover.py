@@ -44,6 +44,7 @@ from aggregator.checkpoint import FileCheckpointStore
 from loadtest.runner import Env, Progress, Timeline
 from loadtest.train import TrainSettings, job_body
 from schemas.errors import SchemaError
+from schemas.kafka_auth import KafkaTarget, as_kwargs
 from schemas.messages import ShardUpdate, decode
 from sim.enrol import enrol_if_secure
 from sim.fleet import FleetSpec
@@ -82,11 +83,12 @@ def aggregator_args(s: FailoverSettings) -> tuple[str, ...]:
     )  # fmt: skip
 
 
-async def log_index(bootstrap: str, topic: str, shards: int, job_id: str) -> list[dict[str, int]]:
+async def log_index(bootstrap: KafkaTarget, topic: str, shards: int,
+                    job_id: str) -> list[dict[str, int]]:  # fmt: skip
     """Per partition of ``topic``, up to its current end: ``job_id``'s update ids and the
     timestamp (ms) of the first record of each."""
     c = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **as_kwargs(bootstrap),
         group_id=None,
         enable_auto_commit=False,
         isolation_level="read_committed",
@@ -252,7 +254,7 @@ async def run_failover(env: Env, s: FailoverSettings, *, quiet: bool) -> dict[st
     svc.stop_aggregators()  # SIGTERM: final checkpoints
     topic = f"{svc.topic_prefix}updates"
     logs = [set(ids) for ids in
-            await log_index(env.info.kafka_bootstrap, topic, s.aggregators, job_id)]  # fmt: skip
+            await log_index(env.info.kafka_kwargs(), topic, s.aggregators, job_id)]  # fmt: skip
     applied = await asyncio.to_thread(
         applied_ids, svc.workdir / "checkpoints", topic, s.aggregators, job_id
     )

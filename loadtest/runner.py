@@ -146,6 +146,9 @@ async def environment(
     async with AsyncExitStack() as stack:
         launcher = LocalStack(stack_settings, log=log)
         info: StackInfo = await stack.enter_async_context(launcher)
+        if log is not None:
+            for name, desc in info.describe().items():
+                log(f"{name}: {desc}")
         workdir = Path(tempfile.mkdtemp(prefix=f"fedfleet-loadtest-{run_id}-"))
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)  # after services stop
         services = LoadServices(

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
 
+from coordinator.keys import Keys
+from coordinator.redis_client import redis_client
 from loadtest.runner import Env, Progress, Timeline
 from schemas.messages import ModelSpecMsg
 from schemas.modelspec import num_params
@@ -217,9 +218,9 @@ async def _one(
     stats = view.get("stats", {})
     rounds: dict[str, Any] = {}
     if strategy == "fedavg":
-        redis = Redis.from_url(env.info.redis_url, decode_responses=True)
+        redis = redis_client(env.info.redis_url)
         try:
-            h = await redis.hgetall(f"{env.services.redis_prefix}round:{job_id}")
+            h = await redis.hgetall(Keys(env.services.redis_prefix).round(job_id))
         finally:
             await redis.aclose()
         n = int(h.get("round", 0))

@@ -32,6 +32,7 @@ from typing import Any
 
 from schemas.errors import FedfleetError
 from schemas.messages import ID_PATTERN
+from schemas.topics import DEFAULT_ROOT, check_root
 
 
 class DynsecError(FedfleetError):
@@ -154,24 +155,25 @@ def device_rolename(device_id: str) -> str:
     return f"{DEVICE_ROLE}:{device_id}"
 
 
-def device_acls(device_id: str) -> list[JSON]:
+def device_acls(device_id: str, root: str = DEFAULT_ROOT) -> list[JSON]:
     """One device: publish its own ingest leaves, subscribe to and read
-    ``fleet/<itself>/#`` (task, ack, pace). Literal topics: Mosquitto 2.0's dynsec does not
-    substitute ``%u`` (2.1 does), hence a role per device."""
-    own = f"fleet/{check_device_id(device_id)}"
+    ``<root>/<itself>/#`` (task, ack, pace). Literal topics: Mosquitto 2.0's dynsec does
+    not substitute ``%u`` (2.1 does), hence a role per device."""
+    own = f"{check_root(root)}/{check_device_id(device_id)}"
     acls = [acl("publishClientSend", f"{own}/{leaf}") for leaf in INGEST_LEAVES]
     return [*acls, *_sub_unsub(f"{own}/#"), acl("publishClientReceive", f"{own}/#")]
 
 
-def coordinator_role() -> JSON:
+def coordinator_role(roots: Sequence[str] = (DEFAULT_ROOT,)) -> JSON:
     """The coordinator: read every device's ingest leaves (plain and ``$share``), write
-    every device's device-bound leaves."""
+    every device's device-bound leaves, under each topic root it serves."""
     acls: list[JSON] = []
-    for leaf in INGEST_LEAVES:
-        acls += _sub_unsub(f"fleet/+/{leaf}")
-        acls += _sub_unsub(f"$share/+/fleet/+/{leaf}")
-        acls.append(acl("publishClientReceive", f"fleet/+/{leaf}"))
-    acls += [acl("publishClientSend", f"fleet/+/{leaf}") for leaf in DEVICE_BOUND_LEAVES]
+    for root in map(check_root, roots):
+        for leaf in INGEST_LEAVES:
+            acls += _sub_unsub(f"{root}/+/{leaf}")
+            acls += _sub_unsub(f"$share/+/{root}/+/{leaf}")
+            acls.append(acl("publishClientReceive", f"{root}/+/{leaf}"))
+        acls += [acl("publishClientSend", f"{root}/+/{leaf}") for leaf in DEVICE_BOUND_LEAVES]
     return {"rolename": COORDINATOR_ROLE, "textname": "speaks for the fleet", "acls": acls}
 
 
@@ -195,7 +197,8 @@ def client_entry(
     return entry
 
 
-def initial_config(coordinator_password: str, *, iterations: int = ITERATIONS) -> JSON:
+def initial_config(coordinator_password: str, *, iterations: int = ITERATIONS,
+                   roots: Sequence[str] = (DEFAULT_ROOT,)) -> JSON:  # fmt: skip
     """The plugin's config file at first start: the coordinator client and its two roles,
     no devices (the coordinator enrols them over ``$CONTROL``), everything else denied."""
     coordinator = client_entry(
@@ -208,7 +211,7 @@ def initial_config(coordinator_password: str, *, iterations: int = ITERATIONS) -
     return {
         "clients": [coordinator],
         "groups": [],
-        "roles": [coordinator_role(), admin_role()],
+        "roles": [coordinator_role(roots), admin_role()],
         "defaultACLAccess": dict(DENY_ALL),
     }
 
@@ -255,12 +258,12 @@ def delete_role(rolename: str) -> JSON:
     return {"command": "deleteRole", "rolename": rolename}
 
 
-def enrol_device(device_id: str, password: str) -> list[JSON]:
+def enrol_device(device_id: str, password: str, root: str = DEFAULT_ROOT) -> list[JSON]:
     """The commands that let ``device_id`` in with ``password``, confined to its topics
-    (its own role first, then the client holding it; send them in one batch)."""
+    under ``root`` (its own role first, then the client holding it; one batch)."""
     role = device_rolename(device_id)
     return [
-        create_role(role, device_acls(device_id), textname=f"device {device_id}"),
+        create_role(role, device_acls(device_id, root), textname=f"device {device_id}"),
         create_client(device_id, password, roles=(role,)),
     ]
 

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from schemas import dynsec
 from schemas.dynsec import COORDINATOR_USER, DEVICE_BOUND_LEAVES, INGEST_LEAVES, DynsecError
+from schemas.topics import DEFAULT_ROOT, check_root
 
 PROBE_USER = dynsec.PROBE_USER
 _HASH = re.compile(r"\$7\$(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)")
@@ -101,13 +102,18 @@ def apply(entries: dict[str, str], changes: Iterable[tuple[str, str | None]]) ->
             entries[device_id] = field
 
 
-def acl_text() -> str:
-    """The broker's ACL file (Mosquitto ``acl_file`` syntax)."""
+def acl_text(roots: Sequence[str] = (DEFAULT_ROOT,)) -> str:
+    """The broker's ACL file (Mosquitto ``acl_file`` syntax), for the deployments' topic
+    ``roots`` (``schemas.topics``; one per deployment sharing the broker)."""
+    roots = [check_root(r) for r in roots]
     lines = ["# fedfleet: written by the stack (schemas/passwd.py); devices are confined by %u",
              f"user {COORDINATOR_USER}"]  # fmt: skip
-    lines += [f"topic read fleet/+/{leaf}" for leaf in INGEST_LEAVES]
-    lines += [f"topic write fleet/+/{leaf}" for leaf in DEVICE_BOUND_LEAVES]
+    for root in roots:
+        lines += [f"topic read {root}/+/{leaf}" for leaf in INGEST_LEAVES]
+        lines += [f"topic write {root}/+/{leaf}" for leaf in DEVICE_BOUND_LEAVES]
     lines += ["", "# every other user is a device: its own ingest leaves out, its own topics in"]
-    lines += [f"pattern write fleet/%u/{leaf}" for leaf in INGEST_LEAVES]
-    lines += ["pattern read fleet/%u/#", ""]
+    for root in roots:
+        lines += [f"pattern write {root}/%u/{leaf}" for leaf in INGEST_LEAVES]
+        lines += [f"pattern read {root}/%u/#"]
+    lines += [""]
     return "\n".join(lines)

@@ -92,7 +92,7 @@ class ServiceSet:
             self.aggregator_metrics_ports.append(port)
         argv = [
             sys.executable, "-m", "fedfleet", "aggregator",
-            "--kafka", self.info.kafka_bootstrap,
+            *self.info.aggregator_args(),
             "--topic-prefix", self.topic_prefix,
             "--checkpoint-dir", str(self.workdir / "checkpoints"),
             "--client-id", f"agg-{i}",

@@ -142,6 +142,13 @@ def service_env(sf: StackFile) -> dict[str, str]:
             f"{AGENT}API_CAFILE": i.mqtt_cafile,  # the coordinator's HTTPS: the fleet CA
             CA_VAR: i.mqtt_cafile,
         })  # fmt: skip
+    if i.kafka_cafile:  # SASL_SSL Kafka: each service's own login, the fleet CA
+        for prefix, user in ((COORDINATOR, "coordinator"), (AGGREGATOR, "aggregator")):
+            out.update({
+                f"{prefix}KAFKA_USERNAME": user,
+                f"{prefix}KAFKA_PASSWORD_FILE": i.kafka_password_file(user),
+                f"{prefix}KAFKA_CAFILE": i.kafka_cafile,
+            })  # fmt: skip
     if i.mqtt_passwd_file:
         out[f"{COORDINATOR}MQTT_PASSWD_FILE"] = i.mqtt_passwd_file
         out[f"{COORDINATOR}MQTT_BROKER_PIDFILE"] = i.mqtt_broker_pidfile

@@ -16,6 +16,7 @@ WHAT_IS_OPEN = (
     "publish as any device",
     "REST over plain HTTP; fleet-status reads need no token",
     "Redis without a password",
+    "Kafka in plain text, without a login",
 )
 
 

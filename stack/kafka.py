@@ -11,7 +11,10 @@ import time
 import uuid
 from pathlib import Path
 
+from schemas.kafka_auth import KafkaAuth, client_kwargs
 from stack.errors import StackError
+from stack.kafka_secure import KafkaSecurity
+from stack.pki import write_private
 from stack.procs import ManagedProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +85,10 @@ class ApacheKafka:
     impl = "apache-kafka"
     detach = False
 
-    def __init__(self, workdir: Path, *, nodes: int = 1, heap_mb: int = 512) -> None:
+    def __init__(self, workdir: Path, *, nodes: int = 1, heap_mb: int = 512,
+                 ca_dir: Path | None = None) -> None:  # fmt: skip
+        """``ca_dir`` (the fleet CA's directory) makes every listener SASL_SSL
+        (``stack.kafka_secure``); the users' logins are then ``auth(user)``."""
         if nodes not in (1, 3):
             raise StackError("Kafka: --kafka-nodes must be 1 or 3")
         lib = kafka_lib_dir()
@@ -97,25 +103,34 @@ class ApacheKafka:
         self.ports = [(free_port(), free_port()) for _ in range(nodes)]
         self.procs: list[ManagedProcess] = []
         self.version = kafka_version()
+        self.ca_dir = ca_dir
+        self.security: KafkaSecurity | None = None
 
     @property
     def bootstrap(self) -> str:
         return ",".join(f"127.0.0.1:{p}" for p, _ in self.ports)
 
+    def auth(self, user: str = "fedfleet-admin") -> KafkaAuth | None:
+        """``user``'s login to the secure brokers (None: plain text)."""
+        return self.security.auth(user) if self.security is not None else None
+
     def _props(self, i: int) -> str:
         port, cport = self.ports[i]
         voters = ",".join(f"{j + 1}@127.0.0.1:{c}" for j, (_, c) in enumerate(self.ports))
         rf = min(3, self.nodes)
+        listeners = (self.security.props(port, cport) if self.security is not None else [
+            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        ])  # fmt: skip
         return "\n".join(
             [
                 "process.roles=broker,controller",
                 f"node.id={i + 1}",
                 f"controller.quorum.voters={voters}",
-                f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
-                f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
-                "controller.listener.names=CONTROLLER",
-                "inter.broker.listener.name=PLAINTEXT",
-                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                *listeners,
                 f"log.dirs={self.workdir / f'kafka-{i + 1}' / 'data'}",
                 f"offsets.topic.replication.factor={rf}",
                 "offsets.topic.num.partitions=4",
@@ -140,9 +155,13 @@ class ApacheKafka:
     def start(self) -> None:
         cluster_id = random_cluster_id()
         cp = f"{self.lib}/*"
+        fmt: list[str] = []
+        if self.ca_dir is not None:
+            self.security = KafkaSecurity.prepare(self.workdir, self.ca_dir)
+            fmt = self.security.format_args()
         for i in range(self.nodes):
             d = self.workdir / f"kafka-{i + 1}"
-            argv = prepare_node(d, self._props(i), cluster_id, cp, self.heap_mb)
+            argv = prepare_node(d, self._props(i), cluster_id, cp, self.heap_mb, format_args=fmt)
             p = ManagedProcess(
                 f"kafka-{i + 1}", argv, log_path=d / "stdout.log", detach=self.detach
             )
@@ -159,7 +178,7 @@ class ApacheKafka:
                         f"Kafka: {p.name} exited during start; log {p.log_path}:\n{p.log_tail()}"
                     )
             try:
-                n = asyncio.run(kafka_brokers(self.bootstrap, timeout=5.0))
+                n = asyncio.run(kafka_brokers(self.bootstrap, timeout=5.0, auth=self.auth()))
                 if n >= self.nodes:
                     return
                 last = f"{n}/{self.nodes} brokers in metadata"
@@ -177,17 +196,19 @@ class ApacheKafka:
 
 
 def prepare_node(d: Path, props_text: str, cluster_id: str, cp: str, heap_mb: int,
-                 *jvm: str) -> list[str]:  # fmt: skip
-    """Write a KRaft node's ``server.properties`` and log4j2 config in ``d``, format its
-    storage for ``cluster_id`` (classpath ``cp``); the node's command line (extra ``jvm``
-    flags before the class)."""
+                 *jvm: str, format_args: list[str] | None = None) -> list[str]:  # fmt: skip
+    """Write a KRaft node's ``server.properties`` (0600: a secure node's holds the
+    brokers' password) and log4j2 config in ``d``, format its storage for ``cluster_id``
+    (classpath ``cp``; extra ``format_args``, e.g. ``--add-scram``); the node's command
+    line (extra ``jvm`` flags before the class)."""
     d.mkdir(parents=True, exist_ok=True)
     props, log4j = d / "server.properties", d / "log4j2.properties"
-    props.write_text(props_text)
+    write_private(props, props_text.encode())
     log4j.write_text(LOG4J2.format(log=d / "server.log", level="INFO"))
     fmt = subprocess.run(
         ["java", "-cp", cp, f"-Dlog4j2.configurationFile={log4j}",
-         "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
+         "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props),
+         *(format_args or [])],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     if fmt.returncode != 0:
@@ -212,8 +233,10 @@ def random_cluster_id() -> str:
             return cid
 
 
-async def kafka_brokers(bootstrap: str, *, timeout: float = 5.0) -> int:
-    """Number of brokers in a metadata response (raises if none answers)."""
+async def kafka_brokers(bootstrap: str, *, timeout: float = 5.0,
+                        auth: KafkaAuth | None = None) -> int:  # fmt: skip
+    """Number of brokers in a metadata response (raises if none answers); logged in with
+    ``auth`` over SASL_SSL when given."""
     import logging
 
     from aiokafka import AIOKafkaClient
@@ -222,7 +245,8 @@ async def kafka_brokers(bootstrap: str, *, timeout: float = 5.0) -> int:
     aiokafka_log = logging.getLogger("aiokafka")
     level = aiokafka_log.level
     aiokafka_log.setLevel(logging.CRITICAL)
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000),
+                            **client_kwargs(auth))  # fmt: skip
     try:
         await asyncio.wait_for(client.bootstrap(), timeout)
         ok = await asyncio.wait_for(client.force_metadata_update(), timeout)

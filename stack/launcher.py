@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
 
+from schemas.kafka_auth import KafkaAuth, client_kwargs, read_secret
 from schemas.mqtt_auth import MqttCredentials
 from schemas.settings import parse_address, parse_mqtt_url
 from stack.errors import ConfigError, FallbackRefused, ServerUnavailable, StackError
@@ -102,10 +103,42 @@ class StackInfo:
     # stack serves HTTPS with
     tls_certfile: str = ""
     tls_keyfile: str = ""
+    # secure Kafka: SASL_SSL listeners verified against kafka_cafile, one SCRAM user per
+    # service with its password in kafka_secrets_dir/<user>.secret (stack.kafka_secure)
+    kafka_cafile: str = ""
+    kafka_secrets_dir: str = ""
 
     @property
     def mqtt_url(self) -> str:
         return f"{'mqtts' if self.mqtt_tls else 'mqtt'}://{self.mqtt_host}:{self.mqtt_port}"
+
+    def kafka_password_file(self, user: str) -> str:
+        return str(Path(self.kafka_secrets_dir) / f"{user}.secret") if self.kafka_cafile else ""
+
+    def kafka_auth(self, user: str = "fedfleet-admin") -> KafkaAuth | None:
+        """``user``'s login to this stack's Kafka (None when it is plain text): tools and
+        tests log in as ``fedfleet-admin``, the services as ``coordinator``/``aggregator``."""
+        if not self.kafka_cafile:
+            return None
+        pw = read_secret(Path(self.kafka_password_file(user)), "kafka_password_file")
+        return KafkaAuth(user, pw, Path(self.kafka_cafile))
+
+    def kafka_kwargs(self, user: str = "fedfleet-admin") -> dict[str, Any]:
+        """aiokafka keyword arguments for a client of this stack's Kafka, as ``user``."""
+        return {"bootstrap_servers": self.kafka_bootstrap,
+                **client_kwargs(self.kafka_auth(user))}  # fmt: skip
+
+    def kafka_flags(self, user: str) -> list[str]:
+        """``--kafka-username/--kafka-password-file/--kafka-cafile`` for a service process
+        logging in as ``user`` (none for a plain-text Kafka)."""
+        if not self.kafka_cafile:
+            return []
+        return ["--kafka-username", user, "--kafka-password-file",
+                self.kafka_password_file(user), "--kafka-cafile", self.kafka_cafile]  # fmt: skip
+
+    def aggregator_args(self) -> list[str]:
+        """``fedfleet aggregator`` flags reaching this stack's Kafka."""
+        return ["--kafka", self.kafka_bootstrap, *self.kafka_flags("aggregator")]
 
     def coordinator_env(self) -> dict[str, str]:
         """Environment variables a ``fedfleet coordinator`` process on this stack needs."""
@@ -116,7 +149,8 @@ class StackInfo:
     def coordinator_args(self) -> list[str]:
         """``fedfleet coordinator`` flags reaching this stack's servers (a Redis URL with a
         password goes in ``coordinator_env`` instead: ``ps`` shows argv to everyone)."""
-        out = ["--kafka", self.kafka_bootstrap, "--mqtt", self.mqtt_url]
+        out = ["--kafka", self.kafka_bootstrap, *self.kafka_flags("coordinator"),
+               "--mqtt", self.mqtt_url]  # fmt: skip
         if not urlparse(self.redis_url).password:
             out += ["--redis", self.redis_url]
         if self.mqtt_tls:
@@ -132,7 +166,8 @@ class StackInfo:
 
     def describe(self) -> dict[str, str]:
         return {
-            "kafka": f"{self.kafka_impl} {self.kafka_bootstrap}",
+            "kafka": f"{self.kafka_impl} {self.kafka_bootstrap}"
+                     + (" (SASL_SSL, SCRAM logins)" if self.kafka_cafile else ""),
             "mqtt": f"{self.mqtt_impl} {self.mqtt_url}",
             "redis": f"{self.redis_impl} {redacted(self.redis_url)}",
         }
@@ -197,7 +232,12 @@ class LocalStack:
                 workdir / "kafka",
                 nodes=self.settings.kafka_nodes,
                 heap_mb=self.settings.kafka_heap_mb,
+                # the secure stack: SASL_SSL with the fleet CA the MQTT broker uses
+                ca_dir=workdir / "mqtt" / "tls" if self.settings.secure else None,
             )
+        if self.settings.secure:  # no fallback: Tansu has no SASL
+            raise StackError("Kafka: a secure stack needs Apache Kafka (java + mvn) for "
+                             "SASL_SSL; run with --insecure to use Tansu")  # fmt: skip
         self._fallback("Kafka", "Apache Kafka (java + mvn)", "tansu")
         if self.settings.kafka_nodes != 1:
             raise StackError("Kafka: --kafka-nodes 3 needs Apache Kafka (java + mvn)")
@@ -288,6 +328,9 @@ class LocalStack:
             if mqtt.auth == "passwd":
                 secure |= {"mqtt_passwd_file": str(mqtt.passwd_file),
                            "mqtt_broker_pidfile": str(mqtt.pid_file)}  # fmt: skip
+        if isinstance(kafka, ApacheKafka) and kafka.security is not None:
+            secure |= {"kafka_cafile": str(kafka.security.cafile),
+                       "kafka_secrets_dir": str(kafka.security.secrets_dir)}  # fmt: skip
         return StackInfo(
             kafka_bootstrap=kafka.bootstrap if kafka else kafka_bootstrap(s.kafka_url),  # type: ignore[attr-defined]
             mqtt_host=mhost,
@@ -343,8 +386,8 @@ def kafka_bootstrap(url: str | None) -> str:
     return ",".join(parts)
 
 
-def _kafka_check(url: str) -> None:
-    asyncio.run(kafka_brokers(kafka_bootstrap(url)))
+def _kafka_check(url: str, auth: KafkaAuth | None = None) -> None:
+    asyncio.run(kafka_brokers(kafka_bootstrap(url), auth=auth))
 
 
 def _mqtt_check(url: str, credentials: MqttCredentials | None = None) -> None:
@@ -363,12 +406,12 @@ def _redis_check(url: str) -> None:
 
 def preflight(
     *, kafka: str | None = None, mqtt: tuple[str, int] | None = None, redis: str | None = None,
-    mqtt_credentials: MqttCredentials | None = None,
+    mqtt_credentials: MqttCredentials | None = None, kafka_auth: KafkaAuth | None = None,
 ) -> None:  # fmt: skip
     """One-line ``ServerUnavailable`` errors for servers a service is about to use (the
-    broker over TLS with ``mqtt_credentials``)."""
+    broker over TLS with ``mqtt_credentials``, Kafka over SASL_SSL with ``kafka_auth``)."""
     if kafka:
-        _check_external("Kafka", kafka, _kafka_check)
+        _check_external("Kafka", kafka, lambda url: _kafka_check(url, kafka_auth))
     if mqtt:
         scheme = "mqtts" if mqtt_credentials is not None else "mqtt"
         _check_external("MQTT", f"{scheme}://{mqtt[0]}:{mqtt[1]}",

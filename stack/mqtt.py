@@ -22,6 +22,7 @@ from pathlib import Path
 
 from schemas import dynsec, passwd
 from schemas.mqtt_auth import MqttCredentials
+from schemas.topics import DEFAULT_ROOT
 from stack.errors import StackError
 from stack.pki import LOCAL_HOSTS, TlsFiles, ensure_tls, private_dir, write_private
 from stack.procs import ManagedProcess, ProcessServer
@@ -125,6 +126,7 @@ class Mosquitto(_Broker):
         secure: bool = False,
         auth: str = "passwd",
         hosts: tuple[str, ...] = LOCAL_HOSTS,
+        topic_roots: tuple[str, ...] = (DEFAULT_ROOT,),
     ) -> None:
         binary = mosquitto_binary()
         if binary is None:
@@ -142,6 +144,7 @@ class Mosquitto(_Broker):
         self.max_connections = max_connections
         self.secure = secure
         self.hosts = hosts
+        self.topic_roots = topic_roots  # the deployments' MQTT namespaces (schemas.topics)
         self.auth = auth
         self.plugin = plugin
         self.tls: TlsFiles | None = None
@@ -167,7 +170,7 @@ class Mosquitto(_Broker):
             assert self.plugin is not None
             store = [f"plugin {self.plugin}", f"plugin_opt_config_file {self.dynsec_file}"]
         else:
-            self.acl_file.write_text(passwd.acl_text())
+            self.acl_file.write_text(passwd.acl_text(self.topic_roots))
             store = [f"password_file {self.passwd_file}", f"acl_file {self.acl_file}"]
         return [
             "per_listener_settings false",
@@ -201,7 +204,8 @@ class Mosquitto(_Broker):
         write_private(secret, password.encode())
         # owner-only: it holds password hashes
         if self.auth == "dynsec":
-            config = json.dumps(dynsec.initial_config(password), indent=1).encode()
+            config = json.dumps(dynsec.initial_config(password, roots=self.topic_roots),
+                                indent=1).encode()  # fmt: skip
         else:
             config = passwd.initial(password, dynsec.new_password())
         write_private(store, config)

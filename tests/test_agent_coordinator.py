@@ -11,9 +11,9 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from redis.asyncio import Redis
 
 from coordinator.api import AppState, create_app
+from coordinator.redis_client import redis_client
 from edge_agent.errors import ModelVerifyError
 from edge_agent.inference import OnnxModel
 from edge_agent.models import ModelClient
@@ -34,7 +34,7 @@ JOB = {
 async def coord_api(
     redis_url: str, tmp_path: Path
 ) -> AsyncIterator[tuple[httpx.AsyncClient, AppState]]:
-    redis = Redis.from_url(redis_url, decode_responses=True)
+    redis = redis_client(redis_url)
     state, _ = await make_state(redis, tmp_path, f"a{uuid.uuid4().hex[:8]}:")
     app = create_app(state)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://c") as c:

@@ -22,12 +22,15 @@ from coordinator.errors import EnrolmentRefused, EnrolmentUnavailable, NotFound
 from coordinator.fleet import FleetStore
 from coordinator.ingest import TelemetryBatcher
 from coordinator.metrics import CoordinatorMetrics, counter_value
+from coordinator.redis_client import redis_client
 from schemas.dynsec import DynsecError
 from schemas.messages import Telemetry
 from schemas.mqtt_auth import MqttCredentials
-from stack import StackInfo
 from stack.mqtt import Mosquitto
 from tests.secure_broker import secure_mosquitto
+from tests.test_coordinator_support import redis_url
+
+__all__ = ["redis_url"]  # fixture
 
 GUARD_S = 15.0
 
@@ -129,8 +132,9 @@ async def test_real_admin_unreachable_broker_is_a_dynsec_error(tmp_path: Path) -
 
 
 @pytest_asyncio.fixture
-async def flow(stack: StackInfo, unique_prefix: str) -> AsyncIterator[tuple[Enroller, Redis]]:
-    redis = Redis.from_url(stack.redis_url, decode_responses=True)
+async def flow(redis_url: str, unique_prefix: str) -> AsyncIterator[tuple[Enroller, Redis]]:
+    """The enrolment flow on a single Redis and on a Redis Cluster (``redis_url``)."""
+    redis = redis_client(redis_url)
     metrics = CoordinatorMetrics(CollectorRegistry())
     fleet = FleetStore(redis, f"ff:{unique_prefix}", 60.0)
     enroller = Enroller(EnrolmentStore(redis, f"ff:{unique_prefix}"), MemoryBrokerAdmin(),

@@ -14,11 +14,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import zstandard
-from redis.asyncio import Redis
 
 from coordinator.api import AppState, create_app
 from coordinator.errors import JobError
 from coordinator.jobs import build_job
+from coordinator.redis_client import redis_client
 from coordinator.signing import verify
 from schemas.messages import ModelManifest, ShardVersion, Telemetry
 from schemas.modelspec import forward
@@ -46,7 +46,7 @@ async def api(
     redis_url: str,  # noqa: F811
     tmp_path: Path,
 ) -> AsyncIterator[tuple[httpx.AsyncClient, AppState, list[Any]]]:
-    redis: Any = Redis.from_url(redis_url, decode_responses=True)
+    redis: Any = redis_client(redis_url)
     state, published = await make_state(redis, tmp_path, f"t{uuid.uuid4().hex[:8]}:")
     app = create_app(state)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
 
 from coordinator.api import AppState
 from coordinator.ingest import Router, TelemetryBatcher
 from coordinator.jobs import build_job
 from coordinator.keys import Keys
+from coordinator.redis_client import redis_client
 from coordinator.selector import Selector
 from coordinator.tasks import deployment_tag
 from coordinator.uploads import UploadHandler
@@ -56,7 +56,7 @@ class Rig:
 
 @pytest.fixture
 async def rig(redis_url: str, tmp_path: Path) -> AsyncIterator[Rig]:  # noqa: F811
-    redis: Any = Redis.from_url(redis_url, decode_responses=True)
+    redis: Any = redis_client(redis_url)
     state, _ = await make_state(redis, tmp_path, f"t{uuid.uuid4().hex[:8]}:")
     producer, published = FakeProducer(), Published()
     s = state.settings.replace(pace_retry_s=5.0)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import zstandard
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from redis.asyncio import Redis
 
 from coordinator.ingest import TelemetryBatcher
 from coordinator.jobs import Job, build_job
 from coordinator.keys import Keys
+from coordinator.redis_client import redis_client
 from coordinator.service import Coordinator
 from coordinator.settings import CoordinatorSettings
 from schemas.messages import (
@@ -384,7 +384,7 @@ async def test_sync_round_opens_only_after_the_model_moved(
     """Redis only: a closed FedAvg round holds the next one until every shard of the
     newest published model advanced (the real registry's ``newest_shard_versions``), and
     a round that never moves the model is given up after the grace period."""
-    r: Any = Redis.from_url(redis_url, decode_responses=True)
+    r: Any = redis_client(redis_url)
     state, _ = await make_state(r, tmp_path, f"g{time.time_ns()}:")
     keys = Keys(state.settings.key_prefix)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from coordinator.api import AppState
@@ -32,6 +33,8 @@ from coordinator.signing import Signer
 from coordinator.task_sink import KafkaTaskSink
 from coordinator.tasks import TaskStore, load_task_key
 from schemas.messages import JobSpec
+from stack.launcher import env_require_real
+from stack.redis_cluster import RedisCluster
 
 _METRICS: CoordinatorMetrics | None = None
 
@@ -51,11 +54,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """A private redis-server (no persistence) for tests that need only Redis."""
+@pytest.fixture(scope="session", params=["redis", "cluster"])
+def redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A Redis for tests that need only Redis, open with ``coordinator.redis_client``:
+    every test runs on a private redis-server (no persistence) and again on the
+    session's three-master Redis Cluster (``redis_cluster``, ``tests/conftest.py``), so
+    the stores' scripts and transactions are held to one hash slot. Without redis-server
+    it skips, except under FEDFLEET_REQUIRE_REAL=1 (CI)."""
+    if request.param == "cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        yield cluster.url
+        return
     exe = shutil.which("redis-server")
     if exe is None:
+        if env_require_real():
+            pytest.fail("redis-server not installed (FEDFLEET_REQUIRE_REAL=1)")
         pytest.skip("redis-server not installed")
     port = _free_port()
     proc = subprocess.Popen(
@@ -133,7 +146,9 @@ async def make_state(redis: Redis, tmp: Path, prefix: str) -> tuple[AppState, li
         stats=JobStatsStore(r, prefix),
         registry=ModelRegistry(settings.model_store_dir, signer, retention=5),
         signer=signer,
-        metrics=metrics(),
+        # its own registry: a test's counters start at 0, also when it runs on both
+        # Redis fixtures (``redis_url``) in one session
+        metrics=CoordinatorMetrics(registry=CollectorRegistry()),
         publish_job=publish_job,
     )
     return state, published

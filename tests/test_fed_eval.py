@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import zstandard
 from prometheus_client import CollectorRegistry
-from redis.asyncio import Redis
 
 from coordinator.api import AppState, create_app
 from coordinator.core import CoordinatorCore, build_core
@@ -32,6 +31,7 @@ from coordinator.journal import MemoryJobJournal
 from coordinator.lifecycle import set_spec, set_status
 from coordinator.metrics import CoordinatorMetrics, counter_value
 from coordinator.policy import StopConfig, stop_reason
+from coordinator.redis_client import redis_client
 from coordinator.settings import CoordinatorSettings
 from coordinator.stopping import plateau_reason, target_reason
 from coordinator.tasks import load_task_key
@@ -146,7 +146,7 @@ def eval_report(task: Task, **kw: Any) -> EvalReport:
 
 @pytest.fixture
 async def rig(redis_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
-    redis: Any = Redis.from_url(redis_url, decode_responses=True)
+    redis: Any = redis_client(redis_url)
     s = CoordinatorSettings(
         redis_prefix=f"e{uuid.uuid4().hex[:8]}:", admin_token="secret",
         model_store_dir=tmp_path / "models", signing_key_path=tmp_path / "key",

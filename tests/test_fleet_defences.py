@@ -27,12 +27,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from redis.asyncio import Redis
 
 from coordinator.fleet import FleetStore
 from coordinator.ingest import clock_ok
 from coordinator.keys import Keys
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.redis_client import redis_client
 from coordinator.service import Coordinator
 from coordinator.settings import CoordinatorSettings
 from coordinator.tasks import TaskStore
@@ -146,7 +146,7 @@ Store = tuple[FleetStore, TaskStore, Any, Keys]
 
 @pytest.fixture
 async def store(redis_url: str) -> AsyncIterator[Store]:
-    r: Any = Redis.from_url(redis_url, decode_responses=True)
+    r: Any = redis_client(redis_url)
     prefix = f"sw{uuid.uuid4().hex[:8]}:"
     yield (FleetStore(r, prefix, 60.0, device_ttl_s=100.0), TaskStore(r, prefix), r,
            Keys(prefix))  # fmt: skip

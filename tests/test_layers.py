@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "bench": {"schemas", "stack", *SERVICES, "sim"},
     "fedfleet": {"schemas", "stack", *SERVICES, "sim", "loadtest"},
     "tests": {"schemas", "stack", *SERVICES, "sim", "loadtest", "fedfleet"},
+    "scripts": set(),  # build helpers (k8s_schemas.py): standard library only
 }
 OURS = set(ALLOWED)
 

@@ -21,10 +21,10 @@ import httpx
 import msgspec
 import numpy as np
 import pytest
-from redis.asyncio import Redis
 
 from coordinator import registry
 from coordinator.api import AppState, create_app
+from coordinator.redis_client import redis_client
 from coordinator.registry import ModelRegistry, Pointer, next_publication
 from coordinator.signing import Signer, verify
 from edge_agent.agent import EdgeAgent, agent_link_config
@@ -208,7 +208,7 @@ class Rig:
 
 @pytest.fixture
 async def rig(redis_url: str, tmp_path: Path) -> AsyncIterator[Rig]:  # noqa: F811
-    redis: Any = Redis.from_url(redis_url, decode_responses=True)
+    redis: Any = redis_client(redis_url)
     state, _ = await make_state(redis, tmp_path, f"t{uuid.uuid4().hex[:8]}:")
     requests: list[str] = []
 

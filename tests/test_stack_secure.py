@@ -609,7 +609,21 @@ def test_secure_redis_refuses_clients_without_its_password(tmp_path: Path) -> No
                                  socket_timeout=GUARD_S)  # fmt: skip
         with pytest.raises(redis_sync.exceptions.AuthenticationError):
             wrong.ping()
-        assert redis_sync.Redis.from_url(server.url, socket_timeout=GUARD_S).ping()
+        coord = redis_sync.Redis.from_url(server.url, socket_timeout=GUARD_S)
+        assert coord.ping()
+        # ACL users: the coordinator runs data commands and scripts, not administration
+        assert coord.eval("return redis.call('set', KEYS[1], ARGV[1])", 1, "ff:k", "v") == b"OK"
+        for cmd in (("FLUSHALL",), ("CONFIG", "GET", "dir"), ("KEYS", "*"),
+                    ("ACL", "LIST"), ("SHUTDOWN",)):  # fmt: skip
+            with pytest.raises(redis_sync.exceptions.NoPermissionError):
+                coord.execute_command(*cmd)  # type: ignore[no-untyped-call]
+        admin = redis_sync.Redis.from_url(server.admin_url, socket_timeout=GUARD_S)
+        assert mode(tmp_path / "redis" / "redis-admin.secret") == 0o600
+        acl = [str(line) for line in admin.acl_list()]
+        assert any(line.startswith("user default off") for line in acl), acl
+        conf = (tmp_path / "redis" / "redis.conf").read_text()
+        assert server.password not in conf and server.admin_password not in conf  # hashes only
+        assert admin.get("ff:k") == b"v"
         info = StackInfo(kafka_bootstrap="k:1", mqtt_host="h", mqtt_port=1, redis_url=server.url,
                          kafka_impl="k", mqtt_impl="m", redis_impl="r")  # fmt: skip
         assert server.password not in str(info.describe())

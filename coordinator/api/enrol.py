@@ -122,7 +122,7 @@ async def enrol(state: State, body: Annotated[Any, Body()]) -> dict[str, Any]:
         "device_id": req.device_id,
         "enrolled_ts": ts,
         "mqtt": {"host": host, "port": port, "tls": tls, "username": req.device_id,
-                 "password": password},
+                 "password": password, "topic_root": s.mqtt_topic_root},
         "ca_pem": ca,
         "model_signing_key": state.signer.public_hex,
     }
