@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--duration", type=float, default=d.duration_s, help="steady phase (s)")
     sc.add_argument("--connect-rate", type=float, default=d.connect_per_s)
     sc.add_argument("--storm-timeout", type=float, default=d.storm_timeout_s)
+    sc.add_argument("--device-mode", choices=("auto", "lean", "agent"), default=d.device_mode,
+                    help="agent: real EdgeAgents; lean: wire-level devices (sim/lean.py: the "
+                         "agent's MQTT session and messages, no training); auto: lean above "
+                         "--lean-above devices")  # fmt: skip
+    sc.add_argument("--lean-above", type=int, default=d.lean_above, metavar="N")
     _server_flags(sc)
 
     tr = sub.add_parser("train", help="FedAsync vs FedBuff vs sync FedAvg, time to accuracy")
@@ -208,7 +213,8 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], lis
 
         ss = ScaleSettings(devices=args.devices, processes=args.processes, rate=args.rate,
                            duration_s=args.duration, connect_per_s=args.connect_rate,
-                           storm_timeout_s=args.storm_timeout, seed=args.seed)  # fmt: skip
+                           storm_timeout_s=args.storm_timeout, seed=args.seed,
+                           device_mode=args.device_mode, lean_above=args.lean_above)  # fmt: skip
         async with environment(stack_settings(args), aggregators=0, log=log) as env:
             res = await run_scale(env, ss, quiet=quiet)
         return scale_report(res, out_dir)

@@ -8,11 +8,19 @@ it becomes visible to REST and selection). The reader polls every device's Redis
 a message overwritten before a poll is not sampled (its successor is). A REST check on a
 few sampled devices (``GET /v1/devices/{id}``, observed time - ``ts``: an upper bound
 including the poll interval) is reported next to it.
+
+Devices: ``device_mode`` ``agent`` runs real ``EdgeAgent``s, ``lean`` the wire-level
+devices of ``sim.lean`` (the same MQTT session and messages, no training, ~25x less
+CPU per device: BENCHMARKS.md, "Lean devices"),
+``auto`` (the default) lean above ``lean_above`` devices. The fleet processes' CPU per
+device-second from the connect storm to the end of the steady phase is reported
+(``steady.fleet_cpu_us_per_device_s``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -20,12 +28,17 @@ from typing import Any
 
 import numpy as np
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from coordinator.keys import Keys
+from coordinator.redis_client import redis_client
 from loadtest.runner import Env, ProcWatch, Progress, Timeline
 from sim.enrol import enrol_if_secure
 from sim.fleet import FleetSpec
 from sim.pool import FleetPool
+
+log = logging.getLogger(__name__)
+BROKER_MAX_CONNECTIONS = 19_990  # one Mosquitto tops out just below 20,000 (BENCHMARKS.md)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +52,19 @@ class ScaleSettings:
     rest_samples: int = 10
     lag_sample: int = 2000  # devices whose Redis record is read every second
     seed: int = 0
+    device_mode: str = "auto"  # auto | lean | agent
+    lean_above: int = 1000  # auto: lean devices above this many
+
+    def __post_init__(self) -> None:
+        if self.device_mode not in ("auto", "lean", "agent"):
+            raise ValueError(f"device_mode must be auto, lean or agent, not {self.device_mode!r}")
+
+    @property
+    def mode(self) -> str:
+        """The devices this run uses: ``lean`` or ``agent``."""
+        if self.device_mode == "auto":
+            return "lean" if self.devices > self.lean_above else "agent"
+        return self.device_mode
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -106,8 +132,11 @@ async def run_scale(env: Env, s: ScaleSettings, *, quiet: bool) -> dict[str, Any
         keepalive_s=120, reconnect_max_s=20.0, time_scale=1.0,
     )  # fmt: skip
     ids = spec.device_ids()
+    if s.devices > BROKER_MAX_CONNECTIONS:
+        log.warning("scale: %d devices on one Mosquitto, which tops out below 20,000 "
+                    "connections: the rest will keep retrying", s.devices)  # fmt: skip
     prefix = env.services.redis_prefix
-    redis = Redis.from_url(env.info.redis_url, decode_responses=True)
+    redis = redis_client(env.info.redis_url)  # a single Redis or a Redis Cluster
     lag_ids = random.Random(s.seed + 1).sample(ids, min(len(ids), s.lag_sample))
     reader = LagReader(redis, prefix, lag_ids)
     timeline = Timeline()
@@ -115,10 +144,10 @@ async def run_scale(env: Env, s: ScaleSettings, *, quiet: bool) -> dict[str, Any
     pool = FleetPool(
         spec, processes=s.processes, mqtt_host=env.info.mqtt_host, mqtt_port=env.info.mqtt_port,
         api_url=env.services.rest_url, log_dir=env.workdir, report_s=0.5,
-        credentials=enrolled.credentials, ca_file=enrolled.ca_file,
+        credentials=enrolled.credentials, ca_file=enrolled.ca_file, device_mode=s.mode,
     )  # fmt: skip
     out: dict[str, Any] = {
-        "devices": s.devices, "processes": pool.processes,
+        "devices": s.devices, "processes": pool.processes, "device_mode": s.mode,
         "telemetry_interval_s": round(interval, 3), "rate_target": s.rate,
         "secure": env.info.mqtt_tls, "enrol_s": round(enrolled.seconds, 2),
     }  # fmt: skip
@@ -184,14 +213,18 @@ async def run_scale(env: Env, s: ScaleSettings, *, quiet: bool) -> dict[str, Any
             await rest
             sent1 = pool.snapshot()["stats"].get("telemetry_sent", 0)
             lags_loop = [r["loop_lag_s"] for r in timeline.rows if r["phase"] == "steady"]
+            resources = watch.read()
+            fleet_cpu = sum(v["cpu_share"] for k, v in resources.items() if k.startswith("fleet-"))
             out["steady"] = {
                 "fleet_loop_lag_p99_s_max": max(lags_loop, default=0.0),
                 "duration_s": s.duration_s,
                 "telemetry_msgs_per_s": round((sent1 - sent0) / (time.monotonic() - ts0), 1),
                 "lag_redis": _lag_stats(reader.phase_lags.get("steady", [])),
                 "lag_rest_sampled": _lag_stats(rest_lags),
-                "process_resources": watch.read(),
-                "redis": await _redis_info(redis),
+                "process_resources": resources,
+                # since the connect storm began: its connects and handshakes included
+                "fleet_cpu_us_per_device_s": round(fleet_cpu * 1e6 / s.devices, 2),
+                "redis": await _redis_info(env.info.redis_admin_url or env.info.redis_url),
             }
             # Reconnect storm: every device loses its connection at the same moment.
             storm_t = time.monotonic()
@@ -221,8 +254,16 @@ async def run_scale(env: Env, s: ScaleSettings, *, quiet: bool) -> dict[str, Any
             "lags": reader.phase_lags.get("steady", [])}  # fmt: skip
 
 
-async def _redis_info(r: Redis) -> dict[str, Any]:
-    info = await r.info()
+async def _redis_info(url: str) -> dict[str, Any]:
+    """INFO, as the operator's user where the stack has one (the coordinator's ACL user may
+    not run it); "unavailable" with the reason otherwise (an external Redis's user)."""
+    r = redis_client(url)
+    try:
+        info = await r.info()
+    except ResponseError as exc:
+        return {"unavailable": str(exc)}
+    finally:
+        await r.aclose()
     return {k: info.get(k) for k in ("used_memory_human", "instantaneous_ops_per_sec",
                                      "connected_clients", "total_commands_processed")}  # fmt: skip
 
@@ -246,7 +287,7 @@ def scale_report(res: dict[str, Any], out_dir: Any) -> tuple[dict[str, Any], lis
     ok = cs.get("all_connected_s") is not None and rs.get("all_reconnected_s") is not None
     summary = {"scenario": "scale", "ok": ok, **r, "timeline": rows}
     headline = [
-        f"scale: {r['devices']} devices in {r['processes']} processes; "
+        f"scale: {r['devices']} devices ({r.get('device_mode')}) in {r['processes']} processes; "
         f"connect storm {cs.get('all_connected_s')} s, online at coordinator "
         f"{cs.get('all_online_at_coordinator_s')} s later",
         f"steady: {st.get('telemetry_msgs_per_s')} msgs/s; lag p50 {lag.get('p50_s')} s, "

@@ -2,6 +2,9 @@
 
 One core runs a few thousand idle agents; past that the fleet is cut into contiguous
 slices, one per process. The parent reads each worker's report lines and sums them.
+``device_mode="lean"`` runs wire-level devices instead of agents (``sim.lean_fleet``):
+many thousands per process, at most ``MAX_PER_PROCESS`` (more processes are used if the
+fleet needs them).
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from typing import Any
 
 from edge_agent.credentials import DeviceCredential
 from sim.fleet import FleetSpec
+from sim.lean_fleet import MAX_PER_PROCESS
+
+DEVICE_MODES = ("agent", "lean")
 
 _SUM_KEYS = ("connected", "busy", "rss_mb", "affected")
 
@@ -68,15 +74,23 @@ class FleetPool:
         report_s: float = 1.0,
         credentials: Mapping[str, DeviceCredential] | None = None,
         ca_file: Path | None = None,
+        device_mode: str = "agent",
     ) -> None:
         """``credentials``/``ca_file``: a secure stack's enrolled fleet (``sim.enrol``); each
-        worker gets only its slice's credentials, over its stdin (never argv or a file)."""
+        worker gets only its slice's credentials, over its stdin (never argv or a file).
+        ``device_mode``: ``agent`` (real ``EdgeAgent``s) or ``lean`` (``sim.lean``)."""
+        if device_mode not in DEVICE_MODES:
+            raise ValueError(f"device_mode must be one of {', '.join(DEVICE_MODES)}")
         self.spec = spec
         self.credentials = credentials
         self.ca_file = ca_file
+        self.device_mode = device_mode
+        if device_mode == "lean":  # each connection is a file: a process opens 20,000
+            processes = max(processes, -(-spec.devices // MAX_PER_PROCESS))
         self.processes = max(1, min(processes, spec.devices))
         self.cfg = {"mqtt_host": mqtt_host, "mqtt_port": mqtt_port, "api_url": api_url,
-                    "public_key_hex": public_key_hex, "report_s": report_s}  # fmt: skip
+                    "public_key_hex": public_key_hex, "report_s": report_s,
+                    "device_mode": device_mode}  # fmt: skip
         self.log_dir = log_dir
         self.workers: list[_Worker] = []
 

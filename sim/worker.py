@@ -1,7 +1,9 @@
 """One fleet process: ``python -m sim.worker`` runs a slice of the simulated fleet.
 
 Protocol (JSON lines): the first stdin line is the config ``{"spec": {FleetSpec fields},
-"mqtt_host", "mqtt_port", "api_url", "public_key_hex", "report_s"}``; later stdin lines
+"mqtt_host", "mqtt_port", "api_url", "public_key_hex", "report_s", "device_mode"}``
+(``device_mode``: ``agent``, the default, runs real ``EdgeAgent``s (``sim.fleet``);
+``lean`` runs wire-level devices that never train (``sim.lean_fleet``)); later stdin lines
 are commands ``{"cmd": "abort_network", "share": 1.0}``, ``{"cmd": "churn", "share",
 "window_s", "offline_s"}``, ``{"cmd": "stop"}``. Every ``report_s`` the worker prints one
 report line ``{"t", "connected", "busy", "rss_mb", "stats": {...}}`` to stdout; the last
@@ -25,7 +27,10 @@ from typing import Any
 from edge_agent import mqtt_patch
 from edge_agent.credentials import DeviceCredential
 from sim.fleet import FleetSpec, SimulatedFleet
+from sim.lean_fleet import LeanFleet
 from sim.tasks import task_data
+
+Fleet = SimulatedFleet | LeanFleet
 
 
 def rss_mb(pid: int | str = "self") -> float:
@@ -71,7 +76,7 @@ LAG = LoopLag()
 _BG: set[asyncio.Task[None]] = set()
 
 
-def _report(fleet: SimulatedFleet, final: bool = False) -> None:
+def _report(fleet: Fleet, final: bool = False) -> None:
     out: dict[str, Any] = {"loop_lag_p99_s": LAG.p99(),
         "t": time.time(), "connected": fleet.connected(), "busy": fleet.busy(),
         "rss_mb": round(rss_mb(), 1), "stats": fleet.stats(),
@@ -84,7 +89,7 @@ def _report(fleet: SimulatedFleet, final: bool = False) -> None:
     sys.stdout.flush()
 
 
-async def _commands(fleet: SimulatedFleet, done: asyncio.Event) -> None:
+async def _commands(fleet: Fleet, done: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     while not done.is_set():
         line = await loop.run_in_executor(None, sys.stdin.readline)
@@ -97,7 +102,7 @@ async def _commands(fleet: SimulatedFleet, done: asyncio.Event) -> None:
             done.set()
         elif name == "abort_network":
             fleet.abort_network(float(cmd.get("share", 1.0)))
-        elif name == "churn":
+        elif name == "churn" and isinstance(fleet, SimulatedFleet):
             _BG.add(
                 asyncio.create_task(
                     fleet.churn(
@@ -105,20 +110,28 @@ async def _commands(fleet: SimulatedFleet, done: asyncio.Event) -> None:
                     )
                 )
             )
+        elif name == "churn":
+            print("sim.worker: churn needs real agents (device_mode agent)", file=sys.stderr)
 
 
 async def amain() -> None:
     cfg = json.loads(sys.stdin.readline())
     spec = FleetSpec(**cfg["spec"])
-    train, _ = task_data(spec.task, spec.seed)
     creds = None
     if cfg.get("credentials") is not None:
         creds = {d: DeviceCredential(**c) for d, c in cfg["credentials"].items()}
-    fleet = SimulatedFleet(
-        spec, train, mqtt_host=cfg["mqtt_host"], mqtt_port=int(cfg["mqtt_port"]),
-        api_url=cfg["api_url"], public_key_hex=cfg.get("public_key_hex", ""),
-        credentials=creds, ca_file=Path(cfg["ca_file"]) if cfg.get("ca_file") else None,
-    )  # fmt: skip
+    ca_file = Path(cfg["ca_file"]) if cfg.get("ca_file") else None
+    fleet: Fleet
+    if cfg.get("device_mode", "agent") == "lean":
+        fleet = LeanFleet(spec, mqtt_host=cfg["mqtt_host"], mqtt_port=int(cfg["mqtt_port"]),
+                          credentials=creds, ca_file=ca_file)  # fmt: skip
+    else:
+        train, _ = task_data(spec.task, spec.seed)
+        fleet = SimulatedFleet(
+            spec, train, mqtt_host=cfg["mqtt_host"], mqtt_port=int(cfg["mqtt_port"]),
+            api_url=cfg["api_url"], public_key_hex=cfg.get("public_key_hex", ""),
+            credentials=creds, ca_file=ca_file,
+        )  # fmt: skip
     report_s = float(cfg.get("report_s", 1.0))
     done = asyncio.Event()
     cmd_task = asyncio.create_task(_commands(fleet, done))

@@ -107,6 +107,9 @@ class StackInfo:
     # service with its password in kafka_secrets_dir/<user>.secret (stack.kafka_secure)
     kafka_cafile: str = ""
     kafka_secrets_dir: str = ""
+    # secure Redis: the operator's ACL user (every command: INFO, CONFIG, ...); redis_url
+    # is the coordinator's user. "" on a Redis without ACL users
+    redis_admin_url: str = ""
 
     @property
     def mqtt_url(self) -> str:
@@ -328,6 +331,8 @@ class LocalStack:
             if mqtt.auth == "passwd":
                 secure |= {"mqtt_passwd_file": str(mqtt.passwd_file),
                            "mqtt_broker_pidfile": str(mqtt.pid_file)}  # fmt: skip
+        if isinstance(redis, RedisServer) and redis.password:
+            secure["redis_admin_url"] = redis.admin_url
         if isinstance(kafka, ApacheKafka) and kafka.security is not None:
             secure |= {"kafka_cafile": str(kafka.security.cafile),
                        "kafka_secrets_dir": str(kafka.security.secrets_dir)}  # fmt: skip

