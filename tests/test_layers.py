@@ -26,7 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "aggregator": {"schemas"},
     "sim": {"schemas", "stack", *SERVICES},
     "loadtest": {"schemas", "stack", *SERVICES, "sim"},
-    "bench": {"schemas", "stack", *SERVICES, "sim"},
+    "bench": {"schemas", "stack", *SERVICES, "sim", "loadtest"},  # loadtest's environment
     "fedfleet": {"schemas", "stack", *SERVICES, "sim", "loadtest"},
     "tests": {"schemas", "stack", *SERVICES, "sim", "loadtest", "fedfleet"},
     "scripts": set(),  # build helpers (k8s_schemas.py): standard library only
