@@ -6,7 +6,9 @@ the coordinator owns the broker's ``password_file`` (``schemas.passwd``; the ACL
 static, ``%u`` patterns) and changes it in batches: every enrolment and revocation that
 arrives while one batch is being applied joins the next; a batch is one read, one atomic
 write, one SIGHUP to the broker (its pid from ``pid_file``) and a probe that confirms
-the reload. A call returns once the broker runs a file holding its change, so a device
+the reload. Several brokers sharing the file (``schemas.brokers``: a fleet spread over
+them) are all signalled (one pid per line of ``pid_file``) and each one's reload probed.
+A call returns once the broker runs a file holding its change, so a device
 told its password can connect at once, and a revoked one is already cut off (Mosquitto
 disconnects the live sessions of a user that a reload removed).
 
@@ -25,6 +27,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiomqtt
@@ -47,9 +50,14 @@ class PasswdBrokerAdmin:
     def __init__(
         self, passwd_file: Path, pid_file: Path, host: str, port: int,
         cafile: Path | None = None, *, timeout: float = 15.0, linger_s: float = 0.01,
+        brokers: Sequence[tuple[str, int]] = (),
     ) -> None:  # fmt: skip
+        """``brokers``: every broker that loads the file (default: ``host``:``port``);
+        ``pid_file`` then holds one pid per line, and each broker is signalled and its
+        reload confirmed before a call returns."""
         self.passwd_file, self.pid_file = Path(passwd_file), Path(pid_file)
         self.host, self.port, self.cafile = host, port, cafile
+        self.brokers = list(brokers) or [(host, port)]
         self.timeout, self.linger_s = timeout, linger_s
         self._pending: list[tuple[str, str | None, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
@@ -139,7 +147,7 @@ class PasswdBrokerAdmin:
         probe = dynsec.new_password()
         entries[passwd.PROBE_USER] = passwd.hash_field(probe)
         await asyncio.to_thread(self._write_and_signal, passwd.render(entries))
-        await self._confirm(probe)
+        await asyncio.gather(*(self._confirm(probe, h, p) for h, p in self.brokers))
 
     # ------------------------------------------------------------------ file and broker
 
@@ -161,22 +169,27 @@ class PasswdBrokerAdmin:
     def _write_and_signal(self, data: bytes) -> None:
         try:
             atomic_write(self.passwd_file, data, mode=0o600)
-            pid = int(self.pid_file.read_text().split()[0])
-        except (OSError, ValueError, IndexError) as exc:
+            pids = [int(p) for p in self.pid_file.read_text().split()]
+        except (OSError, ValueError) as exc:
             raise DynsecError(f"passwd: cannot update the broker's files: {exc}") from None
-        try:
-            os.kill(pid, signal.SIGHUP)
-        except OSError as exc:
-            raise DynsecError(f"passwd: cannot signal the broker (pid {pid}): {exc}") from None
+        if not pids:
+            raise DynsecError(f"passwd: no broker pid in {self.pid_file}")
+        for pid in pids:  # every broker loading the file (one pid per line)
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except OSError as exc:
+                raise DynsecError(f"passwd: cannot signal the broker (pid {pid}): "
+                                  f"{exc}") from None  # fmt: skip
 
-    async def _confirm(self, probe: str) -> None:
-        """Return once the broker accepts the probe's new password (it has reloaded)."""
+    async def _confirm(self, probe: str, host: str, port: int) -> None:
+        """Return once the broker at ``host``:``port`` accepts the probe's new password
+        (it has reloaded)."""
         tls = tls_context(self.cafile) if self.cafile is not None else None
         deadline = time.monotonic() + self.timeout
         last = ""
         while time.monotonic() < deadline:
             try:
-                async with aiomqtt.Client(self.host, self.port, identifier="",
+                async with aiomqtt.Client(host, port, identifier="",
                                           username=passwd.PROBE_USER, password=probe,
                                           tls_context=tls, timeout=5):  # fmt: skip
                     return
@@ -184,6 +197,6 @@ class PasswdBrokerAdmin:
                 last = str(exc)
             await asyncio.sleep(0.01)
         raise DynsecError(
-            f"passwd: the broker at {self.host}:{self.port} did not load the new password "
+            f"passwd: the broker at {host}:{port} did not load the new password "
             f"file within {self.timeout:g}s ({last})"
         )

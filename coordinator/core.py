@@ -148,7 +148,7 @@ def build_core(
     registry = ModelRegistry(s.model_store_dir, signer, retention=s.retention,
                              artifacts=artifacts)  # fmt: skip
     fleet = FleetStore(redis, s.key_prefix, s.telemetry_ttl_s, device_ttl_s=s.device_ttl_s)
-    tasks = TaskStore(redis, s.key_prefix)
+    tasks = TaskStore(redis, s.key_prefix, keep_s=s.task_record_ttl_s)
     jobs = JobStore(redis, s.key_prefix)
     stats = JobStatsStore(redis, s.key_prefix)
     rounds = RoundStore(redis, s.key_prefix)

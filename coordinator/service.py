@@ -60,6 +60,7 @@ from coordinator.lifecycle import set_spec, set_status
 from coordinator.link import FleetLink
 from coordinator.metrics import CoordinatorMetrics, default_metrics
 from coordinator.mqtt_link import MqttFleetLink
+from coordinator.multi_link import MultiFleetLink
 from coordinator.ratelimit import limit_uploads
 from coordinator.redis_client import redis_client
 from coordinator.settings import CoordinatorSettings
@@ -94,11 +95,7 @@ class Coordinator:
         self.settings = settings
         self.metrics = metrics or default_metrics()
         creds = settings.mqtt_credentials()
-        self.link: FleetLink = link or MqttFleetLink(
-            settings.mqtt_host, settings.mqtt_port, credentials=creds,
-            client_id=settings.client_id, share_group=settings.share_group,
-            topic_root=settings.mqtt_topic_root,
-        )  # fmt: skip
+        self.link: FleetLink = link or fleet_link(settings, creds)
         # the store the coordinator opens itself it also closes; an injected one its owner
         self._own_admin: DynsecBrokerAdmin | PasswdBrokerAdmin | None = None
         if broker_admin is None and creds is not None:
@@ -392,14 +389,31 @@ class Coordinator:
         return await self.core.apply_shard_version(value)
 
 
+def fleet_link(s: CoordinatorSettings, creds: MqttCredentials | None) -> FleetLink:
+    """The device link the settings name: one ``MqttFleetLink`` on the broker, or a
+    ``MultiFleetLink`` over one per broker of ``mqtt_brokers``."""
+    links = [MqttFleetLink(b.host, b.port, credentials=creds,
+                           client_id=s.client_id if i == 0 else f"{s.client_id}-b{i}",
+                           share_group=s.share_group, topic_root=s.mqtt_topic_root)
+             for i, b in enumerate(s.brokers)]  # fmt: skip
+    return links[0] if len(links) == 1 else MultiFleetLink(links)
+
+
 def broker_admin_for(
     s: CoordinatorSettings, creds: MqttCredentials
 ) -> DynsecBrokerAdmin | PasswdBrokerAdmin:
-    """The broker's credential store the settings name: its password file, else dynsec."""
+    """The broker's credential store the settings name: its password file (shared by every
+    broker, each one reloaded and probed), else dynsec (one broker only: each plugin
+    keeps its own store)."""
+    brokers = [(b.host, b.port) for b in s.brokers]
     if s.mqtt_passwd_file is not None and s.mqtt_broker_pidfile is not None:
-        return PasswdBrokerAdmin(s.mqtt_passwd_file, s.mqtt_broker_pidfile, s.mqtt_host,
-                                 s.mqtt_port, creds.cafile)  # fmt: skip
-    return DynsecBrokerAdmin(s.mqtt_host, s.mqtt_port, creds, topic_root=s.mqtt_topic_root)
+        return PasswdBrokerAdmin(s.mqtt_passwd_file, s.mqtt_broker_pidfile, brokers[0][0],
+                                 brokers[0][1], creds.cafile, brokers=brokers)  # fmt: skip
+    if len(brokers) > 1:
+        raise CoordinatorError("mqtt", "several brokers share one credential store only as "
+                               "a password file: set mqtt_passwd_file and "
+                               "mqtt_broker_pidfile (the dynsec plugin keeps one per broker)")
+    return DynsecBrokerAdmin(*brokers[0], creds, topic_root=s.mqtt_topic_root)
 
 
 async def supervise(

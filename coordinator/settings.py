@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas import kafka_auth, settings, topics
+from schemas.brokers import Broker, parse_brokers
 from schemas.errors import SettingsError
 from schemas.mqtt_auth import MqttCredentials
 from schemas.settings import check, parse_mqtt_url
@@ -31,6 +32,11 @@ class CoordinatorSettings:
     kafka_bootstrap: str = "127.0.0.1:9092"
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
+    # several brokers (host:port each, comma-separated in FEDFLEET_MQTT_BROKERS): devices
+    # are spread over them by a hash of their id (schemas.brokers); the coordinator ingests
+    # from every one and publishes to a device on the broker it was last heard on.
+    # Empty: the one broker mqtt_host:mqtt_port. Broker 0 is the one the admin store uses
+    mqtt_brokers: tuple[str, ...] = ()
     redis_url: str = "redis://127.0.0.1:6379/0"  # redis+cluster://host:port: a Redis Cluster
     http_host: str = "127.0.0.1"
     http_port: int = 8000  # what agents default to (api_url); 0 = pick a free port
@@ -48,6 +54,9 @@ class CoordinatorSettings:
     # selection / leases
     selection_tick_s: float = 1.0
     lease_s: float = 120.0
+    # how long a task's record stays in Redis after it was issued (a late resend of its
+    # upload is still answered duplicate); most of Redis's bytes in a big fleet
+    task_record_ttl_s: float = 7 * 86400.0
     telemetry_ttl_s: float = 60.0
     pace_retry_s: float = 30.0
     pace_enabled: bool = True
@@ -113,7 +122,7 @@ class CoordinatorSettings:
     mqtt_password_file: Path | None = None
     mqtt_cafile: Path | None = None  # set: TLS to the broker (never falls back to plain TCP)
     mqtt_passwd_file: Path | None = None
-    mqtt_broker_pidfile: Path | None = None
+    mqtt_broker_pidfile: Path | None = None  # one pid per line: every broker sharing the file
     # telemetry and status from an id without a valid credential are refused (not_enrolled),
     # and HTTP uploads need the device's credential (Basic auth)
     require_enrolment: bool = False
@@ -123,6 +132,9 @@ class CoordinatorSettings:
     # the broker address enrolled devices are told ("" = this coordinator's mqtt_host and
     # mqtt_port, with TLS iff mqtt_cafile is set)
     device_mqtt_url: str = ""
+    # several brokers: the addresses enrolled devices are told, one per mqtt_brokers entry
+    # in the same order (mqtt[s]://host:port; empty: the mqtt_brokers, TLS iff mqtt_cafile)
+    device_mqtt_urls: tuple[str, ...] = ()
     # fleet-status reads (GET /v1/fleet, /v1/devices, /v1/devices/{id}) need the admin token
     # or operator_token, a read-only token for dashboards and on-call (never logged)
     fleet_reads_need_token: bool = False
@@ -144,6 +156,9 @@ class CoordinatorSettings:
             check(bool(str(getattr(self, name)).strip()), name, "must not be empty")
         check(1 <= self.mqtt_port <= 65535, "mqtt_port", f"{self.mqtt_port} is not in 1..65535")
         topics.check_root(self.mqtt_topic_root)
+        check(not self.device_mqtt_urls or len(self.device_mqtt_urls) == len(self.brokers),
+              "device_mqtt_urls", f"{len(self.device_mqtt_urls)} device broker URLs for "
+              f"{len(self.brokers)} brokers: one per mqtt_brokers entry")  # fmt: skip
         check(0 <= self.http_port <= 65535, "http_port",
               f"{self.http_port} is not in 0..65535 (0 picks a free port)")  # fmt: skip
         check(self.redis_url.startswith(REDIS_URL_SCHEMES), "redis_url",
@@ -155,6 +170,8 @@ class CoordinatorSettings:
                      "enrol_token_max_ttl_s"):  # fmt: skip
             v = getattr(self, name)
             check(v > 0, name, f"must be > 0, got {v}")
+        check(self.task_record_ttl_s > self.lease_s, "task_record_ttl_s",
+              f"must be > lease_s ({self.lease_s}), got {self.task_record_ttl_s}")  # fmt: skip
         check(self.device_ttl_s > self.telemetry_ttl_s, "device_ttl_s",
               f"must be > telemetry_ttl_s ({self.telemetry_ttl_s}), got {self.device_ttl_s}")
         for name in ("telemetry_rate_per_s", "upload_rate_per_s"):
@@ -214,6 +231,24 @@ class CoordinatorSettings:
         """aiokafka keyword arguments for every client this coordinator opens."""
         return {"bootstrap_servers": self.kafka_bootstrap,
                 **kafka_auth.client_kwargs(self.kafka_login())}  # fmt: skip
+
+    @property
+    def brokers(self) -> tuple[Broker, ...]:
+        """Every broker this coordinator ingests from, in the deployment's order (its
+        index is what ``schemas.brokers`` hashes devices to)."""
+        found = parse_brokers(self.mqtt_brokers)
+        return found or (Broker(self.mqtt_host, self.mqtt_port),)
+
+    @property
+    def device_brokers(self) -> tuple[Broker, ...]:
+        """The brokers enrolled devices connect to, in the deployment's order."""
+        if self.device_mqtt_urls:
+            return parse_brokers(self.device_mqtt_urls, "device_mqtt_urls")
+        if len(self.brokers) == 1:
+            host, port, tls = self.device_broker
+            return (Broker(host, port, tls),)
+        tls = self.mqtt_cafile is not None
+        return tuple(Broker(b.host, b.port, tls) for b in self.brokers)
 
     @property
     def device_broker(self) -> tuple[str, int, bool]:

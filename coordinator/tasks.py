@@ -243,9 +243,14 @@ class TaskRecord:
 
 
 class TaskStore:
-    def __init__(self, redis: Redis, prefix: str) -> None:
+    def __init__(self, redis: Redis, prefix: str, *, keep_s: float = 7 * 86400) -> None:
+        """``keep_s``: how long a task record outlives its creation (a late resend of its
+        upload still finds it: ``duplicate``, not ``unknown_task``); task records are most
+        of Redis's bytes in a large fleet (docs/scaling.md), so it is a setting
+        (``CoordinatorSettings.task_record_ttl_s``)."""
         self._r: Any = redis  # Redis, decode_responses=True (redis-py types bytes | str)
         self._k = Keys(prefix)
+        self._keep_s = keep_s
         self._transition = redis.register_script(_TRANSITION)
         self._claim_in_round = redis.register_script(_CLAIM_IN_ROUND)
         self._confirm = redis.register_script(_CONFIRM_UPLOAD)
@@ -263,7 +268,7 @@ class TaskStore:
         round_no: int = 0,
         kind: str = "train",
         model_version: int = -1,
-        keep_s: float = 7 * 86400,
+        keep_s: float | None = None,
     ) -> None:
         """A new ``offered`` task with its lease. ``eval``/``stats`` tasks (``kind``) lease
         in ``side_leases`` and count in ``tasks_<kind>_issued``: no training slot."""
@@ -281,7 +286,7 @@ class TaskStore:
         k = self._k
         pipe = self._r.pipeline(transaction=True)
         pipe.hset(k.task(task_id), mapping=mapping)
-        pipe.expire(k.task(task_id), int(keep_s))
+        pipe.expire(k.task(task_id), int(self._keep_s if keep_s is None else keep_s))
         pipe.zadd(self._lease_key(job_id, kind), {task_id: deadline_ts})
         pipe.hincrby(k.jobstats(job_id), issued_field(kind), 1)
         await pipe.execute()

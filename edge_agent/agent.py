@@ -110,7 +110,8 @@ def agent_rng(settings: AgentSettings) -> random.Random:
 
 
 def mqtt_link(settings: AgentSettings, rng: random.Random | None = None) -> MqttLink:
-    """The default link: aiomqtt to ``settings.mqtt_host:mqtt_port``."""
+    """The default link: aiomqtt to ``settings.mqtt_host:mqtt_port``, then the
+    ``mqtt_failover`` brokers in order when it cannot connect (``schemas.brokers``)."""
     s = settings
     return MqttLink(
         agent_link_config(s),
@@ -120,6 +121,7 @@ def mqtt_link(settings: AgentSettings, rng: random.Random | None = None) -> Mqtt
         password=s.mqtt_password,
         cafile=s.mqtt_cafile,
         rng=rng,
+        failover=s.failover_brokers,
     )
 
 

@@ -4,7 +4,9 @@
 operator's one-use enrolment token for this device's credential (``POST /v1/enrol``) and
 writes, under ``D``::
 
-    credential.json   0600  device id, broker host/port/TLS, MQTT username and password,
+    credential.json   0600  device id, broker host/port/TLS (its home broker, and the
+                            brokers to fail over to when there are several), MQTT
+                            username and password,
                             the model-signing key to pin, the coordinator's URL
     ca.pem            0644  the fleet CA the broker's (and the API's) certificate chains to
 
@@ -66,6 +68,9 @@ class DeviceCredential:
     api_url: str
     enrolled_ts: float
     mqtt_topic_root: str = DEFAULT_ROOT  # credentials stored before roots existed: "fleet"
+    # several brokers (schemas.brokers): host:port of the ones after mqtt_host:mqtt_port
+    # (the home broker) in this device's failover order; () for a single broker
+    mqtt_failover: tuple[str, ...] = ()
 
     def __repr__(self) -> str:  # never print the secret
         return (f"DeviceCredential(device_id={self.device_id!r}, "
@@ -102,6 +107,7 @@ def load(state_dir: Path) -> DeviceCredential | None:
             "(or revoke this device and enrol it again)")  # fmt: skip
     try:
         raw = json.loads(path.read_bytes())
+        raw["mqtt_failover"] = tuple(raw.get("mqtt_failover", ()))
         return DeviceCredential(**raw)
     except (OSError, ValueError, TypeError) as exc:
         raise CredentialError("credential_file", f"{path} is not a credential: {exc}") from None
@@ -123,7 +129,7 @@ def apply(settings: AgentSettings, cred: DeviceCredential | None = None) -> Agen
     ca = settings.state_dir / CA_FILE if settings.state_dir is not None else None
     changes: dict[str, Any] = {
         "mqtt_host": cred.mqtt_host, "mqtt_port": cred.mqtt_port,
-        "mqtt_topic_root": cred.mqtt_topic_root,
+        "mqtt_topic_root": cred.mqtt_topic_root, "mqtt_failover": cred.mqtt_failover,
         "mqtt_username": settings.mqtt_username or cred.username,
         "mqtt_password": settings.mqtt_password or cred.password,
         "public_key_hex": settings.public_key_hex or cred.model_signing_key,
@@ -164,6 +170,7 @@ async def request_credential(
         model_signing_key=body["model_signing_key"], api_url=api_url,
         enrolled_ts=float(body["enrolled_ts"]),
         mqtt_topic_root=str(m.get("topic_root") or DEFAULT_ROOT),
+        mqtt_failover=tuple(f"{b['host']}:{int(b['port'])}" for b in m.get("brokers", [])[1:]),
     )  # fmt: skip
     return cred, str(body.get("ca_pem", ""))
 

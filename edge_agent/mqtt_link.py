@@ -114,8 +114,42 @@ class MqttConnector:
             raise LinkError("mqtt", str(exc)) from exc
 
 
+class FailoverConnector:
+    """Connects to the first of ``connectors`` (the device's home broker) and, when a
+    connection cannot be made, to the next one on the next attempt (the session link's
+    backoff runs in between), round the list. After a session that was up ends, the next
+    attempt starts from the home broker again: a device that failed over goes back home
+    at its next reconnect (not while its session on the other broker lasts)."""
+
+    def __init__(self, connectors: Sequence[MqttConnector]) -> None:
+        if not connectors:
+            raise ValueError("FailoverConnector needs at least one broker")
+        self.connectors = list(connectors)
+        self.current = 0  # index into connectors of the next attempt
+
+    @property
+    def broker(self) -> MqttConnector:
+        return self.connectors[self.current]
+
+    @contextlib.asynccontextmanager
+    async def connect(self, config: LinkConfig) -> AsyncIterator[MqttConnection]:
+        entered = False
+        try:
+            async with self.broker.connect(config) as conn:
+                entered = True
+                yield conn
+        except LinkError:
+            if not entered:  # this broker cannot be reached (or refused us): the next one
+                self.current = (self.current + 1) % len(self.connectors)
+            raise
+        finally:
+            if entered:
+                self.current = 0
+
+
 class MqttLink(SessionLink):
-    """``SessionLink`` over ``MqttConnector``."""
+    """``SessionLink`` over ``MqttConnector`` (over ``FailoverConnector`` when the device
+    has ``failover`` brokers: ``schemas.brokers``)."""
 
     def __init__(
         self,
@@ -127,7 +161,14 @@ class MqttLink(SessionLink):
         password: str = "",
         cafile: Path | None = None,
         rng: random.Random | None = None,
+        failover: Sequence[tuple[str, int]] = (),
     ) -> None:
-        connector = MqttConnector(host=host, port=port, username=username, password=password,
-                                  cafile=cafile)  # fmt: skip
+        """``host``:``port``: the home broker; ``failover``: the brokers to try next, in
+        order (the same credential and CA on each)."""
+        connectors = [MqttConnector(host=h, port=p, username=username, password=password,
+                                    cafile=cafile)
+                      for h, p in [(host, port), *failover]]  # fmt: skip
+        connector: MqttConnector | FailoverConnector = (
+            connectors[0] if len(connectors) == 1 else FailoverConnector(connectors)
+        )
         super().__init__(config, connector, rng=rng)

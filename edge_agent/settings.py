@@ -17,6 +17,7 @@ from typing import Any, Literal
 from edge_agent.errors import SettingsError
 from schemas import errors as base
 from schemas import settings
+from schemas.brokers import parse_brokers
 from schemas.topics import check_root
 
 ENV_PREFIX = "FEDFLEET_AGENT_"
@@ -30,6 +31,9 @@ class AgentSettings:
     device_id: str
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
+    # the brokers (host:port) to fail over to, in order, when mqtt_host:mqtt_port (the home
+    # broker) cannot be reached (schemas.brokers; enrolment stores the coordinator's list)
+    mqtt_failover: tuple[str, ...] = ()
     # the deployment's MQTT namespace (schemas.topics); enrolment stores the coordinator's
     mqtt_topic_root: str = "fleet"
     mqtt_username: str = ""
@@ -102,8 +106,17 @@ class AgentSettings:
         if self.mqtt_password and self.mqtt_cafile is None:
             raise SettingsError("mqtt_cafile", "a broker password is only sent over TLS: "
                                                "set mqtt_cafile (the fleet CA)")  # fmt: skip
+        try:
+            self.failover_brokers  # noqa: B018 - validates the list
+        except base.SettingsError as exc:
+            raise SettingsError(exc.code, exc.detail) from None
         if not self.label_column:
             raise SettingsError("label_column", "label_column must not be empty")
+
+    @property
+    def failover_brokers(self) -> list[tuple[str, int]]:
+        """``mqtt_failover`` as (host, port) pairs."""
+        return [(b.host, b.port) for b in parse_brokers(self.mqtt_failover, "mqtt_failover")]
 
     @property
     def durable(self) -> bool:

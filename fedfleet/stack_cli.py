@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from stack import LocalStack, StackInfo, StackSettings, envfile
 from stack.errors import StackError
@@ -63,6 +64,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="where the secure broker keeps device credentials: its password "
                          "file (default; scales to 100,000 devices) or the "
                          "dynamic-security plugin")  # fmt: skip
+    up.add_argument("--mqtt-brokers", type=int, default=1, metavar="N",
+                    help="Mosquitto processes to spread the fleet over (each below its "
+                         "20,000 open files; one password file and ACL for all)")  # fmt: skip
     up.add_argument("--admin-token", help="admin token recorded for coordinators and "
                     "`fedfleet job` (default: a random one)")  # fmt: skip
     up.add_argument(
@@ -112,7 +116,10 @@ def run(args: argparse.Namespace) -> int:
     secure = not args.insecure
     if not secure:
         warn_insecure("fedfleet stack up")
-    mode = {"secure": secure, "broker_auth": args.broker_auth} if secure else {"secure": False}
+    mode: dict[str, Any] = (
+        {"secure": secure, "broker_auth": args.broker_auth} if secure else {"secure": False}
+    )
+    mode["mqtt_brokers"] = args.mqtt_brokers
     if args.detach:
         workdir = cache_root() / "stack" / "run"
         shutil.rmtree(workdir, ignore_errors=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -68,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "agent's MQTT session and messages, no training); auto: lean above "
                          "--lean-above devices")  # fmt: skip
     sc.add_argument("--lean-above", type=int, default=d.lean_above, metavar="N")
+    sc.add_argument("--mqtt-brokers", type=int, default=d.mqtt_brokers, metavar="N",
+                    help="Mosquitto processes the devices are spread over (default 0: enough "
+                         "to keep each below 15,000 sessions, and the others below 20,000 "
+                         "after losing one)")  # fmt: skip
+    sc.add_argument("--kill-broker", action="store_true",
+                    help="after the reconnect storm, stop the last broker and time its "
+                         "devices' failover to the others")  # fmt: skip
     _server_flags(sc)
 
     tr = sub.add_parser("train", help="FedAsync vs FedBuff vs sync FedAvg, time to accuracy")
@@ -209,13 +217,19 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], lis
     quiet = bool(args.json) and not sys.stderr.isatty()
     log = lambda m: print(f"[stack] {m}", file=sys.stderr)  # noqa: E731
     if args.scenario == "scale":
-        from loadtest.scale import ScaleSettings, run_scale, scale_report
+        from loadtest.scale import ScaleSettings, brokers_for, run_scale, scale_report
 
         ss = ScaleSettings(devices=args.devices, processes=args.processes, rate=args.rate,
                            duration_s=args.duration, connect_per_s=args.connect_rate,
                            storm_timeout_s=args.storm_timeout, seed=args.seed,
-                           device_mode=args.device_mode, lean_above=args.lean_above)  # fmt: skip
-        async with environment(stack_settings(args), aggregators=0, log=log) as env:
+                           device_mode=args.device_mode, lean_above=args.lean_above,
+                           mqtt_brokers=args.mqtt_brokers,
+                           kill_broker=args.kill_broker)  # fmt: skip
+        n = brokers_for(ss.devices, ss.mqtt_brokers)
+        stack = stack_settings(args)
+        if n > 1:
+            stack = dataclasses.replace(stack, mqtt_brokers=n)
+        async with environment(stack, aggregators=0, log=log) as env:
             res = await run_scale(env, ss, quiet=quiet)
         return scale_report(res, out_dir)
     if args.scenario == "train":

@@ -1,6 +1,10 @@
 """``scale``: N devices connect (connect storm), report telemetry at a set rate (lag),
 then all lose their connection at once (reconnect storm).
 
+Brokers: above ``PER_BROKER`` devices the stack starts several Mosquitto processes
+(``mqtt_brokers``; one process may open 20,000 files) and every device dials its own
+(``schemas.brokers``); the report has one row per broker (sessions, CPU, RSS).
+
 Telemetry lag, end to end, for every device and every message the coordinator stored:
 ``last_seen - ts`` where ``ts`` is the agent's publish timestamp inside the message and
 ``last_seen`` the coordinator's wall clock when it wrote that message to Redis (the moment
@@ -39,6 +43,17 @@ from sim.pool import FleetPool
 
 log = logging.getLogger(__name__)
 BROKER_MAX_CONNECTIONS = 19_990  # one Mosquitto tops out just below 20,000 (BENCHMARKS.md)
+PER_BROKER = 15_000  # the automatic broker count keeps each below this many sessions
+
+
+def brokers_for(devices: int, asked: int = 0) -> int:
+    """Brokers for ``devices`` (``asked`` > 0: that many): enough that each holds at most
+    ``PER_BROKER`` sessions (one for a fleet that fits), and, once there are several, that
+    the others can take a lost broker's devices (N-1 brokers below the file limit)."""
+    if asked > 0:
+        return asked
+    n = max(1, -(-devices // PER_BROKER))
+    return n if n == 1 else max(n, -(-devices // BROKER_MAX_CONNECTIONS) + 1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +69,9 @@ class ScaleSettings:
     seed: int = 0
     device_mode: str = "auto"  # auto | lean | agent
     lean_above: int = 1000  # auto: lean devices above this many
+    mqtt_brokers: int = 0  # 0: brokers_for(devices); the stack starts them (schemas.brokers)
+    # after the reconnect storm, stop the last broker: its devices fail over to the others
+    kill_broker: bool = False
 
     def __post_init__(self) -> None:
         if self.device_mode not in ("auto", "lean", "agent"):
@@ -132,9 +150,11 @@ async def run_scale(env: Env, s: ScaleSettings, *, quiet: bool) -> dict[str, Any
         keepalive_s=120, reconnect_max_s=20.0, time_scale=1.0,
     )  # fmt: skip
     ids = spec.device_ids()
-    if s.devices > BROKER_MAX_CONNECTIONS:
-        log.warning("scale: %d devices on one Mosquitto, which tops out below 20,000 "
-                    "connections: the rest will keep retrying", s.devices)  # fmt: skip
+    brokers = env.info.broker_addresses
+    if s.devices > BROKER_MAX_CONNECTIONS * len(brokers):
+        log.warning("scale: %d devices on %d Mosquitto(s), each topping out below 20,000 "
+                    "connections: the rest will keep retrying", s.devices,
+                    len(brokers))  # fmt: skip
     prefix = env.services.redis_prefix
     redis = redis_client(env.info.redis_url)  # a single Redis or a Redis Cluster
     lag_ids = random.Random(s.seed + 1).sample(ids, min(len(ids), s.lag_sample))
@@ -145,11 +165,13 @@ async def run_scale(env: Env, s: ScaleSettings, *, quiet: bool) -> dict[str, Any
         spec, processes=s.processes, mqtt_host=env.info.mqtt_host, mqtt_port=env.info.mqtt_port,
         api_url=env.services.rest_url, log_dir=env.workdir, report_s=0.5,
         credentials=enrolled.credentials, ca_file=enrolled.ca_file, device_mode=s.mode,
+        brokers=brokers,
     )  # fmt: skip
     out: dict[str, Any] = {
         "devices": s.devices, "processes": pool.processes, "device_mode": s.mode,
         "telemetry_interval_s": round(interval, 3), "rate_target": s.rate,
         "secure": env.info.mqtt_tls, "enrol_s": round(enrolled.seconds, 2),
+        "mqtt_brokers": len(brokers),
     }  # fmt: skip
     rest_lags: list[float] = []
     stop_rest = asyncio.Event()
@@ -159,8 +181,13 @@ async def run_scale(env: Env, s: ScaleSettings, *, quiet: bool) -> dict[str, Any
             t0 = time.monotonic()
             await pool.start()
             pids = {**env.services.pids(), **{f"fleet-{i}": p for i, p in enumerate(pool.pids())}}
-            for name, pid in zip(("kafka", "mosquitto", "redis"), env.info.pids, strict=False):
-                pids[name] = pid
+            if env.info.mqtt_pids:  # several brokers: kafka, every mosquitto, redis
+                pids["kafka"], pids["redis"] = env.info.pids[0], env.info.pids[-1]
+                pids |= {f"mosquitto-{i}": p for i, p in enumerate(env.info.mqtt_pids)}
+            else:
+                for name, pid in zip(("kafka", "mosquitto", "redis"), env.info.pids,
+                                     strict=False):  # fmt: skip
+                    pids[name] = pid
             watch = ProcWatch(pids)
             watch.start()
 
@@ -201,6 +228,8 @@ async def run_scale(env: Env, s: ScaleSettings, *, quiet: bool) -> dict[str, Any
             samples = random.Random(s.seed).sample(ids, min(s.rest_samples, len(ids)))
             rest = asyncio.create_task(rest_sampler(env, samples, rest_lags, stop_rest))
             reader.phase_lags.pop("steady", None)
+            steady_watch = ProcWatch(pids)  # CPU of the steady phase alone
+            steady_watch.start()
             sent0 = pool.snapshot()["stats"].get("telemetry_sent", 0)
             ts0 = time.monotonic()
             while time.monotonic() - ts0 < s.duration_s:
@@ -222,6 +251,8 @@ async def run_scale(env: Env, s: ScaleSettings, *, quiet: bool) -> dict[str, Any
                 "lag_redis": _lag_stats(reader.phase_lags.get("steady", [])),
                 "lag_rest_sampled": _lag_stats(rest_lags),
                 "process_resources": resources,
+                "process_cpu_steady": {k: v["cpu_share"] for k, v in steady_watch.read().items()},
+                "sessions_per_broker": pool.snapshot()["per_broker"],
                 # since the connect storm began: its connects and handshakes included
                 "fleet_cpu_us_per_device_s": round(fleet_cpu * 1e6 / s.devices, 2),
                 "redis": await _redis_info(env.info.redis_admin_url or env.info.redis_url),
@@ -240,6 +271,10 @@ async def run_scale(env: Env, s: ScaleSettings, *, quiet: bool) -> dict[str, Any
                 "disconnects_counted": pool.snapshot()["stats"].get("disconnects", 0),
             }
             out["process_resources"] = watch.read()
+            out["brokers"] = _per_broker(brokers, out["steady"], out["process_resources"])
+            if s.kill_broker and len(brokers) > 1:
+                out["broker_kill"] = await _kill_broker(env, pool, s, brokers[-1], sample,
+                                                        reader.phase_lags)  # fmt: skip
     finally:
         stop_rest.set()
         await pool.stop()
@@ -252,6 +287,47 @@ async def run_scale(env: Env, s: ScaleSettings, *, quiet: bool) -> dict[str, Any
                      "met": s.devices >= 10_000 and (lag.get("p99_s") or 99) < 2.0}  # fmt: skip
     return {"scenario": "scale", "result": out, "timeline": timeline.rows,
             "lags": reader.phase_lags.get("steady", [])}  # fmt: skip
+
+
+async def _kill_broker(env: Env, pool: FleetPool, s: ScaleSettings, addr: tuple[str, int],
+                       sample: Any, lags: dict[str, list[float]]) -> dict[str, Any]:  # fmt: skip
+    """Stop the broker at ``addr`` (started by the stack); measured: time until its devices
+    have all failed over (no session left on it, every device connected elsewhere), the
+    telemetry lag meanwhile."""
+    from stack.mqtt import Mosquitto
+
+    srv = next(x for x in env.launcher.servers
+               if isinstance(x, Mosquitto) and (x.host, x.port) == addr)  # fmt: skip
+    moved = pool.snapshot()["per_broker"][-1]
+    t = time.monotonic()
+    await asyncio.to_thread(srv.stop)
+    done: float | None = None
+    while time.monotonic() - t < s.storm_timeout_s:
+        row = await sample("broker_kill")
+        snap = pool.snapshot()
+        if snap["per_broker"][-1] == 0 and row["connected"] >= s.devices:
+            done = round(time.monotonic() - t, 2)
+            break
+        await asyncio.sleep(0.5)
+    return {"broker": f"{addr[0]}:{addr[1]}", "devices_on_it": moved, "all_failed_over_s": done,
+            "sessions_per_broker_after": pool.snapshot()["per_broker"],
+            "lag_redis": _lag_stats(lags.get("broker_kill", [])),
+            "failovers": pool.snapshot()["stats"].get("failovers", 0)}  # fmt: skip
+
+
+def _per_broker(brokers: list[tuple[str, int]], steady: dict[str, Any],
+                resources: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
+    """One row per broker: its sessions in the steady phase, CPU share (steady phase and
+    whole run), peak RSS."""
+    rows = []
+    for i, (host, port) in enumerate(brokers):
+        name = f"mosquitto-{i}" if len(brokers) > 1 else "mosquitto"
+        res = resources.get(name, {})
+        rows.append({"broker": f"{host}:{port}", "sessions": steady["sessions_per_broker"][i],
+                     "cpu_share_steady": steady["process_cpu_steady"].get(name),
+                     "cpu_share_run": res.get("cpu_share"),
+                     "rss_mb_peak": res.get("rss_mb_peak")})  # fmt: skip
+    return rows
 
 
 async def _redis_info(url: str) -> dict[str, Any]:
@@ -294,6 +370,10 @@ def scale_report(res: dict[str, Any], out_dir: Any) -> tuple[dict[str, Any], lis
         f"p99 {lag.get('p99_s')} s (n={lag.get('samples')}); REST-sampled p50 "
         f"{rest.get('p50_s')} s, p99 {rest.get('p99_s')} s",
         f"reconnect storm: all reconnected in {rs.get('all_reconnected_s')} s",
+        *([f"broker kill: {r['broker_kill']['devices_on_it']} devices failed over in "
+           f"{r['broker_kill']['all_failed_over_s']} s"] if "broker_kill" in r else []),
+        *(f"broker {b['broker']}: {b['sessions']} sessions, CPU {b['cpu_share_steady']} "
+          f"(steady), RSS {b['rss_mb_peak']} MB" for b in r.get("brokers", [])),
     ]
     report.write(out_dir, summary, headline, plots)
     return summary, headline, plots

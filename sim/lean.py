@@ -19,7 +19,9 @@ future or timer per device. One ``Wheel`` per process (``sim.lean_wheel``: slots
 ``tick_s``) wakes the devices that are due; one ``AgentStats`` holds the counters of the
 whole process.
 ``sim.lean_fleet.LeanFleet`` owns the devices, dials them and reconnects them with the
-agent's backoff.
+agent's backoff, over several brokers as the agent does (``order``/``cursor``: its home
+broker first, the next one of its failover order after a failed dial, home again after a
+session that was up ends; ``schemas.brokers``).
 """
 
 from __future__ import annotations
@@ -80,10 +82,10 @@ class LeanDevice(asyncio.Protocol):
     """One device's MQTT session and telemetry state (see the module docstring)."""
 
     __slots__ = (
-        "attempt", "bandwidth", "battery", "cfg", "charging", "deadline", "device_id",
+        "attempt", "bandwidth", "battery", "cfg", "charging", "cursor", "deadline", "device_id",
         "hello_pid", "host", "idle", "keepalive", "last_task", "last_tx", "metered", "network",
-        "next_tel", "pace_until", "pending", "pid", "ping_at", "prefix", "reader", "rtt", "seq",
-        "slot", "state", "t_batt", "transport",
+        "next_tel", "order", "pace_until", "pending", "pid", "ping_at", "prefix", "reader", "rtt",
+        "seq", "slot", "state", "t_batt", "transport",
     )  # fmt: skip
 
     def __init__(self, host: Host, device_id: str, *, battery: float, charging: bool,
@@ -102,6 +104,15 @@ class LeanDevice(asyncio.Protocol):
         self.metered = network == "cellular"
         self.bandwidth, self.rtt, self.idle = bandwidth, rtt, idle
         self.t_batt = time.time()
+        # the fleet's brokers in this device's failover order (schemas.brokers: home
+        # first) and the position in it of the broker it dials or is connected to
+        self.order: tuple[int, ...] = (0,)
+        self.cursor = 0
+
+    @property
+    def broker(self) -> int:
+        """The index (in the fleet's broker list) of the broker dialled or connected."""
+        return self.order[self.cursor]
 
     # ----------------------------------------------------------------- the wire
 
@@ -242,9 +253,12 @@ class LeanDevice(asyncio.Protocol):
                 self.ping_at = now
             watch = self.ping_at + ka + 0.01 if self.ping_at else self.last_tx + 0.75 * ka
             self.host.wheel.at(self, min(self.next_tel, watch))
-        elif self.state == HANDSHAKE and now >= self.deadline:
-            self.host.counters.count_error("connack_timeout")
-            self.abort()
+        elif self.state == HANDSHAKE:
+            if now >= self.deadline:
+                self.host.counters.count_error("connack_timeout")
+                self.abort()
+            else:  # the wheel's slot began before the deadline: wake again at it
+                self.host.wheel.at(self, self.deadline)
 
     # ----------------------------------------------------------------- messages
 

@@ -6,7 +6,10 @@ observation surface for ``sim.worker`` (``connected()``, ``busy()``, ``stats()``
 ``spec.connect_per_s`` through the shared wheel, over TLS to the fleet CA with their
 enrolled username/password when ``credentials`` are given (``sim.enrol``), plain TCP
 otherwise; a lost session reconnects with the agent's backoff
-(``edge_agent.execution.backoff_delay``, ``spec.reconnect_max_s``).
+(``edge_agent.execution.backoff_delay``, ``spec.reconnect_max_s``). Over several brokers
+(``brokers``) each device dials its home broker (``schemas.brokers``), moves on to the
+next of its failover order after a failed dial and starts from home again after a session
+that was up ends; ``per_broker`` counts the sessions up on each broker.
 
 Per-device traits are drawn from ``spec.seed`` and the device's index in the whole fleet
 (network: ``cellular_share`` metered cellular, else wifi; ``charging_share`` plugged in;
@@ -22,7 +25,7 @@ import contextlib
 import logging
 import random
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ from edge_agent.settings import AgentSettings
 from edge_agent.stats import AgentStats
 from schemas import mqtt_auth
 from schemas.aio import cancel_all
+from schemas.brokers import failover_order
 from schemas.messages import Network
 from sim.fleet import FleetSpec
 from sim.hetero import NETWORK_KBPS
@@ -58,8 +62,11 @@ class LeanFleet:
     def __init__(
         self, spec: FleetSpec, *, mqtt_host: str, mqtt_port: int,
         credentials: Mapping[str, DeviceCredential] | None = None, ca_file: Path | None = None,
-        tick_s: float = TICK_S,
+        tick_s: float = TICK_S, brokers: Sequence[tuple[str, int]] = (),
     ) -> None:  # fmt: skip
+        """``brokers``: every broker of the fleet, in the deployment's order (default: the
+        one ``mqtt_host``:``mqtt_port``); each device dials its own by
+        ``schemas.brokers.failover_order`` and fails over as the agent does."""
         if spec.devices > MAX_PER_PROCESS:
             raise ValueError(f"{spec.devices} lean devices in one process: at most "
                              f"{MAX_PER_PROCESS} (open-file limit)")  # fmt: skip
@@ -67,6 +74,9 @@ class LeanFleet:
             raise ValueError("credentials are sent over TLS only: give the fleet CA (ca_file)")
         self.spec = spec
         self.mqtt_host, self.mqtt_port = mqtt_host, mqtt_port
+        self.brokers = list(brokers) or [(mqtt_host, mqtt_port)]
+        self.per_broker = [0] * len(self.brokers)  # sessions up on each broker
+        self.failovers = 0  # dials that moved a device on to the next broker
         self.credentials = credentials
         self.ca_file = ca_file
         self.tick_s = tick_s
@@ -98,11 +108,16 @@ class LeanFleet:
 
     def up(self, dev: LeanDevice) -> None:
         self._up += 1
+        self.per_broker[dev.broker] += 1
         self.counters.connects += 1
 
     def down(self, dev: LeanDevice, was_up: bool) -> None:
         if was_up:
             self._up -= 1
+            self.per_broker[dev.broker] -= 1
+            dev.cursor = 0  # a session that was up ended: try the home broker first again
+        else:  # connected, but no session (no CONNACK, refused): the next broker
+            self._next_broker(dev)
         if self._stopping:
             self._closing -= 1
             if self._gone is not None and self._closing <= 0:
@@ -116,16 +131,24 @@ class LeanFleet:
 
     # ----------------------------------------------------------------- building, dialing
 
+    def _next_broker(self, dev: LeanDevice) -> None:
+        if len(dev.order) > 1:
+            dev.cursor = (dev.cursor + 1) % len(dev.order)
+            self.failovers += 1
+
     def _make(self, g: int) -> LeanDevice:
         s = self.spec
         rng = random.Random(s.seed * 1_000_003 + g)  # the same draws whichever process
         network: Network = "cellular" if rng.random() < s.cellular_share else "wifi"
-        return LeanDevice(
+        dev = LeanDevice(
             self, s.device_id(g), battery=rng.uniform(20.0, 100.0),
             charging=rng.random() < s.charging_share, network=network,
             bandwidth=NETWORK_KBPS[network] * rng.uniform(0.3, 1.5),
             rtt=_RTT_MS[network] * rng.uniform(0.5, 2.0), idle=rng.random() < 0.7,
         )  # fmt: skip
+        if len(self.brokers) > 1:
+            dev.order = tuple(failover_order(dev.device_id, len(self.brokers)))
+        return dev
 
     def _fire(self, dev: LeanDevice, now: float) -> None:
         try:
@@ -146,19 +169,21 @@ class LeanFleet:
         t.add_done_callback(self._dials.discard)
 
     async def _open(self, dev: LeanDevice) -> None:
+        host, port = self.brokers[dev.broker]
         kw: dict[str, Any] = {}
         if self._ssl is not None:
-            kw = {"ssl": self._ssl, "server_hostname": self.mqtt_host}
+            kw = {"ssl": self._ssl, "server_hostname": host}
         try:
             await asyncio.wait_for(self.loop.create_connection(
-                lambda: dev, self.mqtt_host, self.mqtt_port, **kw), DIAL_TIMEOUT_S)  # fmt: skip
+                lambda: dev, host, port, **kw), DIAL_TIMEOUT_S)  # fmt: skip
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             if self._stopping:
                 return
             self.counters.disconnects += 1
             self.counters.count_error("mqtt")
-            log.debug("%s: connect failed: %s", dev.device_id, exc)
+            log.debug("%s: connect to %s:%d failed: %s", dev.device_id, host, port, exc)
             dev.state = WAIT
+            self._next_broker(dev)
             self._retry(dev)
 
     def _retry(self, dev: LeanDevice) -> None:
@@ -226,6 +251,7 @@ class LeanFleet:
         out: dict[str, Any] = self.counters.as_dict()
         out["devices_participated"] = 0
         out["acked_unique"] = 0
+        out["failovers"] = self.failovers
         return out
 
     def vanish(self, i: int, back_after_s: float = 0.0) -> bool:

@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -75,12 +75,19 @@ class FleetPool:
         credentials: Mapping[str, DeviceCredential] | None = None,
         ca_file: Path | None = None,
         device_mode: str = "agent",
+        brokers: Sequence[tuple[str, int]] = (),
     ) -> None:
         """``credentials``/``ca_file``: a secure stack's enrolled fleet (``sim.enrol``); each
         worker gets only its slice's credentials, over its stdin (never argv or a file).
-        ``device_mode``: ``agent`` (real ``EdgeAgent``s) or ``lean`` (``sim.lean``)."""
+        ``device_mode``: ``agent`` (real ``EdgeAgent``s) or ``lean`` (``sim.lean``).
+        ``brokers``: every broker of the fleet in the deployment's order (lean devices
+        only); each device dials the one ``schemas.brokers.failover_order`` gives it."""
         if device_mode not in DEVICE_MODES:
             raise ValueError(f"device_mode must be one of {', '.join(DEVICE_MODES)}")
+        if len(brokers) > 1 and device_mode != "lean":
+            raise ValueError("several brokers: lean devices only (the simulated agents of "
+                             "sim.fleet dial mqtt_host:mqtt_port)")  # fmt: skip
+        self.brokers = [(h, int(p)) for h, p in brokers] or [(mqtt_host, mqtt_port)]
         self.spec = spec
         self.credentials = credentials
         self.ca_file = ca_file
@@ -90,7 +97,7 @@ class FleetPool:
         self.processes = max(1, min(processes, spec.devices))
         self.cfg = {"mqtt_host": mqtt_host, "mqtt_port": mqtt_port, "api_url": api_url,
                     "public_key_hex": public_key_hex, "report_s": report_s,
-                    "device_mode": device_mode}  # fmt: skip
+                    "device_mode": device_mode, "brokers": self.brokers}  # fmt: skip
         self.log_dir = log_dir
         self.workers: list[_Worker] = []
 
@@ -155,6 +162,11 @@ class FleetPool:
             for k, v in msg.get("churn", {}).items():
                 churn[k] = churn.get(k, 0) + int(v)
         out["stats"] = stats
+        per = [0] * len(self.brokers)
+        for w in self.workers:
+            for i, v in enumerate((w.final or w.last).get("per_broker", [])[: len(per)]):
+                per[i] += int(v)
+        out["per_broker"] = per
         out["loop_lag_p99_s"] = max(
             (w.last.get("loop_lag_p99_s", 0.0) for w in self.workers), default=0.0
         )

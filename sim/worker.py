@@ -1,12 +1,14 @@
 """One fleet process: ``python -m sim.worker`` runs a slice of the simulated fleet.
 
 Protocol (JSON lines): the first stdin line is the config ``{"spec": {FleetSpec fields},
-"mqtt_host", "mqtt_port", "api_url", "public_key_hex", "report_s", "device_mode"}``
+"mqtt_host", "mqtt_port", "api_url", "public_key_hex", "report_s", "device_mode",
+"brokers"}`` (``brokers``: ``[[host, port], ...]``, every broker of a lean fleet)
 (``device_mode``: ``agent``, the default, runs real ``EdgeAgent``s (``sim.fleet``);
 ``lean`` runs wire-level devices that never train (``sim.lean_fleet``)); later stdin lines
 are commands ``{"cmd": "abort_network", "share": 1.0}``, ``{"cmd": "churn", "share",
 "window_s", "offline_s"}``, ``{"cmd": "stop"}``. Every ``report_s`` the worker prints one
-report line ``{"t", "connected", "busy", "rss_mb", "stats": {...}}`` to stdout; the last
+report line ``{"t", "connected", "busy", "rss_mb", "stats": {...}}`` (lean: and
+``per_broker``, the sessions up on each broker) to stdout; the last
 line before exit has ``"final": true`` and the acked update ids.
 """
 
@@ -82,6 +84,8 @@ def _report(fleet: Fleet, final: bool = False) -> None:
         "rss_mb": round(rss_mb(), 1), "stats": fleet.stats(),
         "affected": len(fleet.affected), "churn": fleet.churn_events,
     }  # fmt: skip
+    if isinstance(fleet, LeanFleet):
+        out["per_broker"] = list(fleet.per_broker)
     if final:
         out["final"] = True
         out["acked_ids"] = sorted(fleet.acked)
@@ -123,8 +127,9 @@ async def amain() -> None:
     ca_file = Path(cfg["ca_file"]) if cfg.get("ca_file") else None
     fleet: Fleet
     if cfg.get("device_mode", "agent") == "lean":
+        brokers = [(str(h), int(p)) for h, p in cfg.get("brokers") or ()]
         fleet = LeanFleet(spec, mqtt_host=cfg["mqtt_host"], mqtt_port=int(cfg["mqtt_port"]),
-                          credentials=creds, ca_file=ca_file)  # fmt: skip
+                          credentials=creds, ca_file=ca_file, brokers=brokers)  # fmt: skip
     else:
         train, _ = task_data(spec.task, spec.seed)
         fleet = SimulatedFleet(

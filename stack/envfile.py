@@ -149,6 +149,8 @@ def service_env(sf: StackFile) -> dict[str, str]:
                 f"{prefix}KAFKA_PASSWORD_FILE": i.kafka_password_file(user),
                 f"{prefix}KAFKA_CAFILE": i.kafka_cafile,
             })  # fmt: skip
+    if i.mqtt_brokers:  # several brokers: the coordinator ingests from every one
+        out[f"{COORDINATOR}MQTT_BROKERS"] = ",".join(i.mqtt_brokers)
     if i.mqtt_passwd_file:
         out[f"{COORDINATOR}MQTT_PASSWD_FILE"] = i.mqtt_passwd_file
         out[f"{COORDINATOR}MQTT_BROKER_PIDFILE"] = i.mqtt_broker_pidfile

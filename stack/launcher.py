@@ -64,6 +64,16 @@ class StackSettings:
     # the dynamic-security plugin ("dynsec")
     secure: bool = False
     broker_auth: str = "passwd"
+    # Mosquitto processes the fleet is spread over (schemas.brokers), each on its own
+    # loopback port, all loading one password file and ACL (secure: one fleet CA)
+    mqtt_brokers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mqtt_brokers < 1:
+            raise ConfigError(f"mqtt_brokers must be >= 1, not {self.mqtt_brokers}")
+        if self.mqtt_brokers > 1 and self.mqtt_url:
+            raise ConfigError("several brokers are started by the stack: drop the MQTT URL "
+                              "(--mqtt or FEDFLEET_MQTT) or run one broker")  # fmt: skip
 
     @classmethod
     def from_env(cls, **overrides: Any) -> StackSettings:
@@ -110,6 +120,21 @@ class StackInfo:
     # secure Redis: the operator's ACL user (every command: INFO, CONFIG, ...); redis_url
     # is the coordinator's user. "" on a Redis without ACL users
     redis_admin_url: str = ""
+    # several brokers: every one's host:port in the fleet's order (broker 0 is
+    # mqtt_host:mqtt_port) and their pids; () with one broker
+    mqtt_brokers: tuple[str, ...] = ()
+    mqtt_pids: tuple[int, ...] = ()
+
+    @property
+    def broker_addresses(self) -> list[tuple[str, int]]:
+        """(host, port) of every broker, broker 0 first."""
+        if not self.mqtt_brokers:
+            return [(self.mqtt_host, self.mqtt_port)]
+        out = []
+        for b in self.mqtt_brokers:
+            host, port = b.rsplit(":", 1)
+            out.append((host, int(port)))
+        return out
 
     @property
     def mqtt_url(self) -> str:
@@ -145,9 +170,12 @@ class StackInfo:
 
     def coordinator_env(self) -> dict[str, str]:
         """Environment variables a ``fedfleet coordinator`` process on this stack needs."""
+        out = {}
         if urlparse(self.redis_url).password:
-            return {"FEDFLEET_REDIS_URL": self.redis_url}
-        return {}
+            out["FEDFLEET_REDIS_URL"] = self.redis_url
+        if self.mqtt_brokers:
+            out["FEDFLEET_MQTT_BROKERS"] = ",".join(self.mqtt_brokers)
+        return out
 
     def coordinator_args(self) -> list[str]:
         """``fedfleet coordinator`` flags reaching this stack's servers (a Redis URL with a
@@ -171,19 +199,23 @@ class StackInfo:
         return {
             "kafka": f"{self.kafka_impl} {self.kafka_bootstrap}"
                      + (" (SASL_SSL, SCRAM logins)" if self.kafka_cafile else ""),
-            "mqtt": f"{self.mqtt_impl} {self.mqtt_url}",
+            "mqtt": f"{self.mqtt_impl} {self.mqtt_url}"
+                    + (f" (+{len(self.mqtt_brokers) - 1} brokers: "
+                       f"{', '.join(self.mqtt_brokers[1:])})" if self.mqtt_brokers else ""),
             "redis": f"{self.redis_impl} {redacted(self.redis_url)}",
         }
 
     def to_json(self) -> str:
         d = asdict(self)
-        d["pids"] = list(self.pids)
+        for name in ("pids", "mqtt_brokers", "mqtt_pids"):
+            d[name] = list(d[name])
         return json.dumps(d)
 
     @classmethod
     def from_json(cls, text: str) -> StackInfo:
         d = json.loads(text)
-        d["pids"] = tuple(d.get("pids", ()))
+        for name in ("pids", "mqtt_brokers", "mqtt_pids"):
+            d[name] = tuple(d.get(name, ()))
         return cls(**d)
 
 
@@ -246,13 +278,20 @@ class LocalStack:
             raise StackError("Kafka: --kafka-nodes 3 needs Apache Kafka (java + mvn)")
         return TansuKafka(workdir / "kafka")
 
-    def _pick_mqtt(self, workdir: Path) -> Server:
+    def _pick_mqtt(self, workdir: Path) -> list[Server]:
+        n = self.settings.mqtt_brokers
         if self.settings.secure:  # no fallback: amqtt has no per-device ACLs
-            return Mosquitto(workdir / "mqtt", secure=True, auth=self.settings.broker_auth)
-        if mosquitto_binary():
-            return Mosquitto(workdir / "mqtt")
-        self._fallback("MQTT", "mosquitto", "amqtt")
-        return Amqtt(workdir / "mqtt")
+            first = Mosquitto(workdir / "mqtt", secure=True, auth=self.settings.broker_auth)
+        elif mosquitto_binary():
+            first = Mosquitto(workdir / "mqtt")
+        elif n > 1:
+            raise StackError("MQTT: several brokers need mosquitto (apt-get install -y "
+                             "mosquitto)")  # fmt: skip
+        else:
+            self._fallback("MQTT", "mosquitto", "amqtt")
+            return [Amqtt(workdir / "mqtt")]
+        # the others share the first one's CA, password file, ACL and pid file
+        return [first, *(Mosquitto(workdir / f"mqtt-{i}", share=first) for i in range(1, n))]
 
     def _pick_redis(self, workdir: Path) -> Server:
         if redis_binary():  # a secure stack's Redis wants a password
@@ -290,9 +329,10 @@ class LocalStack:
         else:
             workdir = self._tmp = Path(tempfile.mkdtemp(prefix="fedfleet-stack-"))
         kafka: Server | None = None if s.kafka_url else self._pick_kafka(workdir)
-        mqtt: Server | None = None if s.mqtt_url else self._pick_mqtt(workdir)
+        brokers: list[Server] = [] if s.mqtt_url else self._pick_mqtt(workdir)
+        mqtt: Server | None = brokers[0] if brokers else None
         redis: Server | None = None if s.redis_url else self._pick_redis(workdir)
-        for srv in (kafka, mqtt, redis):
+        for srv in (kafka, *brokers, redis):
             if srv is not None:
                 self.servers.append(srv)
                 self.log(f"starting {srv.impl}")
@@ -331,6 +371,9 @@ class LocalStack:
             if mqtt.auth == "passwd":
                 secure |= {"mqtt_passwd_file": str(mqtt.passwd_file),
                            "mqtt_broker_pidfile": str(mqtt.pid_file)}  # fmt: skip
+        if len(brokers) > 1:
+            secure["mqtt_brokers"] = tuple(f"{b.host}:{b.port}" for b in brokers)  # type: ignore[attr-defined]
+            secure["mqtt_pids"] = tuple(p for b in brokers for p in b.pids())
         if isinstance(redis, RedisServer) and redis.password:
             secure["redis_admin_url"] = redis.admin_url
         if isinstance(kafka, ApacheKafka) and kafka.security is not None:

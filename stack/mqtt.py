@@ -127,7 +127,18 @@ class Mosquitto(_Broker):
         auth: str = "passwd",
         hosts: tuple[str, ...] = LOCAL_HOSTS,
         topic_roots: tuple[str, ...] = (DEFAULT_ROOT,),
+        share: Mosquitto | None = None,
     ) -> None:
+        """``share``: a broker of the same fleet (started first) whose mode, fleet CA,
+        password file, ACL and coordinator credential this one uses too; its pid joins
+        that broker's pid file (one per line), so one enrolment is one file write and a
+        SIGHUP to each of them (``coordinator.broker_passwd``)."""
+        if share is not None:
+            secure, auth = share.secure, share.auth
+            hosts, topic_roots = share.hosts, share.topic_roots
+            if secure and auth != "passwd":
+                raise StackError("MQTT: several brokers share one credential store only as a "
+                                 "password file (--broker-auth passwd)")  # fmt: skip
         binary = mosquitto_binary()
         if binary is None:
             raise StackError("MQTT: mosquitto not installed (apt-get install -y mosquitto)")
@@ -142,10 +153,11 @@ class Mosquitto(_Broker):
         super().__init__(workdir)
         self.binary = binary
         self.max_connections = max_connections
-        self.secure = secure
-        self.hosts = hosts
-        self.topic_roots = topic_roots  # the deployments' MQTT namespaces (schemas.topics)
-        self.auth = auth
+        self.secure: bool = secure
+        self.hosts: tuple[str, ...] = hosts
+        # the deployments' MQTT namespaces (schemas.topics)
+        self.topic_roots: tuple[str, ...] = topic_roots
+        self.auth: str = auth
         self.plugin = plugin
         self.tls: TlsFiles | None = None
         self.dynsec_file = workdir / "dynsec" / "dynamic-security.json"
@@ -154,6 +166,10 @@ class Mosquitto(_Broker):
         self.passwd_file = workdir / "auth" / "passwd"
         self.acl_file = workdir / "auth" / "acl"
         self.pid_file = workdir / "auth" / "mosquitto.pid"
+        self.share = share
+        if share is not None:
+            self.passwd_file, self.acl_file = share.passwd_file, share.acl_file
+            self.pid_file = share.pid_file
 
     @property
     def store_file(self) -> Path:
@@ -162,11 +178,17 @@ class Mosquitto(_Broker):
 
     def _secure_lines(self) -> list[str]:
         """Prepare the CA, server certificate and credential store; the config lines."""
-        self.tls = ensure_tls(self.workdir / "tls", self.hosts)
-        self.credentials = MqttCredentials(
-            dynsec.COORDINATOR_USER, self._coordinator_secret(), self.tls.ca_cert
-        )
-        if self.auth == "dynsec":
+        if self.share is not None:  # the first broker's CA, credential and files
+            assert self.share.tls is not None
+            self.tls, self.credentials = self.share.tls, self.share.credentials
+        else:
+            self.tls = ensure_tls(self.workdir / "tls", self.hosts)
+            self.credentials = MqttCredentials(
+                dynsec.COORDINATOR_USER, self._coordinator_secret(), self.tls.ca_cert
+            )
+        if self.share is not None:
+            store = [f"password_file {self.passwd_file}", f"acl_file {self.acl_file}"]
+        elif self.auth == "dynsec":
             assert self.plugin is not None
             store = [f"plugin {self.plugin}", f"plugin_opt_config_file {self.dynsec_file}"]
         else:
@@ -243,7 +265,8 @@ class Mosquitto(_Broker):
         self._launch([self.binary, "-c", str(conf)], "mosquitto.log")
         if self.secure and self.auth == "passwd":  # mosquitto writes one only as a daemon
             assert self.proc is not None
-            write_private(self.pid_file, f"{self.proc.pid}\n".encode())
+            pids = self.pid_file.read_text() if self.share is not None else ""
+            write_private(self.pid_file, f"{pids}{self.proc.pid}\n".encode())
 
 
 class Amqtt(_Broker):

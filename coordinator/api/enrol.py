@@ -3,10 +3,12 @@
 * ``POST /v1/enrolment-tokens`` (admin): one-use tokens, valid ``ttl_s``, optionally bound to
   one device id; answered once, stored only as their sha256.
 * ``POST /v1/enrol`` (no admin token: the enrolment token is the credential): the device's
-  own broker password (answered once), the broker to use, the fleet CA that broker's TLS
-  certificate chains to, and the model-signing key to pin. 403 with the reason for a token
-  that is unknown, used, expired or bound to another id; 409 for an id already enrolled;
-  503 when the broker's credential store does not answer (the token stays usable).
+  own broker password (answered once), the broker to use (``mqtt.host``/``port``: its
+  home broker; ``mqtt.brokers``: every broker in its failover order, home first), the
+  fleet CA that broker's TLS certificate chains to, and the model-signing key to pin. 403
+  with the reason for a token that is unknown, used, expired or bound to another id; 409
+  for an id already enrolled; 503 when the broker's credential store does not answer (the
+  token stays usable).
 * ``POST /v1/devices/{id}/revoke`` (admin): the broker drops the device's credential and
   cuts its sessions; it leaves the fleet view.
 
@@ -26,6 +28,7 @@ from coordinator.api.common import R400, R401, R404, R422, R503, ErrorBody, Resp
 from coordinator.api.state import AppState, app_state
 from coordinator.enrolment import Enroller
 from coordinator.errors import EnrolmentRefused, EnrolmentUnavailable, JobError
+from schemas.brokers import broker_for
 from schemas.messages import Id
 
 router = APIRouter(tags=["enrolment"])
@@ -114,15 +117,19 @@ async def enrol(state: State, body: Annotated[Any, Body()]) -> dict[str, Any]:
     except EnrolmentUnavailable as exc:
         raise _unavailable(exc) from None
     s = state.settings
-    host, port, tls = s.device_broker
+    # its brokers in its own order (schemas.brokers): home first, then where it fails over
+    order = broker_for(req.device_id, s.device_brokers)
+    home = order[0]
     ca = ""
     if s.mqtt_cafile is not None:
         ca = s.mqtt_cafile.read_text()
     return {
         "device_id": req.device_id,
         "enrolled_ts": ts,
-        "mqtt": {"host": host, "port": port, "tls": tls, "username": req.device_id,
-                 "password": password, "topic_root": s.mqtt_topic_root},
+        "mqtt": {"host": home.host, "port": home.port, "tls": home.tls,
+                 "username": req.device_id, "password": password,
+                 "topic_root": s.mqtt_topic_root,
+                 "brokers": [{"host": b.host, "port": b.port, "tls": b.tls} for b in order]},
         "ca_pem": ca,
         "model_signing_key": state.signer.public_hex,
     }
