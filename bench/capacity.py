@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sim.worker import rss_mb
+
 _CLK = os.sysconf("SC_CLK_TCK")
 _SELF = str(Path(__file__).resolve())
 
@@ -70,17 +72,6 @@ def cpu_of(pid: int) -> float:
             return proc_cpu_s(f.read())
     except (OSError, IndexError, ValueError):
         return 0.0
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return 0.0
 
 
 def server_pid(info: Any, comm: str) -> int:

@@ -16,11 +16,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -42,22 +42,13 @@ from sim.lean import LeanDevice
 from sim.lean_fleet import LeanFleet
 from stack import StackInfo, StackSettings
 from stack.mqtt import Mosquitto, mosquitto_binary
+from tests.test_lean_device import until as until_
 
 GUARD_S = 30.0  # hang guard, never an expectation
 IDS = [f"dev-{i}" for i in range(20_000)]
 
 
-async def until(cond: Callable[[], Any], what: str, timeout: float = GUARD_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if asyncio.iscoroutine(got):
-            got = await got
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+until = functools.partial(until_, timeout=GUARD_S)  # the lean tests' poll, a longer guard
 
 
 # --------------------------------------------------------------------------- assignment
